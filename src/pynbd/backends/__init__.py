@@ -1,0 +1,52 @@
+"""Storage backends behind one small interface (see base.py)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from pynbd.backends.base import Backend, BackendError, Extent
+
+__all__ = ["Backend", "BackendError", "CephOptions", "Extent", "open_backend", "parse_size"]
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50,
+          "e": 1 << 60}
+
+
+def parse_size(text: str) -> int:
+    """``512``, ``64K``, ``64M``, ``1G``, ``1GiB``, ``2T`` -> bytes (binary units)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kmgtpeKMGTPEbB]?)(?:i?[bB])?\s*", text)
+    if not m:
+        raise ValueError(f"invalid size {text!r} (expected e.g. 512, 64M, 1G, 2T)")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+@dataclass(frozen=True)
+class CephOptions:
+    conf: str | None = None
+    name: str | None = None
+    keyring: str | None = None
+
+
+def open_backend(target: str, read_only: bool = False,
+                 ceph: CephOptions | None = None) -> Backend:
+    """Open a TARGET as the CLI and config file spell it.
+
+    ``memory:SIZE`` is the sparse memory backend, ``rbd:POOL/IMAGE[@SNAP]`` an RBD image,
+    ``file:PATH`` or any other string a file or block device (the default backend).
+    """
+    if target.startswith("memory:"):
+        from pynbd.backends.memory import MemoryBackend
+
+        return MemoryBackend(parse_size(target[len("memory:"):]), read_only=read_only)
+    if target.startswith("rbd:"):
+        from pynbd.backends.rbd import RbdBackend
+
+        c = ceph or CephOptions()
+        backend: Backend = RbdBackend.from_target(target, conf=c.conf, name=c.name, keyring=c.keyring,
+                                      read_only=read_only)
+        return backend
+    from pynbd.backends.file import FileBackend
+
+    path = target[len("file:"):] if target.startswith("file:") else target
+    return FileBackend(path, read_only=read_only)

@@ -1,0 +1,184 @@
+"""``pynbd serve``: serve files, block devices, memory or RBD images over NBD."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from types import FrameType
+
+from pynbd.backends import BackendError, CephOptions, open_backend
+from pynbd.protocol.server import TLSMode
+from pynbd.server.config import ConfigError, ExportConfig, ServeConfig, load_config
+from pynbd.server.exports import Export, ExportRegistry
+from pynbd.server.server import Limits, Server, ServerOptions
+from pynbd.server.tls import TLSConfigError, server_tls_context
+
+log = logging.getLogger("pynbd.serve")
+
+
+def add_tls_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("TLS")
+    g.add_argument("--tls", choices=["off", "on", "require"], default="off",
+                   help="offer TLS (on) or insist on it (require); default off")
+    g.add_argument("--tls-certificates", metavar="DIR",
+                   help="directory with ca-cert.pem, server-cert.pem, server-key.pem")
+    g.add_argument("--tls-cert", metavar="FILE", help="server certificate (PEM)")
+    g.add_argument("--tls-key", metavar="FILE", help="server private key (PEM)")
+    g.add_argument("--tls-ca", metavar="FILE", help="CA certificate(s) for client verification")
+    g.add_argument("--tls-verify-peer", action="store_true",
+                   help="require a client certificate signed by the CA")
+
+
+def add_limit_arguments(p: argparse.ArgumentParser) -> None:
+    d = Limits()
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-connections", type=int, default=d.max_connections, metavar="N",
+                   help=f"connections in total (default {d.max_connections})")
+    g.add_argument("--max-connections-per-address", type=int,
+                   default=d.max_connections_per_address, metavar="N",
+                   help=f"connections from one address (default {d.max_connections_per_address})")
+    g.add_argument("--handshake-timeout", type=float, default=d.handshake_timeout, metavar="SECONDS",
+                   help=f"drop clients that do not finish negotiation in time (default {d.handshake_timeout:g})")
+    g.add_argument("--max-inflight", type=int, default=d.max_inflight, metavar="N",
+                   help=f"requests in flight per connection (default {d.max_inflight})")
+    g.add_argument("--request-timeout", type=float, default=d.request_timeout, metavar="SECONDS",
+                   help="drop a client whose request takes longer (0 = never, the default)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "serve", help="serve a disk image over NBD",
+        description="Serve TARGET (a file or block device, memory:SIZE, or "
+                    "rbd:POOL/IMAGE[@SNAP]) over NBD. Runs in the foreground, logs to stderr, "
+                    "prints the NBD URI it serves on stdout.")
+    p.add_argument("target", nargs="?", metavar="TARGET",
+                   help="file or block device, memory:SIZE, rbd:POOL/IMAGE[@SNAP]")
+    p.add_argument("--bind", "-b", metavar="ADDR", default=None,
+                   help="address to listen on (default: every address, IPv6 and IPv4)")
+    p.add_argument("--port", "-p", type=int, default=None,
+                   help="TCP port (default 10809; 0 picks a free one)")
+    p.add_argument("--socket", "-U", metavar="PATH", help="listen on a Unix socket instead of TCP")
+    p.add_argument("--export-name", "-e", default="", metavar="NAME",
+                   help="export name (the empty name always reaches the default export)")
+    p.add_argument("--description", default="", metavar="TEXT", help="export description")
+    p.add_argument("--read-only", "-r", action="store_true", help="refuse writes")
+    p.add_argument("--config", "-c", metavar="FILE", help="TOML file defining several exports")
+    p.add_argument("--ceph-conf", metavar="CONF", help="Ceph config for rbd: targets")
+    p.add_argument("--ceph-name", metavar="NAME", help="Ceph client name (default client.admin)")
+    p.add_argument("--ceph-keyring", metavar="PATH", help="Ceph keyring")
+    p.add_argument("--no-safe-close", action="store_true",
+                   help="do not offer the safe-close extension (NBD_OPT_X_CLOSE)")
+    p.add_argument("--allow", action="append", default=[], metavar="CIDR",
+                   help="allow clients from this address or network (repeatable)")
+    p.add_argument("--default-deny", action="store_true",
+                   help="refuse every client when the allow list is empty")
+    add_tls_arguments(p)
+    add_limit_arguments(p)
+    p.add_argument("--verbose", "-v", action="count", default=0, help="more logging")
+    p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
+    p.set_defaults(func=run)
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    if verbose == 0 and not quiet:
+        level = logging.INFO
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s pynbd[%(process)d] %(levelname)s %(message)s")
+    if verbose < 1:
+        # per-connection chatter only with -v
+        logging.getLogger("pynbd.server").setLevel(max(level, logging.WARNING))
+
+
+def build_config(args: argparse.Namespace) -> ServeConfig:
+    if args.config:
+        cfg = load_config(args.config)
+        if args.target:
+            raise ConfigError("give either TARGET or --config, not both")
+    else:
+        if not args.target:
+            raise ConfigError("no TARGET given (a file, block device, memory:SIZE or rbd:...)")
+        cfg = ServeConfig(exports=[ExportConfig(args.export_name, args.target, args.description,
+                                                args.read_only)])
+    if args.bind is not None:
+        cfg.bind = args.bind
+    if args.port is not None:
+        cfg.port = args.port
+    if args.socket is not None:
+        cfg.socket = args.socket
+    if args.read_only:
+        for e in cfg.exports:
+            e.read_only = True
+    return cfg
+
+
+def build_server(args: argparse.Namespace) -> Server:
+    cfg = build_config(args)
+    ceph = CephOptions(conf=args.ceph_conf, name=args.ceph_name, keyring=args.ceph_keyring)
+    exports = []
+    try:
+        for e in cfg.exports:
+            backend = open_backend(e.target, read_only=e.read_only, ceph=ceph)
+            exports.append(Export(e.name, backend, e.description, e.read_only))
+    except BackendError as exc:
+        for ex in exports:
+            ex.backend.close()
+        raise ConfigError(f"cannot open export target: {exc.strerror}") from exc
+    registry = ExportRegistry(exports, default=cfg.default_export)
+    tls = TLSMode(args.tls)
+    ctx = None
+    if tls is not TLSMode.OFF:
+        ctx = server_tls_context(certificates_dir=args.tls_certificates, cert=args.tls_cert,
+                                 key=args.tls_key, ca=args.tls_ca,
+                                 verify_peer=args.tls_verify_peer)
+    limits = Limits(max_connections=args.max_connections,
+                    max_connections_per_address=args.max_connections_per_address,
+                    handshake_timeout=args.handshake_timeout, max_inflight=args.max_inflight,
+                    request_timeout=args.request_timeout)
+    server = Server(registry, ServerOptions(tls=tls, tls_context=ctx, limits=limits,
+                                            x_close=not args.no_safe_close))
+    if args.allow or args.default_deny:
+        from pynbd.server.acl import AccessList
+
+        acl = AccessList(args.allow, default_deny=args.default_deny)
+        server.accept_filter = acl.allows
+        server.acl = acl  # type: ignore[attr-defined]
+    if cfg.socket:
+        server.listen_unix(cfg.socket)
+    if not cfg.socket or cfg.bind is not None or cfg.port is not None:
+        server.listen_tcp(cfg.bind, 10809 if cfg.port is None else cfg.port)
+    return server
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(args.verbose, args.quiet)
+    try:
+        server = build_server(args)
+    except (ConfigError, TLSConfigError, ValueError) as exc:
+        print(f"pynbd serve: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"pynbd serve: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s: finishing in-flight requests", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    server.start()
+    for uri in server.uris():
+        print(uri, flush=True)
+    for name, export in server.registry.exports.items():
+        log.info("serving export %r: %s (%d bytes%s)", name, export.backend.name,
+                 export.info.size, ", read-only" if export.read_only else "")
+    while not stop.wait(0.5):
+        pass
+    server.shutdown()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,95 @@
+"""The TOML config file of ``pynbd serve --config FILE``.
+
+::
+
+    [server]
+    bind = "127.0.0.1"        # address; "" or omitted = every address
+    port = 10809
+    socket = "/run/pynbd.sock" # optional Unix socket
+    default_export = "disk"    # what the empty export name means (default: first export)
+
+    [[export]]
+    name = "disk"
+    target = "/srv/disk.img"   # file, block device, memory:SIZE or rbd:POOL/IMAGE[@SNAP]
+    description = "boot disk"
+    read_only = false
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ExportConfig:
+    name: str
+    target: str
+    description: str = ""
+    read_only: bool = False
+
+
+@dataclass
+class ServeConfig:
+    bind: str | None = None
+    port: int | None = None
+    socket: str | None = None
+    default_export: str | None = None
+    exports: list[ExportConfig] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _get(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    if key not in table:
+        return None
+    value = table[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: {key} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def load_config(path: str) -> ServeConfig:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    server = data.get("server", {})
+    if not isinstance(server, dict):
+        raise ConfigError(f"{path}: [server] must be a table")
+    known_server = {"bind", "port", "socket", "default_export"}
+    cfg = ServeConfig(
+        bind=_get(server, "bind", str, f"{path} [server]"),
+        port=_get(server, "port", int, f"{path} [server]"),
+        socket=_get(server, "socket", str, f"{path} [server]"),
+        default_export=_get(server, "default_export", str, f"{path} [server]"),
+        extra={k: v for k, v in server.items() if k not in known_server},
+    )
+    exports = data.get("export", [])
+    if not isinstance(exports, list):
+        raise ConfigError(f"{path}: use [[export]] tables for exports")
+    for i, e in enumerate(exports):
+        where = f"{path} [[export]] #{i + 1}"
+        if not isinstance(e, dict):
+            raise ConfigError(f"{where}: must be a table")
+        unknown = set(e) - {"name", "target", "description", "read_only"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+        name = _get(e, "name", str, where)
+        target = _get(e, "target", str, where)
+        if name is None or target is None:
+            raise ConfigError(f"{where}: name and target are required")
+        cfg.exports.append(ExportConfig(
+            name=name, target=target,
+            description=_get(e, "description", str, where) or "",
+            read_only=bool(_get(e, "read_only", bool, where) or False)))
+    if not cfg.exports:
+        raise ConfigError(f"{path}: no [[export]] defined")
+    return cfg
