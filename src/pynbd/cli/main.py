@@ -15,6 +15,7 @@ from pynbd import __version__
 # Modules under pynbd.cli that provide subcommands, in help order.
 SUBCOMMAND_MODULES = [
     "serve",
+    "control",
 ]
 
 
@@ -39,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         rc: int = args.func(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (e.g. `| head`): not an error worth a traceback
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     return rc
 
 

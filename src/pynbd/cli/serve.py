@@ -77,6 +77,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="refuse every client when the allow list is empty")
     add_tls_arguments(p)
     add_limit_arguments(p)
+    p.add_argument("--control", metavar="PATH",
+                   help="control socket (Unix, mode 0600) for pynbd status/acl/mirror")
+    p.add_argument("--metrics", metavar="[HOST:]PORT",
+                   help="serve Prometheus metrics over HTTP here (off by default)")
     p.add_argument("--verbose", "-v", action="count", default=0, help="more logging")
     p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
     p.set_defaults(func=run)
@@ -141,11 +145,7 @@ def build_server(args: argparse.Namespace) -> Server:
     server = Server(registry, ServerOptions(tls=tls, tls_context=ctx, limits=limits,
                                             x_close=not args.no_safe_close))
     if args.allow or args.default_deny:
-        from pynbd.server.acl import AccessList
-
-        acl = AccessList(args.allow, default_deny=args.default_deny)
-        server.accept_filter = acl.allows
-        server.acl = acl  # type: ignore[attr-defined]
+        server.set_acl(args.allow, default_deny=args.default_deny)
     if cfg.socket:
         server.listen_unix(cfg.socket)
     if not cfg.socket or cfg.bind is not None or cfg.port is not None:
@@ -171,9 +171,25 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    if args.control:
+        from pynbd.server.control import ControlServer
+
+        control = ControlServer(args.control)
+        server.attach_control(control)
+        control.start()
     server.start()
     for uri in server.uris():
         print(uri, flush=True)
+    if args.metrics:
+        from pynbd.server.metrics import start_metrics
+
+        try:
+            host, port = start_metrics(server, args.metrics)
+        except (OSError, ValueError) as exc:
+            print(f"pynbd serve: metrics: {exc}", file=sys.stderr)
+            server.shutdown()
+            return 2
+        log.info("metrics on http://%s:%d/metrics", host, port)
     for name, export in server.registry.exports.items():
         log.info("serving export %r: %s (%d bytes%s)", name, export.backend.name,
                  export.info.size, ", read-only" if export.read_only else "")

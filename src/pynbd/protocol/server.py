@@ -224,15 +224,18 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+# Plain ints, not IntFlag: ``~`` of an IntFlag only covers the flag's defined bits, so
+# ``flags & ~allowed`` would miss unknown bits. FUA "is valid for all commands" once
+# SEND_FUA is negotiated (spec: the server MUST accept it, even by ignoring it).
 _FLAGS_ALLOWED: dict[Cmd, int] = {
-    Cmd.READ: CmdFlag.DF,
-    Cmd.WRITE: CmdFlag.FUA,
+    Cmd.READ: int(CmdFlag.FUA | CmdFlag.DF),
+    Cmd.WRITE: int(CmdFlag.FUA),
     Cmd.DISC: 0,
-    Cmd.FLUSH: 0,
-    Cmd.TRIM: CmdFlag.FUA,
-    Cmd.CACHE: 0,
-    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
-    Cmd.BLOCK_STATUS: CmdFlag.REQ_ONE,
+    Cmd.FLUSH: int(CmdFlag.FUA),
+    Cmd.TRIM: int(CmdFlag.FUA),
+    Cmd.CACHE: int(CmdFlag.FUA),
+    Cmd.WRITE_ZEROES: int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO),
+    Cmd.BLOCK_STATUS: int(CmdFlag.FUA | CmdFlag.REQ_ONE),
     Cmd.X_CLOSE: 0,
 }
 
@@ -365,8 +368,8 @@ class ServerConnection:
             return NEED_DATA
         (flags,) = wire.CLIENT_FLAGS.unpack_from(self._buf)
         del self._buf[:4]
-        known = ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES
-        if flags & ~known:
+        known = int(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES)
+        if flags & ~known:  # int, not IntFlag: ~IntFlag drops the undefined bits
             self.state = State.CLOSED
             raise PeerProtocolError(f"client sent unknown client flags 0x{flags:08x}")
         self.fixed_newstyle = bool(flags & ClientFlag.C_FIXED_NEWSTYLE)
@@ -654,6 +657,8 @@ class ServerConnection:
         if flags & ~allowed:
             return Errno.EINVAL, f"flags 0x{flags:x} not valid for {name}"
         tf = self.transmission_flags
+        if flags & CmdFlag.FUA and not tf & TransmissionFlag.SEND_FUA:
+            return Errno.EINVAL, "FUA not supported on this export"
         if cmd is Cmd.X_CLOSE:
             if not self.x_close:
                 return Errno.EINVAL, "unknown command 0x7f01 (NBD_OPT_X_CLOSE not negotiated)"
@@ -664,8 +669,6 @@ class ServerConnection:
             if not tf & TransmissionFlag.SEND_FLUSH:
                 return Errno.EINVAL, "FLUSH not supported on this export"
             return None
-        if flags & CmdFlag.FUA and not tf & TransmissionFlag.SEND_FUA:
-            return Errno.EINVAL, "FUA not supported on this export"
         if flags & CmdFlag.DF and not self.structured_replies:
             return Errno.EINVAL, "DF flag needs structured replies"
         if cmd is Cmd.RESIZE:

@@ -67,6 +67,14 @@ def encode_export_name_reply(size: int, flags: int, no_zeroes: bool) -> bytes:
     return head if no_zeroes else head + ZEROES_124
 
 
+def truncate_utf8(text: str, limit: int) -> bytes:
+    """``text`` as UTF-8, cut to at most ``limit`` bytes without splitting a character."""
+    raw = text.encode("utf-8")
+    if len(raw) <= limit:
+        return raw
+    return raw[:limit].decode("utf-8", "ignore").encode("utf-8")
+
+
 def encode_string(text: str) -> bytes:
     raw = text.encode("utf-8")
     return U32.pack(len(raw)) + raw
@@ -213,7 +221,7 @@ def encode_offset_hole(cookie: int, offset: int, length: int, flags: int) -> byt
 
 def encode_error_chunk(cookie: int, error: int, message: str, flags: int,
                        offset: int | None = None) -> bytes:
-    raw = message.encode("utf-8")[:MAX_STRING]
+    raw = truncate_utf8(message, MAX_STRING)
     if offset is None:
         body = ERROR_CHUNK.pack(error, len(raw)) + raw
         rtype = ReplyType.ERROR
@@ -241,6 +249,8 @@ class RequestHeader:
 
 
 def decode_request(data: bytes | memoryview) -> RequestHeader:
+    if len(data) != REQUEST.size:
+        raise PeerProtocolError(f"request header of {len(data)} bytes (expected {REQUEST.size})")
     magic, flags, cmd, cookie, offset, length = REQUEST.unpack(data)
     if magic != REQUEST_MAGIC:
         raise PeerProtocolError(f"bad request magic 0x{magic:08x} (expected 0x{REQUEST_MAGIC:08x})")

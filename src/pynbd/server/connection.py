@@ -71,6 +71,9 @@ class ClientConnection:
         self._pool: ThreadPoolExecutor | None = None
         self.pool: BufferPool = server.buffers
         self.closed = threading.Event()
+        self.host = ""
+        #: monotonic start times of requests being executed (for the request deadline)
+        self.busy: dict[int, float] = {}
 
     # --- socket helpers -------------------------------------------------------------
 
@@ -105,6 +108,10 @@ class ClientConnection:
             self.sock.shutdown(socket.SHUT_RD)
         except OSError:
             pass
+
+    def oldest_request_age(self, now: float) -> float:
+        busy = list(self.busy.values())
+        return now - min(busy) if busy else 0.0
 
     def abort(self) -> None:
         """Drop the connection now (ACL change, killswitch)."""
@@ -251,7 +258,12 @@ class ClientConnection:
                 if self._pool is not None:
                     self._submit(ev)
                     continue
-                out_bytes += self._execute(ev, out)
+                busy = self.busy
+                busy[ev.cookie] = time.monotonic()
+                try:
+                    out_bytes += self._execute(ev, out)
+                finally:
+                    busy.pop(ev.cookie, None)
                 if out_bytes >= BIG_REPLY or len(out) >= MAX_IOV:
                     self.send(out)
                     out, out_bytes = [], 0
@@ -494,6 +506,7 @@ class ClientConnection:
                 self._done_one()
                 raise
         assert self._pool is not None
+        self.busy[ev.cookie] = time.monotonic()
         self._pool.submit(self._run_pooled, ev, payload)
 
     def _run_pooled(self, ev: Command, payload: tuple[bytearray, memoryview] | None) -> None:
@@ -518,6 +531,7 @@ class ClientConnection:
         except Exception:
             log.exception("%s: internal error in %s", self.peer, ev.cmd.name)
         finally:
+            self.busy.pop(ev.cookie, None)
             self._done_one()
 
     def _done_one(self) -> None:

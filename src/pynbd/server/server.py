@@ -13,10 +13,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pynbd.protocol.server import ServerConfig, TLSMode
+from pynbd.server.acl import AccessList
 from pynbd.server.buffers import BufferPool
 from pynbd.server.connection import ClientConnection
+from pynbd.server.control import ControlError, ControlServer
 from pynbd.server.exports import ExportRegistry
 
 log = logging.getLogger("pynbd.server")
@@ -73,6 +76,9 @@ class Server:
         self.started = time.time()
         self.total_connections = 0
         self.rejected_connections = 0
+        self.killed_connections = 0
+        self.acl: AccessList | None = None
+        self.control: ControlServer | None = None
         #: called with the peer address before any byte is sent; False refuses it
         self.accept_filter: Callable[[str], bool] | None = None
 
@@ -139,6 +145,9 @@ class Server:
     # --- running ---------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.limits.request_timeout > 0:
+            t = threading.Thread(target=self._watchdog, daemon=True, name="killswitch")
+            t.start()
         for lst in self.listeners:
             t = threading.Thread(target=self._accept_loop, args=(lst,), daemon=True,
                                  name=f"accept-{lst.address}")
@@ -200,15 +209,122 @@ class Server:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         client = ClientConnection(self, sock, peer)
-        client.host = host  # type: ignore[attr-defined]
+        client.host = host
         with self._lock:
             self.connections.add(client)
             self.total_connections += 1
         t = threading.Thread(target=client.run, daemon=True, name=f"nbd-{peer}")
         t.start()
 
+    def _watchdog(self) -> None:
+        """flexnbd's killswitch: drop clients whose request takes too long."""
+        limit = self.limits.request_timeout
+        period = min(1.0, max(0.05, limit / 4))
+        while not self._stopping.wait(period):
+            now = time.monotonic()
+            with self._lock:
+                conns = list(self.connections)
+            for c in conns:
+                age = c.oldest_request_age(now)
+                if age > limit:
+                    log.warning("%s: request running for %.1f s (limit %.1f s): dropping client",
+                                c.peer, age, limit)
+                    self.killed_connections += 1
+                    c.abort()
+
+    # --- access list -------------------------------------------------------------------
+
+    def set_acl(self, entries: list[str], default_deny: bool | None = None) -> int:
+        """Replace the access list; disconnect clients it no longer allows."""
+        from pynbd.server.acl import AccessList
+
+        if self.acl is None:
+            self.acl = AccessList(entries, default_deny=bool(default_deny))
+        else:
+            self.acl.replace(entries)
+            if default_deny is not None:
+                self.acl.default_deny = default_deny
+        self.accept_filter = self.acl.allows
+        with self._lock:
+            conns = [c for c in self.connections if c.host != "unix"]
+        dropped = 0
+        for c in conns:
+            if not self.acl.allows(c.host):
+                log.info("%s: no longer allowed by the access list: disconnecting", c.peer)
+                c.abort()
+                dropped += 1
+        return dropped
+
+    # --- status ---------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        exports = []
+        for name, e in self.registry.exports.items():
+            c = e.counters()
+            exports.append({
+                "name": name,
+                "default": name == self.registry.default,
+                "target": e.backend.name,
+                "size_bytes": e.info.size,
+                "read_only": e.read_only,
+                "multi_conn": e.info.can_multi_conn,
+                "clients": e.clients,
+                "bytes_read": c.bytes_read,
+                "bytes_written": c.bytes_written,
+                "requests": c.requests,
+                "errors": c.errors,
+            })
+        with self._lock:
+            clients = [{"peer": c.peer, "export": c.export.name if c.export else None,
+                        "tls": c.tls, "connected_seconds": round(time.monotonic() - c.started, 3)}
+                       for c in self.connections]
+        return {
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.time() - self.started, 3),
+            "uris": self.uris(),
+            "tls": self.options.tls.value,
+            "exports": exports,
+            "clients": len(clients),
+            "client_list": clients,
+            "connections_total": self.total_connections,
+            "connections_rejected": self.rejected_connections,
+            "connections_killed": self.killed_connections,
+            "acl": {"entries": self.acl.entries if self.acl else [],
+                    "default_deny": self.acl.default_deny if self.acl else False},
+            "limits": {
+                "max_connections": self.limits.max_connections,
+                "max_connections_per_address": self.limits.max_connections_per_address,
+                "handshake_timeout_seconds": self.limits.handshake_timeout,
+                "max_inflight": self.limits.max_inflight,
+                "request_timeout_seconds": self.limits.request_timeout,
+            },
+        }
+
+    def attach_control(self, control: ControlServer) -> None:
+        """Register the server's verbs (status, acl) on a control socket."""
+
+        def do_status(req: dict[str, Any]) -> dict[str, Any]:
+            return {"status": self.status()}
+
+        def do_acl(req: dict[str, Any]) -> dict[str, Any]:
+            entries = req.get("entries")
+            if entries is None:
+                return {"entries": self.acl.entries if self.acl else []}
+            if not isinstance(entries, list) or not all(isinstance(x, str) for x in entries):
+                raise ControlError('"entries" must be a list of CIDR strings')
+            try:
+                dropped = self.set_acl(entries, req.get("default_deny"))
+            except ValueError as exc:
+                raise ControlError(str(exc)) from exc
+            assert self.acl is not None
+            return {"entries": self.acl.entries, "disconnected": dropped}
+
+        control.register("status", do_status)
+        control.register("acl", do_acl)
+        self.control = control
+
     def _connection_closed(self, client: ClientConnection) -> None:
-        host = getattr(client, "host", "")
+        host = client.host
         with self._lock:
             self.connections.discard(client)
             n = self._per_address.get(host, 0) - 1
@@ -226,6 +342,8 @@ class Server:
             if lst.kind == "unix":
                 with contextlib.suppress(OSError):
                     os.unlink(lst.path)
+        if self.control is not None:
+            self.control.stop()
         for t in self._threads:
             t.join(timeout=2)
         with self._lock:
