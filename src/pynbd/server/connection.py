@@ -256,7 +256,16 @@ class ClientConnection:
             if isinstance(ev, Command):
                 counters.requests += 1
                 if self._pool is not None:
+                    if export.gate is not None and not export.gate.enter():
+                        self._discard_payload(ev)
+                        out.append(self._stepped_down_reply(ev))
+                        continue
                     self._submit(ev)
+                    continue
+                gate = export.gate
+                if gate is not None and not gate.enter():
+                    self._discard_payload(ev)
+                    out.append(self._stepped_down_reply(ev))
                     continue
                 busy = self.busy
                 busy[ev.cookie] = time.monotonic()
@@ -264,6 +273,8 @@ class ClientConnection:
                     out_bytes += self._execute(ev, out)
                 finally:
                     busy.pop(ev.cookie, None)
+                    if gate is not None:
+                        gate.leave()
                 if out_bytes >= BIG_REPLY or len(out) >= MAX_IOV:
                     self.send(out)
                     out, out_bytes = [], 0
@@ -340,6 +351,8 @@ class ClientConnection:
             try:
                 backend.pwrite(mv, ev.offset, bool(ev.flags & CmdFlag.FUA))
                 self.counters.bytes_written += ev.length
+                if export.tracker is not None:
+                    export.tracker.mark(ev.offset, ev.length)
                 out.append(proto.ok_reply(ev.cookie))
             except OSError as exc:
                 out.append(self._error(ev, exc))
@@ -361,6 +374,8 @@ class ClientConnection:
                              fua=bool(ev.flags & CmdFlag.FUA))
             elif cmd is Cmd.CACHE:
                 backend.cache(ev.offset, ev.length)
+                out.append(proto.ok_reply(ev.cookie))
+                return 16
             elif cmd is Cmd.BLOCK_STATUS:
                 extents = self._block_status(backend.extents(ev.offset, ev.length), ev)
                 chunks = proto.block_status_reply(ev.cookie, extents)
@@ -370,10 +385,28 @@ class ClientConnection:
                 out.append(proto.error_reply(ev.cookie, Errno.EINVAL, "unsupported"))
                 return 16
         except OSError as exc:
+            if cmd is not Cmd.FLUSH and export.tracker is not None:
+                export.tracker.mark(ev.offset, ev.length)  # may have partly happened
             out.append(self._error(ev, exc))
             return 16
+        if cmd is not Cmd.FLUSH and export.tracker is not None:
+            export.tracker.mark(ev.offset, ev.length)  # TRIM, WRITE_ZEROES
         out.append(proto.ok_reply(ev.cookie))
         return 16
+
+    def _discard_payload(self, ev: Command) -> None:
+        """Receive and drop the payload of a WRITE that will not be executed."""
+        if ev.cmd is Cmd.WRITE and ev.length:
+            buf, _mv = self._recv_payload(ev.length)
+            self.pool.put(buf)
+
+    def _stepped_down_reply(self, ev: Command) -> bytes:
+        assert self.counters is not None and self.export is not None
+        self.counters.errors += 1
+        gate = self.export.gate
+        reason = gate.step_down_reason if gate is not None else ""
+        return self.proto.error_reply(ev.cookie, Errno.ESHUTDOWN,
+                                      f"export has stepped down: {reason}")
 
     def _error(self, ev: Command, exc: OSError) -> bytes:
         assert self.counters is not None
@@ -518,6 +551,8 @@ class ClientConnection:
                     assert self.export is not None and self.counters is not None
                     self.export.backend.pwrite(mv, ev.offset, bool(ev.flags & CmdFlag.FUA))
                     self.counters.bytes_written += ev.length
+                    if self.export.tracker is not None:
+                        self.export.tracker.mark(ev.offset, ev.length)
                     out.append(self.proto.ok_reply(ev.cookie))
                 except OSError as exc:
                     out.append(self._error(ev, exc))
@@ -532,6 +567,8 @@ class ClientConnection:
             log.exception("%s: internal error in %s", self.peer, ev.cmd.name)
         finally:
             self.busy.pop(ev.cookie, None)
+            if self.export is not None and self.export.gate is not None:
+                self.export.gate.leave()
             self._done_one()
 
     def _done_one(self) -> None:

@@ -27,6 +27,71 @@ class Counters:
         self.errors += other.errors
 
 
+class IOGate:
+    """Lets migration pause an export's I/O (finishing what is in flight) and step down.
+
+    Connections call :meth:`enter` before each request and :meth:`leave` after it.
+    """
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._paused = False
+        self._active = 0
+        self.stepped_down = False
+        self.step_down_reason = ""
+
+    def enter(self) -> bool:
+        """Wait while paused; False once the export has stepped down."""
+        with self._cv:
+            while self._paused:
+                self._cv.wait()
+            if self.stepped_down:
+                return False
+            self._active += 1
+            return True
+
+    def leave(self) -> None:
+        with self._cv:
+            self._active -= 1
+            if self._active == 0:
+                self._cv.notify_all()
+
+    def pause(self, timeout: float | None = None) -> bool:
+        """Stop new requests; wait until in-flight ones finish. False on timeout (the
+        gate stays paused; call resume())."""
+        with self._cv:
+            self._paused = True
+            return self._cv.wait_for(lambda: self._active == 0, timeout)
+
+    def resume(self) -> None:
+        with self._cv:
+            self._paused = False
+            self._cv.notify_all()
+
+    def step_down(self, reason: str) -> None:
+        """Refuse every further request (ESHUTDOWN): another copy is authoritative now."""
+        with self._cv:
+            self.stepped_down = True
+            self.step_down_reason = reason
+            self._paused = False
+            self._cv.notify_all()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+
+class WriteTracker:
+    """Receives the ranges clients changed, after the change is on the backend."""
+
+    def mark(self, offset: int, length: int) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
 @dataclass
 class Export:
     name: str
@@ -37,6 +102,10 @@ class Export:
     totals: Counters = field(default_factory=Counters)
     _live: list[Counters] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    #: set by migration: pauses and steps down client I/O
+    gate: IOGate | None = None
+    #: set by migration: told about every range a client changes (a DirtyMap)
+    tracker: WriteTracker | None = None
 
     def __post_init__(self) -> None:
         b = self.backend
