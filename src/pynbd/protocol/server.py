@@ -300,6 +300,7 @@ class ServerConnection:
             raise LocalProtocolError(f"tls_established() in state {self.state.value}")
         if self._buf:
             # bytes sent in the clear after STARTTLS and before the TLS handshake
+            self.state = State.CLOSED
             raise PeerProtocolError("client sent plaintext data after NBD_OPT_STARTTLS")
         self.tls_active = True
         self.structured_replies = False
@@ -327,6 +328,12 @@ class ServerConnection:
             raise LocalProtocolError(
                 f"payload_received({n}) with {self.payload_remaining} expected in "
                 f"state {self.state.value}")
+        if n and self._buf:
+            # bytes received before these are still buffered: taking them later would
+            # reorder the payload
+            raise LocalProtocolError(
+                f"payload_received({n}) with {len(self._buf)} bytes still buffered: "
+                "drain them with payload_into() first")
         self._consume_payload(n)
 
     def _consume_payload(self, n: int) -> None:
@@ -413,6 +420,9 @@ class ServerConnection:
         if self._discard_left:
             return NEED_DATA
         self.state = State.OPTIONS
+        if self._tls_blocked() and self._opt not in (Opt.STARTTLS, Opt.ABORT):
+            return self._reply_error(self._opt, Rep.ERR_TLS_REQD,
+                                     "TLS is required: send NBD_OPT_STARTTLS first")
         return self._reply_error(self._opt, Rep.ERR_TOO_BIG,
                                  f"option data of {self._opt_len} bytes is too large")
 
@@ -429,7 +439,8 @@ class ServerConnection:
 
     def _reply_error(self, opt: int, rep: Rep, message: str) -> OptionHandled:
         # the message is for humans; the spec allows a UTF-8 string with error replies
-        self._reply(opt, rep, message.encode("utf-8")[:MAX_STRING])
+        # (cut on a character boundary: a byte cut could leave invalid UTF-8)
+        self._reply(opt, rep, wire.truncate_utf8(message, MAX_STRING))
         return OptionHandled(opt, rep)
 
     def _tls_blocked(self) -> bool:
@@ -471,14 +482,18 @@ class ServerConnection:
         except PeerProtocolError as exc:
             # a malformed option payload: the stream is still in sync, refuse the option
             return self._reply_error(opt, Rep.ERR_INVALID, str(exc))
-        return self._reply_error(opt, Rep.ERR_UNSUP, f"option {_opt_name(opt)} not supported")
+        return self._reply_error(opt, Rep.ERR_UNSUP, f"{_opt_name(opt)} not supported")
 
     def _opt_export_name(self, data: bytes) -> Event:
         if self._tls_blocked():
             self.state = State.CLOSED
             raise PeerProtocolError("NBD_OPT_EXPORT_NAME before STARTTLS on a TLS-only server")
         r = wire.Reader(data, "NBD_OPT_EXPORT_NAME")
-        name = r.rest_text()
+        try:
+            name = r.rest_text()
+        except PeerProtocolError:
+            self.state = State.CLOSED  # EXPORT_NAME cannot be refused: drop
+            raise
         export = self.provider.lookup(name)
         if export is None:
             self.state = State.CLOSED
@@ -657,6 +672,8 @@ class ServerConnection:
         if flags & ~allowed:
             return Errno.EINVAL, f"flags 0x{flags:x} not valid for {name}"
         tf = self.transmission_flags
+        if cmd in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES) and export.read_only:
+            return Errno.EPERM, f"{name} on read-only export {export.name!r}"
         if flags & CmdFlag.FUA and not tf & TransmissionFlag.SEND_FUA:
             return Errno.EINVAL, "FUA not supported on this export"
         if cmd is Cmd.X_CLOSE:
@@ -690,7 +707,9 @@ class ServerConnection:
             if length == 0:
                 return Errno.EINVAL, "BLOCK_STATUS with length 0"
         if cmd in (Cmd.READ, Cmd.WRITE) and length > export.block_size[2]:
-            return Errno.EINVAL if cmd is Cmd.WRITE else Errno.EOVERFLOW, \
+            # spec: EOVERFLOW only for READ when DF is supported (structured replies)
+            overflow = cmd is Cmd.READ and self.structured_replies
+            return Errno.EOVERFLOW if overflow else Errno.EINVAL, \
                 f"{name} of {length} bytes exceeds the maximum payload {export.block_size[2]}"
         if offset + length > export.size:
             err = Errno.ENOSPC if cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Errno.EINVAL
