@@ -61,6 +61,8 @@ class FileBackend(Backend):
         self._seek_ok = not self.is_block
         self.can_fast_zero = not read_only
         self._lock = threading.Lock()
+        #: the server may send reads straight from this fd with os.sendfile (zero-copy)
+        self.sendfile_fd: int | None = self.fd
 
     @staticmethod
     def _rotational(st: os.stat_result) -> bool:

@@ -76,7 +76,24 @@ class MemoryBackend(Backend):
     def zero(self, offset: int, length: int, may_trim: bool = True, fast: bool = False,
              fua: bool = False) -> None:
         # memory holes read as zeros, so zeroing is always fast
-        self._clear(offset, length)
+        if may_trim:
+            self._clear(offset, length)
+            return
+        # NBD_CMD_FLAG_NO_HOLE: the range must stay allocated (block status: data),
+        # so allocate zeroed chunks instead of dropping them
+        end = offset + length
+        pos = offset
+        chunks = self._chunks
+        while pos < end:
+            idx, within = divmod(pos, CHUNK)
+            take = min(CHUNK - within, end - pos)
+            chunk = chunks.get(idx)
+            if chunk is None:
+                with self._lock:
+                    chunks.setdefault(idx, bytearray(CHUNK))
+            else:
+                chunk[within:within + take] = bytes(take)
+            pos += take
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         out: list[Extent] = []
