@@ -126,6 +126,13 @@ class FileBackend(Backend):
                 if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                     raise
                 self._punch_ok = False
+        # NO_HOLE without FAST_ZERO: write real zeros. fallocate(ZERO_RANGE) would leave
+        # unwritten extents, which SEEK_DATA reports as holes on ext4 and xfs, and block
+        # status would then contradict NO_HOLE. A fast zero with NO_HOLE may use it: the
+        # blocks are allocated, which is what NO_HOLE protects.
+        if not done and not may_trim and not fast and not self.is_block:
+            super().zero(offset, length, may_trim, False, False)
+            done = True
         if not done and self._zero_range_ok:
             try:
                 mode = FALLOC_FL_ZERO_RANGE | (0 if self.is_block else FALLOC_FL_KEEP_SIZE)
