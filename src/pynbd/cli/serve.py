@@ -123,15 +123,23 @@ def build_server(args: argparse.Namespace) -> Server:
     cfg = build_config(args)
     ceph = CephOptions(conf=args.ceph_conf, name=args.ceph_name, keyring=args.ceph_keyring)
     exports = []
-    try:
-        for e in cfg.exports:
+    failed = []
+    for e in cfg.exports:
+        try:
             backend = open_backend(e.target, read_only=e.read_only, ceph=ceph)
-            exports.append(Export(e.name, backend, e.description, e.read_only))
-    except BackendError as exc:
-        for ex in exports:
-            ex.backend.close()
-        raise ConfigError(f"cannot open export target: {exc.strerror}") from exc
-    registry = ExportRegistry(exports, default=cfg.default_export)
+        except BackendError as exc:
+            # one unreachable target must not take the other exports down
+            log.error("export %r: cannot open %s: %s", e.name, e.target, exc.strerror)
+            failed.append(f"{e.name or '(default)'}: {exc.strerror}")
+            continue
+        exports.append(Export(e.name, backend, e.description, e.read_only))
+    if not exports:
+        raise ConfigError("cannot open any export: " + "; ".join(failed))
+    default = cfg.default_export
+    if default is not None and default not in {x.name for x in exports}:
+        log.error("default export %r is unavailable; using %r", default, exports[0].name)
+        default = exports[0].name
+    registry = ExportRegistry(exports, default=default)
     tls = TLSMode(args.tls)
     ctx = None
     if tls is not TLSMode.OFF:

@@ -35,7 +35,8 @@ class Limits:
     handshake_timeout: float = 10.0
     #: requests in flight per connection (worker-pool backends)
     max_inflight: int = 64
-    workers_per_connection: int = 8
+    #: worker threads per connection for blocking backends (librbd)
+    workers_per_connection: int = 32
     #: drop a client whose request takes longer than this (0 = off; flexnbd's killswitch)
     request_timeout: float = 0.0
 

@@ -1,0 +1,479 @@
+"""Ceph RBD backend: serve an RBD image (or a snapshot of one) through librbd.
+
+Uses the official Python bindings of librados/librbd (Debian's ``python3-rados`` and
+``python3-rbd``, built for the distribution's ``/usr/bin/python3``). The bindings release
+the GIL during I/O and one ``rbd.Image`` handle is safe to use from several threads, so
+the server's worker threads (``blocking = True``) each run one synchronous librbd call and
+many requests are in flight at once; librbd splits large requests into per-object RADOS
+operations that run in parallel.
+
+Target syntax: ``rbd:POOL/IMAGE``, ``rbd:POOL/IMAGE@SNAP`` (read-only) and
+``rbd:POOL/NAMESPACE/IMAGE[@SNAP]``. See docs/rbd.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pynbd.backends.base import STATE_HOLE, STATE_ZERO, Backend, BackendError, Extent
+
+try:  # the bindings come from the distribution (python3-rados, python3-rbd)
+    import rados
+    import rbd
+except ImportError as _exc:  # pragma: no cover - depends on the host
+    rados = None
+    rbd = None
+    _IMPORT_ERROR: ImportError | None = _exc
+else:
+    _IMPORT_ERROR = None
+
+log = logging.getLogger("pynbd.backends.rbd")
+
+DEFAULT_CONF = "/etc/ceph/ceph.conf"
+DEFAULT_CLIENT = "client.admin"
+#: seconds to reach the monitors and authenticate (client_mount_timeout, rados_mon_op_timeout)
+DEFAULT_CONNECT_TIMEOUT = 10.0
+#: seconds an OSD operation may take before it fails with ETIMEDOUT (rados_osd_op_timeout)
+DEFAULT_OSD_OP_TIMEOUT = 60.0
+#: block status without fast-diff costs one RADOS op per object: answer at most this many
+_SLOW_EXTENT_OBJECTS = 16
+#: block status with fast-diff (object map in memory): answer at most this much per call
+_FAST_EXTENT_BYTES = 1 << 30
+
+INSTALL_HINT = (
+    "the Ceph Python bindings are missing: apt-get install python3-rados python3-rbd "
+    "ceph-common, and run pynbd with Debian's Python (python3 -m venv "
+    "--system-site-packages); see docs/rbd.md"
+)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RbdTarget:
+    pool: str
+    image: str
+    snapshot: str | None = None
+    namespace: str = ""
+
+    @property
+    def spec(self) -> str:
+        ns = f"{self.namespace}/" if self.namespace else ""
+        snap = f"@{self.snapshot}" if self.snapshot is not None else ""
+        return f"{self.pool}/{ns}{self.image}{snap}"
+
+
+def parse_rbd_target(target: str) -> RbdTarget:
+    """``rbd:POOL/IMAGE[@SNAP]`` or ``rbd:POOL/NAMESPACE/IMAGE[@SNAP]`` -> RbdTarget.
+
+    Raises ValueError for anything else.
+    """
+    if not target.startswith("rbd:"):
+        raise ValueError(f"not an RBD target (expected rbd:POOL/IMAGE[@SNAP]): {target!r}")
+    spec = target[len("rbd:"):]
+    snap: str | None = None
+    if "@" in spec:
+        spec, snap = spec.split("@", 1)
+        if not snap or "@" in snap or "/" in snap:
+            raise ValueError(f"invalid snapshot name in {target!r}")
+    parts = spec.split("/")
+    if len(parts) == 2:
+        pool, image = parts
+        namespace = ""
+    elif len(parts) == 3:
+        pool, namespace, image = parts
+        if not namespace:
+            raise ValueError(f"empty namespace in {target!r}")
+    else:
+        raise ValueError(f"invalid RBD target {target!r} (expected rbd:POOL/IMAGE[@SNAP])")
+    if not pool or not image:
+        raise ValueError(f"invalid RBD target {target!r}: empty pool or image name")
+    return RbdTarget(pool, image, snap, namespace)
+
+
+def _errno_of(exc: BaseException, default: int = errno.EIO) -> int:
+    err = getattr(exc, "errno", None)
+    if isinstance(err, int) and err > 0:
+        return err
+    return default
+
+
+def _client_name(name: str | None) -> str:
+    name = name or DEFAULT_CLIENT
+    return name if "." in name else f"client.{name}"
+
+
+class RbdBackend(Backend):
+    """An RBD image (read-write) or a snapshot (read-only) served through librbd."""
+
+    blocking = True
+    rotational = False
+    can_extents = True
+    can_cache = True
+    block_size = (1, 4096, 32 * 1024 * 1024)
+
+    def __init__(self, pool: str, image: str, snapshot: str | None = None,
+                 conf: str | None = None, client_name: str | None = None,
+                 keyring: str | None = None, read_only: bool = False, *,
+                 namespace: str = "", connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 osd_op_timeout: float = DEFAULT_OSD_OP_TIMEOUT) -> None:
+        if rados is None or rbd is None:
+            raise BackendError(errno.ENOSYS, f"rbd:{pool}/{image}: {INSTALL_HINT} "
+                                             f"({_IMPORT_ERROR})")
+        self.target = RbdTarget(pool, image, snapshot, namespace)
+        self.name = f"rbd:{self.target.spec}"
+        self.conf_path = conf or os.environ.get("CEPH_CONF") or DEFAULT_CONF
+        self.client_name = _client_name(client_name)
+        self.keyring = keyring
+        self.read_only = read_only or snapshot is not None
+        self._lock = threading.Condition()
+        self._inflight = 0
+        self._closed = False
+        self._cluster: Any = None
+        self._ioctx: Any = None
+        self._image: Any = None
+        try:
+            self._open(connect_timeout, osd_op_timeout)
+        except BaseException:
+            self._release()
+            raise
+        img: Any = self._image
+        self.size = int(img.size())
+        st = img.stat()
+        self.object_size = int(st["obj_size"])
+        self.features = int(img.features())
+        self._has_write_zeroes = hasattr(img, "write_zeroes")
+        self.can_trim = not self.read_only
+        self.can_zero = not self.read_only
+        self.can_fast_zero = not self.read_only and self._has_write_zeroes
+        self.can_flush = True
+        self.can_fua = True
+        self.can_multi_conn = self._multi_conn_safe()
+        log.info("opened %s (%d bytes, %d-byte objects, features 0x%x, %s, multi-conn %s)",
+                 self.name, self.size, self.object_size, self.features,
+                 "read-only" if self.read_only else "read-write", self.can_multi_conn)
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def from_target(cls, target: str, conf: str | None = None, name: str | None = None,
+                    keyring: str | None = None, read_only: bool = False,
+                    **kwargs: Any) -> RbdBackend:
+        """Open ``rbd:POOL/IMAGE[@SNAP]``; ``name`` is the Ceph client name."""
+        try:
+            t = parse_rbd_target(target)
+        except ValueError as exc:
+            raise BackendError(errno.EINVAL, str(exc)) from None
+        return cls(t.pool, t.image, t.snapshot, conf=conf, client_name=name, keyring=keyring,
+                   read_only=read_only, namespace=t.namespace, **kwargs)
+
+    def _where(self) -> str:
+        kr = f", keyring {self.keyring}" if self.keyring else ""
+        return f"(client {self.client_name}, conf {self.conf_path}{kr})"
+
+    def _open(self, connect_timeout: float, osd_op_timeout: float) -> None:
+        t = self.target
+        if not os.path.exists(self.conf_path):
+            raise BackendError(errno.ENOENT, f"{self.name}: Ceph config {self.conf_path} not "
+                                             "found (use --ceph-conf or CEPH_CONF)")
+        if self.keyring and not os.path.exists(self.keyring):
+            raise BackendError(errno.ENOENT, f"{self.name}: keyring {self.keyring} not found")
+        secs = str(max(1, round(connect_timeout)))
+        overrides = {
+            "client_mount_timeout": secs,
+            "rados_mon_op_timeout": secs,
+            "rados_osd_op_timeout": str(max(0, round(osd_op_timeout))),
+        }
+        if self.keyring:
+            overrides["keyring"] = self.keyring
+        try:
+            self._cluster = rados.Rados(conffile=self.conf_path, name=self.client_name,
+                                        conf=overrides)
+        except rados.Error as exc:
+            raise BackendError(_errno_of(exc, errno.EINVAL),
+                               f"{self.name}: cannot use Ceph config {self.conf_path} "
+                               f"as {self.client_name}: {exc}") from None
+        start = time.monotonic()
+        try:
+            self._cluster.connect(timeout=max(1, round(connect_timeout)))
+        except rados.Error as exc:
+            err = _errno_of(exc)
+            if err == errno.ETIMEDOUT or isinstance(exc, rados.TimedOut):
+                mon = self._conf_get("mon_host")
+                raise BackendError(errno.ETIMEDOUT,
+                                   f"{self.name}: cannot reach the Ceph cluster (mon_host "
+                                   f"{mon}) within {time.monotonic() - start:.0f} s "
+                                   f"{self._where()}") from None
+            if err in (errno.EACCES, errno.EPERM) or isinstance(exc, rados.PermissionDeniedError):
+                raise BackendError(errno.EACCES,
+                                   f"{self.name}: permission denied connecting to Ceph: "
+                                   f"wrong or missing key {self._where()}") from None
+            raise BackendError(err, f"{self.name}: cannot connect to Ceph {self._where()}: "
+                                    f"{exc}") from None
+        try:
+            self._ioctx = self._cluster.open_ioctx(t.pool)
+        except rados.ObjectNotFound:
+            raise BackendError(errno.ENOENT, f"{self.name}: pool {t.pool!r} does not exist "
+                                             f"{self._where()}") from None
+        except rados.Error as exc:
+            raise self._open_error(exc, f"cannot open pool {t.pool!r}") from None
+        if t.namespace:
+            self._ioctx.set_namespace(t.namespace)
+        try:
+            self._image = rbd.Image(self._ioctx, t.image, snapshot=t.snapshot,
+                                    read_only=self.read_only)
+        except rbd.ImageNotFound:
+            raise self._not_found() from None
+        except (rbd.Error, rados.Error) as exc:
+            raise self._open_error(exc, "cannot open image") from None
+
+    def _open_error(self, exc: BaseException, what: str) -> BackendError:
+        err = _errno_of(exc)
+        if err in (errno.EPERM, errno.EACCES):
+            return BackendError(errno.EACCES, f"{self.name}: {what}: permission denied "
+                                              f"(check the caps of {self.client_name}) "
+                                              f"{self._where()}")
+        if err == errno.ETIMEDOUT:
+            return BackendError(err, f"{self.name}: {what}: timed out (are the OSDs up?) "
+                                     f"{self._where()}")
+        return BackendError(err, f"{self.name}: {what}: {exc} {self._where()}")
+
+    def _not_found(self) -> BackendError:
+        t = self.target
+        where = f"pool {t.pool!r}" + (f" namespace {t.namespace!r}" if t.namespace else "")
+        if t.snapshot is not None:
+            try:
+                probe = rbd.Image(self._ioctx, t.image, read_only=True)
+            except (rbd.Error, rados.Error):
+                pass
+            else:
+                probe.close()
+                return BackendError(errno.ENOENT, f"{self.name}: snapshot {t.snapshot!r} of "
+                                                  f"image {t.image!r} does not exist in "
+                                                  f"{where} {self._where()}")
+        return BackendError(errno.ENOENT, f"{self.name}: image {t.image!r} does not exist in "
+                                          f"{where} {self._where()}")
+
+    def _conf_get(self, key: str) -> str:
+        try:
+            return str(self._cluster.conf_get(key))
+        except Exception:
+            return "?"
+
+    def _effective_config(self, key: str) -> str:
+        """A librbd option as this image sees it (image and pool overrides included)."""
+        try:
+            for item in self._image.config_list():
+                if item.get("name") == key:
+                    return str(item.get("value"))
+        except Exception:
+            pass
+        return self._conf_get(key)
+
+    def _multi_conn_safe(self) -> bool:
+        """NBD_FLAG_CAN_MULTI_CONN: a flush on one connection makes every completed write
+        visible on every connection, including connections to another pynbd on the same image.
+
+        Inside one pynbd all connections share this one librbd handle, so that is true.
+        Between two librbd clients it holds when neither serves reads from a client-side
+        cache: exclusive-lock hands writes over (the releasing client flushes first) and a
+        flush waits for the writes still in flight to the OSDs. librbd's default cache
+        (``rbd_cache_policy = writearound``) and ``rbd_cache = false`` never serve reads from
+        memory; ``writeback``/``writethrough`` keep an ObjectCacher that can return stale
+        data written through another client, so we do not advertise multi-conn then.
+        """
+        if self.read_only and self.target.snapshot is not None:
+            return True  # a snapshot never changes
+        if self._effective_config("rbd_cache").lower() in ("false", "0", "no", "off"):
+            return True
+        return self._effective_config("rbd_cache_policy").lower() == "writearound"
+
+    # --------------------------------------------------------------- plumbing
+    def _call(self, what: str, offset: int, length: int, fn: Callable[[], T]) -> T:
+        with self._lock:
+            if self._closed:
+                raise BackendError(errno.ESHUTDOWN, f"{self.name} is closed")
+            self._inflight += 1
+        try:
+            return fn()
+        except (rbd.Error, rados.Error) as exc:
+            err = _errno_of(exc)
+            if err == errno.EROFS or (err == errno.EPERM and self.read_only):
+                err = errno.EPERM
+            raise BackendError(err, f"{self.name}: {what} at {offset}+{length} failed: "
+                                    f"{exc}") from None
+        finally:
+            with self._lock:
+                self._inflight -= 1
+                if self._inflight == 0:
+                    self._lock.notify_all()
+
+    def _check_writable(self, what: str) -> None:
+        if self.read_only:
+            kind = "a snapshot" if self.target.snapshot is not None else "read-only"
+            raise BackendError(errno.EPERM, f"{self.name}: {what} refused: {kind}")
+
+    # ---------------------------------------------------------------------- I/O
+    def pread_into(self, buf: memoryview, offset: int) -> None:
+        n = len(buf)
+        if n == 0:
+            return
+        img = self._image
+        data = self._call("read", offset, n, lambda: img.read(offset, n))
+        got = len(data)
+        buf[:got] = data
+        if got < n:  # librbd reads past the end short: the rest reads as zeros
+            buf[got:] = bytes(n - got)
+
+    def pwrite(self, buf: memoryview | bytes, offset: int, fua: bool = False) -> None:
+        self._check_writable("write")
+        data = buf if isinstance(buf, bytes) else bytes(buf)  # the binding wants bytes
+        img = self._image
+
+        def run() -> None:
+            written = img.write(data, offset)
+            if written != len(data):
+                raise BackendError(errno.EIO, f"{self.name}: short write at {offset}: "
+                                              f"{written} of {len(data)} bytes")
+            if fua:
+                img.flush()
+
+        self._call("write", offset, len(data), run)
+
+    def flush(self) -> None:
+        if self.read_only:
+            return
+        img = self._image
+        self._call("flush", 0, 0, img.flush)
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        self._check_writable("trim")
+        if length == 0:
+            return
+        img = self._image
+
+        def run() -> None:
+            img.discard(offset, length)
+            if fua:
+                img.flush()
+
+        self._call("trim", offset, length, run)
+
+    def zero(self, offset: int, length: int, may_trim: bool = True, fast: bool = False,
+             fua: bool = False) -> None:
+        self._check_writable("write zeroes")
+        if fast and (not may_trim or not self._has_write_zeroes):
+            # NO_HOLE needs zeros written on the OSDs: no faster than a write
+            raise BackendError(errno.ENOTSUP, f"{self.name}: fast zero not supported here")
+        if length == 0:
+            return
+        img = self._image
+        if self._has_write_zeroes:
+            flags = 0 if may_trim else getattr(rbd, "RBD_WRITE_ZEROES_FLAG_THICK_PROVISION", 1)
+
+            def run() -> None:
+                img.write_zeroes(offset, length, flags)
+                if fua:
+                    img.flush()
+
+            self._call("write zeroes", offset, length, run)
+            return
+        # old bindings: discard what may be discarded, then write zeros for certain
+        if may_trim:
+            self._call("discard", offset, length, lambda: img.discard(offset, length))
+        super().zero(offset, length, may_trim=may_trim, fast=False, fua=fua)
+
+    def cache(self, offset: int, length: int) -> None:
+        """Advisory; librbd's default cache does not keep reads, so prefetching buys nothing."""
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        if length <= 0:
+            return [Extent(max(length, 1), 0)]
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return [Extent(length, 0)]
+        img = self._image
+        fast = bool(self.features & rbd.RBD_FEATURE_FAST_DIFF)
+        if fast:
+            try:
+                fast = not (int(img.flags()) & rbd.RBD_FLAG_FAST_DIFF_INVALID)
+            except Exception:
+                fast = False
+        # bound the work of one call: without fast-diff each object costs a RADOS op
+        limit = _FAST_EXTENT_BYTES if fast else _SLOW_EXTENT_OBJECTS * self.object_size
+        if end - offset > limit:
+            end = offset + limit
+            aligned = end - end % self.object_size
+            if aligned > offset:
+                end = aligned
+        span = end - offset
+        found: list[tuple[int, int]] = []
+
+        def cb(off: int, n: int, exists: bool) -> int:
+            if exists:
+                found.append((off, n))
+            return 0
+
+        self._call("block status", offset, span,
+                   lambda: img.diff_iterate(offset, span, None, cb, include_parent=True,
+                                            whole_object=fast))
+        found.sort()
+        out: list[Extent] = []
+        pos = offset
+        for off, n in found:
+            start, stop = max(off, pos), min(off + n, end)
+            if stop <= start:
+                continue
+            if start > pos:
+                out.append(Extent(start - pos, STATE_HOLE | STATE_ZERO))
+            out.append(Extent(stop - start, 0))
+            pos = stop
+        if pos < end:
+            out.append(Extent(end - pos, STATE_HOLE | STATE_ZERO))
+        return _merge(out)
+
+    # -------------------------------------------------------------------- close
+    def close(self, timeout: float = 30.0) -> None:
+        """Wait (bounded) for calls in flight, flush, close the image and disconnect."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            deadline = time.monotonic() + timeout
+            while self._inflight and time.monotonic() < deadline:
+                self._lock.wait(deadline - time.monotonic())
+        if self._image is not None and not self.read_only:
+            try:
+                self._image.flush()
+            except Exception as exc:
+                log.warning("%s: flush at close failed: %s", self.name, exc)
+        self._release()
+
+    def _release(self) -> None:
+        for attr, method in (("_image", "close"), ("_ioctx", "close"),
+                             ("_cluster", "shutdown")):
+            obj = getattr(self, attr, None)
+            setattr(self, attr, None)
+            if obj is not None:
+                try:
+                    getattr(obj, method)()
+                except Exception as exc:
+                    log.warning("%s: %s.%s() failed: %s", self.name, attr, method, exc)
+
+
+def _merge(extents: list[Extent]) -> list[Extent]:
+    out: list[Extent] = []
+    for e in extents:
+        if e.length <= 0:
+            continue
+        if out and out[-1].flags == e.flags:
+            out[-1] = Extent(out[-1].length + e.length, e.flags)
+        else:
+            out.append(e)
+    return out

@@ -1,0 +1,364 @@
+"""RbdBackend against a real single-node Ceph cluster (tests/support/ceph_cluster.py)."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import rados
+import rbd
+from tests.support.ceph_cluster import CephCluster
+
+from pynbd.backends import CephOptions, open_backend
+from pynbd.backends.base import STATE_HOLE, STATE_ZERO, BackendError, Extent
+from pynbd.backends.rbd import RbdBackend, RbdTarget, parse_rbd_target
+
+pytestmark = pytest.mark.ceph
+
+MiB = 1 << 20
+OBJ = 4 * MiB  # default RBD object size (order 22)
+_names = itertools.count()
+
+
+def _admin(cluster: CephCluster) -> rados.Rados:
+    conf = {"client_mount_timeout": "15"}
+    if cluster.keyring_path is not None:
+        conf["keyring"] = str(cluster.keyring_path)
+    r = rados.Rados(conffile=str(cluster.conf_path), name="client.admin", conf=conf)
+    r.connect(timeout=15)
+    return r
+
+
+@pytest.fixture(scope="module")
+def admin(ceph_cephx: CephCluster) -> Iterator[rados.Ioctx]:
+    r = _admin(ceph_cephx)
+    io = r.open_ioctx("rbd")
+    yield io
+    io.close()
+    r.shutdown()
+
+
+@pytest.fixture
+def image(admin: rados.Ioctx) -> Iterator[str]:
+    """A fresh 64 MiB image with the default features (exclusive-lock, fast-diff ...)."""
+    name = f"img{os.getpid()}-{next(_names)}"
+    rbd.RBD().create(admin, name, 64 * MiB)
+    yield name
+    _remove(admin, name)
+
+
+def _remove(io: rados.Ioctx, name: str) -> None:
+    with rbd.Image(io, name) as img:
+        for snap in list(img.list_snaps()):
+            img.remove_snap(snap["name"])
+    rbd.RBD().remove(io, name)
+
+
+def _open(cluster: CephCluster, target: str, **kw: object) -> RbdBackend:
+    return RbdBackend.from_target(target, conf=str(cluster.conf_path),
+                                  keyring=str(cluster.keyring_path), **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def backend(ceph_cephx: CephCluster, image: str) -> Iterator[RbdBackend]:
+    b = _open(ceph_cephx, f"rbd:rbd/{image}")
+    yield b
+    b.close()
+
+
+def _read(b: RbdBackend, offset: int, n: int) -> bytes:
+    buf = bytearray(n)
+    b.pread_into(memoryview(buf), offset)
+    return bytes(buf)
+
+
+def _pattern(n: int, seed: int) -> bytes:
+    return bytes((i * 7 + seed) & 0xFF for i in range(256)) * (n // 256) + bytes(n % 256)
+
+
+def _covered(extents: list[Extent]) -> int:
+    return sum(e.length for e in extents)
+
+
+# ------------------------------------------------------------------------- parsing
+def test_parse_rbd_target() -> None:
+    assert parse_rbd_target("rbd:pool/img") == RbdTarget("pool", "img")
+    assert parse_rbd_target("rbd:pool/img@snap") == RbdTarget("pool", "img", "snap")
+    assert parse_rbd_target("rbd:pool/ns/img@s") == RbdTarget("pool", "img", "s", "ns")
+    assert parse_rbd_target("rbd:pool/ns/img@s").spec == "pool/ns/img@s"
+    for bad in ("rbd:", "rbd:img", "rbd:/img", "rbd:pool/", "rbd:pool/img@", "file:/x",
+                "rbd:a/b/c/d", "rbd:p/i@a@b"):
+        with pytest.raises(ValueError):
+            parse_rbd_target(bad)
+    with pytest.raises(BackendError) as ei:
+        RbdBackend.from_target("rbd:nopool")
+    assert ei.value.errno == errno.EINVAL
+
+
+# ---------------------------------------------------------------------- data paths
+def test_properties(backend: RbdBackend) -> None:
+    assert backend.size == 64 * MiB
+    assert backend.blocking and backend.can_extents and backend.can_trim
+    assert backend.can_zero and backend.can_fast_zero and backend.can_flush and backend.can_fua
+    assert not backend.read_only
+    # librbd's default cache (writearound) keeps no reads: safe for multi-conn
+    assert backend.can_multi_conn
+    assert backend.name.startswith("rbd:rbd/img")
+
+
+def test_round_trip(backend: RbdBackend) -> None:
+    cases = [(0, 4096), (5001, 1000), (OBJ - 100, 300), (10 * MiB, 9 * MiB + 17),
+             (64 * MiB - 4096, 4096)]
+    for seed, (off, n) in enumerate(cases):
+        data = _pattern(n, seed)
+        backend.pwrite(memoryview(data), off, fua=seed % 2 == 1)
+        assert _read(backend, off, n) == data
+    backend.flush()
+    for seed, (off, n) in enumerate(cases):
+        assert _read(backend, off, n) == _pattern(n, seed)
+    assert _read(backend, 30 * MiB, 4096) == bytes(4096)  # never written
+    backend.pwrite(b"bytes too", 5)
+    assert _read(backend, 0, 20) == _pattern(4096, 0)[:5] + b"bytes too" + _pattern(4096, 0)[14:20]
+
+
+def test_flushed_data_visible_to_another_client(ceph_cephx: CephCluster, image: str,
+                                                backend: RbdBackend) -> None:
+    backend.pwrite(b"A" * 8192, MiB)
+    backend.flush()
+    other = _open(ceph_cephx, f"rbd:rbd/{image}")
+    try:
+        assert other.can_multi_conn
+        assert _read(other, MiB, 8192) == b"A" * 8192
+        other.pwrite(b"B" * 4096, MiB, fua=True)  # the exclusive lock moves over
+        assert _read(backend, MiB, 8192) == b"B" * 4096 + b"A" * 4096
+    finally:
+        other.close()
+
+
+def test_extents_fresh_image_is_all_hole(backend: RbdBackend) -> None:
+    ext = backend.extents(0, backend.size)
+    assert ext == [Extent(64 * MiB, STATE_HOLE | STATE_ZERO)]
+
+
+def test_trim_shows_hole(backend: RbdBackend) -> None:
+    backend.pwrite(b"x" * (3 * OBJ), OBJ)
+    backend.flush()
+    assert backend.extents(OBJ, 3 * OBJ) == [Extent(3 * OBJ, 0)]
+    backend.trim(2 * OBJ, OBJ)
+    ext = backend.extents(0, 5 * OBJ)
+    assert ext == [Extent(OBJ, STATE_HOLE | STATE_ZERO), Extent(OBJ, 0),
+                   Extent(OBJ, STATE_HOLE | STATE_ZERO), Extent(OBJ, 0),
+                   Extent(OBJ, STATE_HOLE | STATE_ZERO)]
+    assert _read(backend, 2 * OBJ, 4096) == bytes(4096)
+    assert _read(backend, 3 * OBJ, 4096) == b"x" * 4096
+    # a request starting mid-object starts there
+    ext = backend.extents(OBJ + 100, 1000)
+    assert ext[0] == Extent(_covered(ext), 0) and _covered(ext) >= 1
+    backend.trim(0, 0)  # nothing
+
+
+def test_trim_without_fast_diff(ceph_cephx: CephCluster, admin: rados.Ioctx) -> None:
+    name = f"plain{os.getpid()}-{next(_names)}"
+    rbd.RBD().create(admin, name, 32 * MiB, features=rbd.RBD_FEATURE_LAYERING)
+    b = _open(ceph_cephx, f"rbd:rbd/{name}")
+    try:
+        b.pwrite(b"d" * 8192, OBJ + 4096)
+        ext = b.extents(0, 32 * MiB)
+        # without fast-diff librbd reports allocation per object (or finer)
+        assert ext[0].flags == STATE_HOLE | STATE_ZERO and OBJ <= ext[0].length <= OBJ + 4096
+        assert ext[1].flags == 0 and ext[0].length + ext[1].length >= OBJ + 4096 + 8192
+        b.trim(OBJ, OBJ)
+        ext = b.extents(0, 32 * MiB)
+        assert all(e.flags == STATE_HOLE | STATE_ZERO for e in ext)
+        assert 1 <= _covered(ext) <= 32 * MiB
+    finally:
+        b.close()
+        _remove(admin, name)
+
+
+def test_zero(backend: RbdBackend) -> None:
+    backend.pwrite(b"z" * (2 * OBJ), 0)
+    backend.zero(OBJ, OBJ)  # whole object: deallocated
+    assert _read(backend, OBJ, 8192) == bytes(8192)
+    assert backend.extents(0, 2 * OBJ) == [Extent(OBJ, 0),
+                                            Extent(OBJ, STATE_HOLE | STATE_ZERO)]
+    backend.zero(100, 5000, fua=True)  # partial
+    assert _read(backend, 0, 5200) == b"z" * 100 + bytes(5000) + b"z" * 100
+    backend.zero(OBJ, 8192, may_trim=False)  # NO_HOLE: stays allocated, reads zeros
+    assert _read(backend, OBJ, 8192) == bytes(8192)
+    assert backend.extents(OBJ, OBJ)[0].flags == 0
+    backend.zero(8192, 4096, fast=True)
+    assert _read(backend, 8192, 4096) == bytes(4096)
+    with pytest.raises(BackendError) as ei:
+        backend.zero(8192, 4096, may_trim=False, fast=True)
+    assert ei.value.errno == errno.ENOTSUP
+
+
+def test_cache_is_harmless(backend: RbdBackend) -> None:
+    backend.pwrite(b"c" * 4096, 0)
+    backend.cache(0, 8 * MiB)
+    assert _read(backend, 0, 4096) == b"c" * 4096
+
+
+def test_many_threads(backend: RbdBackend) -> None:
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            off = i * 256 * 1024
+            for rnd in range(8):
+                data = bytes([i, rnd]) * 32768
+                backend.pwrite(data, off)
+                assert _read(backend, off, len(data)) == data
+                if rnd % 3 == 0:
+                    backend.flush()
+                    backend.extents(off, 65536)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[:3]
+    for i in range(32):
+        assert _read(backend, i * 256 * 1024, 65536) == bytes([i, 7]) * 32768
+
+
+def test_close(ceph_cephx: CephCluster, image: str) -> None:
+    b = _open(ceph_cephx, f"rbd:rbd/{image}")
+    b.pwrite(b"q" * 512, 0)
+    b.close()
+    b.close()  # idempotent
+    with pytest.raises(BackendError) as ei:
+        _read(b, 0, 512)
+    assert ei.value.errno == errno.ESHUTDOWN
+
+
+def test_read_only_flag(ceph_cephx: CephCluster, image: str) -> None:
+    b = _open(ceph_cephx, f"rbd:rbd/{image}", read_only=True)
+    try:
+        assert b.read_only and not b.can_trim and not b.can_zero
+        with pytest.raises(BackendError) as ei:
+            b.pwrite(b"no", 0)
+        assert ei.value.errno == errno.EPERM
+        assert _read(b, 0, 10) == bytes(10)
+    finally:
+        b.close()
+
+
+# ---------------------------------------------------------------------- snapshots
+def test_snapshot_is_read_only(ceph_cephx: CephCluster, admin: rados.Ioctx, image: str,
+                               backend: RbdBackend) -> None:
+    backend.pwrite(b"before" * 1000, 0)
+    backend.flush()
+    with rbd.Image(admin, image) as img:
+        img.create_snap("s1")
+    backend.pwrite(b"after!" * 1000, 0)
+    backend.flush()
+    snap = _open(ceph_cephx, f"rbd:rbd/{image}@s1")
+    try:
+        assert snap.read_only and snap.can_multi_conn and not snap.can_trim
+        assert snap.name == f"rbd:rbd/{image}@s1"
+        assert _read(snap, 0, 6000) == b"before" * 1000
+        assert snap.extents(0, snap.size)[0] == Extent(OBJ, 0)
+        for op in (lambda: snap.pwrite(b"x", 0), lambda: snap.trim(0, 4096),
+                   lambda: snap.zero(0, 4096)):
+            with pytest.raises(BackendError) as ei:
+                op()
+            assert ei.value.errno == errno.EPERM
+        snap.flush()  # harmless
+    finally:
+        snap.close()
+    assert _read(backend, 0, 6) == b"after!"
+
+
+# ------------------------------------------------------------------------- errors
+def test_missing_pool(ceph_cephx: CephCluster) -> None:
+    with pytest.raises(BackendError) as ei:
+        _open(ceph_cephx, "rbd:nosuchpool/img")
+    assert ei.value.errno == errno.ENOENT
+    assert "pool 'nosuchpool'" in str(ei.value) and str(ceph_cephx.conf_path) in str(ei.value)
+
+
+def test_missing_image(ceph_cephx: CephCluster) -> None:
+    with pytest.raises(BackendError) as ei:
+        _open(ceph_cephx, "rbd:rbd/nosuchimage")
+    assert ei.value.errno == errno.ENOENT
+    assert "image 'nosuchimage'" in str(ei.value) and "pool 'rbd'" in str(ei.value)
+
+
+def test_missing_snapshot(ceph_cephx: CephCluster, image: str) -> None:
+    with pytest.raises(BackendError) as ei:
+        _open(ceph_cephx, f"rbd:rbd/{image}@nosnap")
+    assert ei.value.errno == errno.ENOENT
+    assert "snapshot 'nosnap'" in str(ei.value) and image in str(ei.value)
+
+
+def test_missing_conf(tmp_path: Path) -> None:
+    with pytest.raises(BackendError) as ei:
+        RbdBackend.from_target("rbd:rbd/x", conf=str(tmp_path / "nope.conf"))
+    assert ei.value.errno == errno.ENOENT and "nope.conf" in str(ei.value)
+
+
+def test_wrong_key_is_permission_denied(ceph_cephx: CephCluster, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.keyring"
+    bad.write_text("[client.admin]\n\tkey = AQBbGh9nAAAAABAAxT5aZqfdMcDGRPLhaI2dCA==\n")
+    with pytest.raises(BackendError) as ei:
+        RbdBackend.from_target("rbd:rbd/x", conf=str(ceph_cephx.conf_path), keyring=str(bad))
+    assert ei.value.errno == errno.EACCES
+    assert "permission denied" in str(ei.value) and "bad.keyring" in str(ei.value)
+
+
+def test_caps_without_pool_access(ceph_cephx: CephCluster, image: str,
+                                  tmp_path: Path) -> None:
+    keyring = tmp_path / "limited.keyring"
+    ceph_cephx.ceph("auth", "get-or-create", "client.limited", "mon", "profile rbd",
+                    "osd", "profile rbd pool=otherpool", "-o", str(keyring))
+    with pytest.raises(BackendError) as ei:
+        RbdBackend.from_target(f"rbd:rbd/{image}", conf=str(ceph_cephx.conf_path),
+                               name="client.limited", keyring=str(keyring))
+    assert ei.value.errno == errno.EACCES
+    assert "client.limited" in str(ei.value)
+
+
+@pytest.mark.timeout(60)
+def test_unreachable_cluster_fails_in_bounded_time(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = tmp_path / "ceph.conf"
+    conf.write_text(f"[global]\nmon_host = [v2:127.0.0.1:{port}]\nms_bind_msgr1 = false\n"
+                    "auth_client_required = none\n")
+    with pytest.raises(BackendError) as ei:
+        RbdBackend("rbd", "img", conf=str(conf), connect_timeout=3)
+    assert ei.value.errno == errno.ETIMEDOUT
+    assert "cannot reach" in str(ei.value) and str(port) in str(ei.value)
+
+
+# ------------------------------------------------------------------ other clusters
+def test_auth_none_cluster_and_open_backend(ceph_none: CephCluster) -> None:
+    r = _admin(ceph_none)
+    try:
+        with r.open_ioctx("rbd") as io:
+            rbd.RBD().create(io, "plain", 8 * MiB)
+            try:
+                b = open_backend("rbd:rbd/plain",
+                                 ceph=CephOptions(conf=str(ceph_none.conf_path)))
+                try:
+                    assert isinstance(b, RbdBackend) and b.size == 8 * MiB
+                    b.pwrite(b"none" * 1024, 4096, fua=True)
+                    assert _read(b, 4096, 4096) == b"none" * 1024  # type: ignore[arg-type]
+                finally:
+                    b.close()
+            finally:
+                rbd.RBD().remove(io, "plain")
+    finally:
+        r.shutdown()
