@@ -296,3 +296,24 @@ def test_unreachable_cluster_fails_clearly(servers: ServerFactory, tmp_path: Pat
     with pytest.raises(RuntimeError) as ei:
         servers("--ceph-conf", str(conf), "rbd:rbd/img")
     assert "cannot reach the Ceph cluster" in str(ei.value) and str(port) in str(ei.value)
+
+
+def test_failed_rbd_export_does_not_stop_the_others(servers: ServerFactory,
+                                                   ceph_cephx: CephCluster,
+                                                   image: str, tmp_path: Path) -> None:
+    cfg = tmp_path / "exports.toml"
+    cfg.write_text(
+        '[[export]]\nname = "scratch"\ntarget = "memory:8M"\n\n'
+        '[[export]]\nname = "gone"\ntarget = "rbd:rbd/no-such-image"\n\n'
+        f'[[export]]\nname = "ceph"\ntarget = "rbd:rbd/{image}"\n')
+    srv = servers("--ceph-conf", str(ceph_cephx.conf_path),
+                  "--ceph-keyring", str(ceph_cephx.keyring_path), "--config", str(cfg))
+    base = srv.uri.rsplit("/", 1)[0]
+    listed = run("nbdinfo", "--list", "--json", srv.uri)
+    names = sorted(e["export-name"] for e in json.loads(listed.stdout)["exports"])
+    assert names == ["ceph", "scratch"]
+    assert run("nbdinfo", "--size", f"{base}/ceph").stdout.strip() == str(SIZE)
+    assert run("nbdinfo", "--size", f"{base}/scratch").stdout.strip() == str(8 * MiB)
+    gone = run("nbdinfo", "--size", f"{base}/gone", ok=False)
+    assert gone.returncode != 0
+    assert "no-such-image" in srv.stderr and "cannot open" in srv.stderr
