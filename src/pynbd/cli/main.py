@@ -16,6 +16,7 @@ from pynbd import __version__
 SUBCOMMAND_MODULES = [
     "serve",
     "control",
+    "ceph",
 ]
 
 
