@@ -68,63 +68,40 @@ def test_mon_cephx_wrong_key_is_refused(ceph_cephx: CephCluster) -> None:
                                         options=OPTS))
 
 
-def _cli_registered() -> bool:
-    from pynbd.cli import main
-
-    return "ceph" in main.SUBCOMMAND_MODULES
-
-
-def run_status(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """``pynbd ceph status ARGS``: in a subprocess once the subcommand is registered in
-    pynbd.cli.main, else through the handler in-process."""
-    if _cli_registered():
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [str(_SRC), os.environ.get("PYTHONPATH", "")])}
-        p = subprocess.run([sys.executable, "-m", "pynbd", "ceph", "status", *args],
-                           capture_output=True, text=True, timeout=120, env=env)
-        return p.returncode, p.stdout, p.stderr
-    import argparse
-
-    from pynbd.cli import ceph
-
-    parser = argparse.ArgumentParser(prog="pynbd")
-    ceph.register(parser.add_subparsers())
-    ns = parser.parse_args(["ceph", "status", *args])
-    capsys.readouterr()
-    rc = ns.func(ns)
-    out = capsys.readouterr()
-    return rc, out.out, out.err
+def run_status(args: list[str]) -> tuple[int, str, str]:
+    """``pynbd ceph status ARGS`` as a user runs it: a subprocess of the real CLI."""
+    p = subprocess.run([sys.executable, "-m", "pynbd", "ceph", "status", *args],
+                       capture_output=True, text=True, timeout=120)
+    return p.returncode, p.stdout, p.stderr
 
 
 @pytest.mark.parametrize("cluster,mode", [("ceph_none", "crc"), ("ceph_cephx", "crc"),
                                           ("ceph_cephx", "secure")])
-def test_status(cluster: str, mode: str, request: pytest.FixtureRequest,
-                capsys: pytest.CaptureFixture[str]) -> None:
+def test_status(cluster: str, mode: str, request: pytest.FixtureRequest) -> None:
     c: CephCluster = request.getfixturevalue(cluster)
-    rc, out, err = run_status(["-c", str(c.conf_path), "--mode", mode], capsys)
+    rc, out, err = run_status(["-c", str(c.conf_path), "--mode", mode])
     assert rc == 0, err
     status = json.loads(out)
     assert status["fsid"] == c.fsid
     assert "health" in status and status["osdmap"]["num_osds"] == 1
 
 
-def test_status_errors(ceph_none: CephCluster, tmp_path: Path,
-                       capsys: pytest.CaptureFixture[str]) -> None:
-    rc, _, err = run_status(["-c", str(tmp_path / "missing.conf")], capsys)
+def test_status_errors(ceph_none: CephCluster, tmp_path: Path) -> None:
+    rc, _, err = run_status(["-c", str(tmp_path / "missing.conf")])
     assert rc == 2 and "missing.conf" in err
     conf = tmp_path / "nomon.conf"
     conf.write_text("[global]\nfsid = 00000000-0000-0000-0000-000000000000\n")
-    rc, _, err = run_status(["-c", str(conf)], capsys)
+    rc, _, err = run_status(["-c", str(conf)])
     assert rc == 2 and "mon_host" in err
     # a monitor address nobody listens on: clear error naming the mon, bounded time
     from tests.support.ceph_cluster import free_port
 
     port = free_port()
     conf.write_text(f"[global]\nmon_host = [v2:127.0.0.1:{port}]\nauth_client_required = none\n")
-    rc, _, err = run_status(["-c", str(conf), "--connect-timeout", "3"], capsys)
+    rc, _, err = run_status(["-c", str(conf), "--connect-timeout", "3"])
     assert rc == 1 and f"127.0.0.1:{port}" in err
     # secure mode needs cephx
-    rc, _, err = run_status(["-c", str(ceph_none.conf_path), "--mode", "secure"], capsys)
+    rc, _, err = run_status(["-c", str(ceph_none.conf_path), "--mode", "secure"])
     assert rc == 2 and "cephx" in err
 
 
