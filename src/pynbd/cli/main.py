@@ -16,11 +16,22 @@ from pynbd import __version__
 SUBCOMMAND_MODULES = [
     "serve",
     "control",
+    "info",
+    "copy",
     "ceph",
 ]
 
+# Which module defines each command, so a command imports only what it needs (start-up
+# time matters for tools run in loops, e.g. pynbd info in scripts).
+COMMANDS = {
+    "serve": "serve", "status": "control", "acl": "control", "info": "info",
+    "copy": "copy", "ceph": "ceph", "mirror": "mirror", "mirror-speed": "mirror",
+    "break": "mirror", "listen": "listen", "read": "rw", "write": "rw", "proxy": "proxy",
+    "proxy-upstream": "proxy",
+}
 
-def build_parser() -> argparse.ArgumentParser:
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pynbd",
         description="Network block device server, client, migration and tools.",
@@ -28,14 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pynbd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in SUBCOMMAND_MODULES:
+    only = COMMANDS.get(command or "")
+    modules = [only] if only in SUBCOMMAND_MODULES else SUBCOMMAND_MODULES
+    for name in modules:
         module = importlib.import_module(f"pynbd.cli.{name}")
         module.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     try:
         rc: int = args.func(args)

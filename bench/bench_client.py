@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""Client benchmarks (not a test): pynbd vs libnbd in one run, same servers.
+
+1. ``pynbd copy`` vs ``nbdcopy``: nbdkit memory -> nbdkit memory, SIZE (default 1 GiB)
+   with 50% data (alternating 1 MiB data / 1 MiB hole), 1 and 4 connections.
+2. 4 KiB QD1 read latency: pynbd's blocking client vs libnbd's Python bindings
+   (``import nbd``) against the same nbdkit memory export (Unix socket and TCP).
+
+Prints a table with ratios. Usage: .venv/bin/python bench/bench_client.py [--size 1G]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from pynbd.client import connect  # noqa: E402
+
+
+def start_nbdkit(workdir: Path, name: str, size: int, tcp: bool = False) -> tuple[subprocess.Popen[bytes], str]:
+    if tcp:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        argv = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "memory", f"size={size}"]
+        uri = f"nbd://127.0.0.1:{port}/"
+        addr: object = ("127.0.0.1", port)
+        fam = socket.AF_INET
+    else:
+        sock = str(workdir / f"{name}.sock")
+        argv = ["nbdkit", "-f", "-U", sock, "memory", f"size={size}"]
+        uri = f"nbd+unix:///?socket={sock}"
+        addr = sock
+        fam = socket.AF_UNIX
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            with socket.socket(fam) as s:
+                s.settimeout(1)
+                s.connect(addr)  # type: ignore[arg-type]
+                if s.recv(8):
+                    break
+        except OSError:
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        raise RuntimeError("nbdkit did not start")
+    return proc, uri
+
+
+def fill_half(uri: str, size: int) -> None:
+    block = os.urandom(1 << 20)
+    with connect(uri) as c:
+        with c.batch():
+            for i, off in enumerate(range(0, size, 2 << 20)):
+                c.submit_write(off, block)
+                if i % 16 == 15:
+                    c.wait_all()
+
+
+def timed(argv: list[str]) -> float:
+    t0 = time.perf_counter()
+    r = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+    dt = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"{argv} failed: {r.stderr.decode()}")
+    return dt
+
+
+def bench_copy(size: int, reps: int) -> list[tuple[str, float, float]]:
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        wd = Path(d)
+        src, suri = start_nbdkit(wd, "src", size)
+        dst, duri = start_nbdkit(wd, "dst", size)
+        try:
+            fill_half(suri, size)
+            for conns in (1, 4):
+                nb = []
+                py = []
+                # warm-up: the first copy into a fresh nbdkit memory export pays for
+                # page allocation; then alternate the tools and keep the best run
+                timed(["nbdcopy", f"--connections={conns}", suri, duri])
+                for _ in range(reps):
+                    nb.append(timed(["nbdcopy", f"--connections={conns}", suri, duri]))
+                    py.append(timed([sys.executable, "-m", "pynbd.cli.copy", suri, duri,
+                                     f"--connections={conns}"]))
+                rows.append((f"copy {size >> 20} MiB, {conns} conn", min(nb), min(py)))
+        finally:
+            for p in (src, dst):
+                p.terminate()
+                p.wait(10)
+    return rows
+
+
+def _measure(fn, n: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """(median wall us/op, median client CPU us/op) over 5 rounds of n ops."""
+    walls, cpus = [], []
+    for _ in range(5):
+        c0, t0 = time.process_time(), time.perf_counter()
+        fn(n)
+        walls.append((time.perf_counter() - t0) / n * 1e6)
+        cpus.append((time.process_time() - c0) / n * 1e6)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def bench_latency(n: int, tcp: bool) -> tuple[str, tuple[float, float], tuple[float, float]]:
+    import nbd  # libnbd's Python bindings
+    with tempfile.TemporaryDirectory() as d:
+        proc, uri = start_nbdkit(Path(d), "lat", 64 << 20, tcp=tcp)
+        try:
+            h = nbd.NBD()
+            h.connect_uri(uri)
+
+            def lib(k: int) -> None:
+                for i in range(k):
+                    h.pread(4096, (i * 4096) % (32 << 20))
+            c = connect(uri)
+            out = bytearray(4096)
+
+            def ours(k: int) -> None:
+                for i in range(k):
+                    c.read_into((i * 4096) % (32 << 20), out)
+            lib(1000)
+            ours(1000)
+            # interleave the two so that machine noise hits both alike
+            rl, rp = [], []
+            for _ in range(3):
+                rl.append(_measure(lib, n))
+                rp.append(_measure(ours, n))
+            h.shutdown()
+            c.close()
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    name = f"4 KiB QD1 read ({'TCP' if tcp else 'Unix'})"
+    best_l = (min(x[0] for x in rl), min(x[1] for x in rl))
+    best_p = (min(x[0] for x in rp), min(x[1] for x in rp))
+    return name, best_l, best_p
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="1G")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--ops", type=int, default=20000)
+    args = ap.parse_args()
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    size = int(args.size[:-1]) * mult[args.size[-1].upper()] if args.size[-1].isalpha() \
+        else int(args.size)
+    for prog in ("nbdkit", "nbdcopy"):
+        if shutil.which(prog) is None:
+            raise SystemExit(f"{prog} is required")
+    print(f"pynbd client benchmark  (python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f})")
+    print("copy: `nbdcopy --connections=N SRC DST` vs `python -m pynbd.cli.copy SRC DST "
+          "--connections=N`, best of --reps runs each, alternating")
+    print()
+    print(f"{'benchmark':34} {'nbdcopy':>10} {'pynbd':>10} {'ratio':>8}")
+    for name, nb, py in bench_copy(size, args.reps):
+        gb = size / (1 << 30)
+        print(f"{name:34} {gb / nb:7.2f} GiB/s {gb / py:7.2f} GiB/s  "
+              f"{nb / py:5.2f}x  (throughput, higher is better)")
+    print()
+    print(f"{'benchmark':34} {'libnbd-py':>10} {'pynbd':>10} {'ratio':>8}")
+    for tcp in (False, True):
+        name, lib, py = bench_latency(args.ops, tcp)
+        print(f"{name + ' wall':34} {lib[0]:7.1f} us {py[0]:7.1f} us  {py[0] / lib[0]:5.2f}x  "
+              "(latency per op, lower is better)")
+        print(f"{name + ' client CPU':34} {lib[1]:7.1f} us {py[1]:7.1f} us  "
+              f"{py[1] / lib[1]:5.2f}x  (client CPU per op, lower is better)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""pynbd's NBD client: blocking (:mod:`.blocking`), asyncio (:mod:`.aio`), multi-connection
+pool (:mod:`.pool`), URIs (:mod:`.uri`) and TLS (:mod:`.tls`).
+
+``pynbd.client.connect(uri)`` dials, negotiates structured replies, ``base:allocation``
+and safe close where offered, and enters the transmission phase.
+"""
+
+from pynbd.client._common import Chunk, CloseResult, Extent
+from pynbd.client.blocking import Client, Request, connect, dial
+from pynbd.client.tls import TLSConfig
+from pynbd.client.uri import NBDURI, URIError, format_uri, parse_uri
+from pynbd.protocol.client import ExportEntry, ExportInfo, MetaContext
+from pynbd.protocol.constants import CmdFlag, TransmissionFlag
+from pynbd.protocol.errors import (
+    LocalProtocolError,
+    NBDRequestError,
+    OptionError,
+    PeerProtocolError,
+    ProtocolError,
+)
+
+__all__ = [
+    "NBDURI",
+    "Chunk",
+    "Client",
+    "CloseResult",
+    "CmdFlag",
+    "ExportEntry",
+    "ExportInfo",
+    "Extent",
+    "LocalProtocolError",
+    "MetaContext",
+    "NBDRequestError",
+    "OptionError",
+    "PeerProtocolError",
+    "ProtocolError",
+    "Request",
+    "TLSConfig",
+    "TransmissionFlag",
+    "URIError",
+    "connect",
+    "dial",
+    "format_uri",
+    "parse_uri",
+]
