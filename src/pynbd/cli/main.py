@@ -19,6 +19,10 @@ SUBCOMMAND_MODULES = [
     "info",
     "copy",
     "ceph",
+    "mirror",
+    "listen",
+    "rw",
+    "proxy",
 ]
 
 # Which module defines each command, so a command imports only what it needs (start-up

@@ -179,11 +179,16 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    from pynbd.migration.control import attach_migration
+
+    control = None
     if args.control:
         from pynbd.server.control import ControlServer
 
         control = ControlServer(args.control)
         server.attach_control(control)
+    attach_migration(server, control)  # gates, crash recovery, mirror verbs
+    if control is not None:
         control.start()
     server.start()
     for uri in server.uris():

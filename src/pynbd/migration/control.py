@@ -1,0 +1,266 @@
+"""Migration verbs on a source server's control socket and the crash-recovery check.
+
+Verbs: ``mirror`` (start), ``mirror-speed``, ``break``, ``migration-status``; the
+``status`` verb gains a ``migration`` object. :func:`attach_migration` must run before the
+server starts serving: it gives every export an I/O gate and, when a durable record says
+a handover was in progress (``committing``) or done (``stepped-down``), starts the export
+paused-and-in-doubt or stepped down.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from pynbd.migration.mirror import Mirror, MirrorOptions, resolve_in_doubt, step_down_export
+from pynbd.migration.records import read_record, record_path, write_record
+from pynbd.migration.transport import NBDTransport, Transport
+from pynbd.server.control import ControlError, ControlServer
+from pynbd.server.exports import Export, IOGate
+from pynbd.server.server import Server
+
+log = logging.getLogger("pynbd.migration")
+
+
+def make_factory(opts: MirrorOptions):  # type: ignore[no-untyped-def]
+    to = opts.to
+    if to.startswith("msgr2://"):
+        from pynbd.migration.msgr2_transport import Msgr2Transport, parse_msgr2_uri
+
+        host, port = parse_msgr2_uri(to)
+        psk = None
+        if opts.psk_file:
+            with open(opts.psk_file, "rb") as f:
+                psk = f.read().strip()
+
+        def m2() -> Transport:
+            return Msgr2Transport(host, port, psk=psk, secure=opts.secure)
+
+        return m2
+    if to.startswith(("nbd://", "nbd+unix://", "nbds://", "nbds+unix://")):
+        from pynbd.client import parse_uri
+
+        parse_uri(to)  # validate now
+
+        def nbd() -> Transport:
+            return NBDTransport(to)
+
+        return nbd
+    raise ValueError(f"--to must be msgr2://HOST:PORT or an NBD URI, not {to!r}")
+
+
+def _image_path(export: Export) -> str | None:
+    path = getattr(export.backend, "path", None)
+    return path if isinstance(path, str) else None
+
+
+class _Restored:
+    """A source restarted with a ``committing`` record: in doubt until resolved."""
+
+    def __init__(self, mgr: MigrationSource, export: Export, rec: dict[str, Any]) -> None:
+        self.mgr = mgr
+        self.export = export
+        self.rec = rec
+        opts = MirrorOptions(to=rec.get("to", ""), psk_file=rec.get("psk_file"),
+                             secure=bool(rec.get("secure")), max_attempts=5)
+        self.mirror = Mirror(export, opts, make_factory(opts), mgr.records[export.name],
+                             epoch_base=int(rec.get("epoch", 0)), image_path=_image_path(export),
+                             on_step_down=mgr._disconnect_later)
+        self.mirror.epoch = int(rec.get("epoch", 0))
+        self.mirror.state = "in-doubt"
+        self.mirror.authoritative = False
+
+    def run(self) -> None:
+        m = self.mirror
+        epoch = m.epoch
+        try:
+            committed = resolve_in_doubt(m, epoch)
+            if committed:
+                m._step_down(None)
+            else:
+                write_record(m.record, {"role": "source", "state": "resumed", "epoch": epoch,
+                                        "to": m.opts.to})
+                m.state = "idle"
+                m.result = "aborted"
+                m.authoritative = True
+                assert self.export.gate is not None
+                self.export.gate.resume()
+        finally:
+            m.finished = time.monotonic()
+            m.done.set()
+
+
+class MigrationSource:
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.lock = threading.Lock()
+        self.mirrors: dict[str, Mirror] = {}
+        self.records: dict[str, str | None] = {}
+        self.epochs: dict[str, int] = {}
+        self.stepped_down: dict[str, dict[str, Any]] = {}
+
+    # --- startup -----------------------------------------------------------------------
+
+    def recover(self) -> None:
+        for name, export in self.server.registry.exports.items():
+            if export.gate is None:
+                export.gate = IOGate()
+            path = record_path(_image_path(export))
+            self.records[name] = path
+            rec = read_record(path)
+            if rec is None or rec.get("role") != "source":
+                continue
+            epoch = int(rec.get("epoch", 0))
+            self.epochs[name] = epoch
+            state = rec.get("state")
+            if state == "stepped-down":
+                log.warning("export %r: stepped down at epoch %d (migrated to %s): refusing I/O",
+                            name, epoch, rec.get("to"))
+                step_down_export(export, f"migrated to {rec.get('to')} (epoch {epoch})")
+                self.stepped_down[name] = rec
+            elif state == "committing":
+                log.warning("export %r: handover of epoch %d to %s in doubt: clients stay "
+                            "paused until the destination says what happened",
+                            name, epoch, rec.get("to"))
+                export.gate.pause(0)
+                restored = _Restored(self, export, rec)
+                self.mirrors[name] = restored.mirror
+                threading.Thread(target=restored.run, daemon=True, name="in-doubt").start()
+
+    # --- verbs -------------------------------------------------------------------------
+
+    def _export(self, req: dict[str, Any]) -> Export:
+        name = req.get("export")
+        e = self.server.registry.get(name if isinstance(name, str) else "")
+        if e is None:
+            raise ControlError(f"no export {name!r}")
+        return e
+
+    def _disconnect_later(self, m: Mirror) -> None:
+        export = m.export
+
+        def later() -> None:
+            time.sleep(m.opts.disconnect_delay)
+            with self.server._lock:
+                conns = [c for c in self.server.connections if c.export is export]
+            for c in conns:
+                c.abort()
+
+        threading.Thread(target=later, daemon=True, name="step-down-disconnect").start()
+
+    def do_mirror(self, req: dict[str, Any]) -> dict[str, Any]:
+        export = self._export(req)
+        to = req.get("to")
+        if not isinstance(to, str) or not to:
+            raise ControlError('"to" (msgr2://HOST:PORT or an NBD URI) is required')
+        with self.lock:
+            cur = self.mirrors.get(export.name)
+            if cur is not None and not cur.done.is_set():
+                raise ControlError(f"a migration is already running (state {cur.state})")
+            gate = export.gate
+            if gate is None or gate.stepped_down:
+                raise ControlError("this export has stepped down: it is not authoritative")
+            if gate.paused:
+                raise ControlError("this export is paused (a handover is in doubt)")
+            opts = MirrorOptions(
+                to=to, max_speed=int(req.get("max_speed") or 0), unlink=bool(req.get("unlink")),
+                downtime_ms=int(req.get("downtime_ms") or 300),
+                max_attempts=max(1, int(req.get("max_attempts") or 5)),
+                psk_file=req.get("psk_file"), secure=bool(req.get("secure")))
+            try:
+                factory = make_factory(opts)
+            except (ValueError, OSError) as exc:
+                raise ControlError(str(exc)) from exc
+            m = Mirror(export, opts, factory, self.records.get(export.name),
+                       epoch_base=self.epochs.get(export.name, 0),
+                       image_path=_image_path(export), on_step_down=self._disconnect_later)
+            self.mirrors[export.name] = m
+            m.start()
+        if m.wait_connected(float(req.get("connect_timeout") or 30.0)):
+            return {"started": True, "migration": m.status()}
+        if not m.done.is_set():
+            return {"started": False, "migration": m.status()}
+        raise ControlError(f"mirror {m.result}: {m.error}")
+
+    def _mirror(self, req: dict[str, Any]) -> Mirror:
+        export = self._export(req)
+        m = self.mirrors.get(export.name)
+        if m is None:
+            raise ControlError("no migration has been started")
+        return m
+
+    def do_speed(self, req: dict[str, Any]) -> dict[str, Any]:
+        m = self._mirror(req)
+        try:
+            bps = int(req["bps"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ControlError('"bps" (bytes per second, 0 = unlimited) is required') from exc
+        if bps < 0:
+            raise ControlError("bps must be >= 0")
+        m.set_speed(bps)
+        return {"speed_limit_bytes_per_second": bps}
+
+    def do_break(self, req: dict[str, Any]) -> dict[str, Any]:
+        m = self._mirror(req)
+        if m.done.is_set():
+            raise ControlError(f"no migration running (last one: {m.result})")
+        try:
+            m.request_break()
+        except RuntimeError as exc:
+            raise ControlError(str(exc)) from exc
+        m.done.wait(float(req.get("timeout") or 30.0))
+        return {"migration": m.status()}
+
+    def status(self, export: Export | None = None) -> dict[str, Any]:
+        if export is None:
+            name = self.server.registry.default or ""
+            export = self.server.registry.get(name)
+        if export is None:
+            return {"role": "none"}
+        m = self.mirrors.get(export.name)
+        if m is not None:
+            return m.status()
+        gate = export.gate
+        rec = self.stepped_down.get(export.name)
+        out = idle_status()
+        if rec is not None:
+            out.update({"role": "source", "state": "stepped-down", "result": "completed",
+                        "epoch": int(rec.get("epoch", 0)), "to": rec.get("to"),
+                        "authoritative": False})
+            return out
+        out.update({"epoch": self.epochs.get(export.name, 0),
+                    "authoritative": not (gate is not None and gate.stepped_down)})
+        return out
+
+    def do_status(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"migration": self.status(self._export(req))}
+
+
+def idle_status() -> dict[str, Any]:
+    """Every migration status field, for when nothing is running."""
+    return {"role": "none", "state": "idle", "result": None, "error": "", "to": None,
+            "bytes_done": 0, "bytes_left": 0, "dirty_bytes": 0, "speed_bytes_per_second": 0,
+            "elapsed_seconds": 0.0, "eta_seconds": None, "speed_limit_bytes_per_second": 0,
+            "attempts": 0, "epoch": 0, "authoritative": True}
+
+
+def attach_migration(server: Server, control: ControlServer | None) -> MigrationSource:
+    """Install gates, recover from records, and register the migration verbs."""
+    src = MigrationSource(server)
+    src.recover()
+    if control is None:
+        return src
+    control.register("mirror", src.do_mirror)
+    control.register("mirror-speed", src.do_speed)
+    control.register("break", src.do_break)
+    control.register("migration-status", src.do_status)
+
+    def status(req: dict[str, Any]) -> dict[str, Any]:
+        st = server.status()
+        st["migration"] = src.status()
+        return {"status": st}
+
+    control.register("status", status)
+    return src

@@ -1,0 +1,67 @@
+"""Migration over plain NBD into qemu-nbd and nbdkit while a writer writes."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.migration._procs import (
+    PY,
+    Procs,
+    Writer,
+    compare_images,
+    make_sparse_image,
+    migration_status,
+    run_cli,
+    stepped_down_error,
+)
+
+SIZE = 64 * 1024 * 1024
+FIELDS = {"state", "bytes_done", "bytes_left", "dirty_bytes", "speed_bytes_per_second",
+          "elapsed_seconds", "eta_seconds", "speed_limit_bytes_per_second", "attempts",
+          "epoch", "authoritative"}
+
+
+@pytest.mark.parametrize("target", ["qemu-nbd", "nbdkit"])
+def test_migrate_to_plain_nbd_while_writing(procs: Procs, tmp_path: Path, target: str) -> None:
+    src = tmp_path / "src.img"
+    dst = tmp_path / "dst.img"
+    make_sparse_image(src, SIZE, seed=1)
+    with open(dst, "wb") as f:
+        f.truncate(SIZE)
+    _p, uri, ctl = procs.serve(src)
+    _d, dst_uri = procs.qemu_nbd(dst) if target == "qemu-nbd" else procs.nbdkit(dst)
+    writer = Writer(uri, SIZE, seed=2, rate=4 * 1024 * 1024)
+    writer.start()
+    time.sleep(0.3)
+    mirror = procs.start([PY, "-m", "pynbd", "mirror", "--control", ctl, "--to", dst_uri,
+                          "--wait", "--json", "--max-speed", "24M"], "mirror")
+    seen = []
+    for _ in range(3000):
+        st = migration_status(ctl)
+        assert FIELDS <= set(st), st
+        seen.append(st["state"])
+        if mirror.proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    assert mirror.proc.wait(60) == 0, mirror.logs()
+    final = json.loads(mirror.out.read_text())
+    assert final["result"] == "completed"
+    assert final["bytes_left"] == 0
+    writer.stop_event.set()
+    writer.join(10)
+    assert writer.writes > 0
+    # the writer is refused once the source stepped down, never before
+    assert stepped_down_error(writer.error), writer.error
+    st = migration_status(ctl)
+    assert st["authoritative"] is False and st["state"] == "completed"
+    assert "copying" in seen
+    _d.stop()
+    assert compare_images(src, dst) == []
+    assert writer.check_in(dst) == []
+    # the source refuses further I/O
+    r = run_cli(["read", uri, "--from", "0", "--size", "4096"])
+    assert r.returncode != 0

@@ -1,0 +1,3 @@
+from tests.migration.conftest import procs
+
+__all__ = ["procs"]
