@@ -95,7 +95,11 @@ def test_list_info_go_abort(serve: ServerFactory, tmp_path: Path) -> None:
     srv = serve("--config", str(cfg))
     h = handle(srv.uri, opt_mode=True)
     listed: list[tuple[str, str]] = []
-    assert h.opt_list(lambda name, desc: listed.append((name, desc)) or 0) == 3
+    def on_export(name: str, desc: str) -> int:
+        listed.append((name, desc))
+        return 0
+
+    assert h.opt_list(on_export) == 3
     assert listed == [("a", "first disk"), ("b", ""), ("r/o é", "read-only, non-ASCII name")]
     h.set_full_info(True)
     for name, size, desc, ro in (("a", MiB, "first disk", False), ("b", 2 * MiB, "", False),
@@ -117,7 +121,11 @@ def test_list_info_go_abort(serve: ServerFactory, tmp_path: Path) -> None:
         h.opt_info()
     metas: list[str] = []
     h.set_export_name("a")
-    assert h.opt_list_meta_context(lambda name: metas.append(name) or 0) == 1
+    def on_meta(name: str) -> int:
+        metas.append(name)
+        return 0
+
+    assert h.opt_list_meta_context(on_meta) == 1
     assert metas == ["base:allocation"]
     h.opt_go()
     assert h.get_size() == MiB
@@ -364,10 +372,10 @@ def test_read_only_export(serve: ServerFactory, structured: bool) -> None:
     assert not h.can_trim() and not h.can_zero() and not h.can_fua()
     assert h.pread(4096, 0) == bytes(4096)
     h.set_strict_mode(0)  # let the requests reach the server
-    for op in (lambda: h.pwrite(b"a" * 4096, 0), lambda: h.trim(4096, 0),
-               lambda: h.zero(4096, 0)):
+    for name, args in (("pwrite", (b"a" * 4096, 0)), ("trim", (4096, 0)),
+                       ("zero", (4096, 0))):
         with pytest.raises(nbd.Error) as ei:
-            op()
+            getattr(h, name)(*args)
         assert ei.value.errno in (errno.EPERM, "EPERM")
     h.flush()
     assert h.pread(4096, 0) == bytes(4096)

@@ -143,23 +143,23 @@ class Raw:
             data = self.recv(read_length) if (read_length and not err) else b""
             return cookie, err, data
         error = 0
-        data = bytearray()
+        buf = bytearray()
         for _ in range(100000):
             magic, flags, rtype, cookie, length = struct.unpack(">IHHQI", self.recv(20))
             assert magic == CHUNK_MAGIC, hex(magic)
             body = self.recv(length)
             if rtype == 1:  # OFFSET_DATA
-                data += body[8:]
+                buf += body[8:]
             elif rtype == 2:  # OFFSET_HOLE
-                data += bytes(struct.unpack(">QI", body)[1])
+                buf += bytes(struct.unpack(">QI", body)[1])
             elif rtype & 0x8000:
                 error = struct.unpack(">I", body[:4])[0]
             elif rtype == 5:
-                data += body
+                buf += body
             else:
                 assert rtype == 0, rtype
             if flags & 1:
-                return cookie, error, bytes(data)
+                return cookie, error, bytes(buf)
         raise AssertionError("reply never ended")
 
     def call(self, cmd: int, offset: int = 0, length: int = 0, flags: int = 0,

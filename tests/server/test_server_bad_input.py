@@ -7,6 +7,7 @@ after each one; every test ends by checking that a fresh connection works too.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import time
@@ -55,17 +56,24 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PynbdServer]:
     tmp = tmp_path_factory.mktemp("bad")
     sock = free_unix_path(tmp)
     cfg = tmp / "exports.toml"
+    img = tmp / "file.img"
+    with open(img, "wb") as f:
+        f.write(os.urandom(MiB) * 64)
     cfg.write_text(
         '[server]\ndefault_export = "disk"\n'
         '[[export]]\nname = "disk"\ntarget = "memory:64M"\n'
-        '[[export]]\nname = "ro"\ntarget = "memory:16M"\nread_only = true\n')
+        '[[export]]\nname = "ro"\ntarget = "memory:16M"\nread_only = true\n'
+        f'[[export]]\nname = "file"\ntarget = "{img}"\n')
     srv = PynbdServer(["-v", "--bind", "127.0.0.1", "--port", "0", "--socket", sock,
                        "--config", str(cfg)], cwd=tmp)
     srv.unix_path = sock  # type: ignore[attr-defined]
     try:
         yield srv
+        assert srv.alive()
     finally:
         srv.stop()
+    assert "Traceback" not in srv.stderr and "internal error" not in srv.stderr, \
+        srv.stderr[-5000:]
 
 
 @pytest.fixture(scope="module")
@@ -131,11 +139,11 @@ def test_unknown_option_unsup_data_consumed(addr: tuple[str, int]) -> None:
     r = fresh(addr)
     # data that looks like an option header: if not consumed, the stream desyncs
     evil = struct.pack(">QII", IHAVEOPT, OPT_LIST, 0) * 8
-    for opt in (0x1234, 4, 11, 0x7FFFFFFF, 0xFFFFFFFF):
+    for opt in (0x1234, 4, 5, 11, 0x7FFFFFFF, 0xFFFFFFFF):
         reps = r.option(opt, evil)
         assert [rep for rep, _ in reps] == [REP_ERR_UNSUP], (opt, reps)
     reps = r.option(OPT_LIST)
-    assert [rep for rep, _ in reps] == [REP_SERVER, REP_SERVER, REP_ACK]
+    assert [rep for rep, _ in reps] == [REP_SERVER] * 3 + [REP_ACK]
     r.go("disk")
     assert r.call(CMD_READ, 0, 512)[0] == 0
     r.disc()
@@ -341,11 +349,14 @@ def test_huge_read_length_refused(addr: tuple[str, int]) -> None:
         r.disc()
 
 
-def test_reset_with_many_replies_pending(server: PynbdServer, addr: tuple[str, int]) -> None:
+@pytest.mark.parametrize("export", ["disk", "file"])
+def test_reset_with_many_replies_pending(server: PynbdServer, addr: tuple[str, int],
+                                         export: str) -> None:
     """Pipeline many 1 MiB reads, never read a reply, reset (SO_LINGER 0). nbdkit 1.32
-    aborts on this; pynbd must keep serving."""
+    aborts on this; pynbd must keep serving (memory backend: buffered sends; file
+    backend: sendfile)."""
     for round_ in range(3):
-        r = Raw(addr).connect("disk", structured=bool(round_ % 2))
+        r = Raw(addr).connect(export, structured=bool(round_ % 2))
         reqs = b"".join(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_READ, i, i % 60 * MiB, MiB)
                         for i in range(200))
         r.send(reqs)
@@ -353,7 +364,7 @@ def test_reset_with_many_replies_pending(server: PynbdServer, addr: tuple[str, i
         r.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         r.close()
     # also: reset in the middle of a WRITE payload stream
-    r = Raw(addr).connect("disk", True)
+    r = Raw(addr).connect(export, True)
     r.send(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_WRITE, 1, 0, 8 * MiB) + b"\1" * MiB)
     r.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     r.close()
@@ -376,3 +387,65 @@ def test_many_idle_connections_then_data(addr: tuple[str, int]) -> None:
     for i, c in enumerate(conns):
         assert c.call(CMD_READ, i * 4096, 4096) == (0, bytes([i]) * 4096)
         c.disc()
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_zero_length_requests(addr: tuple[str, int], structured: bool) -> None:
+    """Length 0 is unspecified but must not disconnect; a structured reply to a 0-byte
+    READ must not be an OFFSET_DATA chunk (its length must be >= 9)."""
+    r = Raw(addr).connect("disk", structured, meta=structured)
+    if structured:
+        r.request(CMD_READ, 4096, 0, cookie=3)
+        magic, flags, rtype, cookie, length = struct.unpack(">IHHQI", r.recv(20))
+        assert magic == 0x668E33EF and cookie == 3 and flags & 1
+        assert rtype == 0 or (rtype & 0x8000), rtype  # NONE or an error chunk
+        r.recv(length)
+    else:
+        assert r.call(CMD_READ, 4096, 0) == (0, b"")
+    assert r.call(CMD_WRITE, 4096, 0)[0] == 0
+    assert r.call(CMD_TRIM, 4096, 0)[0] == 0
+    assert r.call(CMD_ZERO, 4096, 0)[0] == 0
+    assert r.call(CMD_CACHE, 4096, 0)[0] == 0
+    assert r.call(CMD_READ, SIZE, 0)[0] in (0, EINVAL)
+    assert r.call(CMD_READ, 0, 4096)[0] == 0
+    r.disc()
+
+
+def test_connection_churn_after_dirty_writes(server: PynbdServer, addr: tuple[str, int]) -> None:
+    """Many short connections (GO + DISC) while the file export has dirty pages: a
+    session that wrote nothing must not pay (and queue up on) an fdatasync, or short
+    connections pile up past the per-address limit and get refused."""
+    w = Raw(addr).connect("file", False)
+    block = os.urandom(MiB)
+    for i in range(32):
+        assert w.call(CMD_WRITE, i * MiB, MiB, payload=block)[0] == 0
+    for _ in range(150):
+        r = Raw(addr).connect("file", False)
+        r.disc()  # NBD_CMD_DISC, then wait for the server to close
+    assert w.call(CMD_READ, 31 * MiB, MiB) == (0, block)
+    w.disc()
+
+
+@pytest.mark.parametrize("export", ["disk", "file"])
+def test_disc_finishes_pending_requests(addr: tuple[str, int], export: str) -> None:
+    """Requests pipelined before NBD_CMD_DISC all get their replies, then the server
+    closes (qemu-nbd can drop them)."""
+    r = Raw(addr).connect(export, structured=export == "file")
+    reqs = [struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_WRITE, 100, 50 * MiB, 65536)
+            + b"\x42" * 65536]
+    for i in range(40):
+        reqs.append(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_READ, i, i * MiB, 256 * 1024))
+    reqs.append(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_FLUSH, 101, 0, 0))
+    reqs.append(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, 2, 102, 0, 0))  # DISC
+    r.send(b"".join(reqs))
+    seen = set()
+    for k in range(42):
+        cookie, err, _data = r.response(256 * 1024 if k not in (0, 41) else 0)
+        assert err == 0
+        seen.add(cookie)
+    assert seen == {100, 101, *range(40)}
+    assert is_dropped(r.sock)
+    r.close()
+    c = Raw(addr).connect(export)
+    assert c.call(CMD_READ, 50 * MiB, 65536) == (0, b"\x42" * 65536)
+    c.disc()

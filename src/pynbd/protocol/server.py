@@ -739,6 +739,10 @@ class ServerConnection:
     def read_reply_header(self, cookie: int, offset: int, length: int,
                           done: bool = True) -> bytes:
         """Header preceding ``length`` bytes of read data (simple or OFFSET_DATA)."""
+        if self.structured_replies and length == 0:
+            # OFFSET_DATA needs at least 1 byte of data (chunk length >= 9): a
+            # zero-length read succeeds with a NONE chunk
+            return wire.encode_chunk_header(cookie, 0, ReplyFlag.DONE if done else 0, 0)
         if self.structured_replies:
             return wire.encode_offset_data_header(cookie, offset, length,
                                                   ReplyFlag.DONE if done else 0)

@@ -51,6 +51,9 @@ BIG_REPLY = 64 * 1024
 MAX_IOV = 512
 
 
+_MODIFYING = frozenset((Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES))
+
+
 class ConnectionClosed(Exception):
     pass
 
@@ -72,6 +75,8 @@ class ClientConnection:
         self._pool: ThreadPoolExecutor | None = None
         self.pool: BufferPool = server.buffers
         self.closed = threading.Event()
+        #: a WRITE/TRIM/WRITE_ZEROES was received: flush at disconnect
+        self._wrote = False
         self.host = ""
         #: monotonic start times of requests being executed (for the request deadline)
         self.busy: dict[int, float] = {}
@@ -250,12 +255,15 @@ class ClientConnection:
                 if n == 0:
                     if not self._stopping:
                         log.info("%s: client closed without NBD_CMD_DISC", self.peer)
+                    self._wait_inflight()  # writes still on worker threads first
                     self._flush_on_close()
                     return
                 proto.receive_data(rmv[:n])
                 continue
             if isinstance(ev, Command):
                 counters.requests += 1
+                if ev.cmd in _MODIFYING:
+                    self._wrote = True
                 if self._pool is not None:
                     if export.gate is not None and not export.gate.enter():
                         self._discard_payload(ev)
@@ -317,7 +325,9 @@ class ClientConnection:
 
     def _flush_on_close(self) -> None:
         export = self.export
-        if export is None or export.read_only:
+        if export is None or export.read_only or not self._wrote:
+            # nothing written on this connection: nothing of ours to make durable (an
+            # fdatasync per read-only session made short connections pile up)
             return
         try:
             export.backend.flush()
