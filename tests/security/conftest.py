@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.security.certs import make_pki
+from tests.support.certs import make_pki
 
 
 @dataclass
@@ -95,9 +95,9 @@ def serve(tmp_path: Path) -> Iterator[object]:
 
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_pki(tmp_path_factory.mktemp("tls"), "good")
+    return make_pki(tmp_path_factory.mktemp("tls") / "good", ca_name="good test CA")
 
 
 @pytest.fixture(scope="session")
 def other_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_pki(tmp_path_factory.mktemp("tls-other"), "other")
+    return make_pki(tmp_path_factory.mktemp("tls-other") / "other", ca_name="other test CA")

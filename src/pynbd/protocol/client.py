@@ -57,14 +57,8 @@ from pynbd.protocol.constants import (
 )
 from pynbd.protocol.errors import LocalProtocolError, PeerProtocolError
 
-
-class _NeedData:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-#: returned by next_event() when more bytes must be received first
-NEED_DATA: Final = _NeedData()
+NEED_DATA: Final = wire.NEED_DATA
+_NeedData = wire._NeedData
 
 #: largest option reply payload accepted (longer ones drop the connection)
 MAX_OPTION_REPLY = 1024 * 1024

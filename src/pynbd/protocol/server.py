@@ -48,14 +48,8 @@ from pynbd.protocol.constants import (
 )
 from pynbd.protocol.errors import LocalProtocolError, PeerProtocolError
 
-
-class _NeedData:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-#: returned by next_event() when more bytes must be received first
-NEED_DATA: Final = _NeedData()
+NEED_DATA: Final = wire.NEED_DATA
+_NeedData = wire._NeedData
 
 #: option payloads larger than this are not buffered
 MAX_OPTION_DATA = 64 * 1024

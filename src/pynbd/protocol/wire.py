@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from pynbd.protocol.constants import (
     IHAVEOPT,
@@ -23,6 +24,15 @@ from pynbd.protocol.constants import (
     ReplyType,
 )
 from pynbd.protocol.errors import PeerProtocolError
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+#: returned by the state machines' next_event() when more bytes must arrive first
+NEED_DATA: Final = _NeedData()
 
 GREETING = struct.Struct(">QQH")  # NBDMAGIC, IHAVEOPT, handshake flags
 CLIENT_FLAGS = struct.Struct(">I")
