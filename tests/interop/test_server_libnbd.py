@@ -517,3 +517,18 @@ def test_sigterm_with_libnbd_writes(serve: ServerFactory, tmp_path: Path) -> Non
         for i, data in ok:
             f.seek(i * MiB)
             assert f.read(len(data)) == data
+
+
+def test_sigterm_with_idle_clients(serve: ServerFactory) -> None:
+    """Idle connections (transmission and mid-handshake) do not keep SIGTERM waiting."""
+    srv = serve("memory:4M")
+    h = handle(srv.uri)
+    h.pwrite(b"i" * 4096, 0)
+    stalled = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    stalled.recv(18)  # greeting read, nothing sent back
+    srv.proc.send_signal(signal.SIGTERM)
+    assert wait_until(lambda: not srv.alive(), 15)
+    assert srv.proc.returncode == 0
+    with pytest.raises(nbd.Error):
+        h.pread(4096, 0)
+    stalled.close()

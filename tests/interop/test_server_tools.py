@@ -197,3 +197,20 @@ def test_fio_verify(serve: ServerFactory, rw: str, bs: str, qd: int) -> None:
     job = j["jobs"][0]
     assert job["error"] == 0
     assert job["write"]["io_bytes"] > 0 and job["read"]["io_bytes"] > 0
+
+
+def test_qemu_nbd_list_and_config_server_table(serve: ServerFactory, tmp_path: Path) -> None:
+    """`qemu-nbd -L` (LIST + INFO + LIST_META_CONTEXT per export) against a server whose
+    address comes from the config file's [server] table."""
+    cfg = tmp_path / "exports.toml"
+    cfg.write_text('[server]\nbind = "127.0.0.1"\nport = 0\ndefault_export = "b"\n'
+                   '[[export]]\nname = "a"\ntarget = "memory:1M"\ndescription = "disk a"\n'
+                   '[[export]]\nname = "b"\ntarget = "memory:2M"\nread_only = true\n')
+    srv = serve("--config", str(cfg), tcp=False)
+    assert srv.uri.startswith("nbd://127.0.0.1:") and srv.uri.endswith("/b")
+    out = run("qemu-nbd", "-L", "-b", "127.0.0.1", "-p", str(srv.port)).stdout
+    assert "exports available: 2" in out
+    assert "export: 'a'" in out and "description: disk a" in out
+    assert "export: 'b'" in out and "readonly" in out
+    assert out.count("base:allocation") == 2
+    assert "max block: 33554432" in out

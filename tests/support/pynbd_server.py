@@ -103,19 +103,6 @@ class PynbdServer:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def terminate(self, timeout: float = 30.0) -> int:
-        """SIGTERM and wait (bounded); SIGKILL if it does not stop. Returns the rc."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._t_out.join(5)
-        self._t_err.join(5)
-        return self.proc.returncode
-
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
