@@ -90,10 +90,13 @@ class Failed(Exception):
 class TokenBucket:
     """Bytes/s limit; the rate can change at any time; 0 = unlimited."""
 
-    def __init__(self, rate: int) -> None:
+    def __init__(self, rate: int, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.rate = rate
         self.tokens = 0.0
-        self.last = time.monotonic()
+        self._clock = clock
+        self._sleep = sleep
+        self.last = clock()
         self.lifted = False
 
     def consume(self, n: int, cancelled: Callable[[], bool]) -> float:
@@ -101,7 +104,7 @@ class TokenBucket:
         slept = 0.0
         while True:
             rate = self.rate
-            now = time.monotonic()
+            now = self._clock()
             if rate <= 0 or self.lifted:
                 self.last = now
                 self.tokens = 0.0
@@ -115,7 +118,7 @@ class TokenBucket:
             if cancelled():
                 return slept
             d = min(0.05, -self.tokens / rate)
-            time.sleep(d)
+            self._sleep(d)
             slept += d
 
 
