@@ -17,14 +17,14 @@ from pynbd.backends.file import FileBackend
 from pynbd.migration import wire
 from pynbd.migration.dirty import DEFAULT_CHUNK
 from pynbd.migration.faults import halt_point
-from pynbd.migration.mirror import DIGEST_SIZE, chunk_digest, image_digest
+from pynbd.migration.mirror import DIGEST_SIZE, chunk_digest, image_digest, zero_digest
 from pynbd.migration.records import read_record, record_path, write_record
 from pynbd.msgr2.aio import ServerSession
 from pynbd.msgr2.errors import Msgr2Error
 
 log = logging.getLogger("pynbd.migration")
 
-MAX_PENDING = 32
+MAX_PENDING = 8
 
 
 class Destination:
@@ -87,7 +87,6 @@ class Destination:
 
     def scan(self) -> None:
         """Digest every chunk of the image as it is now (holes are cheap)."""
-        zero_digests: dict[int, bytes] = {}
         pos = 0
         c = self.chunk
         while pos < self.size:
@@ -98,10 +97,7 @@ class Destination:
                     a = (pos + c - 1) // c
                     b = end // c if end < self.size else self.nchunks
                     for i in range(a, b):
-                        n = min(c, self.size - i * c)
-                        d = zero_digests.get(n)
-                        if d is None:
-                            d = zero_digests[n] = chunk_digest(bytes(n))
+                        d = zero_digest(min(c, self.size - i * c))
                         self.digests[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE] = d
                         self.valid[i] = 1
                 pos = end
@@ -119,7 +115,7 @@ class Destination:
         self.digests[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE] = chunk_digest(buf)
         self.valid[i] = 1
 
-    def _apply_write(self, offset: int, data: bytes) -> None:
+    def _apply_write(self, offset: int, data: bytes | memoryview) -> None:
         mv = memoryview(data)
         self.backend.pwrite(mv, offset)
         c = self.chunk
@@ -142,7 +138,7 @@ class Destination:
             a = i * c
             b = min(a + c, self.size)
             if a >= offset and b <= offset + length:
-                self.digests[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE] = chunk_digest(bytes(b - a))
+                self.digests[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE] = zero_digest(b - a)
                 self.valid[i] = 1
             else:
                 self.valid[i] = 0
@@ -235,12 +231,16 @@ class Destination:
                     if not greeted:
                         raise ValueError("WRITE before HELLO")
                     (off,) = wire.OFFSET.unpack_from(msg.front)
-                    data = bytes(msg.data)
+                    data = msg.data
                     if off + len(data) > self.size:
                         raise ValueError("WRITE beyond the end of the image")
                     self.bytes_received += len(data)
                     self.writes += 1
-                    pending.append(loop.run_in_executor(ex, self._apply_write, off, data))
+                    # written straight from the receive buffer, which goes back to the
+                    # session's pool (on this loop's thread) once the write is done
+                    wfut = loop.run_in_executor(ex, self._apply_write, off, data)
+                    wfut.add_done_callback(lambda _f, m=msg: m.release())
+                    pending.append(wfut)
                 elif t == wire.ZERO:
                     if not greeted:
                         raise ValueError("ZERO before HELLO")

@@ -566,7 +566,7 @@ class Mirror:
             chunk = self.opts.chunk
             for c in range(ci, cj):
                 clen = min(chunk, self.size - c * chunk)
-                self.sent[c * DIGEST_SIZE:(c + 1) * DIGEST_SIZE] = _zero_digest(clen)
+                self.sent[c * DIGEST_SIZE:(c + 1) * DIGEST_SIZE] = zero_digest(clen)
                 self._sent_valid[c] = 1
 
     # --- handover ----------------------------------------------------------------------
@@ -723,7 +723,7 @@ _ZERO_DIGESTS: dict[int, bytes] = {}
 _ZEROS = bytes(DEFAULT_CHUNK * 16)
 
 
-def _zero_digest(n: int) -> bytes:
+def zero_digest(n: int) -> bytes:
     d = _ZERO_DIGESTS.get(n)
     if d is None:
         d = chunk_digest(bytes(n))
