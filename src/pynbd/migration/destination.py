@@ -19,12 +19,18 @@ from pynbd.migration.dirty import DEFAULT_CHUNK
 from pynbd.migration.faults import halt_point
 from pynbd.migration.mirror import DIGEST_SIZE, chunk_digest, image_digest, zero_digest
 from pynbd.migration.records import read_record, record_path, write_record
-from pynbd.msgr2.aio import ServerSession
+from pynbd.msgr2.aio import ReceivedMessage, ServerSession
 from pynbd.msgr2.errors import Msgr2Error
 
 log = logging.getLogger("pynbd.migration")
 
 MAX_PENDING = 8
+
+
+def _releaser(msg: ReceivedMessage) -> Callable[[asyncio.Future[Any]], None]:
+    def done(_f: asyncio.Future[Any]) -> None:
+        msg.release()
+    return done
 
 
 class Destination:
@@ -239,7 +245,7 @@ class Destination:
                     # written straight from the receive buffer, which goes back to the
                     # session's pool (on this loop's thread) once the write is done
                     wfut = loop.run_in_executor(ex, self._apply_write, off, data)
-                    wfut.add_done_callback(lambda _f, m=msg: m.release())
+                    wfut.add_done_callback(_releaser(msg))
                     pending.append(wfut)
                 elif t == wire.ZERO:
                     if not greeted:
