@@ -137,3 +137,40 @@ def test_in_doubt_keeps_clients_paused_until_destination_answers(procs: Procs,
     assert "ESHUTDOWN" in repr(w.error) or stepped_down_error(w.error)
     assert w.check_in(dst) == []
     assert compare_images(src, dst) == []
+
+
+def test_restarted_source_without_control_socket_resolves_in_doubt(procs: Procs,
+                                                                    tmp_path: Path) -> None:
+    """A source killed after sending COMMIT and restarted *without* --control still asks
+    the destination: its clients wait (paused), then are refused (ESHUTDOWN), because the
+    destination committed. No operator action is needed."""
+    from pynbd.client import connect
+
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    make_sparse_image(src, SIZE, seed=25)
+    sparse_file(dst, SIZE)
+    marker = tmp_path / "halted"
+    s1, _uri, ctl = procs.serve(src, env={"PYNBD_MIGRATION_HALT_AT": "source:commit-sent",
+                                          "PYNBD_MIGRATION_HALT_FILE": str(marker)})
+    _d, m2, dctl, _ = listen(procs, dst)
+    mirror = procs.start([PY, "-m", "pynbd", "mirror", "--control", ctl, "--to", m2, "--wait"],
+                         "mirror")
+    s1.wait_for(marker.exists, "halt at source:commit-sent", timeout=60)
+    s1.kill(signal.SIGKILL)
+    s1.proc.wait(10)
+    mirror.kill()
+    sock = tmp_path / "again.sock"
+    s2 = procs.pynbd(["serve", str(src), "--socket", str(sock)], "again")
+    uri = s2.first_line()
+    c = connect(uri, timeout=30.0)
+    err: BaseException | None = None
+    try:
+        c.write(0, b"x" * 4096)  # held while in doubt, then refused: the destination owns it
+    except BaseException as exc:
+        err = exc
+    finally:
+        c.hard_close()
+    assert err is not None and stepped_down_error(err), err
+    assert migration_status(dctl)["authoritative"] is True
+    assert "epoch 1 committed: stepping down" in s2.logs(), s2.logs()
+    assert compare_images(src, dst) == []

@@ -669,8 +669,8 @@ class Mirror:
             log.info("unlinked %s", self.image_path)
         self.state = "completed"
         self.result = "completed"
-        log.info("migration to %s completed (epoch %d, pause %s ms)", self.opts.to,
-                 self.epoch, self.pause_ms)
+        log.info("migration to %s completed (epoch %d%s)", self.opts.to, self.epoch,
+                 "" if self.pause_ms is None else f", pause {self.pause_ms} ms")
 
 
 def step_down_export(export: Export, reason: str,
