@@ -27,6 +27,8 @@ from tests.migration._procs import (
 )
 
 SIZE = 128 * 1024 * 1024
+#: the issue's case: a 1 GiB sparse export (about 64 MiB of it allocated)
+BIG = 1024 * 1024 * 1024
 
 
 def _finish_checks(src: Path, dst: Path, ctl: str, dctl: str) -> None:
@@ -41,12 +43,12 @@ def _finish_checks(src: Path, dst: Path, ctl: str, dctl: str) -> None:
 @pytest.mark.parametrize("writers", [1, 10])
 def test_msgr2_migration_while_writing(procs: Procs, tmp_path: Path, writers: int) -> None:
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
-    make_sparse_image(src, SIZE, seed=writers)
-    sparse_file(dst, SIZE)
+    make_sparse_image(src, BIG, seed=writers, fraction=1 / 16)
+    sparse_file(dst, BIG)
     _s, uri, ctl = procs.serve(src)
     _d, m2, dctl, served = listen(procs, dst)
-    part = SIZE // writers // 512 * 512
-    ws = [Writer(uri, SIZE, seed=100 + i, rate=(4 << 20) // writers,
+    part = BIG // writers // 512 * 512
+    ws = [Writer(uri, BIG, seed=100 + i, rate=(4 << 20) // writers,
                  region=(i * part, (i + 1) * part)) for i in range(writers)]
     for w in ws:
         w.start()
@@ -74,9 +76,9 @@ def test_msgr2_migration_while_writing(procs: Procs, tmp_path: Path, writers: in
 def test_msgr2_migration_with_qemu_io_writer(procs: Procs, tmp_path: Path) -> None:
     qemu_io = shutil.which("qemu-io")
     assert qemu_io is not None
-    size = 64 * 1024 * 1024
+    size = BIG
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
-    make_sparse_image(src, size, seed=7)
+    make_sparse_image(src, size, seed=7, fraction=1 / 16)
     sparse_file(dst, size)
     _s, uri, ctl = procs.serve(src)
     _d, m2, dctl, _served = listen(procs, dst)

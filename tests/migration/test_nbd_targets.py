@@ -19,7 +19,8 @@ from tests.migration._procs import (
     stepped_down_error,
 )
 
-SIZE = 64 * 1024 * 1024
+#: a 1 GiB sparse export, about 64 MiB of it allocated
+SIZE = 1024 * 1024 * 1024
 FIELDS = {"state", "bytes_done", "bytes_left", "dirty_bytes", "speed_bytes_per_second",
           "elapsed_seconds", "eta_seconds", "speed_limit_bytes_per_second", "attempts",
           "epoch", "authoritative"}
@@ -29,7 +30,7 @@ FIELDS = {"state", "bytes_done", "bytes_left", "dirty_bytes", "speed_bytes_per_s
 def test_migrate_to_plain_nbd_while_writing(procs: Procs, tmp_path: Path, target: str) -> None:
     src = tmp_path / "src.img"
     dst = tmp_path / "dst.img"
-    make_sparse_image(src, SIZE, seed=1)
+    make_sparse_image(src, SIZE, seed=1, fraction=1 / 16)
     with open(dst, "wb") as f:
         f.truncate(SIZE)
     _p, uri, ctl = procs.serve(src)
