@@ -106,3 +106,56 @@ def test_proxy_replays_when_upstream_dies(procs: Procs, tmp_path: Path) -> None:
     with connect(puri, timeout=30) as c:
         c.write(0, big)
         assert c.read(0, len(big)) == big
+
+
+def test_flush_reaches_every_upstream_connection_without_multi_conn(procs: Procs,
+                                                                     tmp_path: Path) -> None:
+    """Behind an upstream that does not advertise multi-conn, a client's FLUSH through the
+    proxy is sent on every upstream connection that carried writes before it (nbdkit's log
+    filter shows which connection got what)."""
+    import re
+    import shutil
+    import threading
+
+    from pynbd.client import connect
+
+    img, log = tmp_path / "img", tmp_path / "nbdkit.log"
+    sparse_file(img, SIZE)
+    sock = tmp_path / "up.sock"
+    procs.start([shutil.which("nbdkit") or "nbdkit", "-f", "-U", str(sock),
+                 "--filter=log", "--filter=multi-conn", "file", f"file={img}",
+                 "multi-conn-mode=disable", f"logfile={log}"], "nbdkit")
+    procs.all[-1].wait_for(sock.exists, "socket")
+    puri, pctl = _proxy(procs, tmp_path, f"nbd+unix:///?socket={sock}")
+    start = threading.Barrier(6)
+
+    def writer(i: int) -> None:
+        with connect(puri, timeout=30) as c:
+            start.wait(10)
+            for j in range(40):
+                c.write((i * 40 + j) * 65536, bytes([i + 1]) * 65536)
+
+    ts = [threading.Thread(target=writer, args=(i,), daemon=True) for i in range(6)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+        assert not t.is_alive()
+    with connect(puri, timeout=30) as c:
+        assert c.can_multi_conn()  # the proxy's own flush covers all its connections
+        c.flush()
+    st = ctl(pctl, {"cmd": "status"})["status"]["proxy"]
+    assert st["upstream_multi_conn"] is False
+    last_write: dict[str, int] = {}
+    last_flush: dict[str, int] = {}
+    for n, line in enumerate(log.read_text().splitlines()):
+        m = re.search(r"connection=(\d+) (Write|Flush) id=", line)
+        if m:
+            (last_write if m.group(2) == "Write" else last_flush)[m.group(1)] = n
+    assert len(last_write) > 1, "the writes should have used several upstream connections"
+    for conn, n in last_write.items():
+        assert last_flush.get(conn, -1) > n, f"upstream connection {conn} never flushed"
+    assert st["flushes_fanned_out"] >= 1
+    data = img.read_bytes()
+    for i in range(6):
+        assert data[i * 40 * 65536:(i + 1) * 40 * 65536] == bytes([i + 1]) * 40 * 65536
