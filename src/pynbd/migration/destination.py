@@ -7,6 +7,7 @@ import asyncio
 import collections
 import logging
 import os
+import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -223,6 +224,9 @@ class Destination:
         ex = self.executor
         pending: collections.deque[asyncio.Future[Any]] = collections.deque()
         greeted = False
+        # only a source whose copy HELLO was accepted writes, and never into an image
+        # that took over (a query HELLO is accepted whatever the size or state)
+        copying = False
         self.sessions += 1
 
         async def io(fn: Callable[..., Any], *args: Any) -> Any:
@@ -233,9 +237,13 @@ class Destination:
             while True:
                 msg = await ss.recv()
                 t = msg.type
+                if t in (wire.WRITE, wire.ZERO) and (not copying or self.authoritative):
+                    name = "WRITE" if t == wire.WRITE else "ZERO"
+                    if self.authoritative:
+                        raise ValueError(f"{name} to an authoritative image")
+                    raise ValueError(f"{name} before HELLO" if not greeted else
+                                     f"{name} in a session that did not HELLO for a copy")
                 if t == wire.WRITE:
-                    if not greeted:
-                        raise ValueError("WRITE before HELLO")
                     (off,) = wire.OFFSET.unpack_from(msg.front)
                     data = msg.data
                     if off + len(data) > self.size:
@@ -248,8 +256,6 @@ class Destination:
                     wfut.add_done_callback(_releaser(msg))
                     pending.append(wfut)
                 elif t == wire.ZERO:
-                    if not greeted:
-                        raise ValueError("ZERO before HELLO")
                     off, n = wire.RANGE.unpack_from(msg.front)
                     if off + n > self.size:
                         raise ValueError("ZERO beyond the end of the image")
@@ -275,6 +281,7 @@ class Destination:
                         reply = await io(self._hello, int(req.get("size", -1)),
                                          str(req.get("purpose", "copy")))
                         greeted = bool(reply.get("ok"))
+                        copying = greeted and str(req.get("purpose", "copy")) != "query"
                         await ss.send(wire.HELLO_REPLY, wire.enc(dict(reply, token=token)))
                     elif t == wire.DIGESTS:
                         self.digest_requests += 1
@@ -308,7 +315,7 @@ class Destination:
                     await pending.popleft()
         except (Msgr2Error, OSError, ConnectionError) as exc:
             log.info("source session ended: %s", exc)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, struct.error) as exc:
             log.warning("protocol error from the source: %s; closing the session", exc)
         finally:
             for f in pending:

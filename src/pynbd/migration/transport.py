@@ -10,6 +10,7 @@ this migration for good: wrong size, read-only, ...).
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from collections.abc import Callable
 
@@ -17,6 +18,26 @@ from pynbd.client import Client, NBDRequestError, ProtocolError, Request
 from pynbd.client import connect as nbd_connect
 
 log = logging.getLogger("pynbd.migration")
+
+#: seconds to wait for the NBD handshake and for each reply (the msgr2 transport waits
+#: as long for a reply); ``PYNBD_MIGRATION_NBD_TIMEOUT`` overrides both
+CONNECT_TIMEOUT = 15.0
+REPLY_TIMEOUT = 60.0
+TIMEOUT_ENV = "PYNBD_MIGRATION_NBD_TIMEOUT"
+
+
+def _env_timeout() -> float | None:
+    text = os.environ.get(TIMEOUT_ENV)
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if value > 0:
+        return value
+    log.warning("ignoring %s=%r: not a positive number of seconds", TIMEOUT_ENV, text)
+    return None
 
 
 class TransportError(Exception):
@@ -91,10 +112,15 @@ class NBDTransport(Transport):
 
     description = "nbd"
 
-    def __init__(self, uri: str, window: int = 16, timeout: float = 15.0) -> None:
+    def __init__(self, uri: str, window: int = 16, timeout: float | None = None,
+                 reply_timeout: float | None = None) -> None:
         self.uri = uri
         self.window = window
-        self.timeout = timeout
+        env = _env_timeout()
+        self.timeout = timeout or env or CONNECT_TIMEOUT
+        #: a destination that stops answering (or reading) fails the attempt after this
+        #: long instead of blocking the mirror forever
+        self.reply_timeout = reply_timeout or env or REPLY_TIMEOUT
         self.client: Client | None = None
         self._inflight: deque[tuple[Request | None, int, int]] = deque()
         self._max = 32 * 1024 * 1024
@@ -103,10 +129,14 @@ class NBDTransport(Transport):
     def connect(self, size: int) -> None:
         try:
             c = nbd_connect(self.uri, timeout=self.timeout)
+        except TimeoutError as exc:
+            raise ConnectFailed(f"cannot connect to {self.uri}: the connection and NBD "
+                                f"handshake did not complete within {self.timeout:g} s "
+                                "(timed out)") from exc
         except (OSError, ProtocolError) as exc:
             raise ConnectFailed(f"cannot connect to {self.uri}: {exc}") from exc
         try:
-            c.socket.settimeout(None)
+            c.socket.settimeout(self.reply_timeout)
         except OSError:
             pass
         if c.size != size:
@@ -125,6 +155,9 @@ class NBDTransport(Transport):
         while len(self._inflight) > limit:
             try:
                 req = c.wait_any()
+            except TimeoutError as exc:
+                raise TransportError(f"destination did not answer within "
+                                     f"{self.reply_timeout:g} s (timed out)") from exc
             except (OSError, ProtocolError) as exc:
                 raise TransportError(f"destination connection failed: {exc}") from exc
             if req.error is not None:
@@ -186,6 +219,9 @@ class NBDTransport(Transport):
                 c.flush()
             except NBDRequestError as exc:
                 raise TransportError(f"destination flush failed: {exc}") from exc
+            except TimeoutError as exc:
+                raise TransportError(f"destination did not answer FLUSH within "
+                                     f"{self.reply_timeout:g} s (timed out)") from exc
             except (OSError, ProtocolError) as exc:
                 raise TransportError(f"destination connection failed: {exc}") from exc
 
