@@ -284,11 +284,12 @@ def fake(tmp_path: Path) -> Iterator[FakeNBD]:
         f.close()
 
 
-def _source(procs: Procs, tmp_path: Path) -> tuple[Path, bytes, str, str]:
+def _source(procs: Procs, tmp_path: Path,
+            env: dict[str, str] | None = SERVE_ENV) -> tuple[Path, bytes, str, str]:
     """pynbd serve of a fresh image: (path, its content, uri, control)."""
     src = tmp_path / "src.img"
     _make_image(src)
-    _p, uri, ctl = procs.serve(src, env=SERVE_ENV)
+    _p, uri, ctl = procs.serve(src, env=env)
     return src, src.read_bytes(), uri, ctl
 
 
@@ -372,7 +373,9 @@ def test_transfer_fault(procs: Procs, tmp_path: Path, fake: FakeNBD, fault: str)
 
 
 def test_break_while_destination_hangs(procs: Procs, tmp_path: Path, fake: FakeNBD) -> None:
-    src, content, uri, ctl = _source(procs, tmp_path)
+    """With the default 60 s reply timeout: break aborts the connection instead of waiting
+    for a reply that never comes (the break command itself waits at most 30 s)."""
+    src, content, uri, ctl = _source(procs, tmp_path, env=None)
     fake.set_fault("hang-on-write")
     mirror = procs.start([PY, "-m", "pynbd", "mirror", "--control", ctl, "--to", fake.uri,
                           "--wait", "--max-attempts", "50"], "mirror")
@@ -391,8 +394,9 @@ def test_break_while_destination_hangs(procs: Procs, tmp_path: Path, fake: FakeN
 def test_sigterm_source_while_mirroring(procs: Procs, tmp_path: Path, fake: FakeNBD,
                                         phase: str) -> None:
     """SIGTERM while the destination does not answer: during the copy, and during the
-    handover's final flush (clients paused, a writer's request held by the pause)."""
-    src, content, uri, ctl = _source(procs, tmp_path)
+    handover's final flush (clients paused, a writer's request held by the pause).
+    The default 60 s reply timeout applies: stopping abandons the mirror at once."""
+    src, content, uri, ctl = _source(procs, tmp_path, env=None)
     s1 = procs.all[-1]
     w = Writer(uri, SIZE, seed=6, rate=2 * 1024 * 1024, region=(0, 6 << 20))
     if phase == "final-pause":

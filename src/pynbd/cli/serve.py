@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
 
         control = ControlServer(args.control)
         server.attach_control(control)
-    attach_migration(server, control)  # gates, crash recovery, mirror verbs
+    migration = attach_migration(server, control)  # gates, crash recovery, mirror verbs
     if control is not None:
         control.start()
     server.start()
@@ -208,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
                  export.info.size, ", read-only" if export.read_only else "")
     while not stop.wait(0.5):
         pass
+    migration.shutdown()
     server.shutdown()
     log.info("stopped")
     return 0

@@ -202,6 +202,20 @@ class MigrationSource:
         m.set_speed(bps)
         return {"speed_limit_bytes_per_second": bps}
 
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """The server is stopping: abandon running mirrors (their clients are resumed, not
+        left paused behind a destination that may hang), except one whose commit is being
+        decided -- its clients stay paused and a restart resolves it from the record."""
+        running = [m for m in self.mirrors.values() if not m.done.is_set()]
+        for m in running:
+            try:
+                m.request_break()
+            except RuntimeError as exc:
+                log.warning("stopping with the handover in doubt: %s", exc)
+        deadline = time.monotonic() + timeout
+        for m in running:
+            m.done.wait(max(0.0, deadline - time.monotonic()))
+
     def do_break(self, req: dict[str, Any]) -> dict[str, Any]:
         m = self._mirror(req)
         if m.done.is_set():

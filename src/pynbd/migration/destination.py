@@ -26,6 +26,7 @@ from pynbd.msgr2.errors import Msgr2Error
 log = logging.getLogger("pynbd.migration")
 
 MAX_PENDING = 8
+_COPY_MESSAGES = frozenset((wire.WRITE, wire.ZERO, wire.FLUSH, wire.DIGESTS, wire.COMMIT))
 
 
 def _releaser(msg: ReceivedMessage) -> Callable[[asyncio.Future[Any]], None]:
@@ -237,6 +238,9 @@ class Destination:
             while True:
                 msg = await ss.recv()
                 t = msg.type
+                if copying and self.active is not ss and t in _COPY_MESSAGES:
+                    # messages a replaced session had already queued are not applied
+                    raise ValueError("a newer source session took over")
                 if t in (wire.WRITE, wire.ZERO) and (not copying or self.authoritative):
                     name = "WRITE" if t == wire.WRITE else "ZERO"
                     if self.authoritative:
@@ -271,17 +275,21 @@ class Destination:
                     req = wire.dec(msg.front)
                     token = req.get("token")
                     if t == wire.HELLO:
-                        if self.active is not None and self.active is not ss:
-                            old = self.active
-                            log.info("a new source session takes over from the previous one")
-                            task = asyncio.ensure_future(old.close(timeout=0.5))
-                            self._bg.add(task)
-                            task.add_done_callback(self._bg.discard)
-                        self.active = ss
-                        reply = await io(self._hello, int(req.get("size", -1)),
-                                         str(req.get("purpose", "copy")))
+                        purpose = str(req.get("purpose", "copy"))
+                        reply = await io(self._hello, int(req.get("size", -1)), purpose)
                         greeted = bool(reply.get("ok"))
-                        copying = greeted and str(req.get("purpose", "copy")) != "query"
+                        copying = greeted and purpose != "query"
+                        if copying and self.active is not ss:
+                            # one source at a time: an accepted copy session replaces
+                            # the previous one (a refused HELLO or a query does not)
+                            old = self.active
+                            if old is not None:
+                                log.info("a new source session takes over from the "
+                                         "previous one")
+                                task = asyncio.ensure_future(old.close(timeout=0.5))
+                                self._bg.add(task)
+                                task.add_done_callback(self._bg.discard)
+                            self.active = ss
                         await ss.send(wire.HELLO_REPLY, wire.enc(dict(reply, token=token)))
                     elif t == wire.DIGESTS:
                         self.digest_requests += 1

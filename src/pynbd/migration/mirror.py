@@ -224,6 +224,9 @@ class Mirror:
             raise RuntimeError(f"cannot break a migration that is {self.state}: the outcome "
                                "is being decided by the destination")
         self._break.set()
+        t = self.transport
+        if t is not None:
+            t.abort()  # do not wait for a destination that stopped answering
 
     def _check_break(self) -> None:
         if self._break.is_set():

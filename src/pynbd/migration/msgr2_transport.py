@@ -303,6 +303,12 @@ class Msgr2Transport(Transport):
             self._request(wire.OUTCOME, {"epoch": epoch}), REPLY_TIMEOUT))
         return bool(reply.get("committed"))
 
+    def abort(self) -> None:
+        loop = self.loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop already stopped
+                loop.call_soon_threadsafe(self._fail, TransportError("aborted"))
+
     def close(self) -> None:
         loop = self.loop
         if loop is None:

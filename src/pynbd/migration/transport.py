@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections import deque
 from collections.abc import Callable
 
@@ -102,6 +103,9 @@ class Transport:
     def query_outcome(self, epoch: int) -> bool:
         """In doubt: did the destination commit ``epoch``? (It then refuses it for good.)"""
         raise TransportError("this destination cannot answer")
+
+    def abort(self) -> None:
+        """From another thread: make calls blocked on the destination fail now."""
 
     def close(self) -> None:
         pass
@@ -229,6 +233,14 @@ class NBDTransport(Transport):
         out = [(o, n) for _r, o, n in self._inflight]
         self._inflight.clear()
         return out
+
+    def abort(self) -> None:
+        c = self.client
+        if c is not None:
+            try:
+                c.socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def close(self) -> None:
         c = self.client
