@@ -32,6 +32,7 @@ CASES = [
     ("dest:commit-received", "dest"),
     ("dest:durable", "dest"),
     ("source:acked", "source"),
+    ("dest:replied", "dest"),
 ]
 
 

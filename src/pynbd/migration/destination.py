@@ -312,6 +312,7 @@ class Destination:
                             {"token": token, "epoch": req["epoch"], "committed": ok,
                              "error": err}))
                         if ok:
+                            halt_point("dest:replied")
                             self._committed()
                     elif t == wire.OUTCOME:
                         ok = await io(self._outcome, int(req["epoch"]))

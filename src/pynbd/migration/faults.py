@@ -5,7 +5,8 @@ reaches that step create ``PYNBD_MIGRATION_HALT_FILE`` (if set) and then block f
 Steps: ``source:before-commit`` (paused, remainder sent and flushed, nothing recorded),
 ``source:commit-sent`` (``committing`` recorded, COMMIT sent), ``source:acked`` (ACK
 received, ``stepped-down`` not yet recorded), ``dest:commit-received`` (COMMIT received,
-nothing recorded), ``dest:durable`` (``authoritative`` recorded, ACK not sent).
+nothing recorded), ``dest:durable`` (``authoritative`` recorded, ACK not sent),
+``dest:replied`` (ACK handed to the connection).
 """
 
 from __future__ import annotations
