@@ -462,3 +462,14 @@ def test_cannot_connect_and_rejected_over_tcp(procs: Procs, tmp_path: Path) -> N
         lst.close()
     assert src.read_bytes() == content
     _assert_source_serving(uri, ctl, probe=5)
+
+
+def test_mirror_timeout_option(procs: Procs, tmp_path: Path, fake: FakeNBD) -> None:
+    """`pynbd mirror --timeout` bounds the wait for a silent destination (no environment
+    override here: the default would be 60 s)."""
+    src, content, uri, ctl = _source(procs, tmp_path, env=None)
+    fake.set_fault("hang-on-write")
+    rc, err = _mirror(ctl, fake.uri, "--timeout", "1", "--max-attempts", "1")
+    assert rc == 13 and "timed out" in err, err
+    assert src.read_bytes() == content
+    _assert_source_serving(uri, ctl, probe=5)

@@ -50,7 +50,8 @@ def _summary(m: dict[str, Any]) -> str:
 def run_mirror(args: argparse.Namespace) -> int:
     req: dict[str, Any] = {"cmd": "mirror", "to": args.to, "max_speed": args.max_speed,
                            "unlink": args.unlink, "downtime_ms": args.downtime_ms,
-                           "max_attempts": args.max_attempts, "secure": args.secure}
+                           "max_attempts": args.max_attempts, "secure": args.secure,
+                           "timeout": args.timeout}
     if args.export is not None:
         req["export"] = args.export
     if args.psk_file:
@@ -140,6 +141,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="pause clients for the final copy when it fits N ms (default 300)")
     p.add_argument("--max-attempts", type=int, default=5, metavar="N",
                    help="connection attempts before giving up (default 5)")
+    p.add_argument("--timeout", type=float, default=0.0, metavar="SECONDS",
+                   help="fail an attempt when the destination leaves a request unanswered "
+                        "this long (default 60; the NBD handshake waits at most 15)")
     p.add_argument("--psk-file", metavar="FILE", help="msgr2 pre-shared key (>= 16 bytes)")
     p.add_argument("--secure", action="store_true", help="msgr2 secure (encrypted) mode")
     p.add_argument("--json", action="store_true", help="with --wait: print the final status")

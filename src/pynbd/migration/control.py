@@ -36,7 +36,8 @@ def make_factory(opts: MirrorOptions):  # type: ignore[no-untyped-def]
                 psk = f.read().strip()
 
         def m2() -> Transport:
-            return Msgr2Transport(host, port, psk=psk, secure=opts.secure)
+            return Msgr2Transport(host, port, psk=psk, secure=opts.secure,
+                                  reply_timeout=opts.timeout or None)
 
         return m2
     if to.startswith(("nbd://", "nbd+unix://", "nbds://", "nbds+unix://")):
@@ -45,7 +46,7 @@ def make_factory(opts: MirrorOptions):  # type: ignore[no-untyped-def]
         parse_uri(to)  # validate now
 
         def nbd() -> Transport:
-            return NBDTransport(to)
+            return NBDTransport(to, reply_timeout=opts.timeout or None)
 
         return nbd
     raise ValueError(f"--to must be msgr2://HOST:PORT or an NBD URI, not {to!r}")
@@ -168,7 +169,8 @@ class MigrationSource:
                 to=to, max_speed=int(req.get("max_speed") or 0), unlink=bool(req.get("unlink")),
                 downtime_ms=int(req.get("downtime_ms") or 300),
                 max_attempts=max(1, int(req.get("max_attempts") or 5)),
-                psk_file=req.get("psk_file"), secure=bool(req.get("secure")))
+                psk_file=req.get("psk_file"), secure=bool(req.get("secure")),
+                timeout=max(0.0, float(req.get("timeout") or 0.0)))
             try:
                 factory = make_factory(opts)
             except (ValueError, OSError) as exc:

@@ -77,6 +77,9 @@ class MirrorOptions:
     pause_timeout: float = 5.0
     #: after stepping down, disconnect the export's clients after this many seconds
     disconnect_delay: float = 0.5
+    #: seconds to wait for any one answer of the destination (0: the transport's default,
+    #: 60 s; for NBD also ``PYNBD_MIGRATION_NBD_TIMEOUT``)
+    timeout: float = 0.0
 
 
 class Broken(Exception):

@@ -45,7 +45,10 @@ class Msgr2Transport(Transport):
     description = "msgr2"
 
     def __init__(self, host: str, port: int, psk: bytes | None = None, secure: bool = False,
-                 options: SessionOptions | None = None) -> None:
+                 options: SessionOptions | None = None,
+                 reply_timeout: float | None = None) -> None:
+        #: seconds to wait for FLUSHED, DIGEST_LIST, COMMIT_REPLY, OUTCOME_REPLY...
+        self.reply_timeout = reply_timeout or REPLY_TIMEOUT
         self.host = host
         self.port = port
         self.psk = psk
@@ -210,7 +213,7 @@ class Msgr2Transport(Transport):
         await self._send(msg_type, raw_front)
         return await fut
 
-    def _wrap(self, what: str, fn: Callable[[], Any], timeout: float = REPLY_TIMEOUT) -> Any:
+    def _wrap(self, what: str, fn: Callable[[], Any]) -> Any:
         if self.failed is not None:
             raise TransportError(f"msgr2 session failed: {self.failed}")
         try:
@@ -252,7 +255,7 @@ class Msgr2Transport(Transport):
     def flush(self) -> None:
         token = next(self.tokens)
         reply, _ = self._wrap("flush", lambda: self._call(
-            self._request(wire.FLUSH, None, wire.OFFSET.pack(token), token), REPLY_TIMEOUT))
+            self._request(wire.FLUSH, None, wire.OFFSET.pack(token), token), self.reply_timeout))
         if reply.get("errno"):
             raise TransportError(f"destination flush failed (errno {reply['errno']})")
 
@@ -263,7 +266,7 @@ class Msgr2Transport(Transport):
         while True:
             req = {"chunk": chunk, "first": first, "count": wire.DIGESTS_PER_REPLY}
             reply, data = self._wrap("digests", lambda r=req: self._call(  # type: ignore[misc]
-                self._request(wire.DIGESTS, r), REPLY_TIMEOUT))
+                self._request(wire.DIGESTS, r), self.reply_timeout))
             if int(reply.get("chunk", 0)) != chunk:
                 return None
             out += data
@@ -300,7 +303,7 @@ class Msgr2Transport(Transport):
 
     def query_outcome(self, epoch: int) -> bool:
         reply, _ = self._wrap("outcome", lambda: self._call(
-            self._request(wire.OUTCOME, {"epoch": epoch}), REPLY_TIMEOUT))
+            self._request(wire.OUTCOME, {"epoch": epoch}), self.reply_timeout))
         return bool(reply.get("committed"))
 
     def abort(self) -> None:
