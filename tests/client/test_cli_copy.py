@@ -18,9 +18,11 @@ from tests.client.conftest import IMAGE_SIZE, TIMEOUT, Servers, expected_image
 pytestmark = pytest.mark.interop
 
 
-def pynbd_copy(*args: str, stdin: bytes | None = None,
-               split: bool = True) -> subprocess.CompletedProcess[bytes]:
+def pynbd_copy(*args: str, stdin: bytes | None = None, split: bool = True,
+               zero_copy: bool | None = None) -> subprocess.CompletedProcess[bytes]:
     env = {**os.environ, "PYNBD_COPY_SPLIT": "1" if split else "0"}
+    if zero_copy is not None:
+        env["PYNBD_COPY_ZERO_COPY"] = "1" if zero_copy else "0"
     return subprocess.run([sys.executable, "-m", "pynbd.cli.copy", *args], input=stdin,
                           capture_output=True, timeout=300, check=False, env=env)
 
@@ -99,6 +101,78 @@ def test_nbd_to_nbd_connections(servers: Servers, conns: int, requests: int,
     with connect(dst.uri(), timeout=TIMEOUT) as c:
         assert c.read(0, IMAGE_SIZE) == expected_image()
         assert c.read(IMAGE_SIZE, 4096) == b"\xee" * 4096  # beyond the source: untouched
+
+
+@pytest.mark.parametrize("zero_copy", [True, False], ids=["zero-copy", "buffered"])
+@pytest.mark.parametrize("conns", [1, 4])
+@pytest.mark.parametrize("kind", ["qemu-nbd", "nbdkit", "pynbd", "nbd-server"])
+def test_nbd_to_nbd_without_checksum(servers: Servers, kind: str, conns: int,
+                                     zero_copy: bool) -> None:
+    """Without --checksum the data does not pass through Python (splice between the
+    sockets) unless PYNBD_COPY_ZERO_COPY=0; qemu-nbd and pynbd send holes inside read
+    replies, nbd-server has no structured replies."""
+    src = servers.start(kind, "unix" if conns == 1 else "tcp")
+    dst = servers.start("nbdkit-memory", "unix" if conns == 1 else "tcp")
+    with connect(dst.uri(), timeout=TIMEOUT) as c:
+        c.write(0, b"\xee" * (IMAGE_SIZE + 4096))  # garbage that must be overwritten
+    r = pynbd_copy(src.uri(), dst.uri(), f"--connections={conns}", "--request-size=256K",
+                   "--requests=4", zero_copy=zero_copy)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b""
+    with connect(dst.uri(), timeout=TIMEOUT) as c:
+        assert c.read(0, IMAGE_SIZE) == expected_image()
+        assert c.read(IMAGE_SIZE, 4096) == b"\xee" * 4096
+
+
+@pytest.mark.parametrize("zero_copy", [True, False], ids=["sendfile", "buffered"])
+def test_file_to_nbd_without_checksum(servers: Servers, tmp_path: Path,
+                                      zero_copy: bool) -> None:
+    srv = servers.start("nbdkit-memory", "unix")
+    with connect(srv.uri(), timeout=TIMEOUT) as c:
+        c.write(0, b"\xee" * (16 << 20))
+    src = tmp_path / "src.img"
+    blob = os.urandom(3 << 20) + bytes(5 << 20) + os.urandom(12345)
+    with open(src, "wb") as f:  # sparse: the zero range is a hole
+        f.write(blob[:3 << 20])
+        f.seek(8 << 20)
+        f.write(blob[8 << 20:])
+    r = pynbd_copy(str(src), srv.uri(), "--connections=2", zero_copy=zero_copy)
+    assert r.returncode == 0, r.stderr
+    with connect(srv.uri(), timeout=TIMEOUT) as c:
+        assert c.read(0, len(blob)) == blob
+        assert c.read(len(blob), 4096) == b"\xee" * 4096
+
+
+def test_zero_copy_is_chosen_when_possible(servers: Servers, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process: which workers forward without buffers (no checksum, no TLS, an NBD
+    destination) and which buffer the data."""
+    used: list[bool] = []
+    real = copy_cli._Worker.run
+
+    def run(self: copy_cli._Worker) -> None:
+        used.append(self.forward)
+        real(self)
+    monkeypatch.setattr(copy_cli._Worker, "run", run)
+    src = servers.start("qemu-nbd", "unix")
+    dst = servers.start("nbdkit-memory", "unix")
+    img = tmp_path / "img"
+    img.write_bytes(bytes(expected_image()))
+    cases: list[tuple[str, str, copy_cli.Options, bool]] = [
+        (src.uri(), dst.uri(), copy_cli.Options(connections=2, threads=2), True),
+        (str(img), dst.uri(), copy_cli.Options(connections=1), True),
+        (src.uri(), dst.uri(), copy_cli.Options(connections=1, checksum="sha256"), False),
+        (src.uri(), dst.uri(), copy_cli.Options(connections=1, zero_copy=False), False),
+        (src.uri(), str(tmp_path / "out"), copy_cli.Options(connections=1), False),
+    ]
+    for s_uri, d_uri, opts, forward in cases:
+        used.clear()
+        total, _ = copy_cli.copy(s_uri, d_uri, opts, timeout=TIMEOUT)
+        assert total == IMAGE_SIZE
+        assert used and all(u == forward for u in used), (s_uri, d_uri, opts)
+    assert (tmp_path / "out").read_bytes() == expected_image()
+    with connect(dst.uri(), timeout=TIMEOUT) as c:
+        assert c.read(0, IMAGE_SIZE) == expected_image()
 
 
 def test_allocated_and_destination_is_zero(servers: Servers) -> None:

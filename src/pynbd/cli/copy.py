@@ -7,7 +7,9 @@ destination they become NBD_CMD_WRITE_ZEROES (which lets the server punch holes 
 ``--allocated``), or are skipped for a freshly truncated file or with
 ``--destination-is-zero``. ``--connections N`` worker threads each drive their own
 source and destination connection with up to ``--requests N`` requests in flight
-(more than one connection only where the server advertises CAN_MULTI_CONN).
+(more than one connection only where the server advertises CAN_MULTI_CONN). Without
+a checksum or TLS, NBD -> NBD and file -> NBD copies are zero-copy: the kernel moves each
+payload from the source socket (or file) to the destination socket (splice/sendfile).
 ``--checksum ALG`` prints the digest of the copied data; ``--verify`` re-reads the
 destination and compares. A progress bar is drawn on stderr when it is a terminal (or
 with ``--progress``).
@@ -17,26 +19,31 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
+import contextlib
 import os
-import queue
+import socket
 import stat
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pynbd.client import Client, CmdFlag, connect, parse_uri
 from pynbd.client.blocking import Request
 from pynbd.client.uri import is_uri
 from pynbd.protocol.constants import BASE_ALLOCATION, MAX_PAYLOAD
 
+if TYPE_CHECKING:  # imported where needed: they cost start-up time
+    import queue
+
 DEFAULT_REQUEST_SIZE = 1 << 20
 DEFAULT_REQUESTS = 16
 ZERO_CHUNK = 64 << 20  # largest single WRITE_ZEROES
 STALL_LIMIT = 600.0  # seconds without progress before giving up
+#: SO_SNDBUF asked for on Unix-socket destinations when forwarding (see _grow_send_buffer)
+SEND_BUFFER = 2 << 20
 _ZEROES = bytes(4 << 20)
 
 
@@ -197,6 +204,7 @@ class OrderedHasher:
     its own pieces in increasing order, so the earliest piece is never waiting)."""
 
     def __init__(self, algorithm: str) -> None:
+        import hashlib
         self.h = hashlib.new(algorithm)
         self.next = 0
         self.cond = threading.Condition()
@@ -246,6 +254,10 @@ class Options:
     allocated: bool = False
     destination_is_zero: bool = False
     checksum: str | None = None
+    #: NBD -> NBD and file -> NBD without buffers (splice/sendfile, see
+    #: _Worker._run_forward); None = whenever possible (no checksum, no TLS)
+    zero_copy: bool | None = {"1": True, "0": False}.get(
+        os.environ.get("PYNBD_COPY_ZERO_COPY", ""))
     #: a reader and a writer thread per connection pair (else one thread does both);
     #: None = only when there is a single pair (several pairs already overlap each other)
     split_threads: bool | None = {"1": True, "0": False}.get(
@@ -298,12 +310,23 @@ class _Worker:
         self.progress = progress
         self.error: BaseException | None = None
         self.split = bool(opts.split_threads)
-        self.free: list[memoryview] = [memoryview(bytearray(opts.request_size))
-                                       for _ in range(2 * opts.requests)]
+        self.forward = False
+        # buffers are allocated on first use (zero-filling 2 x requests MiB up front
+        # cost more CPU than small copies take), at most 2 * requests of them
+        self.free: list[memoryview] = []
+        self.buffers_left = 2 * opts.requests
+
+    def _new_buffer(self) -> memoryview | None:
+        if not self.buffers_left:
+            return None
+        self.buffers_left -= 1
+        return memoryview(bytearray(self.opts.request_size))
 
     def run(self) -> None:
         try:
-            if self.split:
+            if self.forward:
+                self._run_forward()
+            elif self.split:
                 self._run_split()
             else:
                 self._run()
@@ -316,10 +339,22 @@ class _Worker:
         """A reader thread (this one) and a writer thread per connection pair, so that
         receiving from the source and sending to the destination overlap (both release
         the GIL in their system calls). Items reach the writer in offset order."""
+        import queue
         depth = self.opts.requests
         free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
         for b in self.free:
             free.put(b)
+
+        def take(block: bool) -> memoryview:
+            try:
+                return free.get_nowait()
+            except queue.Empty:
+                b = self._new_buffer()
+                if b is not None:
+                    return b
+                if not block:
+                    raise
+            return free.get(timeout=0.5)
         handoff: queue.Queue[tuple[int, int, bool, memoryview | None] | None] = \
             queue.Queue(maxsize=2 * depth)
         failed = threading.Event()
@@ -378,7 +413,7 @@ class _Worker:
             while True:
                 while not exhausted and len(reads) < depth:
                     try:
-                        buf = free.get_nowait() if reads else free.get(timeout=0.5)
+                        buf = take(not reads)
                     except queue.Empty:
                         if failed.is_set():
                             raise CopyError("copy aborted") from None
@@ -413,6 +448,49 @@ class _Worker:
             wt.join(STALL_LIMIT)
         if writer_error:
             raise writer_error[0]
+
+    def _run_forward(self) -> None:
+        """NBD -> NBD (or file -> NBD) without buffers: each data chunk of a source read
+        reply becomes a WRITE whose payload the kernel moves from the source socket to
+        the destination socket (splice through a pipe; sendfile from a file source).
+        Python sees only the request and reply headers. Up to ``requests`` reads and
+        ``requests`` writes in flight; replies may complete in any order."""
+        depth = self.opts.requests
+        sh, dh = self.sh, self.dh
+        _grow_send_buffer(dh)
+        writes: collections.deque[tuple[Any, int]] = collections.deque()
+        reads: collections.deque[Request] = collections.deque()
+        file_fd = self.src.fd if isinstance(self.src, FileEndpoint) else None
+        sink = _Forward(self, writes)
+        exhausted = False
+        while True:
+            while not exhausted and len(reads) < depth:
+                item = self.queue.next()
+                if item is None:
+                    exhausted = True
+                    break
+                off, ln, zero = item
+                if zero:
+                    writes.append((self._zero(off, ln), ln))
+                elif file_fd is not None:
+                    writes.append((dh.submit_write_from(off, ln, file_fd, fd_offset=off), ln))
+                else:
+                    reads.append(sh.submit_read(off, ln, sink=sink))
+                while len(writes) > depth:
+                    self._reap_forward(writes)
+            if not reads:
+                break
+            sh.wait(reads.popleft())
+            while writes and (len(writes) > depth or writes[0][0] is None):
+                self._reap_forward(writes)
+        while writes:
+            self._reap_forward(writes)
+
+    def _reap_forward(self, writes: collections.deque[tuple[Any, int]]) -> None:
+        wt, wl = writes.popleft()
+        if wt is not None:
+            self.dh.wait(wt)
+        self.progress.add(wl)
 
     def _reap_to(self, writes: collections.deque[tuple[Any, memoryview | None, int]],
                  free: queue.SimpleQueue[memoryview]) -> None:
@@ -495,6 +573,10 @@ class _Worker:
             # keep the read pipeline full; free buffers by reaping the oldest writes
             while not exhausted and len(reads) < depth:
                 if not free:
+                    b = self._new_buffer()
+                    if b is not None:
+                        free.append(b)
+                        continue
                     if not writes:
                         break
                     self._reap(writes)
@@ -535,19 +617,51 @@ class _Worker:
         self.progress.add(wl)
 
 
+def _grow_send_buffer(c: Client) -> None:
+    """A Unix socket queues at most its send buffer (212992 bytes by default) towards
+    the peer: with the payload moved by the kernel, a larger one lets the destination
+    server work through more writes while the source is being read. Capped by
+    net.core.wmem_max. (TCP is left alone: setting it would turn off autotuning.)"""
+    sock = c.socket
+    if sock.family == socket.AF_UNIX:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+
+
+class _Forward:
+    """ReadSink of :meth:`_Worker._run_forward`: data chunks go straight on to the
+    destination as writes, holes become zero writes."""
+
+    def __init__(self, worker: _Worker, writes: collections.deque[tuple[Any, int]]) -> None:
+        self.worker = worker
+        self.dh: Client = worker.dh
+        self.writes = writes
+
+    def data(self, offset: int, length: int, head: memoryview, fd: int) -> None:
+        self.writes.append((self.dh.submit_write_from(offset, length, fd, head), length))
+
+    def hole(self, offset: int, length: int) -> None:
+        self.writes.append((self.worker._zero(offset, length), length))
+
+
 def _copy_stream_source(src: StreamEndpoint, dst: Endpoint, dh: Any, opts: Options,
                         hasher: Any, progress: Progress) -> int:
     """stdin -> anything: sequential, all-zero blocks become zero writes."""
     stream = src.stream
     total = 0
     pending: collections.deque[tuple[Any, memoryview]] = collections.deque()
-    free = [memoryview(bytearray(opts.request_size)) for _ in range(opts.requests)]
+    free: list[memoryview] = []
+    allocated = 0
     worker = _Worker(src, None, dst, dh, opts, WorkQueue.__new__(WorkQueue), None, progress)
     for _ in range(1 << 62):
         if not free:
-            t, v = pending.popleft()
-            worker._write_wait(t)
-            free.append(v)
+            if allocated < opts.requests:
+                free.append(memoryview(bytearray(opts.request_size)))
+                allocated += 1
+            else:
+                t, v = pending.popleft()
+                worker._write_wait(t)
+                free.append(v)
         buf = free.pop()
         n = 0
         while n < len(buf):
@@ -575,6 +689,18 @@ def _copy_stream_source(src: StreamEndpoint, dst: Endpoint, dh: Any, opts: Optio
     for t, _ in pending:
         worker._write_wait(t)
     return total
+
+
+def _can_forward(src: Endpoint, shs: list[Any], dst: Endpoint, dhs: list[Any],
+                 opts: Options) -> bool:
+    """Can the workers move data without buffers (:meth:`_Worker._run_forward`)?"""
+    if opts.zero_copy is False or opts.checksum is not None:
+        return False
+    if not isinstance(dst, NBDEndpoint) or any(c.tls_active for c in dhs):
+        return False
+    if isinstance(src, NBDEndpoint):
+        return not any(c.tls_active for c in shs)
+    return isinstance(src, FileEndpoint) and not src.sequential
 
 
 def copy(src_spec: str, dst_spec: str, opts: Options,
@@ -608,6 +734,7 @@ def copy(src_spec: str, dst_spec: str, opts: Options,
         try:
             if isinstance(src, StreamEndpoint):
                 dh = dst.open_handles(1)[0]
+                import hashlib
                 h = hashlib.new(opts.checksum) if opts.checksum else None
                 total = _copy_stream_source(src, dst, dh, opts, h, progress)
                 if isinstance(dst, FileEndpoint) and dst.regular and \
@@ -634,7 +761,9 @@ def copy(src_spec: str, dst_spec: str, opts: Options,
                 queue = WorkQueue(src, map_handle, src.size, opts.request_size)
                 workers = [_Worker(src, shs[i], dst, dhs[i], opts, queue, hasher, progress)
                            for i in range(n)]
+                forward = _can_forward(src, shs, dst, dhs, opts)
                 for w in workers:
+                    w.forward = forward
                     w.split = opts.split_threads if opts.split_threads is not None else n == 1
                 if n == 1:
                     workers[0].run()
@@ -671,6 +800,7 @@ def copy(src_spec: str, dst_spec: str, opts: Options,
 def digest_of(spec: str, algorithm: str, size: int, timeout: float | None,
               request_size: int = DEFAULT_REQUEST_SIZE) -> str:
     """Re-read ``size`` bytes of an endpoint and hash them (for --verify)."""
+    import hashlib
     h = hashlib.new(algorithm)
     if is_uri(spec):
         with connect(spec, timeout=timeout) as c:
@@ -762,6 +892,7 @@ def handler(args: argparse.Namespace) -> int:
     algorithm = args.checksum or ("sha256" if args.verify else None)
     if algorithm is not None:
         try:
+            import hashlib
             hashlib.new(algorithm)
         except ValueError:
             sys.stderr.write(f"pynbd copy: unknown checksum algorithm {algorithm!r}\n")

@@ -6,7 +6,7 @@ and safe close where offered, and enters the transmission phase.
 """
 
 from pynbd.client._common import Chunk, CloseResult, Extent
-from pynbd.client.blocking import Client, Request, connect, dial
+from pynbd.client.blocking import Client, ReadSink, Request, connect, dial
 from pynbd.client.tls import TLSConfig
 from pynbd.client.uri import NBDURI, URIError, format_uri, parse_uri
 from pynbd.protocol.client import ExportEntry, ExportInfo, MetaContext
@@ -34,6 +34,7 @@ __all__ = [
     "OptionError",
     "PeerProtocolError",
     "ProtocolError",
+    "ReadSink",
     "Request",
     "TLSConfig",
     "TransmissionFlag",

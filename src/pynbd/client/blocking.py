@@ -15,6 +15,10 @@ a :class:`Request`, collected with :meth:`Client.wait`, :meth:`Client.wait_any` 
 :meth:`Client.wait_all` (or ``with client.batch():``). A client is not thread-safe; use
 one per thread (see :mod:`pynbd.client.pool`).
 
+A read with a :class:`ReadSink` has no buffer: each chunk is handed to the sink while
+its payload is still in the socket, and :meth:`Client.submit_write_from` on another
+connection can take it from there with ``splice(2)`` (the data never enters Python).
+
 Pipelining note: the client sends from the calling thread and only reads replies while
 waiting, so keep the bytes in flight bounded (a server that blocks writing large read
 replies while a large write payload is being sent could otherwise stall both sides).
@@ -24,10 +28,10 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import ssl
 import time
 from collections.abc import Iterator
 from types import TracebackType
+from typing import TYPE_CHECKING, Protocol, cast
 
 from pynbd.client._common import (
     DEFAULT_INFOS,
@@ -45,6 +49,7 @@ from pynbd.client._common import (
     probe_ok,
     request_error,
 )
+from pynbd.client._splice import Mover
 from pynbd.client.tls import TLSConfig
 from pynbd.client.uri import NBDURI
 from pynbd.protocol.client import (
@@ -72,11 +77,19 @@ from pynbd.protocol.constants import (
 )
 from pynbd.protocol.errors import LocalProtocolError, NBDRequestError, PeerProtocolError
 
+if TYPE_CHECKING:  # ssl is imported only when TLS is used (start-up time)
+    import ssl
+
 _List = list  # Client.list() shadows the builtin inside the class
 _RECV_SIZE = 256 * 1024
 _ZEROES = bytes(1024 * 1024)
 _ESHUTDOWN = 108  # NBD_ESHUTDOWN
 _WAITALL = socket.MSG_WAITALL
+_MSG_MORE = getattr(socket, "MSG_MORE", 0)
+#: receive size while sink reads are in flight: small, so that little payload is pulled
+#: into user space ahead of the sink (what is, reaches it as ``head``), yet large enough
+#: for a block status reply or a run of small replies in one call
+_SINK_RECV = 4096
 
 # plain ints: IntFlag arithmetic is a Python-level call on the hot path
 _CMD_NEEDS: dict[int, int] = {
@@ -106,15 +119,32 @@ def _zero_fill(view: memoryview) -> None:
         pos += k
 
 
+class ReadSink(Protocol):
+    """Receives a read reply's payload without a buffer (``submit_read(..., sink=)``).
+
+    ``data`` is called for each data chunk: ``head`` holds the first bytes of the chunk
+    that the client had already received; the remaining ``length - len(head)`` bytes
+    are waiting on the descriptor ``fd`` (the connection's socket) and ``data`` must
+    consume exactly that many bytes from it before returning (for example with
+    :meth:`Client.submit_write_from` on another connection). Over TLS, ``head`` is the
+    whole chunk and ``fd`` is -1. ``hole`` is called for each chunk that reads as zeroes.
+    An exception from either breaks the connection (the stream position is unknown).
+    """
+
+    def data(self, offset: int, length: int, head: memoryview, fd: int) -> None: ...
+
+    def hole(self, offset: int, length: int) -> None: ...
+
+
 class Request:
     """A request in flight (or completed) on a :class:`Client`."""
 
     __slots__ = ("chunks", "cmd", "cookie", "done", "error", "extents", "length", "offset",
-                 "view", "zeroed")
+                 "sink", "view", "zeroed")
 
     def __init__(self, cookie: int, cmd: int, offset: int, length: int,
                  view: memoryview | None = None, zeroed: bool = False,
-                 chunks: list[Chunk] | None = None) -> None:
+                 chunks: list[Chunk] | None = None, sink: ReadSink | None = None) -> None:
         self.cookie = cookie
         self.cmd = cmd
         self.offset = offset
@@ -122,6 +152,7 @@ class Request:
         self.view = view
         self.zeroed = zeroed
         self.chunks = chunks
+        self.sink = sink
         self.extents: dict[int, tuple[tuple[int, int], ...]] | None = None
         self.done = False
         self.error: NBDRequestError | None = None
@@ -136,7 +167,8 @@ class Client(FlagsMixin):
 
     def __init__(self, sock: socket.socket, uri: NBDURI | None = None, *,
                  tls: TLSConfig | None = None, strict: bool = True) -> None:
-        self._sock: socket.socket | ssl.SSLSocket = sock
+        # an ssl.SSLSocket after STARTTLS (self._tls)
+        self._sock: socket.socket = sock
         self.uri = uri
         self._tls_config = tls
         self.strict = strict
@@ -144,6 +176,8 @@ class Client(FlagsMixin):
         self._rbuf = bytearray(_RECV_SIZE)
         self._rview = memoryview(self._rbuf)
         self._ops: dict[int, Request] = {}
+        self._sinks = 0  # sink reads in flight
+        self._mover: Mover | None = None
         self._tls = False
         self._broken: BaseException | None = None
         self._closed = False
@@ -191,7 +225,10 @@ class Client(FlagsMixin):
         return len(self._ops)
 
     def _fill(self) -> None:
-        n = self._sock.recv_into(self._rview)
+        # with sink reads in flight, take little more than a reply header at a time so
+        # that payload stays in the socket for the sink (not worth it over TLS)
+        n = self._sock.recv_into(self._rview, _SINK_RECV if self._sinks and not self._tls
+                                 else _RECV_SIZE)
         if not n:
             self._conn.connection_closed()
             raise PeerProtocolError("server closed the connection")
@@ -220,7 +257,6 @@ class Client(FlagsMixin):
             return
         total = len(header) + len(payload)
         sock = self._sock
-        assert not isinstance(sock, ssl.SSLSocket)
         sent = sock.sendmsg([header, payload])
         if sent < total:
             if sent < len(header):
@@ -245,6 +281,8 @@ class Client(FlagsMixin):
             self._closed = True
             with contextlib.suppress(OSError):
                 self._sock.close()
+            if self._mover is not None:
+                self._mover.close()
 
     def hard_close(self) -> None:
         """Close the transport now (go-nbd's Conn.Close): no goodbye to the server."""
@@ -293,7 +331,7 @@ class Client(FlagsMixin):
         assert isinstance(sock, socket.socket)
         try:
             self._sock = ctx.wrap_socket(sock, server_hostname=config.server_hostname)
-        except (ssl.SSLError, OSError) as exc:
+        except OSError as exc:  # ssl.SSLError is an OSError
             self._fail(exc)
             raise
         self._tls = True
@@ -368,7 +406,8 @@ class Client(FlagsMixin):
 
     def _submit(self, cmd: int, offset: int, length: int, flags: int,
                 view: memoryview | None = None, payload: memoryview | None = None,
-                zeroed: bool = False, chunks: _List[Chunk] | None = None) -> Request:
+                zeroed: bool = False, chunks: _List[Chunk] | None = None,
+                sink: ReadSink | None = None) -> Request:
         if self._broken is not None or self._closed:
             self._check_usable()
         if self.server_shutting_down and cmd != Cmd.X_CLOSE:
@@ -378,8 +417,10 @@ class Client(FlagsMixin):
             self._validate(cmd, offset, length, flags)
         conn = self._conn
         cookie, header = conn.request(cmd, offset, length, flags)
-        req = Request(cookie, cmd, offset, length, view, zeroed, chunks)
+        req = Request(cookie, cmd, offset, length, view, zeroed, chunks, sink)
         self._ops[cookie] = req
+        if sink is not None:
+            self._sinks += 1
         try:
             if payload is None:
                 self._sock.sendall(header)
@@ -394,8 +435,16 @@ class Client(FlagsMixin):
         validate_request(self.export, self._conn, self.max_request, cmd, offset, length, flags)
 
     def submit_read(self, offset: int, buf: int | bytearray | memoryview, flags: int = 0, *,
-                    chunks: bool = False) -> Request:
-        """Queue a read into ``buf`` (or a fresh buffer of that many bytes)."""
+                    chunks: bool = False, sink: ReadSink | None = None) -> Request:
+        """Queue a read into ``buf`` (or a fresh buffer of that many bytes).
+
+        With ``sink`` (pass the length as ``buf``) there is no buffer: each chunk of the
+        reply is handed to the :class:`ReadSink` as it arrives, and the payload stays in
+        the socket until the sink consumes it (see :meth:`submit_write_from`)."""
+        if sink is not None:
+            if not isinstance(buf, int) or chunks:
+                raise TypeError("a read with a sink takes a length and no chunks")
+            return self._submit(Cmd.READ, offset, buf, flags, None, None, False, None, sink)
         if isinstance(buf, int):
             view = memoryview(bytearray(buf))
             zeroed = True
@@ -409,6 +458,67 @@ class Client(FlagsMixin):
                      flags: int = 0) -> Request:
         view = memoryview(data).cast("B")
         return self._submit(Cmd.WRITE, offset, len(view), flags, None, view)
+
+    def submit_write_from(self, offset: int, length: int, fd: int,
+                          head: bytes | bytearray | memoryview = b"", flags: int = 0, *,
+                          fd_offset: int | None = None) -> Request:
+        """Queue a WRITE of ``length`` bytes whose payload is ``head`` followed by
+        ``length - len(head)`` bytes taken from the descriptor ``fd``: from its current
+        position (a socket or pipe, e.g. the socket handed to a :class:`ReadSink`), or
+        with ``fd_offset`` from that offset of a regular file.
+
+        The kernel moves the bytes (``splice(2)`` through a pipe for sockets,
+        ``sendfile(2)`` for files) without copying them through Python; where it cannot
+        (TLS on this connection, another OS) they are read into a buffer and sent.
+        Blocks until the whole payload is sent (waits on ``fd`` are bounded by this
+        connection's timeout). If taking the payload fails midway the connection is
+        unusable afterwards (the server got a partial request)."""
+        hv = memoryview(head).cast("B")
+        if len(hv) > length:
+            raise ValueError("head is longer than the write")
+        if self._broken is not None or self._closed:
+            self._check_usable()
+        if self.server_shutting_down:
+            raise LocalProtocolError("the server is shutting down (NBD_ESHUTDOWN): "
+                                     "only close() or disconnect() remain")
+        if self.strict:
+            self._validate(Cmd.WRITE, offset, length, flags)
+        cookie, header = self._conn.request(Cmd.WRITE, offset, length, flags)
+        req = Request(cookie, Cmd.WRITE, offset, length)
+        self._ops[cookie] = req
+        rest = length - len(hv)
+        try:
+            sock = self._sock
+            if self._tls:
+                sock.sendall(header)
+                if hv:
+                    sock.sendall(hv)
+            else:
+                self._send_head(header, hv, _MSG_MORE if rest else 0)
+            if rest:
+                mover = self._mover
+                if mover is None:
+                    mover = self._mover = Mover()
+                if self._tls:
+                    mover.splice_ok = mover.sendfile_ok = False
+                if fd_offset is None:
+                    mover.stream(fd, sock.fileno(), rest, sock.gettimeout(), sock.sendall)
+                else:
+                    mover.file(fd, fd_offset, sock.fileno(), rest, sock.gettimeout(),
+                               sock.sendall)
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+        return req
+
+    def _send_head(self, header: bytes, head: memoryview, flags: int) -> None:
+        sock = self._sock
+        total = len(header) + len(head)
+        sent = sock.sendmsg([header, head] if head else [header], (), flags)
+        if sent < total:
+            rest = memoryview(header + bytes(head))[sent:]
+            while rest:
+                rest = rest[sock.send(rest, flags):]
 
     def submit_flush(self, flags: int = 0) -> Request:
         return self._submit(Cmd.FLUSH, 0, 0, flags)
@@ -439,6 +549,8 @@ class Client(FlagsMixin):
                     assert isinstance(ev, ReplyDone)
                     req = ops.pop(ev.cookie)
                     req.done = True
+                    if req.sink is not None:
+                        self._sinks -= 1
                     if ev.error:
                         if ev.error == _ESHUTDOWN:
                             self.server_shutting_down = True
@@ -449,6 +561,9 @@ class Client(FlagsMixin):
                 elif t is ReadData:
                     assert isinstance(ev, ReadData)
                     req = ops[ev.cookie]
+                    if req.sink is not None:
+                        self._to_sink(req.sink, ev)
+                        continue
                     assert req.view is not None
                     start = ev.offset - req.offset
                     dest = req.view[start:start + ev.length]
@@ -463,6 +578,13 @@ class Client(FlagsMixin):
                 elif t is ReadHole:
                     assert isinstance(ev, ReadHole)
                     req = ops[ev.cookie]
+                    if req.sink is not None:
+                        try:
+                            req.sink.hole(ev.offset, ev.length)
+                        except BaseException as exc:
+                            self._fail(exc)
+                            raise
+                        continue
                     assert req.view is not None
                     if not req.zeroed:
                         start = ev.offset - req.offset
@@ -482,6 +604,28 @@ class Client(FlagsMixin):
         except (PeerProtocolError, OSError) as exc:
             self._fail(exc)
             raise
+
+    def _to_sink(self, sink: ReadSink, ev: ReadData) -> None:
+        conn = self._conn
+        length = ev.length
+        k = min(conn.buffered, length)
+        head = memoryview(bytearray(length if self._tls else k))
+        if k:
+            conn.payload_into(head[:k])
+        rest = length - k
+        try:
+            if self._tls:
+                if rest:
+                    self._recv_exact(head[k:])
+                    conn.payload_received(rest)
+                sink.data(ev.offset, length, head, -1)
+                return
+            sink.data(ev.offset, length, head, self._sock.fileno())
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+        if rest:
+            conn.payload_received(rest)
 
     def wait(self, req: Request) -> Request:
         """Wait for ``req``; raises its NBDRequestError if the server refused it."""
@@ -659,11 +803,11 @@ class Client(FlagsMixin):
 
     def _await_eof(self) -> None:
         """After DISC/X_CLOSE: wait (bounded) for the server to close, for TLS too."""
-        with contextlib.suppress(OSError, ssl.SSLError):
-            if isinstance(self._sock, ssl.SSLSocket):
+        with contextlib.suppress(OSError):  # ssl.SSLError is an OSError
+            if self._tls:
                 self._sock.settimeout(5.0)
-                with contextlib.suppress(OSError, ssl.SSLError, ValueError):
-                    self._sock.unwrap()
+                with contextlib.suppress(OSError, ValueError):
+                    cast("ssl.SSLSocket", self._sock).unwrap()
                 return
             self._sock.shutdown(socket.SHUT_WR)
             self._sock.settimeout(5.0)

@@ -4,10 +4,13 @@ verification), configured from an :class:`NBDURI` or explicitly."""
 from __future__ import annotations
 
 import os
-import ssl
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pynbd.client.uri import NBDURI
+
+if TYPE_CHECKING:  # imported when a context is made: ssl costs start-up time
+    import ssl
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class TLSConfig:
         return ca, cert, key
 
     def context(self) -> ssl.SSLContext:
+        import ssl
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ca, cert, key = self.files()
