@@ -8,6 +8,21 @@ import socket
 import threading
 
 
+def stop_listener(stop: threading.Event, sock: socket.socket, lock: threading.Lock,
+                  conns: list[socket.socket] | set[socket.socket]) -> None:
+    """Stop a test's threaded listener: no more accepts, every connection shut down."""
+    stop.set()
+    with contextlib.suppress(OSError):
+        sock.close()
+    with lock:
+        live = list(conns)
+    for s in live:
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            s.close()
+
+
 class CuttingRelay:
     def __init__(self, target: tuple[str, int], seed: int, max_cuts: int,
                  min_budget: int = 256 * 1024, max_budget: int = 8 * 1024 * 1024) -> None:
@@ -102,11 +117,4 @@ class CuttingRelay:
                 return
 
     def close(self) -> None:
-        self.stop.set()
-        with contextlib.suppress(OSError):
-            self.sock.close()
-        with self.lock:
-            conns = list(self.conns)
-        for s in conns:
-            with contextlib.suppress(OSError):
-                s.close()
+        stop_listener(self.stop, self.sock, self.lock, self.conns)

@@ -45,6 +45,7 @@ from tests.migration._procs import (
     sparse_file,
     stepped_down_error,
 )
+from tests.migration._relay import stop_listener
 
 SIZE = 8 * 1024 * 1024
 #: seconds the source waits for the fake's greeting or for a reply (env of pynbd serve)
@@ -250,14 +251,7 @@ class FakeNBD:
             c.sendall(SIMPLE_REPLY.pack(reply_magic, err, cookie))
 
     def close(self) -> None:
-        self.stop.set()
-        with contextlib.suppress(OSError):
-            self.sock.close()
-        with self.lock:
-            conns = list(self.conns)
-        for c in conns:
-            with contextlib.suppress(OSError):
-                c.shutdown(socket.SHUT_RDWR)
+        stop_listener(self.stop, self.sock, self.lock, self.conns)
         for t in self.threads:
             t.join(5)
         os.close(self.fd)
