@@ -7,6 +7,8 @@ import errno
 import os
 import socket
 import struct
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ import pytest
 
 from pynbd.backends.base import BackendError
 from pynbd.backends.memory import MemoryBackend
+from pynbd.server.control import control_request
 from pynbd.server.exports import Export, ExportRegistry
 from pynbd.server.server import Limits, Server, ServerOptions
 from tests.security.conftest import Served
@@ -120,13 +123,22 @@ def test_slow_loris_handshake_dropped_at_deadline(serve) -> None:
 
 
 def test_per_address_limit(serve) -> None:
+    """Negotiated connections from one address are limited; the extra one is refused
+    before any byte, and other addresses are not affected."""
+    ctl = os.path.join(s_tmp := tempfile.mkdtemp(prefix="pynbd-"), "ctl.sock")
     s: Served = serve("--bind", "127.0.0.1", "--port", "0", "--max-connections-per-address",
-                      "2", "memory:1M")
+                      "2", "--control", ctl, "memory:1M")
     held = []
     for _ in range(2):
-        c = socket.create_connection(("127.0.0.1", s.port), timeout=10)
-        assert recv_exact(c, 18).startswith(b"NBDMAGIC")
-        held.append(c)
+        h = nbd.NBD()
+        h.connect_tcp("127.0.0.1", str(s.port))
+        held.append(h)
+    # workers report negotiated connections to the supervisor as messages: wait until
+    # it has seen both
+    for _ in range(100):
+        if control_request(ctl, {"cmd": "status"})["status"]["clients"] == 2:
+            break
+        time.sleep(0.05)
     third = socket.create_connection(("127.0.0.1", s.port), timeout=10)
     try:
         assert third.recv(18) == b""
@@ -140,13 +152,52 @@ def test_per_address_limit(serve) -> None:
     other.connect(("127.0.0.1", s.port))
     assert recv_exact(other, 18).startswith(b"NBDMAGIC")
     other.close()
-    for c in held:
+    for h in held:
+        h.shutdown()
+    # slots free again once they are closed
+    for _ in range(50):
+        h = nbd.NBD()
+        try:
+            h.connect_tcp("127.0.0.1", str(s.port))
+            break
+        except nbd.Error:
+            time.sleep(0.1)
+    assert h.get_size() == 1024 * 1024
+    h.shutdown()
+    shutil.rmtree(s_tmp, ignore_errors=True)
+
+
+def test_negotiating_pool_evicts_silent_connections(serve) -> None:
+    """Connections still negotiating have their own pool: when an address fills it, the
+    oldest silent one is dropped to make room (a client that talks is kept)."""
+    s: Served = serve("--bind", "127.0.0.1", "--port", "0", "--max-handshakes-per-address",
+                      "2", "memory:1M")
+    talker = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+    assert recv_exact(talker, 18).startswith(b"NBDMAGIC")
+    talker.sendall(struct.pack(">I", 3))  # client flags: it made progress
+    silent = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+    assert recv_exact(silent, 18).startswith(b"NBDMAGIC")
+    time.sleep(0.2)
+    newcomer = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+    assert recv_exact(newcomer, 18).startswith(b"NBDMAGIC")
+    try:
+        assert silent.recv(18) == b""  # evicted
+    except ConnectionResetError:
+        pass
+    # the talker is still served: finish its negotiation
+    talker.sendall(struct.pack(">QII", IHAVEOPT, 1, 0))
+    size, _flags = struct.unpack(">QH", recv_exact(talker, 10))
+    assert size == 1024 * 1024
+    for c in (talker, silent, newcomer):
         c.close()
+    assert "evicted while negotiating" in s.log()
 
 
 # --- in-process servers with injected backends -------------------------------------
 
 class SlowBackend(MemoryBackend):
+    blocking = True  # it sleeps: the server must run it on threads
+
     def __init__(self, size: int, delay: float) -> None:
         super().__init__(size)
         self.delay = delay

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from pynbd.backends.base import Backend, BackendError, Extent
 
-__all__ = ["Backend", "BackendError", "CephOptions", "Extent", "open_backend", "parse_size"]
+__all__ = ["Backend", "BackendError", "CephOptions", "Extent", "open_backend",
+           "open_worker_backend", "parse_size"]
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50,
           "e": 1 << 60}
@@ -50,3 +51,18 @@ def open_backend(target: str, read_only: bool = False,
 
     path = target[len("file:"):] if target.startswith("file:") else target
     return FileBackend(path, read_only=read_only)
+
+
+def open_worker_backend(spec: dict[str, object]) -> Backend:
+    """Reopen a backend in a server worker process from its ``worker_spec()``."""
+    kind = spec.get("kind")
+    read_only = bool(spec.get("read_only"))
+    if kind == "file":
+        from pynbd.backends.file import FileBackend
+
+        return FileBackend(str(spec["path"]), read_only=read_only, fd=int(spec["fd"]))  # type: ignore[call-overload]
+    if kind == "memory":
+        from pynbd.backends.memory import MemoryBackend
+
+        return MemoryBackend(int(spec["size"]), read_only=read_only, fd=int(spec["fd"]))  # type: ignore[call-overload]
+    raise ValueError(f"cannot reopen a backend of kind {kind!r} in a worker process")

@@ -13,7 +13,10 @@ errno into the NBD error sent to the client.
 from __future__ import annotations
 
 import errno as _errno
+from collections.abc import Callable
 from dataclasses import dataclass
+
+AioDone = Callable[[OSError | None], None]
 
 # base:allocation flags, as in the NBD spec.
 STATE_HOLE = 1
@@ -54,12 +57,27 @@ class Backend:
     rotational: bool = False
     #: calls may block for a long time: the server runs them on worker threads
     blocking: bool = False
+    #: flush() and FUA writes may take long (fdatasync): the server runs them on threads
+    slow_sync: bool = False
+    #: the backend implements the aio_* methods (with ``blocking``): the server starts
+    #: READ, WRITE, FLUSH, TRIM and WRITE_ZEROES with them instead of using a thread
+    aio: bool = False
     #: minimum, preferred and maximum block sizes (NBD_INFO_BLOCK_SIZE)
     block_size: tuple[int, int, int] = (1, 4096, 32 * 1024 * 1024)
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
         """Fill all of ``buf`` with the bytes at ``offset``."""
         raise NotImplementedError
+
+    def pread_nowait(self, buf: memoryview, offset: int) -> bool:
+        """Fill ``buf`` if that cannot block (data in memory); False to have the server
+        call :meth:`pread_into` on a thread instead. The default just reads."""
+        self.pread_into(buf, offset)
+        return True
+
+    def resident(self, offset: int, length: int) -> bool:
+        """Whether reading the range will not block (e.g. it is in the page cache)."""
+        return True
 
     def pwrite(self, buf: memoryview | bytes, offset: int, fua: bool = False) -> None:
         """Write all of ``buf`` at ``offset``; with ``fua`` it is durable on return."""
@@ -101,6 +119,32 @@ class Backend:
         (never zero bytes) or more (the server trims). The default: all data.
         """
         return [Extent(length, 0)]
+
+    def worker_spec(self) -> dict[str, object] | None:
+        """How a worker process reopens this backend (see ``open_worker_backend``), or
+        None when its state lives in this process only: the server then serves every
+        connection from one process."""
+        return None
+
+    # --- asynchronous interface (optional; ``aio = True``) ------------------------------
+    # Each call starts the operation and returns at once; ``done(None)`` or
+    # ``done(OSError)`` is called exactly once, from any thread, when it finishes.
+
+    def aio_pread(self, buf: memoryview, offset: int, done: AioDone) -> None:
+        raise NotImplementedError
+
+    def aio_pwrite(self, buf: memoryview, offset: int, fua: bool, done: AioDone) -> None:
+        raise NotImplementedError
+
+    def aio_flush(self, done: AioDone) -> None:
+        raise NotImplementedError
+
+    def aio_trim(self, offset: int, length: int, fua: bool, done: AioDone) -> None:
+        raise NotImplementedError
+
+    def aio_zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool,
+                 done: AioDone) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
         """Release resources. Called once when the server stops."""

@@ -25,6 +25,7 @@ _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int6
 _fallocate.restype = ctypes.c_int
 
 _RWF_DSYNC = getattr(os, "RWF_DSYNC", 0)
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -36,16 +37,19 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 class FileBackend(Backend):
     can_multi_conn = True  # one fd, one page cache: a flush covers every connection
     can_extents = True
+    slow_sync = True  # fdatasync
 
-    def __init__(self, path: str, read_only: bool = False) -> None:
+    def __init__(self, path: str, read_only: bool = False, fd: int | None = None) -> None:
         self.path = path
         self.name = f"file:{path}"
-        flags = os.O_RDONLY if read_only else os.O_RDWR
-        try:
-            self.fd = os.open(path, flags | os.O_CLOEXEC)
-        except OSError as exc:
-            raise BackendError(exc.errno or errno.EIO,
-                               f"cannot open {path!r}: {exc.strerror}") from exc
+        if fd is None:
+            flags = os.O_RDONLY if read_only else os.O_RDWR
+            try:
+                fd = os.open(path, flags | os.O_CLOEXEC)
+            except OSError as exc:
+                raise BackendError(exc.errno or errno.EIO,
+                                   f"cannot open {path!r}: {exc.strerror}") from exc
+        self.fd = fd
         st = os.fstat(self.fd)
         self.is_block = stat.S_ISBLK(st.st_mode)
         if not (self.is_block or stat.S_ISREG(st.st_mode)):
@@ -63,6 +67,14 @@ class FileBackend(Backend):
         self._lock = threading.Lock()
         #: the server may send reads straight from this fd with os.sendfile (zero-copy)
         self.sendfile_fd: int | None = self.fd
+        self._nowait_ok = bool(_RWF_NOWAIT) and not self.is_block
+        self._probe = bytearray(1)
+
+    def worker_spec(self) -> dict[str, object] | None:
+        # worker processes share this open file (and so its page cache): a FLUSH in
+        # any of them covers writes made through all of them
+        return {"kind": "file", "path": self.path, "fd": self.fd, "fds": [self.fd],
+                "read_only": self.read_only}
 
     @staticmethod
     def _rotational(st: os.stat_result) -> bool:
@@ -86,6 +98,44 @@ class FileBackend(Backend):
                 buf[got:] = bytes(n - got)
                 return
             got += more
+
+    def pread_nowait(self, buf: memoryview, offset: int) -> bool:
+        """Read from the page cache only (RWF_NOWAIT); False if it would touch the disk."""
+        if not self._nowait_ok:
+            self.pread_into(buf, offset)
+            return True
+        n = len(buf)
+        try:
+            got = os.preadv(self.fd, [buf], offset, _RWF_NOWAIT)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self._nowait_ok = False
+                self.pread_into(buf, offset)
+                return True
+            raise
+        if got == n:
+            return True
+        if got == 0 and offset >= self.size:
+            buf[:] = bytes(n)
+            return True
+        return False  # partly cached: read the rest where blocking is fine
+
+    def resident(self, offset: int, length: int) -> bool:
+        """First and last byte of the range in the page cache (a cheap probe)."""
+        if not self._nowait_ok or length <= 0:
+            return True
+        probe = self._probe
+        try:
+            if os.preadv(self.fd, [probe], offset, _RWF_NOWAIT) != 1:
+                return False
+            end = min(offset + length, self.size) - 1
+            return end <= offset or os.preadv(self.fd, [probe], end, _RWF_NOWAIT) == 1
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
 
     def pwrite(self, buf: memoryview | bytes, offset: int, fua: bool = False) -> None:
         mv = memoryview(buf)

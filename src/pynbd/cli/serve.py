@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
+import os
 import signal
 import sys
 import threading
@@ -40,6 +42,14 @@ def add_limit_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-connections-per-address", type=int,
                    default=d.max_connections_per_address, metavar="N",
                    help=f"connections from one address (default {d.max_connections_per_address})")
+    g.add_argument("--max-handshakes", type=int, default=d.max_handshakes, metavar="N",
+                   help="connections still negotiating, in their own pool: when it is full "
+                        "the silent, then the oldest, is dropped (default "
+                        f"{d.max_handshakes})")
+    g.add_argument("--max-handshakes-per-address", type=int,
+                   default=d.max_handshakes_per_address, metavar="N",
+                   help="negotiating connections from one address (default "
+                        f"{d.max_handshakes_per_address})")
     g.add_argument("--handshake-timeout", type=float, default=d.handshake_timeout, metavar="SECONDS",
                    help=f"drop clients that do not finish negotiation in time (default {d.handshake_timeout:g})")
     g.add_argument("--max-inflight", type=int, default=d.max_inflight, metavar="N",
@@ -57,7 +67,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("target", nargs="?", metavar="TARGET",
                    help="file or block device, memory:SIZE, rbd:POOL/IMAGE[@SNAP]")
     p.add_argument("--bind", "-b", metavar="ADDR", default=None,
-                   help="address to listen on (default: every address, IPv6 and IPv4)")
+                   help="address to listen on (default: loopback, 127.0.0.1 and ::1); a "
+                        "non-loopback address needs --tls=require --tls-verify-peer (client "
+                        "certificates) or --insecure")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow listening on a non-loopback address without authenticating "
+                        "clients (any host that can reach the port can read and write)")
+    p.add_argument("--workers", default="auto", metavar="N|auto",
+                   help="worker processes serving connections (default auto: one per CPU, "
+                        "at most 8; 1 serves in one process)")
     p.add_argument("--port", "-p", type=int, default=None,
                    help="TCP port (default 10809; 0 picks a free one)")
     p.add_argument("--socket", "-U", metavar="PATH", help="listen on a Unix socket instead of TCP")
@@ -84,6 +102,44 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--verbose", "-v", action="count", default=0, help="more logging")
     p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
     p.set_defaults(func=run)
+
+
+def parse_workers(text: str) -> int:
+    if text == "auto":
+        return max(1, min(os.cpu_count() or 1, 8))
+    try:
+        n = int(text)
+    except ValueError:
+        raise ConfigError(f"--workers {text!r}: expected a number or auto") from None
+    if not 1 <= n <= 256:
+        raise ConfigError(f"--workers {n}: expected 1 to 256")
+    return n
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(bind: str | None, tcp: bool, tls: TLSMode, verify_peer: bool,
+                   insecure: bool) -> None:
+    """A listener off this machine must authenticate clients, or be asked for by name."""
+    if not tcp or bind is None or is_loopback(bind):
+        return
+    if tls is TLSMode.REQUIRE and verify_peer:
+        return
+    if insecure:
+        log.warning("listening on %s WITHOUT authenticating clients (--insecure): any host "
+                    "that reaches the port can read and write the exports", bind or "*")
+        return
+    raise ConfigError(
+        f"refusing to listen on {bind or 'every address'} without authenticating clients: "
+        "use --tls=require --tls-verify-peer with client certificates, a Unix socket "
+        "(--socket), a loopback address, or --insecure to serve anyone who can reach it")
 
 
 def setup_logging(verbose: int, quiet: bool) -> None:
@@ -146,19 +202,44 @@ def build_server(args: argparse.Namespace) -> Server:
         ctx = server_tls_context(certificates_dir=args.tls_certificates, cert=args.tls_cert,
                                  key=args.tls_key, ca=args.tls_ca,
                                  verify_peer=args.tls_verify_peer)
+    tls_files = None
+    if ctx is not None:
+        tls_files = {"certificates_dir": args.tls_certificates, "cert": args.tls_cert,
+                     "key": args.tls_key, "ca": args.tls_ca,
+                     "verify_peer": args.tls_verify_peer}
     limits = Limits(max_connections=args.max_connections,
                     max_connections_per_address=args.max_connections_per_address,
+                    max_handshakes=args.max_handshakes,
+                    max_handshakes_per_address=args.max_handshakes_per_address,
                     handshake_timeout=args.handshake_timeout, max_inflight=args.max_inflight,
                     request_timeout=args.request_timeout)
-    server = Server(registry, ServerOptions(tls=tls, tls_context=ctx, limits=limits,
-                                            x_close=not args.no_safe_close))
+    tcp = not cfg.socket or cfg.bind is not None or cfg.port is not None
+    check_exposure(cfg.bind if cfg.bind is not None else None, tcp, tls,
+                   args.tls_verify_peer, args.insecure)
+    server = Server(registry, ServerOptions(
+        tls=tls, tls_context=ctx, tls_files=tls_files, limits=limits,
+        x_close=not args.no_safe_close, workers=parse_workers(args.workers),
+        log_level=logging.getLogger("pynbd.server").getEffectiveLevel()))
     if args.allow or args.default_deny:
         server.set_acl(args.allow, default_deny=args.default_deny)
     if cfg.socket:
         server.listen_unix(cfg.socket)
-    if not cfg.socket or cfg.bind is not None or cfg.port is not None:
-        server.listen_tcp(cfg.bind, 10809 if cfg.port is None else cfg.port)
+    if tcp:
+        port = 10809 if cfg.port is None else cfg.port
+        if cfg.bind is None:
+            listen_loopback(server, port)
+        else:
+            server.listen_tcp(cfg.bind, port)
     return server
+
+
+def listen_loopback(server: Server, port: int) -> None:
+    """The default: 127.0.0.1 and, where the host has it, ::1 on the same port."""
+    first = server.listen_tcp("127.0.0.1", port)
+    try:
+        server.listen_tcp("::1", first[0].port)
+    except OSError as exc:
+        log.debug("no IPv6 loopback listener: %s", exc)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -188,9 +269,9 @@ def run(args: argparse.Namespace) -> int:
         control = ControlServer(args.control)
         server.attach_control(control)
     migration = attach_migration(server, control)  # gates, crash recovery, mirror verbs
+    server.start()  # the workers start here, before any other thread
     if control is not None:
         control.start()
-    server.start()
     for uri in server.uris():
         print(uri, flush=True)
     if args.metrics:

@@ -144,10 +144,7 @@ class MigrationSource:
 
         def later() -> None:
             time.sleep(m.opts.disconnect_delay)
-            with self.server._lock:
-                conns = [c for c in self.server.connections if c.export is export]
-            for c in conns:
-                c.abort()
+            self.server.disconnect_export(export.name, "the export has moved: disconnecting")
 
         threading.Thread(target=later, daemon=True, name="step-down-disconnect").start()
 

@@ -1,7 +1,8 @@
 """Dirty-range tracking for live migration: a bitmap, never a queue that blocks writers.
 
-One byte per chunk (default 64 KiB: 16 KiB of bitmap per GiB of image). Marking is a
-slice assignment under a lock held for microseconds; the mirror takes the dirty set in
+One byte per chunk (default 64 KiB: 16 KiB of bitmap per GiB of image), in shared
+memory so the server's worker processes mark the same map (``server/sharedmap.py``).
+Marking is a slice assignment of whole bytes; the mirror takes the dirty set in
 coalesced runs and clears what it takes, so a write that lands while a run is being
 copied marks it dirty again and it is copied again later.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+
+from pynbd.server.sharedmap import shared_bytes
 
 DEFAULT_CHUNK = 64 * 1024
 
@@ -21,10 +24,18 @@ class DirtyMap:
         self.size = size
         self.chunk = chunk
         self.nchunks = (size + chunk - 1) // chunk
-        self._bits = bytearray(b"\x01" * self.nchunks if all_dirty else self.nchunks)
-        self._count = self.nchunks if all_dirty else 0
+        self._bits, self.fd = shared_bytes(self.nchunks, 1 if all_dirty else 0)
         self._lock = threading.Lock()
         self._shift = chunk.bit_length() - 1
+
+    def __del__(self) -> None:
+        import contextlib
+        import os
+
+        with contextlib.suppress(Exception):
+            self._bits.close()
+        with contextlib.suppress(Exception):
+            os.close(self.fd)
 
     def chunk_range(self, offset: int, length: int) -> tuple[int, int]:
         first = offset >> self._shift
@@ -36,42 +47,37 @@ class DirtyMap:
         if length <= 0:
             return
         a, b = self.chunk_range(offset, length)
-        with self._lock:
-            bits = self._bits
-            before = bits.count(1, a, b)
-            bits[a:b] = b"\x01" * (b - a)
-            self._count += (b - a) - before
+        if b > a:
+            self._bits[a:b] = b"\x01" * (b - a)
 
     def mark_all(self) -> None:
         with self._lock:
-            self._bits[:] = b"\x01" * self.nchunks
-            self._count = self.nchunks
+            self._bits[:self.nchunks] = b"\x01" * self.nchunks
 
     def clear(self, offset: int, length: int) -> None:
         a, b = self.chunk_range(offset, length)
-        with self._lock:
-            bits = self._bits
-            before = bits.count(1, a, b)
-            bits[a:b] = bytes(b - a)
-            self._count -= before
+        if b > a:
+            with self._lock:
+                self._bits[a:b] = bytes(b - a)
 
     @property
     def dirty_chunks(self) -> int:
-        return self._count
+        return self._bits[:self.nchunks].count(1)
 
     @property
     def dirty_bytes(self) -> int:
-        if not self._count:
+        count = self.dirty_chunks
+        if not count:
             return 0
         last_partial = self.size - (self.nchunks - 1) * self.chunk
-        n = self._count * self.chunk
-        if self._bits[-1]:
+        n = count * self.chunk
+        if self._bits[self.nchunks - 1]:
             n -= self.chunk - last_partial
         return n
 
     def is_dirty(self, offset: int, length: int) -> bool:
         a, b = self.chunk_range(offset, length)
-        return self._bits.find(1, a, b) >= 0
+        return self._bits.find(b"\x01", a, b) >= 0
 
     def take(self, max_bytes: int, start: int = 0) -> Iterator[tuple[int, int]]:
         """Yield dirty runs (offset, length) from ``start`` on, clearing each as it is
@@ -82,18 +88,17 @@ class DirtyMap:
         while True:
             with self._lock:
                 bits = self._bits
-                i = bits.find(1, pos)
+                i = bits.find(b"\x01", pos, self.nchunks)
                 if i < 0:
                     if wrapped or pos == 0:
                         return
                     wrapped = True
                     pos = 0
                     continue
-                j = bits.find(0, i, min(i + max_chunks, self.nchunks))
+                j = bits.find(b"\x00", i, min(i + max_chunks, self.nchunks))
                 if j < 0:
                     j = min(i + max_chunks, self.nchunks)
                 bits[i:j] = bytes(j - i)
-                self._count -= j - i
             offset = i << self._shift
             length = min(j << self._shift, self.size) - offset
             pos = j

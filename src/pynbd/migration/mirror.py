@@ -26,6 +26,7 @@ from pynbd.migration.transport import (
     TransportError,
 )
 from pynbd.server.exports import Export, IOGate, WriteTracker
+from pynbd.server.sharedmap import shared_bytes
 
 log = logging.getLogger("pynbd.migration")
 
@@ -126,24 +127,32 @@ class TokenBucket:
 
 
 class _Tracker(WriteTracker):
-    """Told about every client write: marks it dirty and forgets it was a hole."""
+    """Told about every client write: marks it dirty and forgets it was a hole.
+
+    Its maps live in shared memory: worker processes mark them through a
+    ``TrackerView`` (``share()``), with the same effect as :meth:`mark`.
+    """
 
     def __init__(self, dirty: DirtyMap) -> None:
         self.dirty = dirty
         self.lock = threading.Lock()
         n = dirty.nchunks
-        self.known_zero = bytearray(n)
-        self.touched = bytearray(n)
-        self.writes = 0
+        self.known_zero, self._kz_fd = shared_bytes(n)
+        self.touched, self._t_fd = shared_bytes(n)
+
+    def share(self) -> tuple[dict[str, object], list[int]]:
+        # the order of mark(): forget "hole" (touched = 1, known-zero = 0), then dirty
+        meta = {"shift": self.dirty.chunk.bit_length() - 1, "nchunks": self.dirty.nchunks,
+                "regions": [{"fill": 1}, {"fill": 0}, {"fill": 1}]}
+        return meta, [self._t_fd, self._kz_fd, self.dirty.fd]
 
     def mark(self, offset: int, length: int) -> None:
         # forget "hole" before marking dirty: whoever saw the hole flag and sent ZERO
         # will see this range dirty again afterwards (see Mirror._zero_pass)
         a, b = self.dirty.chunk_range(offset, length)
-        with self.lock:
+        if b > a:
             self.touched[a:b] = b"\x01" * (b - a)
             self.known_zero[a:b] = bytes(b - a)
-            self.writes += 1
         self.dirty.mark(offset, length)
 
     def set_holes(self, holes: bytearray) -> None:
@@ -151,6 +160,11 @@ class _Tracker(WriteTracker):
             for i in range(len(holes)):
                 if holes[i] and not self.touched[i]:
                     self.known_zero[i] = 1
+
+    def __del__(self) -> None:
+        for fd in (self._kz_fd, self._t_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class Mirror:
@@ -426,15 +440,16 @@ class Mirror:
         chunk = self.opts.chunk
         runs: list[tuple[int, int]] = []
         with tr.lock:
-            i = kz.find(1)
+            n = self.dirty.nchunks
+            i = kz.find(b"\x01", 0, n)
             while i >= 0:
-                j = kz.find(0, i)
+                j = kz.find(b"\x00", i, n)
                 if j < 0:
-                    j = len(kz)
+                    j = n
                 a, b = i * chunk, min(j * chunk, self.size)
                 self.dirty.clear(a, b - a)
                 runs.append((i, j))
-                i = kz.find(1, j)
+                i = kz.find(b"\x01", j, n)
         done = 0
         try:
             for i, j in runs:

@@ -1,24 +1,31 @@
-"""One client connection: a thin blocking-socket driver around the sans-I/O core.
+"""One client connection: a non-blocking driver around the sans-I/O core.
 
-Thread per connection (see docs/design.md for the measurements behind it). Fast
-backends (memory, page-cache files) are called inline and replies to a burst of
-pipelined requests go out in one ``sendmsg``; backends marked ``blocking`` (librbd)
-run on a bounded worker pool so replies complete out of order and one slow request
-does not stall the others.
+Every worker runs one event loop (``server/loop.py``) that serves all of its
+connections; nothing here blocks the loop except the backend calls of fast backends
+(memory, page-cache files), which are called inline because a thread hand-off costs
+30-50x a page-cache read. Backends marked ``blocking`` (librbd, network plugins) run on
+the worker's thread pool and complete back on the loop.
+
+Per connection: bytes are read into one receive buffer and fed to the protocol core;
+every request already received is executed and the replies go out in one ``sendmsg``.
+A WRITE payload is received straight into a pooled buffer that the kernel backs only as
+bytes arrive. Replies that the socket cannot take yet wait in a queue; while it is over
+:data:`HIGH_WATER`, the connection stops reading and executing (a client that never
+reads its replies holds at most that much).
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import logging
 import os
 import socket
 import ssl
-import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pynbd.backends.base import STATE_HOLE, Extent
 from pynbd.protocol.constants import Cmd, CmdFlag, Errno, errno_to_nbd
@@ -35,392 +42,823 @@ from pynbd.protocol.server import (
     ServerConnection,
     StartTLS,
 )
-from pynbd.server.buffers import BufferPool
-from pynbd.server.exports import Counters, Export
+from pynbd.server.buffers import Buffer
+from pynbd.server.logsafe import safe
+from pynbd.server.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
 
 if TYPE_CHECKING:
-    from pynbd.server.server import Server
+    from pynbd.server.worker import ExportRuntime, Worker
 
 log = logging.getLogger("pynbd.server")
 
 RECV_SIZE = 256 * 1024
+HANDSHAKE_RECV = 4096
 #: reads at least this large are checked for holes (structured replies only)
 SPARSE_READ_MIN = 64 * 1024
-#: reads at least this large are sent at once instead of batched
+#: reads at least this large are sent on their own (sendfile or a pooled buffer)
 BIG_REPLY = 64 * 1024
 MAX_IOV = 512
-
+#: stop reading and executing while this many reply bytes wait for the socket
+HIGH_WATER = 8 * 1024 * 1024
 
 _MODIFYING = frozenset((Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES))
+_ZEROS = bytes(1024 * 1024)
+_AIO_COMMANDS = frozenset((Cmd.READ, Cmd.WRITE, Cmd.FLUSH, Cmd.TRIM, Cmd.WRITE_ZEROES))
+
+OutItem = Any  # bytes | bytearray | memoryview | _FileSlice | Callable[[], None]
 
 
-class ConnectionClosed(Exception):
-    pass
+class Phase(enum.Enum):
+    HANDSHAKE = "handshake"
+    TLS_HANDSHAKE = "tls-handshake"
+    TRANSMISSION = "transmission"
+    CLOSING = "closing"  # DISC/safe close received: finish, flush, close
+    CLOSED = "closed"
 
 
-class ClientConnection:
-    def __init__(self, server: Server, sock: socket.socket, peer: str) -> None:
-        self.server = server
-        self.sock: socket.socket | ssl.SSLSocket = sock
+class _FileSlice:
+    """``length`` bytes of file ``fd`` at ``offset``, sent with os.sendfile."""
+
+    __slots__ = ("fd", "length", "offset")
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.length = length
+
+
+class _Payload:
+    """A WRITE whose payload is still arriving."""
+
+    __slots__ = ("buf", "cmd", "got", "mv")
+
+    def __init__(self, cmd: Command, buf: Buffer, mv: memoryview, got: int) -> None:
+        self.cmd = cmd
+        self.buf = buf
+        self.mv = mv
+        self.got = got
+
+
+class Counters:
+    __slots__ = ("bytes_read", "bytes_written", "errors", "requests")
+
+    def __init__(self) -> None:
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.requests = 0
+        self.errors = 0
+
+    def add(self, other: Counters) -> None:
+        self.bytes_read += other.bytes_read
+        self.bytes_written += other.bytes_written
+        self.requests += other.requests
+        self.errors += other.errors
+
+    def as_dict(self) -> dict[str, int]:
+        return {"bytes_read": self.bytes_read, "bytes_written": self.bytes_written,
+                "requests": self.requests, "errors": self.errors}
+
+
+class TLSLayer:
+    """TLS on a non-blocking socket, through memory BIOs (the loop owns the socket)."""
+
+    def __init__(self, ctx: ssl.SSLContext) -> None:
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.established = False
+
+    def take_output(self) -> bytes:
+        return self.outgoing.read() if self.outgoing.pending else b""
+
+    def encrypt(self, bufs: list[OutItem]) -> bytes:
+        for b in bufs:
+            self.obj.write(b)
+        return self.outgoing.read()
+
+
+class Connection:
+    def __init__(self, worker: Worker, sock: socket.socket, conn_id: int, peer: str,
+                 host: str) -> None:
+        self.worker = worker
+        self.loop = worker.loop
+        self.sock = sock
+        sock.setblocking(False)
+        self.fd = sock.fileno()
+        self.id = conn_id
         self.peer = peer
-        self.proto = ServerConnection(server.registry, server.protocol_config)
-        self.export: Export | None = None
-        self.counters: Counters | None = None
+        self.host = host
+        self.proto = ServerConnection(worker.provider, worker.protocol_config)
+        self.phase = Phase.HANDSHAKE
         self.started = time.monotonic()
-        self.tls = False
-        self._send_lock = threading.Lock()
-        self._stopping = False
-        self._inflight = 0
-        self._inflight_cv = threading.Condition()
-        self._pool: ThreadPoolExecutor | None = None
-        self.pool: BufferPool = server.buffers
-        self.closed = threading.Event()
-        #: a WRITE/TRIM/WRITE_ZEROES was received: flush at disconnect
-        self._wrote = False
-        self.host = ""
-        #: monotonic start times of requests being executed (for the request deadline)
+        self.bytes_in = 0  # handshake progress, for the eviction policy
+        self.runtime: ExportRuntime | None = None
+        self.counters = Counters()
+        self.structured = False
+        self.tls: TLSLayer | None = None
+        # small while negotiating (a flood of silent connections costs little), full
+        # size once transmission starts
+        self._rbuf = bytearray(HANDSHAKE_RECV)
+        self._rmv = memoryview(self._rbuf)
+        self._wq: deque[OutItem] = deque()
+        self._wq_bytes = 0
+        self._mask = 0
+        self._payload: _Payload | None = None
+        self._parked: deque[tuple[Command, Buffer | None, memoryview | None]] = deque()
+        self.inflight = 0
+        #: cookie -> monotonic start, for requests on worker threads (killswitch)
         self.busy: dict[int, float] = {}
+        self._wrote = False
+        self._ending: Disconnect | SafeClose | None = None
+        self._eof = False
+        self._timer: Any = None
+        self._sendfile_ok = True
+        self._final_flushing = False
+        self._final_flush_done = False
+        self._final_flush_error: OSError | None = None
 
-    # --- socket helpers -------------------------------------------------------------
+    # --- lifecycle ------------------------------------------------------------------
 
-    def _sendv(self, bufs: list[bytes | memoryview | bytearray]) -> None:
-        sock = self.sock
-        if isinstance(sock, ssl.SSLSocket):
-            sock.sendall(b"".join(bufs))
+    def start(self, handshake_timeout: float, received: bytes = b"") -> None:
+        """Begin serving. The supervisor already sent the greeting and read ``received``
+        (the client's flags and maybe its first options)."""
+        self.loop.add(self.fd, EPOLLIN, self._on_event)
+        self._mask = EPOLLIN
+        self._timer = self.loop.call_later(handshake_timeout, self._handshake_expired)
+        self.proto.initiate()  # the supervisor sent these bytes
+        if received:
+            self.bytes_in += len(received)
+            self.proto.receive_data(received)
+            self._guarded(self._start_processing)
+
+    def _start_processing(self) -> None:
+        self._process()
+        self._update_interest()
+
+    @property
+    def closed(self) -> bool:
+        return self.phase is Phase.CLOSED
+
+    @property
+    def negotiating(self) -> bool:
+        return self.phase in (Phase.HANDSHAKE, Phase.TLS_HANDSHAKE)
+
+    @property
+    def export_name(self) -> str | None:
+        return self.runtime.name if self.runtime is not None else None
+
+    def _handshake_expired(self) -> None:
+        if self.negotiating:
+            log.info("%s: handshake deadline passed; dropping connection", self.peer)
+            self.close()
+
+    def abort(self, reason: str = "") -> None:
+        """Drop the connection now (ACL change, killswitch, eviction, worker stop)."""
+        if self.closed:
             return
-        views = [memoryview(b).cast("B") for b in bufs]
-        while views:
-            batch = views[:MAX_IOV]
-            sent = sock.sendmsg(batch)
-            # drop what was sent
-            i = 0
-            while i < len(batch) and sent >= len(batch[i]):
-                sent -= len(batch[i])
-                i += 1
-            if i < len(batch) and sent:
-                batch[i] = batch[i][sent:]
-            views = batch[i:] + views[len(batch):]
-
-    def send(self, bufs: list[bytes | memoryview | bytearray]) -> None:
-        if not bufs:
-            return
-        with self._send_lock:
-            self._sendv(bufs)
+        if reason:
+            log.info("%s: %s", self.peer, reason)
+        self.close()
 
     def stop(self) -> None:
-        """Ask the connection to finish: stop reading, complete what was received."""
-        self._stopping = True
-        try:
-            self.sock.shutdown(socket.SHUT_RD)
-        except OSError:
-            pass
+        """Server shutdown: stop reading, finish what was received, flush, close."""
+        if self.closed:
+            return
+        if self.negotiating:
+            self.close()
+            return
+        self._drop_payload("server stopping: WRITE payload not complete; not written")
+        self._eof = True
+        self._maybe_finish()
 
-    def oldest_request_age(self, now: float) -> float:
-        busy = list(self.busy.values())
-        return now - min(busy) if busy else 0.0
+    def _drop_payload(self, why: str) -> None:
+        p = self._payload
+        if p is None:
+            return
+        self._payload = None
+        log.info("%s: %s (%d of %d bytes received)", self.peer, why, p.got, len(p.mv))
+        p.mv.release()
+        self.worker.buffers.put(p.buf)
 
-    def abort(self) -> None:
-        """Drop the connection now (ACL change, killswitch)."""
-        self._stopping = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+    def _drop_parked(self) -> None:
+        pool = self.worker.buffers
+        while self._parked:
+            _cmd, buf, mv = self._parked.popleft()
+            if mv is not None:
+                mv.release()
+            if buf is not None:
+                pool.put(buf)
 
-    # --- main loop -----------------------------------------------------------------
-
-    def run(self) -> None:
-        try:
-            selected = self._handshake()
-            if selected is not None:
-                self._transmission(selected)
-        except PeerProtocolError as exc:
-            log.warning("%s: protocol error: %s; dropping connection", self.peer, exc)
-        except (ConnectionClosed, ConnectionError, TimeoutError) as exc:
-            log.info("%s: connection ended: %s", self.peer, exc or type(exc).__name__)
-        except ssl.SSLError as exc:
-            log.warning("%s: TLS error: %s", self.peer, exc)
-        except OSError as exc:
-            log.info("%s: socket error: %s", self.peer, exc)
-        except Exception:  # never let one connection take the server down
-            log.exception("%s: internal error; dropping connection", self.peer)
-        finally:
-            self._finish()
-
-    def _finish(self) -> None:
-        if self._pool is not None:
-            self._wait_inflight()
-            self._pool.shutdown(wait=True)
-        if self.export is not None and self.counters is not None:
-            self.export.detach(self.counters)
+    def close(self) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        self.phase = Phase.CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+        self.loop.remove(self.fd)
         try:
             self.sock.close()
         except OSError:
             pass
-        self.closed.set()
-        self.server._connection_closed(self)
+        if self._payload is not None:
+            p, self._payload = self._payload, None
+            p.mv.release()
+            self.worker.buffers.put(p.buf)
+        self._drop_parked()
+        for item in self._wq:
+            if callable(item):
+                item()
+        self._wq.clear()
+        self._wq_bytes = 0
+        self.worker.connection_closed(self)
 
-    def _recv(self) -> bytes:
+    # --- events ---------------------------------------------------------------------
+
+    def _on_event(self, ev: int) -> None:
+        self._guarded(self._handle_event, ev)
+
+    def _handle_event(self, ev: int) -> None:
+        if ev & EPOLLOUT:
+            self._flush_wq()
+            if self.closed:
+                return
+        if ev & EPOLLIN or (ev & (EPOLLERR | EPOLLHUP) and not ev & EPOLLOUT):
+            self._on_readable()
+
+    def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn``; whatever goes wrong ends this connection only, with a clear log."""
         try:
-            data = self.sock.recv(RECV_SIZE)
-        except TimeoutError as exc:
-            raise TimeoutError("handshake deadline passed") from exc
-        if not data:
-            raise ConnectionClosed("client closed the connection")
-        return data
+            fn(*args)
+        except PeerProtocolError as exc:
+            log.warning("%s: protocol error: %s; dropping connection", self.peer, safe(exc))
+            self.close()
+        except ssl.SSLError as exc:
+            log.warning("%s: TLS error: %s", self.peer, exc)
+            self.close()
+        except (ConnectionError, TimeoutError) as exc:
+            log.info("%s: connection ended: %s", self.peer, exc or type(exc).__name__)
+            self.close()
+        except OSError as exc:
+            log.info("%s: socket error: %s", self.peer, exc)
+            self.close()
+        except Exception:  # one connection must never take the worker down
+            log.exception("%s: internal error; dropping connection", self.peer)
+            self.close()
 
-    def _handshake(self) -> ExportSelected | None:
-        proto = self.proto
-        deadline = time.monotonic() + self.server.limits.handshake_timeout
-        self.sock.settimeout(self.server.limits.handshake_timeout)
-        self.send([proto.initiate()])
+    def _update_interest(self) -> None:
+        if self.closed:
+            return
+        mask = 0
+        if self._wq:
+            mask |= EPOLLOUT
+        if self._want_read():
+            mask |= EPOLLIN
+        if mask != self._mask:
+            self._mask = mask
+            self.loop.modify(self.fd, mask)
+
+    def _want_read(self) -> bool:
+        if self._eof or self.phase in (Phase.CLOSING, Phase.CLOSED):
+            return False
+        if self.phase is Phase.TLS_HANDSHAKE:
+            return True
+        if self._payload is not None:
+            return True
+        return self._can_execute()
+
+    def _can_execute(self) -> bool:
+        return (self._wq_bytes < HIGH_WATER and not self._parked
+                and self.inflight < self.worker.limits.max_inflight)
+
+    # --- reading ----------------------------------------------------------------------
+
+    def _recv_into(self, mv: memoryview) -> int:
+        """Bytes received into ``mv`` (>0), 0 at end of stream; raises BlockingIOError
+        when nothing is available."""
+        tls = self.tls
+        if tls is None:
+            return self.sock.recv_into(mv)
         while True:
+            try:
+                n = int(tls.obj.read(len(mv), mv))
+                out = tls.take_output()
+                if out:
+                    self._send_raw([out])
+                return n
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:
+                return 0
+            raw = self.sock.recv(RECV_SIZE)
+            if not raw:
+                return 0
+            tls.incoming.write(raw)
+
+    def _on_readable(self) -> None:
+        if self.phase is Phase.TLS_HANDSHAKE:
+            self._continue_tls_handshake()
+            return
+        tls = self.tls
+        while self._want_read():
+            p = self._payload
+            try:
+                if p is not None:
+                    want = len(p.mv) - p.got
+                    n = self._recv_into(p.mv[p.got:])
+                else:
+                    want = len(self._rmv)
+                    n = self._recv_into(self._rmv)
+            except (BlockingIOError, InterruptedError):
+                break
+            if n == 0:
+                self._on_eof()
+                return
+            self.bytes_in += n
+            if p is not None:
+                self.proto.payload_received(n)
+                p.got += n
+                if p.got < len(p.mv):
+                    if tls is None and n < want:
+                        break  # drained: wait for the next readable event
+                    continue
+                self._payload = None
+                self._execute_write(p.cmd, p.buf, p.mv)
+            else:
+                self.proto.receive_data(self._rmv[:n])
+            self._process()
+            if self.closed:
+                return
+            if tls is None and n < want:
+                break  # level-triggered: the loop calls again when more arrives
+        self._update_interest()
+
+    def _on_eof(self) -> None:
+        self._drop_payload("client closed in the middle of a WRITE payload")
+        if self.negotiating:
+            log.info("%s: client closed during the handshake", self.peer)
+            self.close()
+            return
+        if self.phase is Phase.TRANSMISSION and self._ending is None:
+            log.info("%s: client closed without NBD_CMD_DISC", self.peer)
+        self._eof = True
+        self._maybe_finish()
+
+    # --- the protocol ---------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Handle every event the core can produce from what was received."""
+        proto = self.proto
+        out: list[OutItem] = []
+        try:
+            while self.phase is Phase.TRANSMISSION and self._payload is None:
+                if not self._can_execute():
+                    break
+                ev = proto.next_event()
+                if ev is NEED_DATA:
+                    break
+                if type(ev) is Command:
+                    self._command(ev, out)
+                elif isinstance(ev, InvalidCommand):
+                    self.counters.requests += 1
+                    self.counters.errors += 1
+                    log.debug("%s: refused request: %s", self.peer, safe(ev.message))
+                    out.append(proto.error_reply(ev.cookie, ev.error, ev.message))
+                elif isinstance(ev, Disconnect | SafeClose):
+                    self._ending = ev
+                    self.phase = Phase.CLOSING
+                else:
+                    raise PeerProtocolError(f"unexpected event in transmission: {ev!r}")
+            if self.negotiating:
+                self._handshake_events()
+                if self.phase is Phase.TRANSMISSION:
+                    self._process()
+                    return
+        finally:
+            if out and not self.closed:
+                self._send(out)
+        if self.phase is Phase.CLOSING:
+            self._maybe_finish()
+
+    def _handshake_events(self) -> None:
+        proto = self.proto
+        while self.phase is Phase.HANDSHAKE:
             try:
                 ev = proto.next_event()
             finally:
-                out = proto.take_output()
-                if out:
-                    self.send([out])
-            if ev is NEED_DATA:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError("handshake deadline passed")
-                self.sock.settimeout(left)
-                proto.receive_data(self._recv())
-                continue
-            if isinstance(ev, OptionHandled):
+                data = proto.take_output()
+                if data:
+                    self._send([data])
+            if ev is NEED_DATA or isinstance(ev, OptionHandled):
+                if ev is NEED_DATA:
+                    return
                 continue
             if isinstance(ev, StartTLS):
                 self._start_tls()
-                continue
+                return
             if isinstance(ev, Aborted):
                 log.debug("%s: client aborted negotiation", self.peer)
-                self._tls_shutdown()
-                return None
+                self._eof = True
+                self.phase = Phase.CLOSING
+                self._maybe_finish()
+                return
             if isinstance(ev, ExportSelected):
-                self.sock.settimeout(None)
-                return ev
+                self._selected(ev)
+                return
             raise PeerProtocolError(f"unexpected event during handshake: {ev!r}")
 
+    def _selected(self, ev: ExportSelected) -> None:
+        rt = self.worker.runtime_for(ev.export.name)
+        if rt is None:  # pragma: no cover - the provider only names known exports
+            raise PeerProtocolError(f"export {ev.export.name!r} vanished")
+        self.runtime = rt
+        self.structured = ev.structured_replies
+        self._rmv.release()
+        self._rbuf = bytearray(RECV_SIZE)
+        self._rmv = memoryview(self._rbuf)
+        self._sendfile_ok = self.tls is None and rt.sendfile_fd is not None
+        self.phase = Phase.TRANSMISSION
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.worker.connection_negotiated(self)
+        log.info("%s: export %s selected (structured replies %s, flags 0x%x)",
+                 self.peer, safe(rt.name), ev.structured_replies, ev.flags)
+
+    # --- TLS --------------------------------------------------------------------------
+
     def _start_tls(self) -> None:
-        ctx = self.server.tls_context
-        assert ctx is not None and isinstance(self.sock, socket.socket)
-        tls_sock = ctx.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
-        tls_sock.do_handshake()
-        self.sock = tls_sock
-        self.tls = True
-        self.proto.tls_established()
+        ctx = self.worker.tls_context
+        assert ctx is not None
+        self.tls = TLSLayer(ctx)
+        self.phase = Phase.TLS_HANDSHAKE
+        # the client may already have sent its ClientHello behind the option
+        leftover = bytes(self.proto._buf)
+        if leftover:
+            self.proto._buf.clear()
+            self.tls.incoming.write(leftover)
+        self._continue_tls_handshake(read=False)
 
-    def _tls_shutdown(self) -> None:
-        if isinstance(self.sock, ssl.SSLSocket):
+    def _continue_tls_handshake(self, read: bool = True) -> None:
+        tls = self.tls
+        assert tls is not None
+        if read:
             try:
-                self.sock.settimeout(2)
-                self.sock.unwrap()  # close_notify
-            except (OSError, ValueError):
-                pass
-
-    def _transmission(self, selected: ExportSelected) -> None:
-        export = self.server.registry.get(selected.export.name)
-        assert export is not None
-        self.export = export
-        self.counters = export.attach()
-        self.structured = selected.structured_replies
-        backend = export.backend
-        if backend.blocking:
-            self._pool = ThreadPoolExecutor(
-                max_workers=self.server.limits.workers_per_connection,
-                thread_name_prefix=f"nbd-io-{self.peer}")
-        log.info("%s: export %r selected (structured replies %s, flags 0x%x)",
-                 self.peer, export.name, selected.structured_replies, selected.flags)
-        proto = self.proto
-        sock = self.sock
-        rbuf = bytearray(RECV_SIZE)
-        rmv = memoryview(rbuf)
-        out: list[bytes | memoryview | bytearray] = []
-        out_bytes = 0
-        counters = self.counters
-        while True:
-            ev = proto.next_event()
-            if ev is NEED_DATA:
-                if out:
-                    self.send(out)
-                    out, out_bytes = [], 0
-                try:
-                    n = sock.recv_into(rbuf)
-                except OSError as exc:
-                    if self._stopping:
-                        n = 0
-                    else:
-                        raise ConnectionClosed(str(exc)) from exc
-                if n == 0:
-                    if not self._stopping:
-                        log.info("%s: client closed without NBD_CMD_DISC", self.peer)
-                    self._wait_inflight()  # writes still on worker threads first
-                    self._flush_on_close()
-                    return
-                proto.receive_data(rmv[:n])
-                continue
-            if isinstance(ev, Command):
-                counters.requests += 1
-                if ev.cmd in _MODIFYING:
-                    self._wrote = True
-                if self._pool is not None:
-                    if export.gate is not None and not export.gate.enter():
-                        self._discard_payload(ev)
-                        out.append(self._stepped_down_reply(ev))
-                        continue
-                    self._submit(ev)
-                    continue
-                gate = export.gate
-                if gate is not None and not gate.enter():
-                    self._discard_payload(ev)
-                    out.append(self._stepped_down_reply(ev))
-                    continue
-                busy = self.busy
-                busy[ev.cookie] = time.monotonic()
-                try:
-                    out_bytes += self._execute(ev, out)
-                finally:
-                    busy.pop(ev.cookie, None)
-                    if gate is not None:
-                        gate.leave()
-                if out_bytes >= BIG_REPLY or len(out) >= MAX_IOV:
-                    self.send(out)
-                    out, out_bytes = [], 0
-                continue
-            if isinstance(ev, InvalidCommand):
-                counters.requests += 1
-                counters.errors += 1
-                log.debug("%s: refused request: %s", self.peer, ev.message)
-                out.append(proto.error_reply(ev.cookie, ev.error, ev.message))
-                continue
-            if isinstance(ev, Disconnect):
-                self.send(out)
-                self._wait_inflight()
-                self._flush_on_close()
-                self._tls_shutdown()
-                log.info("%s: client disconnected (NBD_CMD_DISC)", self.peer)
+                raw = self.sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                raw = None
+            if raw == b"":
+                log.info("%s: client closed during the TLS handshake", self.peer)
+                self.close()
                 return
-            if isinstance(ev, SafeClose):
-                self.send(out)
-                self._wait_inflight()
-                try:
-                    if not export.read_only:
-                        backend.flush()
-                    reply = proto.ok_reply(ev.cookie)
-                    log.info("%s: safe close", self.peer)
-                except OSError as exc:
-                    counters.errors += 1
-                    reply = proto.error_reply(ev.cookie, errno_to_nbd(exc.errno),
-                                              f"flush failed: {exc}")
-                    log.warning("%s: safe close failed: flush: %s", self.peer, exc)
-                self.send([reply])
-                self._tls_shutdown()
-                try:
-                    self.sock.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
-                return
-            raise PeerProtocolError(f"unexpected event in transmission: {ev!r}")
-
-    def _flush_on_close(self) -> None:
-        export = self.export
-        if export is None or export.read_only or not self._wrote:
-            # nothing written on this connection: nothing of ours to make durable (an
-            # fdatasync per read-only session made short connections pile up)
-            return
+            if raw:
+                tls.incoming.write(raw)
         try:
-            export.backend.flush()
-        except OSError as exc:
-            log.warning("%s: flush at disconnect failed: %s", self.peer, exc)
+            tls.obj.do_handshake()
+            done = True
+        except ssl.SSLWantReadError:
+            done = False
+        out = tls.take_output()
+        if out:
+            self._send_raw([out])
+        if not done:
+            self._update_interest()
+            return
+        tls.established = True
+        self.phase = Phase.HANDSHAKE
+        self.proto.tls_established()
+        # anything that arrived with the last handshake record is plaintext now
+        self._drain_tls()
+        self._process()
+        self._update_interest()
 
-    # --- request execution ------------------------------------------------------------
-
-    def _recv_payload(self, length: int) -> tuple[bytearray, memoryview]:
-        buf = self.pool.get(length)
-        mv = memoryview(buf)[:length]
-        got = self.proto.payload_into(mv)
-        sock = self.sock
-        while got < length:
-            n = sock.recv_into(mv[got:])
-            if n == 0:
-                self.pool.put(buf)
-                raise ConnectionClosed(f"client closed in the middle of a {length}-byte WRITE payload")
-            self.proto.payload_received(n)
-            got += n
-        return buf, mv
-
-    def _execute(self, ev: Command, out: list[bytes | memoryview | bytearray]) -> int:
-        """Run one request inline; append its reply to ``out``; return bytes appended."""
-        proto = self.proto
-        cmd = ev.cmd
-        export = self.export
-        assert export is not None and self.counters is not None
-        backend = export.backend
-        if cmd is Cmd.WRITE:
-            buf, mv = self._recv_payload(ev.length) if ev.length else (None, memoryview(b""))
+    def _drain_tls(self) -> None:
+        tls = self.tls
+        assert tls is not None
+        while True:
             try:
-                backend.pwrite(mv, ev.offset, bool(ev.flags & CmdFlag.FUA))
-                self.counters.bytes_written += ev.length
-                if export.tracker is not None:
-                    export.tracker.mark(ev.offset, ev.length)
-                out.append(proto.ok_reply(ev.cookie))
+                n = int(tls.obj.read(len(self._rmv), self._rmv))
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                return
+            if not n:
+                return
+            self.proto.receive_data(self._rmv[:n])
+
+    # --- sending --------------------------------------------------------------------
+
+    def _send(self, bufs: list[OutItem]) -> None:
+        if self.closed:
+            for item in bufs:
+                if callable(item):
+                    item()
+            return
+        if self.tls is not None and self.tls.established:
+            # encrypt in order; release callbacks run once the ciphertext is queued
+            plain = [b for b in bufs if not callable(b)]
+            cbs = [b for b in bufs if callable(b)]
+            self._send_raw([self.tls.encrypt(plain), *cbs])
+            return
+        self._send_raw(bufs)
+
+    def _send_raw(self, bufs: list[OutItem]) -> None:
+        wq = self._wq
+        if wq:
+            for b in bufs:
+                wq.append(b)
+                if not callable(b):
+                    self._wq_bytes += b.length if type(b) is _FileSlice else len(b)
+            return
+        # fast path: nothing queued, try to send it all now
+        i = 0
+        n = len(bufs)
+        while i < n:
+            item = bufs[i]
+            if callable(item):
+                item()
+                i += 1
+                continue
+            if type(item) is _FileSlice:
+                if not self._sendfile(item):
+                    break
+                i += 1
+                continue
+            j = i
+            batch: list[OutItem] = []
+            while j < n and j - i < MAX_IOV:
+                b = bufs[j]
+                if callable(b) or type(b) is _FileSlice:
+                    break
+                batch.append(b)
+                j += 1
+            try:
+                sent = self.sock.sendmsg(batch)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
             except OSError as exc:
-                out.append(self._error(ev, exc))
-            finally:
-                if buf is not None:
-                    self.pool.put(buf)
-            return 16
+                self._send_failed(exc)
+                for b in bufs[i:]:
+                    if callable(b):
+                        b()
+                return
+            k = i
+            while k < j:
+                ln = len(bufs[k])
+                if sent >= ln:
+                    sent -= ln
+                    k += 1
+                else:
+                    break
+            if k < j:
+                if sent:
+                    bufs[k] = memoryview(bufs[k]).cast("B")[sent:]
+                i = k
+                break
+            i = j
+        if i < n:
+            for b in bufs[i:]:
+                wq.append(b)
+                if not callable(b):
+                    self._wq_bytes += b.length if type(b) is _FileSlice else len(b)
+            self._update_interest()
+
+    def _sendfile(self, item: _FileSlice) -> bool:
+        """Send what the socket takes of ``item``; True when all of it is sent."""
+        while item.length:
+            try:
+                if item.fd < 0:
+                    n = self.sock.send(_ZEROS[:min(item.length, len(_ZEROS))])
+                else:
+                    n = os.sendfile(self.fd, item.fd, item.offset, item.length)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError as exc:
+                self._send_failed(exc)
+                return True
+            if n == 0 and item.fd >= 0:
+                item.fd = -1  # the file shrank underneath us: the rest reads as zeros
+                continue
+            item.offset += n
+            item.length -= n
+        return True
+
+    def _send_failed(self, exc: OSError) -> None:
+        log.info("%s: send failed: %s", self.peer, exc)
+        self.loop.call_soon(self.close)
+
+    def _flush_wq(self) -> None:
+        wq = self._wq
+        while wq and not self.closed:
+            item = wq[0]
+            if callable(item):
+                wq.popleft()
+                item()
+                continue
+            if type(item) is _FileSlice:
+                before = item.length
+                done = self._sendfile(item)
+                self._wq_bytes -= before - item.length
+                if not done:
+                    break
+                wq.popleft()
+                continue
+            batch: list[OutItem] = []
+            for b in wq:
+                if callable(b) or type(b) is _FileSlice or len(batch) >= MAX_IOV:
+                    break
+                batch.append(b)
+            try:
+                sent = self.sock.sendmsg(batch)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._send_failed(exc)
+                return
+            self._wq_bytes -= sent
+            while sent:
+                b = wq[0]
+                ln = len(b)
+                if sent >= ln:
+                    sent -= ln
+                    wq.popleft()
+                else:
+                    wq[0] = memoryview(b).cast("B")[sent:]
+                    sent = 0
+                    break
+            else:
+                continue
+            break
+        if self.closed:
+            return
+        if not wq:
+            if self.phase is Phase.CLOSING or self._eof:
+                self._maybe_finish()
+                if self.closed:
+                    return
+            elif self._payload is None and self._can_execute():
+                self._process()
+        self._update_interest()
+
+    # --- requests ---------------------------------------------------------------------
+
+    def _command(self, ev: Command, out: list[OutItem]) -> None:
+        rt = self.runtime
+        assert rt is not None
+        self.counters.requests += 1
+        cmd = ev.cmd
+        if cmd in _MODIFYING:
+            self._wrote = True
+        if cmd is Cmd.WRITE and ev.length:
+            buf = self.worker.buffers.get(ev.length)
+            mv = memoryview(buf)[:ev.length]
+            got = self.proto.payload_into(mv)
+            if got < ev.length:
+                self._payload = _Payload(ev, buf, mv, got)
+                if out:
+                    self._send(out)
+                    out.clear()
+                return
+            self._execute_write(ev, buf, mv, out)
+            return
+        if rt.held:
+            if out:
+                self._send(out)
+                out.clear()
+            self._hold(ev, None, None)
+            return
+        if rt.blocking or (rt.slow_sync and (cmd is Cmd.FLUSH or ev.flags & CmdFlag.FUA)):
+            self._submit(ev, None, None)
+            return
+        self._execute(ev, out)
+
+    def _execute_write(self, ev: Command, buf: Buffer, mv: memoryview,
+                       out: list[OutItem] | None = None) -> None:
+        rt = self.runtime
+        assert rt is not None
+        if rt.held:
+            self._hold(ev, buf, mv)
+            return
+        if rt.blocking or (rt.slow_sync and ev.flags & CmdFlag.FUA):
+            self._submit(ev, buf, mv)
+            return
+        own = out is None
+        if out is None:
+            out = []
+        try:
+            self._do_write(ev, mv, out)
+        finally:
+            mv.release()
+            self.worker.buffers.put(buf)
+        if own and out:
+            self._send(out)
+
+    def _hold(self, ev: Command, buf: Buffer | None, mv: memoryview | None) -> None:
+        """The export is paused or stepped down: keep the request (and stop reading)."""
+        rt = self.runtime
+        assert rt is not None
+        if rt.stepped_down:
+            if mv is not None:
+                mv.release()
+            if buf is not None:
+                self.worker.buffers.put(buf)
+            self.counters.errors += 1
+            self._send([self.proto.error_reply(
+                ev.cookie, Errno.ESHUTDOWN, f"export has stepped down: {rt.step_down_reason}")])
+            return
+        self._parked.append((ev, buf, mv))
+        rt.parked_connections.add(self)
+
+    def unpark(self) -> None:
+        """The export was resumed (or stepped down): run the held requests."""
+        self._guarded(self._unpark)
+
+    def _unpark(self) -> None:
+        rt = self.runtime
+        if rt is None or self.closed:
+            return
+        out: list[OutItem] = []
+        while self._parked and not rt.paused:
+            ev, buf, mv = self._parked.popleft()
+            if rt.stepped_down:
+                self._hold(ev, buf, mv)
+            elif rt.blocking or (rt.slow_sync and (ev.cmd is Cmd.FLUSH
+                                                   or ev.flags & CmdFlag.FUA)):
+                self._submit(ev, buf, mv)
+            elif mv is not None and buf is not None:
+                try:
+                    self._do_write(ev, mv, out)
+                finally:
+                    mv.release()
+                    self.worker.buffers.put(buf)
+            else:
+                self._execute(ev, out)
+        if out:
+            self._send(out)
+        if not self._parked and not self.closed:
+            self._process()
+            self._update_interest()
+
+    def _do_write(self, ev: Command, mv: memoryview, out: list[OutItem]) -> None:
+        rt = self.runtime
+        assert rt is not None
+        try:
+            rt.backend.pwrite(mv, ev.offset, bool(ev.flags & CmdFlag.FUA))
+            self.counters.bytes_written += ev.length
+            out.append(self.proto.ok_reply(ev.cookie))
+        except OSError as exc:
+            out.append(self._error(ev, exc))
+        finally:
+            # marked whether or not it succeeded: a failed write may be partly applied
+            tracker = rt.tracker
+            if tracker is not None:
+                tracker.mark(ev.offset, ev.length)
+
+    def _execute(self, ev: Command, out: list[OutItem]) -> None:
+        """Run one request inline and append its reply to ``out``."""
+        cmd = ev.cmd
         if cmd is Cmd.READ:
-            return self._read(ev, out)
+            self._read(ev, out)
+            return
+        rt = self.runtime
+        assert rt is not None
+        backend = rt.backend
+        proto = self.proto
         try:
             if cmd is Cmd.FLUSH:
                 backend.flush()
             elif cmd is Cmd.TRIM:
-                backend.trim(ev.offset, ev.length, bool(ev.flags & CmdFlag.FUA))
+                try:
+                    backend.trim(ev.offset, ev.length, bool(ev.flags & CmdFlag.FUA))
+                finally:
+                    self._mark(ev)
             elif cmd is Cmd.WRITE_ZEROES:
-                backend.zero(ev.offset, ev.length,
-                             may_trim=not ev.flags & CmdFlag.NO_HOLE,
-                             fast=bool(ev.flags & CmdFlag.FAST_ZERO),
-                             fua=bool(ev.flags & CmdFlag.FUA))
+                try:
+                    backend.zero(ev.offset, ev.length,
+                                 may_trim=not ev.flags & CmdFlag.NO_HOLE,
+                                 fast=bool(ev.flags & CmdFlag.FAST_ZERO),
+                                 fua=bool(ev.flags & CmdFlag.FUA))
+                finally:
+                    self._mark(ev)
             elif cmd is Cmd.CACHE:
                 backend.cache(ev.offset, ev.length)
-                out.append(proto.ok_reply(ev.cookie))
-                return 16
             elif cmd is Cmd.BLOCK_STATUS:
                 extents = self._block_status(backend.extents(ev.offset, ev.length), ev)
-                chunks = proto.block_status_reply(ev.cookie, extents)
-                out.extend(chunks)
-                return sum(len(c) for c in chunks)
+                out.extend(proto.block_status_reply(ev.cookie, extents))
+                return
+            elif cmd is Cmd.WRITE:  # zero-length write
+                backend.pwrite(memoryview(b""), ev.offset, bool(ev.flags & CmdFlag.FUA))
             else:  # pragma: no cover - the core validated the command
                 out.append(proto.error_reply(ev.cookie, Errno.EINVAL, "unsupported"))
-                return 16
+                return
         except OSError as exc:
-            if cmd is not Cmd.FLUSH and export.tracker is not None:
-                export.tracker.mark(ev.offset, ev.length)  # may have partly happened
             out.append(self._error(ev, exc))
-            return 16
-        if cmd is not Cmd.FLUSH and export.tracker is not None:
-            export.tracker.mark(ev.offset, ev.length)  # TRIM, WRITE_ZEROES
+            return
         out.append(proto.ok_reply(ev.cookie))
-        return 16
 
-    def _discard_payload(self, ev: Command) -> None:
-        """Receive and drop the payload of a WRITE that will not be executed."""
-        if ev.cmd is Cmd.WRITE and ev.length:
-            buf, _mv = self._recv_payload(ev.length)
-            self.pool.put(buf)
-
-    def _stepped_down_reply(self, ev: Command) -> bytes:
-        assert self.counters is not None and self.export is not None
-        self.counters.errors += 1
-        gate = self.export.gate
-        reason = gate.step_down_reason if gate is not None else ""
-        return self.proto.error_reply(ev.cookie, Errno.ESHUTDOWN,
-                                      f"export has stepped down: {reason}")
+    def _mark(self, ev: Command) -> None:
+        rt = self.runtime
+        if rt is not None and rt.tracker is not None:
+            rt.tracker.mark(ev.offset, ev.length)
 
     def _error(self, ev: Command, exc: OSError) -> bytes:
-        assert self.counters is not None
         self.counters.errors += 1
         err = errno_to_nbd(exc.errno)
         if ev.cmd is Cmd.WRITE_ZEROES and ev.flags & CmdFlag.FAST_ZERO and err == Errno.ENOTSUP:
@@ -428,7 +866,8 @@ class ClientConnection:
         else:
             log.warning("%s: %s offset %d length %d failed: %s", self.peer, ev.cmd.name,
                         ev.offset, ev.length, exc)
-        return self.proto.error_reply(ev.cookie, err, f"{ev.cmd.name} failed: {exc.strerror or exc}")
+        return self.proto.error_reply(ev.cookie, err,
+                                      f"{ev.cmd.name} failed: {exc.strerror or exc}")
 
     @staticmethod
     def _block_status(extents: list[Extent], ev: Command) -> list[tuple[int, int]]:
@@ -437,7 +876,7 @@ class ClientConnection:
         for e in extents:
             if left <= 0:
                 break
-            n = min(e.length, left)  # request lengths are u32, so n fits the wire
+            n = min(e.length, left)
             if n <= 0:
                 break
             out.append((n, e.flags))
@@ -448,75 +887,61 @@ class ClientConnection:
             raise OSError(errno.EIO, "backend returned no extents")
         return out
 
-    def _read(self, ev: Command, out: list[bytes | memoryview | bytearray]) -> int:
+    def _read(self, ev: Command, out: list[OutItem]) -> None:
+        rt = self.runtime
+        assert rt is not None
+        backend = rt.backend
         proto = self.proto
-        export = self.export
-        assert export is not None and self.counters is not None
-        backend = export.backend
         length, offset, cookie = ev.length, ev.offset, ev.cookie
-        if (self.structured and length >= SPARSE_READ_MIN and backend.can_extents
+        if (length >= SPARSE_READ_MIN and self.structured and rt.can_extents
                 and not ev.flags & CmdFlag.DF):
             try:
                 extents = backend.extents(offset, length)
             except OSError:
                 extents = [Extent(length, 0)]
             if any(e.flags & STATE_HOLE for e in extents):
-                return self._sparse_read(ev, extents, out)
+                self._sparse_read(ev, extents, out)
+                return
         if length >= BIG_REPLY:
-            sf_fd = getattr(backend, "sendfile_fd", None)
-            if sf_fd is not None and not isinstance(self.sock, ssl.SSLSocket):
-                # zero-copy: page cache -> socket, no user-space buffer
+            if not backend.resident(offset, length):
+                self._submit(ev, None, None)  # not in the page cache: read on a thread
+                return
+            if self._sendfile_ok:
                 out.append(proto.read_reply_header(cookie, offset, length))
-                self._sendfile(out, sf_fd, offset, length)
-                out.clear()
+                out.append(_FileSlice(rt.sendfile_fd, offset, length))  # type: ignore[arg-type]
                 self.counters.bytes_read += length
-                return 0
-            buf = self.pool.get(length)
+                return
+            pool = self.worker.buffers
+            buf = pool.get(length)
             mv = memoryview(buf)[:length]
             try:
                 backend.pread_into(mv, offset)
             except OSError as exc:
-                self.pool.put(buf)
+                mv.release()
+                pool.put(buf)
                 out.append(self._error(ev, exc))
-                return 16
+                return
             out.append(proto.read_reply_header(cookie, offset, length))
             out.append(mv)
-            self.send(out)
-            out.clear()
-            self.pool.put(buf)
+            out.append(_releaser(pool, buf, mv))
             self.counters.bytes_read += length
-            return 0
+            return
         data = bytearray(length)
         try:
-            backend.pread_into(memoryview(data), offset)
+            if not backend.pread_nowait(memoryview(data), offset):
+                self._submit(ev, None, None)  # not in the page cache: read on a thread
+                return
         except OSError as exc:
             out.append(self._error(ev, exc))
-            return 16
+            return
         out.append(proto.read_reply_header(cookie, offset, length))
         out.append(data)
         self.counters.bytes_read += length
-        return length + 16
 
-    def _sendfile(self, head: list[bytes | memoryview | bytearray], fd: int, offset: int,
-                  length: int) -> None:
-        """Send ``head`` then ``length`` bytes of file ``fd`` at ``offset`` (os.sendfile)."""
-        sock = self.sock
-        with self._send_lock:
-            sock.sendall(b"".join(head), socket.MSG_MORE)
-            sent = 0
-            out_fd = sock.fileno()
-            while sent < length:
-                n = os.sendfile(out_fd, fd, offset + sent, length - sent)
-                if n == 0:  # the file shrank underneath us: the rest reads as zeros
-                    sock.sendall(bytes(length - sent))
-                    break
-                sent += n
-
-    def _sparse_read(self, ev: Command, extents: list[Extent],
-                     out: list[bytes | memoryview | bytearray]) -> int:
+    def _sparse_read(self, ev: Command, extents: list[Extent], out: list[OutItem]) -> None:
+        rt = self.runtime
+        assert rt is not None
         proto = self.proto
-        assert self.export is not None and self.counters is not None
-        backend = self.export.backend
         end = ev.offset + ev.length
         pos = ev.offset
         pieces: list[tuple[int, int, bool]] = []
@@ -537,82 +962,267 @@ class ClientConnection:
                 pieces[-1] = (p[0], p[1] + end - pos, False)
             else:
                 pieces.append((pos, end - pos, False))
-        self.send(out)
-        out.clear()
+        pool = self.worker.buffers
+        chunks: list[OutItem] = []
         for i, (off, n, hole) in enumerate(pieces):
             last = i == len(pieces) - 1
             if hole:
-                self.send([proto.hole_chunk(ev.cookie, off, n, last)])
+                chunks.append(proto.hole_chunk(ev.cookie, off, n, last))
                 continue
-            buf = self.pool.get(n)
+            if self._sendfile_ok and n >= BIG_REPLY:
+                chunks.append(proto.read_reply_header(ev.cookie, off, n, done=last))
+                chunks.append(_FileSlice(rt.sendfile_fd, off, n))  # type: ignore[arg-type]
+                continue
+            buf = pool.get(n)
             mv = memoryview(buf)[:n]
             try:
-                backend.pread_into(mv, off)
+                rt.backend.pread_into(mv, off)
             except OSError as exc:
-                self.pool.put(buf)
-                self.send([self._error(ev, exc)])
-                return 0
-            self.send([proto.read_reply_header(ev.cookie, off, n, done=last), mv])
-            self.pool.put(buf)
+                mv.release()
+                pool.put(buf)
+                # the chunks built so far are dropped: one error reply for the request
+                for c in chunks:
+                    if callable(c):
+                        c()
+                out.append(self._error(ev, exc))
+                return
+            chunks.append(proto.read_reply_header(ev.cookie, off, n, done=last))
+            chunks.append(mv)
+            chunks.append(_releaser(pool, buf, mv))
+        out.extend(chunks)
         self.counters.bytes_read += ev.length
-        return 0
 
-    # --- worker pool path (blocking backends) ---------------------------------------
+    # --- worker threads (blocking backends) -----------------------------------------
 
-    def _submit(self, ev: Command) -> None:
-        limit = self.server.limits.max_inflight
-        with self._inflight_cv:
-            while self._inflight >= limit:
-                self._inflight_cv.wait()
-            self._inflight += 1
-        payload: tuple[bytearray, memoryview] | None = None
-        if ev.cmd is Cmd.WRITE and ev.length:
-            try:
-                payload = self._recv_payload(ev.length)
-            except BaseException:
-                self._done_one()
-                raise
-        assert self._pool is not None
+    def _submit(self, ev: Command, buf: Buffer | None, mv: memoryview | None) -> None:
+        rt = self.runtime
+        assert rt is not None
+        self.inflight += 1
+        rt.active += 1
         self.busy[ev.cookie] = time.monotonic()
-        self._pool.submit(self._run_pooled, ev, payload)
+        if rt.aio and ev.cmd in _AIO_COMMANDS:
+            self._submit_aio(ev, buf, mv)
+            return
+        self.worker.run_blocking(self._blocking_call, ev, buf, mv, self._completed)
 
-    def _run_pooled(self, ev: Command, payload: tuple[bytearray, memoryview] | None) -> None:
+    def _submit_aio(self, ev: Command, buf: Buffer | None, mv: memoryview | None) -> None:
+        """Start a request on a backend with an asynchronous interface (librbd aio):
+        the call returns at once, the completion comes back on the loop."""
+        rt = self.runtime
+        assert rt is not None
+        backend = rt.backend
+        cmd = ev.cmd
+        loop = self.loop
+        if cmd is Cmd.READ:
+            buf = self.worker.buffers.get(ev.length)
+            mv = memoryview(buf)[:ev.length]
+        fua = bool(ev.flags & CmdFlag.FUA)
+
+        def done(err: OSError | None) -> None:  # any thread
+            loop.call_soon_threadsafe(lambda: self._aio_done(ev, buf, mv, err))
+
         try:
-            out: list[bytes | memoryview | bytearray] = []
-            if payload is not None:
-                buf, mv = payload
-                try:
-                    assert self.export is not None and self.counters is not None
-                    self.export.backend.pwrite(mv, ev.offset, bool(ev.flags & CmdFlag.FUA))
-                    self.counters.bytes_written += ev.length
-                    if self.export.tracker is not None:
-                        self.export.tracker.mark(ev.offset, ev.length)
-                    out.append(self.proto.ok_reply(ev.cookie))
-                except OSError as exc:
-                    out.append(self._error(ev, exc))
-                finally:
-                    self.pool.put(buf)
+            if cmd is Cmd.READ:
+                assert mv is not None
+                backend.aio_pread(mv, ev.offset, done)
+            elif cmd is Cmd.WRITE:
+                backend.aio_pwrite(mv if mv is not None else memoryview(b""), ev.offset, fua,
+                                   done)
+            elif cmd is Cmd.FLUSH:
+                backend.aio_flush(done)
+            elif cmd is Cmd.TRIM:
+                backend.aio_trim(ev.offset, ev.length, fua, done)
             else:
-                self._execute(ev, out)
-            self.send(out)
+                backend.aio_zero(ev.offset, ev.length, not ev.flags & CmdFlag.NO_HOLE,
+                                 bool(ev.flags & CmdFlag.FAST_ZERO), fua, done)
         except OSError as exc:
-            log.info("%s: reply to %s failed: %s", self.peer, ev.cmd.name, exc)
-        except Exception:
-            log.exception("%s: internal error in %s", self.peer, ev.cmd.name)
-        finally:
-            self.busy.pop(ev.cookie, None)
-            if self.export is not None and self.export.gate is not None:
-                self.export.gate.leave()
-            self._done_one()
+            done(exc)
 
-    def _done_one(self) -> None:
-        with self._inflight_cv:
-            self._inflight -= 1
-            self._inflight_cv.notify_all()
+    def _aio_done(self, ev: Command, buf: Buffer | None, mv: memoryview | None,
+                  err: OSError | None) -> None:
+        self._guarded(self._aio_done_impl, ev, buf, mv, err)
 
-    def _wait_inflight(self) -> None:
-        with self._inflight_cv:
-            self._inflight_cv.wait_for(lambda: self._inflight == 0)
+    def _aio_done_impl(self, ev: Command, buf: Buffer | None, mv: memoryview | None,
+                       err: OSError | None) -> None:
+        out: list[OutItem] = []
+        cmd = ev.cmd
+        if cmd in _MODIFYING:
+            self._mark(ev)
+        if err is not None:
+            out.append(self._error(ev, err))
+        elif cmd is Cmd.READ and buf is not None and mv is not None:
+            out.append(self.proto.read_reply_header(ev.cookie, ev.offset, ev.length))
+            out.append(mv)
+            out.append(_releaser(self.worker.buffers, buf, mv))
+            self.counters.bytes_read += ev.length
+            buf = mv = None  # released once sent
+        else:
+            if cmd is Cmd.WRITE:
+                self.counters.bytes_written += ev.length
+            out.append(self.proto.ok_reply(ev.cookie))
+        self._completed_impl(ev, buf, mv, out)
+
+    def _blocking_call(self, ev: Command, mv: memoryview | None) -> list[OutItem]:
+        """Runs on a worker thread: the backend call and its reply bytes."""
+        out: list[OutItem] = []
+        if mv is not None:
+            self._do_write(ev, mv, out)
+        elif ev.cmd is Cmd.READ:
+            self._read_threaded(ev, out)
+        else:
+            self._execute(ev, out)
+        return out
+
+    def _read_threaded(self, ev: Command, out: list[OutItem]) -> None:
+        rt = self.runtime
+        assert rt is not None
+        data = bytearray(ev.length)
+        try:
+            rt.backend.pread_into(memoryview(data), ev.offset)
+        except OSError as exc:
+            out.append(self._error(ev, exc))
+            return
+        out.append(self.proto.read_reply_header(ev.cookie, ev.offset, ev.length))
+        out.append(data)
+        self.counters.bytes_read += ev.length
+
+    def _completed(self, ev: Command, buf: Buffer | None, mv: memoryview | None,
+                   out: list[OutItem]) -> None:
+        self._guarded(self._completed_impl, ev, buf, mv, out)
+
+    def _completed_impl(self, ev: Command, buf: Buffer | None, mv: memoryview | None,
+                        out: list[OutItem]) -> None:
+        """Back on the loop: send the reply of a request that ran on a thread."""
+        rt = self.runtime
+        assert rt is not None
+        self.inflight -= 1
+        rt.active -= 1
+        self.busy.pop(ev.cookie, None)
+        if mv is not None:
+            mv.release()
+        if buf is not None:
+            self.worker.buffers.put(buf)
+        if rt.active == 0:
+            rt.quiesced()
+        if self.closed:
+            return
+        if out:
+            self._send(out)
+        if self.phase is Phase.CLOSING or self._eof:
+            self._maybe_finish()
+            return
+        if self._payload is None and self._can_execute():
+            self._process()
+        self._update_interest()
+
+    # --- ending -------------------------------------------------------------------------
+
+    def _maybe_finish(self) -> None:
+        """After DISC, safe close, EOF or stop: once nothing is in flight, flush and
+        close (safe close: reply first)."""
+        if self.closed:
+            return
+        if self.phase is Phase.TRANSMISSION:
+            self.phase = Phase.CLOSING
+        if self.inflight or self._payload is not None:
+            self._update_interest()
+            return
+        if self._parked:
+            rt = self.runtime
+            if rt is not None and rt.paused and not self._eof:
+                self._update_interest()
+                return
+            # the export stays paused but the client is gone: the held requests are
+            # dropped unanswered (like requests in flight at a disconnect)
+            self._drop_parked()
+        ending = self._ending
+        if (isinstance(ending, SafeClose) or self._wrote) and not self._final_flush_done:
+            if self._final_flushing:
+                return
+            rt = self.runtime
+            if rt is None or rt.read_only:
+                self._final_flush_done = True
+            elif rt.blocking or rt.slow_sync:
+                # fdatasync can take long: not on the loop, other clients keep going
+                self._final_flushing = True
+                self.inflight += 1
+                self.worker.run_in_thread(lambda: _flush(rt.backend), self._final_flushed)
+                return
+            else:
+                self._final_flush_error = _flush(rt.backend)
+                self._final_flush_done = True
+        err = self._final_flush_error
+        out: list[OutItem] = []
+        if isinstance(ending, SafeClose):
+            self._ending = None
+            if err is None:
+                out.append(self.proto.ok_reply(ending.cookie))
+                log.info("%s: safe close", self.peer)
+            else:
+                self.counters.errors += 1
+                out.append(self.proto.error_reply(ending.cookie, errno_to_nbd(err.errno),
+                                                  f"flush failed: {err}"))
+                log.warning("%s: safe close failed: flush: %s", self.peer, err)
+        else:
+            if err is not None:
+                log.warning("%s: flush at disconnect failed: %s", self.peer, err)
+            if isinstance(ending, Disconnect):
+                self._ending = None
+                log.info("%s: client disconnected (NBD_CMD_DISC)", self.peer)
+        if out:
+            self._send(out)
+        if self._wq:
+            self._update_interest()
+            return  # the replies leave first; _flush_wq calls back
+        if self.tls is not None and self.tls.established:
+            try:
+                self.tls.obj.unwrap()
+            except (ssl.SSLError, OSError, ValueError):
+                pass
+            data = self.tls.take_output()
+            if data:
+                try:
+                    self.sock.send(data)
+                except OSError:
+                    pass
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.close()
+
+    def _final_flushed(self, err: OSError | None) -> None:
+        self._guarded(self._final_flushed_impl, err)
+
+    def _final_flushed_impl(self, err: OSError | None) -> None:
+        self.inflight -= 1
+        self._final_flushing = False
+        self._final_flush_done = True
+        self._final_flush_error = err
+        self._maybe_finish()
+
+    # --- status ------------------------------------------------------------------------
+
+    def oldest_request_age(self, now: float) -> float:
+        busy = self.busy
+        return now - min(busy.values()) if busy else 0.0
+
+    def describe(self, now: float) -> dict[str, Any]:
+        return {"peer": self.peer, "export": self.export_name, "tls": self.tls is not None,
+                "state": "negotiating" if self.negotiating else "negotiated",
+                "connected_seconds": round(now - self.started, 3)}
 
 
-RunCallback = Callable[[ClientConnection], None]
+def _flush(backend: Any) -> OSError | None:
+    try:
+        backend.flush()
+    except OSError as exc:
+        return exc
+    return None
+
+
+def _releaser(pool: Any, buf: Buffer, mv: memoryview) -> Callable[[], None]:
+    def release() -> None:
+        mv.release()
+        pool.put(buf)
+    return release

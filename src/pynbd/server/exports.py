@@ -1,10 +1,16 @@
-"""Exports: a backend, what the protocol advertises for it, and its counters."""
+"""Exports: a backend, what the protocol advertises for it, and the hooks migration uses.
+
+An :class:`Export` is the supervisor's view of one export. The workers that serve it
+keep their own runtime state (``server/worker.py``); the :class:`IOGate` and the write
+tracker set here reach every worker through the server.
+"""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from pynbd.backends.base import Backend, BackendError
 from pynbd.protocol.constants import BASE_ALLOCATION, MAX_PAYLOAD
@@ -13,7 +19,7 @@ from pynbd.protocol.server import ExportInfo
 
 @dataclass(slots=True)
 class Counters:
-    """Per-export request counters (merged from connections as they report)."""
+    """Per-export request counters."""
 
     bytes_read: int = 0
     bytes_written: int = 0
@@ -27,69 +33,81 @@ class Counters:
         self.errors += other.errors
 
 
-class IOGate:
-    """Lets migration pause an export's I/O (finishing what is in flight) and step down.
+class GateBackend(Protocol):
+    """What an :class:`IOGate` drives: the server, which tells every worker."""
 
-    Connections call :meth:`enter` before each request and :meth:`leave` after it.
+    def gate_pause(self, export: str, timeout: float | None) -> bool: ...
+
+    def gate_resume(self, export: str) -> None: ...
+
+    def gate_step_down(self, export: str, reason: str) -> None: ...
+
+
+class IOGate:
+    """Pauses an export's client I/O in every worker (finishing what is running, holding
+    what arrives, disconnecting nobody) and steps it down (ESHUTDOWN from then on).
+
+    Until the server binds it (``Server.start``) it only records the state; the server
+    applies that state to the workers when it binds.
     """
 
     def __init__(self) -> None:
-        self._cv = threading.Condition()
+        self._lock = threading.Lock()
         self._paused = False
-        self._active = 0
         self.stepped_down = False
         self.step_down_reason = ""
+        self._export = ""
+        self._backend: GateBackend | None = None
 
-    def enter(self) -> bool:
-        """Wait while paused; False once the export has stepped down."""
-        with self._cv:
-            while self._paused:
-                self._cv.wait()
-            if self.stepped_down:
-                return False
-            self._active += 1
-            return True
-
-    def leave(self) -> None:
-        with self._cv:
-            self._active -= 1
-            if self._active == 0:
-                self._cv.notify_all()
+    def bind(self, export: str, backend: GateBackend) -> None:
+        self._export = export
+        self._backend = backend
+        if self.stepped_down:
+            backend.gate_step_down(export, self.step_down_reason)
+        elif self._paused:
+            backend.gate_pause(export, 0)
 
     def pause(self, timeout: float | None = None) -> bool:
-        """Stop new requests; wait until in-flight ones finish. False on timeout (the
+        """Stop new requests; wait until running ones finish. False on timeout (the
         gate stays paused; call resume())."""
-        with self._cv:
+        with self._lock:
             self._paused = True
-            return self._cv.wait_for(lambda: self._active == 0, timeout)
+            backend = self._backend
+        if backend is None:
+            return True
+        return backend.gate_pause(self._export, timeout)
 
     def resume(self) -> None:
-        with self._cv:
+        with self._lock:
             self._paused = False
-            self._cv.notify_all()
+            backend = self._backend
+        if backend is not None:
+            backend.gate_resume(self._export)
 
     def step_down(self, reason: str) -> None:
         """Refuse every further request (ESHUTDOWN): another copy is authoritative now."""
-        with self._cv:
+        with self._lock:
             self.stepped_down = True
             self.step_down_reason = reason
             self._paused = False
-            self._cv.notify_all()
+            backend = self._backend
+        if backend is not None:
+            backend.gate_step_down(self._export, reason)
 
     @property
     def paused(self) -> bool:
         return self._paused
 
-    @property
-    def active(self) -> int:
-        return self._active
-
 
 class WriteTracker:
-    """Receives the ranges clients changed, after the change is on the backend."""
+    """Receives the ranges clients changed, after the change was attempted."""
 
     def mark(self, offset: int, length: int) -> None:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+class TrackerBackend(Protocol):
+    def set_tracker(self, export: str, tracker: Any) -> None: ...
 
 
 @dataclass
@@ -98,14 +116,13 @@ class Export:
     backend: Backend
     description: str = ""
     read_only: bool = False
+    #: largest READ/WRITE payload advertised (NBD_INFO_BLOCK_SIZE maximum)
+    max_request: int = MAX_PAYLOAD
     info: ExportInfo = field(init=False)
-    totals: Counters = field(default_factory=Counters)
-    _live: list[Counters] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
     #: set by migration: pauses and steps down client I/O
     gate: IOGate | None = None
-    #: set by migration: told about every range a client changes (a DirtyMap)
-    tracker: WriteTracker | None = None
+    _tracker: Any = field(default=None, repr=False)
+    _tracker_backend: TrackerBackend | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         b = self.backend
@@ -125,35 +142,21 @@ class Export:
             can_cache=b.can_cache,
             can_multi_conn=b.can_multi_conn,
             rotational=b.rotational,
-            block_size=(minimum, preferred, min(maximum, MAX_PAYLOAD)),
+            block_size=(minimum, min(preferred, maximum, self.max_request),
+                        min(maximum, self.max_request)),
             meta_contexts=(BASE_ALLOCATION,),
         )
 
-    def attach(self) -> Counters:
-        c = Counters()
-        with self._lock:
-            self._live.append(c)
-        return c
-
-    def detach(self, c: Counters) -> None:
-        with self._lock:
-            try:
-                self._live.remove(c)
-            except ValueError:
-                return
-            self.totals.add(c)
-
-    def counters(self) -> Counters:
-        with self._lock:
-            total = Counters()
-            total.add(self.totals)
-            for c in self._live:
-                total.add(c)
-            return total
-
     @property
-    def clients(self) -> int:
-        return len(self._live)
+    def tracker(self) -> Any:
+        """Told about every range a client changes (a migration's dirty map)."""
+        return self._tracker
+
+    @tracker.setter
+    def tracker(self, value: Any) -> None:
+        self._tracker = value
+        if self._tracker_backend is not None:
+            self._tracker_backend.set_tracker(self.name, value)
 
 
 class ExportRegistry:
