@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pynbd.server.control import control_request
+from tests.support.workers import serve_args
 
 REPO = Path(__file__).resolve().parents[2]
 PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() \
@@ -103,8 +104,8 @@ class Procs:
         """pynbd serve IMAGE on a Unix socket with a control socket: (proc, uri, control)."""
         sock = str(self.workdir / f"{name}.sock")
         ctl = str(self.workdir / f"{name}.ctl")
-        p = self.pynbd(["serve", str(image), "--socket", sock, "--control", ctl, *extra],
-                       name, env)
+        p = self.pynbd(["serve", *serve_args([str(image), "--socket", sock, "--control", ctl,
+                                              *extra])], name, env)
         uri = p.first_line()
         p.wait_for(lambda: os.path.exists(ctl), "control socket")
         return p, uri, ctl

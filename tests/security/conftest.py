@@ -15,7 +15,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import workers
 from tests.support.certs import make_pki
+from tests.support.workers import serve_args, server_workers
+
+__all__ = ["server_workers"]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    workers.parametrize(metafunc)
 
 
 @dataclass
@@ -52,7 +60,7 @@ class Served:
 
 def start_pynbd(tmp: Path, *args: str, n_uris: int = 1, timeout: float = 20.0) -> Served:
     err = tmp / f"serve-{time.monotonic_ns()}.log"
-    cmd = [sys.executable, "-m", "pynbd", "serve", *args]
+    cmd = [sys.executable, "-m", "pynbd", "serve", *serve_args(args)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err.open("wb"),
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stdout is not None

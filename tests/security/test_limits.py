@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import socket
 import struct
-import shutil
 import tempfile
 import threading
 import time

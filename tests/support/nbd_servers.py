@@ -20,6 +20,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support.workers import serve_args
+
 READY_TIMEOUT = 20.0
 TRANSPORTS = ("tcp", "tcp6", "unix")
 
@@ -308,6 +310,7 @@ def start_pynbd(workdir: Path, target: str = "memory:64M", *, transport: str = "
     if export:
         argv += ["--export-name", export]
     argv += [*extra, target]
+    argv = argv[:4] + serve_args(argv[4:])
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
     if sock:

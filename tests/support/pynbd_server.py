@@ -17,6 +17,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from tests.support.workers import serve_args
+
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 20.0
 
@@ -34,7 +36,7 @@ class PynbdServer:
         env = dict(os.environ)
         src = str(REPO / "src")
         env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self.args = [_python(), "-m", "pynbd", "serve", *args]
+        self.args = [_python(), "-m", "pynbd", "serve", *serve_args(args)]
         self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      cwd=cwd, env=env)
