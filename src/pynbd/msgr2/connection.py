@@ -3,6 +3,11 @@
 Feed received bytes with :meth:`Connection.receive_data` (or receive straight into
 :meth:`Connection.recv_buffer` and call :meth:`Connection.received`), act on the returned
 events, and write out whatever :meth:`Connection.data_to_send` returns.
+
+(Longer than most modules, ~700 lines, on purpose: it is one class, the state machine of
+both roles through every phase -- banner, hello, auth, ident/reconnect, ready -- and the
+phases share its frame streams, crypto and session; payload codecs, auth methods and
+session bookkeeping already live in their own modules.)
 """
 
 from __future__ import annotations
