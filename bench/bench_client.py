@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from pynbd.client import connect  # noqa: E402
+from pynbd.util.sizes import parse_size  # noqa: E402
 
 
 def start_nbdkit(workdir: Path, name: str, size: int, tcp: bool = False) -> tuple[subprocess.Popen[bytes], str]:
@@ -196,9 +197,7 @@ def main() -> int:
                          "is set (as an installed package would)")
     ap.add_argument("--copy-only", action="store_true", help="skip the latency benchmark")
     args = ap.parse_args()
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    size = int(args.size[:-1]) * mult[args.size[-1].upper()] if args.size[-1].isalpha() \
-        else int(args.size)
+    size = parse_size(args.size)
     for prog in ("nbdkit", "nbdcopy"):
         if shutil.which(prog) is None:
             raise SystemExit(f"{prog} is required")

@@ -133,7 +133,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3, help="runs per row (median)")
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
     args = ap.parse_args()
-    from pynbd.backends import parse_size
+    from pynbd.util.sizes import parse_size
 
     size = parse_size(args.size)
     rate = parse_size(args.writer_rate)

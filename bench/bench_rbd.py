@@ -35,6 +35,8 @@ sys.path.insert(0, str(REPO / "src"))
 from tests.support.ceph_cluster import CephCluster  # noqa: E402
 from tests.support.pynbd_server import PynbdServer  # noqa: E402
 
+from pynbd.util.sizes import parse_size  # noqa: E402
+
 MiB = 1 << 20
 
 
@@ -61,13 +63,6 @@ WORKLOADS = [
     Workload("4K rand write", "randwrite", "write", "rand", 4096),
     Workload("4K rand read", "randread", "read", "rand", 4096),
 ]
-
-
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"(\d+)([KMG]?)", text.upper())
-    if not m:
-        raise SystemExit(f"bad size {text!r}")
-    return int(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2)]
 
 
 def run(cmd: list[str], env: dict[str, str], timeout: float = 600) -> str:

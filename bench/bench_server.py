@@ -32,6 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from pynbd.util.sizes import parse_size  # noqa: E402
+
 MiB = 1024 * 1024
 
 PYTHON_PLUGIN = '''\
@@ -236,14 +240,6 @@ WORKLOADS: list[tuple[str, str, tuple[str, str, int] | tuple[()]]] = [
     ("nbdcopy export->null", "nbdcopy", ()),
     ("connections/s", "conns", ()),
 ]
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().removesuffix("IB").removesuffix("B")
-    if text[-1] in units:
-        return int(text[:-1]) * units[text[-1]]
-    return int(text)
 
 
 def main() -> int:

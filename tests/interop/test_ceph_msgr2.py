@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 from tests.support.ceph_cluster import CephCluster
 
+from pynbd.ceph.keyring import read_keyring
+from pynbd.ceph.monclient import MonClient, target_from_conf
 from pynbd.msgr2.aio import Msgr2Client, SessionOptions
-from pynbd.msgr2.auth import AuthNone, CephxAuth, CryptoKey, read_keyring
+from pynbd.msgr2.auth import AuthNone, CephxAuth, CryptoKey
 from pynbd.msgr2.constants import EntityType
 from pynbd.msgr2.encoding import EntityName
 from pynbd.msgr2.errors import AuthenticationError
-from pynbd.msgr2.monclient import MonClient, target_from_conf
 
 pytestmark = [pytest.mark.interop, pytest.mark.ceph, pytest.mark.timeout(300)]
 

@@ -190,7 +190,7 @@ def test_nonce_counter_never_repeats() -> None:
         p.client.send_message(0x7001, b"x" * (i % 90), b"d" * size, b"m" * (i % 3))
         if i % 7 == 0:
             p.server.send_message(0x7002, b"y" * (i % 60))
-            p.client.send_keepalive()
+            p.client.send_keepalive(now=1000.0 + i)
         p.pump()
     for name, values in seen.items():
         assert len(values) == len(set(values)), f"{name}: nonce reused"
@@ -205,7 +205,7 @@ def test_nonce_counter_never_repeats() -> None:
 def test_usage_errors_put_nothing_on_the_wire() -> None:
     p = make_pair("psk", "crc")
     with pytest.raises(UsageError):
-        p.client.send_keepalive()
+        p.client.send_keepalive(now=0.0)
     with pytest.raises(UsageError):
         p.client.send_message(1 << 16, b"")
     with pytest.raises(UsageError):

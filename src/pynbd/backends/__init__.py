@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from pynbd.backends.base import Backend, BackendError, Extent
+from pynbd.util.sizes import parse_size
 
 __all__ = ["Backend", "BackendError", "CephOptions", "Extent", "open_backend",
            "open_worker_backend", "parse_size"]
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50,
-          "e": 1 << 60}
-
-
-def parse_size(text: str) -> int:
-    """``512``, ``64K``, ``64M``, ``1G``, ``1GiB``, ``2T`` -> bytes (binary units)."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kmgtpeKMGTPEbB]?)(?:i?[bB])?\s*", text)
-    if not m:
-        raise ValueError(f"invalid size {text!r} (expected e.g. 512, 64M, 1G, 2T)")
-    return int(m.group(1)) * _UNITS[m.group(2).lower()]
 
 
 @dataclass(frozen=True)

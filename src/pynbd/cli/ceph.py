@@ -8,8 +8,9 @@ import json
 import sys
 from typing import Any
 
+from pynbd.ceph.monclient import target_from_conf
+from pynbd.ceph.status import cluster_status
 from pynbd.msgr2.errors import Msgr2Error, UsageError
-from pynbd.msgr2.monclient import MonClient, target_from_conf
 
 
 def register(subparsers: Any) -> None:
@@ -36,17 +37,7 @@ def register(subparsers: Any) -> None:
 
 async def _status(args: argparse.Namespace) -> bytes:
     target = target_from_conf(args.conf, args.name, args.keyring, args.cluster)
-    if args.mode == "secure" and target.keyring is None:
-        raise UsageError("secure mode needs cephx (the cluster config says auth none)")
-    mon = await MonClient.connect(target, args.mode, args.connect_timeout)
-    try:
-        r, rs, out = await mon.command({"prefix": "status", "format": "json"},
-                                       timeout=max(args.connect_timeout, 30.0))
-    finally:
-        await mon.close()
-    if r < 0:
-        raise RuntimeError(f"mon {mon.addr[0]}:{mon.addr[1]} refused 'status': {r} {rs}")
-    return out
+    return await cluster_status(target, args.mode, args.connect_timeout)
 
 
 def status_main(args: argparse.Namespace) -> int:

@@ -9,7 +9,8 @@ import signal
 import sys
 from typing import Any
 
-from pynbd.backends import BackendError, parse_size
+from pynbd.backends import BackendError
+from pynbd.util.sizes import parse_size
 
 log = logging.getLogger("pynbd.listen")
 

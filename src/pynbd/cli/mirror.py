@@ -36,7 +36,7 @@ EXIT_CODES_HELP = f"""exit codes:
 
 
 def parse_bps(text: str) -> int:
-    from pynbd.backends import parse_size
+    from pynbd.util.sizes import parse_size
 
     return parse_size(text)
 

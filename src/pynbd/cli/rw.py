@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pynbd.backends import parse_size
 from pynbd.cli.control import call
+from pynbd.util.sizes import parse_size
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2

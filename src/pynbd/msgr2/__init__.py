@@ -1,11 +1,13 @@
-"""Ceph's msgr2.1 wire protocol: a sans-I/O core (frames, connection state machine,
-sessions, auth none / pre-shared key / cephx client) and an asyncio layer (``aio``).
+"""Ceph's msgr2.1 wire protocol as a sans-I/O core: frames, the connection state
+machine, sessions, auth (none, pre-shared key, the cephx client). Nothing here does I/O
+or reads a clock: callers feed bytes in, take bytes out, and pass ``now`` in.
 
-See docs/msgr2.md. The asyncio layer is not imported here: ``from pynbd.msgr2.aio import
-Msgr2Client, Msgr2Server``.
+The asyncio driver is its own package, not imported here: ``from pynbd.msgr2.aio import
+Msgr2Client, Msgr2Server``. Ceph as an application (ceph.conf, keyrings, the monitor
+client) is :mod:`pynbd.ceph`. See docs/msgr2.md.
 """
 
-from pynbd.msgr2.auth import AuthNone, CephxAuth, CryptoKey, PskAuth, read_keyring
+from pynbd.msgr2.auth import AuthNone, CephxAuth, CryptoKey, PskAuth
 from pynbd.msgr2.connection import Connection, ConnectionConfig, Role
 from pynbd.msgr2.constants import AuthMethod, ConMode, EntityType, MsgType, Tag
 from pynbd.msgr2.errors import (
@@ -39,5 +41,4 @@ __all__ = [
     "SessionResetError",
     "Tag",
     "UsageError",
-    "read_keyring",
 ]

@@ -9,7 +9,6 @@ import hmac
 import os
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 from cryptography.hazmat.primitives import hashes, padding
@@ -351,30 +350,6 @@ class CryptoKey:
 
     def decode_decrypt(self, r: Reader) -> bytes:
         return self.decrypt_enc(r.blob())
-
-
-def read_keyring(path: str | os.PathLike[str], name: str) -> CryptoKey:
-    """The key of entity ``name`` (e.g. ``client.admin``) in a Ceph keyring file."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise UsageError(f"cannot read keyring {p}: {exc.strerror or exc}") from None
-    section = None
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line[0] in "#;":
-            continue
-        if line.startswith("["):
-            section = line.strip("[]").strip()
-            continue
-        k, sep, v = line.partition("=")
-        if sep and section == name and k.strip() == "key":
-            try:
-                return CryptoKey.from_base64(v.strip().strip('"'))
-            except UsageError as exc:
-                raise UsageError(f"{p}:{lineno}: {exc}") from None
-    raise UsageError(f"keyring {p} has no key for {name}")
 
 
 @dataclass

@@ -3,6 +3,11 @@
 Feed received bytes with :meth:`Connection.receive_data` (or receive straight into
 :meth:`Connection.recv_buffer` and call :meth:`Connection.received`), act on the returned
 events, and write out whatever :meth:`Connection.data_to_send` returns.
+
+(Longer than most modules, ~700 lines, on purpose: it is one class, the state machine of
+both roles through every phase -- banner, hello, auth, ident/reconnect, ready -- and the
+phases share its frame streams, crypto and session; payload codecs, auth methods and
+session bookkeeping already live in their own modules.)
 """
 
 from __future__ import annotations
@@ -11,7 +16,6 @@ import enum
 import hmac
 import os
 import struct
-import time
 from dataclasses import dataclass, field
 
 from pynbd.msgr2._types import Buffer
@@ -692,12 +696,13 @@ class Connection:
         else:
             self._pending.append(m)
 
-    def send_keepalive(self, now: float | None = None) -> None:
+    def send_keepalive(self, now: float) -> None:
+        """Queue a KEEPALIVE2 stamped ``now`` (wall-clock seconds, as Ceph stamps it;
+        the core has no clock: the driver passes it)."""
         self._check_open()
         if self.state is not State.READY:
             raise UsageError("keepalive before the session is established")
-        t = time.time() if now is None else now
-        self._send_control(Keepalive2(int(t) & 0xFFFFFFFF, int((t % 1) * 1e9)))
+        self._send_control(Keepalive2(int(now) & 0xFFFFFFFF, int((now % 1) * 1e9)))
 
     def send_ack(self) -> None:
         self._check_open()

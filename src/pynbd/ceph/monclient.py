@@ -10,19 +10,22 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from pynbd.msgr2.aio import ClientSession, Msgr2Client, SessionOptions
-from pynbd.msgr2.auth import AuthNone, CephxAuth, ClientAuth, read_keyring
-from pynbd.msgr2.ceph import (
+from pynbd.ceph.conf import (
     CephConf,
-    decode_mon_command_ack,
-    decode_monmap_fsid,
     default_keyring_paths,
-    encode_mon_command,
-    encode_mon_subscribe,
     expand_meta,
     parse_mon_host,
     read_ceph_conf,
 )
+from pynbd.ceph.keyring import read_keyring
+from pynbd.ceph.messages import (
+    decode_mon_command_ack,
+    decode_monmap_fsid,
+    encode_mon_command,
+    encode_mon_subscribe,
+)
+from pynbd.msgr2.aio import ClientSession, Msgr2Client, SessionOptions
+from pynbd.msgr2.auth import AuthNone, CephxAuth, ClientAuth
 from pynbd.msgr2.constants import EntityType, MsgType
 from pynbd.msgr2.encoding import EntityName
 from pynbd.msgr2.errors import Msgr2Error, ProtocolError, UsageError

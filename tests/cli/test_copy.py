@@ -1,4 +1,5 @@
-"""``pynbd copy`` (nbdcopy conventions): URIs, files, streams, sparseness, checksums."""
+"""``pynbd copy`` (nbdcopy conventions) run as a program: URIs, files, streams, sparseness,
+checksums, messages and exit codes. The engine on its own is tested in tests/copy."""
 
 from __future__ import annotations
 
@@ -14,8 +15,6 @@ import pytest
 from pynbd.cli import copy as copy_cli
 from pynbd.client import connect
 from tests.client.conftest import IMAGE_SIZE, TIMEOUT, Servers, expected_image
-
-pytestmark = pytest.mark.interop
 
 
 def pynbd_copy(*args: str, stdin: bytes | None = None, split: bool = True,
@@ -143,38 +142,6 @@ def test_file_to_nbd_without_checksum(servers: Servers, tmp_path: Path,
         assert c.read(len(blob), 4096) == b"\xee" * 4096
 
 
-def test_zero_copy_is_chosen_when_possible(servers: Servers, tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """In-process: which workers forward without buffers (no checksum, no TLS, an NBD
-    destination) and which buffer the data."""
-    used: list[bool] = []
-    real = copy_cli._Worker.run
-
-    def run(self: copy_cli._Worker) -> None:
-        used.append(self.forward)
-        real(self)
-    monkeypatch.setattr(copy_cli._Worker, "run", run)
-    src = servers.start("qemu-nbd", "unix")
-    dst = servers.start("nbdkit-memory", "unix")
-    img = tmp_path / "img"
-    img.write_bytes(bytes(expected_image()))
-    cases: list[tuple[str, str, copy_cli.Options, bool]] = [
-        (src.uri(), dst.uri(), copy_cli.Options(connections=2, threads=2), True),
-        (str(img), dst.uri(), copy_cli.Options(connections=1), True),
-        (src.uri(), dst.uri(), copy_cli.Options(connections=1, checksum="sha256"), False),
-        (src.uri(), dst.uri(), copy_cli.Options(connections=1, zero_copy=False), False),
-        (src.uri(), str(tmp_path / "out"), copy_cli.Options(connections=1), False),
-    ]
-    for s_uri, d_uri, opts, forward in cases:
-        used.clear()
-        total, _ = copy_cli.copy(s_uri, d_uri, opts, timeout=TIMEOUT)
-        assert total == IMAGE_SIZE
-        assert used and all(u == forward for u in used), (s_uri, d_uri, opts)
-    assert (tmp_path / "out").read_bytes() == expected_image()
-    with connect(dst.uri(), timeout=TIMEOUT) as c:
-        assert c.read(0, IMAGE_SIZE) == expected_image()
-
-
 def test_allocated_and_destination_is_zero(servers: Servers) -> None:
     src = servers.start("qemu-nbd")
     dst = servers.start("nbdkit-memory")
@@ -220,3 +187,72 @@ def test_stdin_to_file_and_file_to_file(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert again.read_bytes() == blob
     assert os.stat(again).st_blocks * 512 < len(blob)  # holes stayed holes
+
+
+def _sparse_file(path: Path, blob: bytes, holes: list[tuple[int, int]]) -> None:
+    """Write ``blob`` to ``path`` leaving the (offset, length) ranges as holes."""
+    with open(path, "wb") as f:
+        f.truncate(len(blob))
+        pos = 0
+        for off, ln in [*holes, (len(blob), 0)]:
+            f.seek(pos)
+            f.write(blob[pos:off])
+            pos = off + ln
+
+
+def test_destination_is_zero_does_not_shorten_a_stream(tmp_path: Path) -> None:
+    """A stream destination has no earlier contents: --destination-is-zero must not drop
+    the source's zero ranges from it (it used to write a shorter stream)."""
+    blob = os.urandom(1 << 20) + bytes(3 << 20) + os.urandom(4096) + bytes(2 << 20)
+    src = tmp_path / "sparse.img"
+    _sparse_file(src, blob, [(1 << 20, 3 << 20), ((4 << 20) + 4096, 2 << 20)])
+    assert os.stat(src).st_blocks * 512 < len(blob)  # the holes are real
+    for extra in ([], ["--connections=4", "--threads=4"], ["--allocated"]):
+        r = pynbd_copy(str(src), "-", "--destination-is-zero", "--checksum", *extra)
+        assert r.returncode == 0, r.stderr
+        assert len(r.stdout) == len(blob) and r.stdout == blob, extra
+        assert b"sha256:" + sha(blob).encode() in r.stderr
+    # stdin -> stdout: all-zero blocks are written out too
+    r = pynbd_copy("-", "-", "--destination-is-zero", "--request-size=1M", stdin=blob)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == blob
+
+
+def test_destination_is_zero_still_skips_for_files(tmp_path: Path) -> None:
+    """... while a file destination keeps the holes (and reads back the same)."""
+    blob = os.urandom(4096) + bytes(8 << 20) + os.urandom(4096)
+    src = tmp_path / "sparse.img"
+    _sparse_file(src, blob, [(4096, 8 << 20)])
+    dst = tmp_path / "out.img"
+    r = pynbd_copy(str(src), str(dst), "--destination-is-zero")
+    assert r.returncode == 0, r.stderr
+    assert dst.read_bytes() == blob
+    assert os.stat(dst).st_blocks * 512 < len(blob) // 2
+    r = pynbd_copy("-", str(dst), "--destination-is-zero", stdin=blob)
+    assert r.returncode == 0, r.stderr
+    assert dst.read_bytes() == blob
+
+
+def test_request_size_units(tmp_path: Path) -> None:
+    """--request-size takes the same sizes as every other size option (binary units)."""
+    src = tmp_path / "src.img"
+    blob = os.urandom(3 << 20)
+    src.write_bytes(blob)
+    for size in ("256K", "256KiB", "1m", "4096", "1MB"):
+        r = pynbd_copy(str(src), str(tmp_path / "dst.img"), f"--request-size={size}")
+        assert r.returncode == 0, (size, r.stderr)
+        assert (tmp_path / "dst.img").read_bytes() == blob
+    for bad in ("-1M", "1.5M", "12Q", ""):
+        r = pynbd_copy(str(src), str(tmp_path / "dst.img"), f"--request-size={bad}")
+        assert r.returncode == 2 and b"--request-size" in r.stderr, (bad, r.stderr)
+
+
+def test_bad_arguments(tmp_path: Path) -> None:
+    src = tmp_path / "src.img"
+    src.write_bytes(b"x" * 4096)
+    for args, msg in [(["--connections=0"], b">= 1"), (["--requests=0"], b">= 1"),
+                      (["--checksum=nosuchhash"], b"unknown checksum"),
+                      (["--verify"], b"cannot re-read stdout")]:
+        r = pynbd_copy(str(src), "-", *args)
+        assert r.returncode == 1 and msg in r.stderr, (args, r.stderr)
+        assert r.stdout == b""

@@ -14,9 +14,8 @@ import pytest
 from pynbd.msgr2.aio import Msgr2Client, Msgr2Server, ServerSession, SessionOptions
 from pynbd.msgr2.auth import AuthNone, PskAuth
 from pynbd.msgr2.errors import AuthenticationError, ConnectionClosedError, SessionResetError
-
-from ._pair import KEY, MODES
-from ._relay import Relay
+from tests.msgr2._pair import KEY, MODES
+from tests.msgr2._relay import Relay
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,31 +1,21 @@
-"""Control frame payloads, entity encodings, cephx primitives, keyrings and ceph.conf."""
+"""Control frame payloads, entity encodings and cephx primitives.
+(Keyrings, ceph.conf and monitor messages: tests/ceph.)"""
 
 from __future__ import annotations
 
-import base64
 import struct
-import uuid
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pynbd.msgr2.auth import CEPHX_ENC_MAGIC, CryptoKey, read_keyring
-from pynbd.msgr2.ceph import (
-    decode_mon_command_ack,
-    decode_monmap_fsid,
-    encode_mon_command,
-    parse_mon_host,
-    read_ceph_conf,
-)
+from pynbd.msgr2.auth import CEPHX_ENC_MAGIC, CryptoKey
 from pynbd.msgr2.connection import Connection, Role, State
 from pynbd.msgr2.constants import AddrType, Tag
 from pynbd.msgr2.encoding import EntityAddr, EntityAddrVec, EntityName, Reader
 from pynbd.msgr2.errors import ProtocolError, UsageError
 from pynbd.msgr2.events import WaitRequested
 from pynbd.msgr2.frames import FrameAssembler
-from pynbd.msgr2.monclient import target_from_conf
 from pynbd.msgr2.payloads import (
     CONTROL_PAYLOADS,
     AuthBadMethod,
@@ -96,69 +86,11 @@ def test_cephx_encrypt_layout() -> None:
     assert plain[0] == 1 and struct.unpack_from("<Q", plain, 1)[0] == CEPHX_ENC_MAGIC
 
 
-def test_keyring(tmp_path: Path) -> None:
-    secret = bytes(range(16))
-    blob = struct.pack("<HIIH", 1, 1700000000, 0, 16) + secret
-    kr = tmp_path / "k"
-    kr.write_text(f"[client.other]\n\tkey = {base64.b64encode(bytes(32)).decode()}\n"
-                  f"[client.admin]\n\tkey = {base64.b64encode(blob).decode()}\n"
-                  '\tcaps mon = "allow *"\n')
-    assert read_keyring(kr, "client.admin").secret == secret
-    with pytest.raises(UsageError, match=r"no key for client\.x"):
-        read_keyring(kr, "client.x")
-    with pytest.raises(UsageError, match=r"k:2"):
-        read_keyring(kr, "client.other")
-    with pytest.raises(UsageError, match="cannot read keyring"):
-        read_keyring(tmp_path / "missing", "client.admin")
-
-
-@pytest.mark.parametrize("value,want", [
-    ("[v2:127.0.0.1:3300,v1:127.0.0.1:6789]", [("127.0.0.1", 3300)]),
-    ("[v2:10.0.0.1:3300/0,v1:10.0.0.1:6789/0] [v2:10.0.0.2:3301]",
-     [("10.0.0.1", 3300), ("10.0.0.2", 3301)]),
-    ("10.0.0.1,10.0.0.2:4000", [("10.0.0.1", 3300), ("10.0.0.2", 4000)]),
-    ("v2:127.0.0.1:5000", [("127.0.0.1", 5000)]),
-    ("[v1:127.0.0.1:6789]", []),
-])
-def test_parse_mon_host(value: str, want: list[tuple[str, int]]) -> None:
-    assert parse_mon_host(value) == want
-
-
-def test_conf_and_target(tmp_path: Path) -> None:
-    secret = bytes(16)
-    blob = struct.pack("<HIIH", 1, 0, 0, 16) + secret
-    kr = tmp_path / "ceph.client.admin.keyring"
-    kr.write_text(f"[client.admin]\nkey = {base64.b64encode(blob).decode()}\n")
-    conf = tmp_path / "ceph.conf"
-    fsid = uuid.uuid4()
-    conf.write_text(f"[global]\nfsid = {fsid}\nmon host = [v2:127.0.0.1:3300]  # comment\n"
-                    "auth client required = cephx\n[client]\n"
-                    f"keyring = {tmp_path}/$cluster.$name.keyring\n")
-    c = read_ceph_conf(conf)
-    assert c.get("client.admin", "mon_host") == "[v2:127.0.0.1:3300]"
-    t = target_from_conf(conf)
-    assert t.fsid == fsid and t.keyring == kr and t.addrs == [("127.0.0.1", 3300)]
-    conf.write_text("[global]\nmon_host = 127.0.0.1\nauth_client_required = cephx\n")
-    with pytest.raises(UsageError, match=r"no keyring for client\.admin"):
-        target_from_conf(conf, keyring=None, cluster="nosuchcluster-pynbd")
-    with pytest.raises(UsageError, match="does not exist"):
-        target_from_conf(conf, keyring=str(tmp_path / "nope"))
-    conf.write_text("[global]\nfsid = 1\n")
-    with pytest.raises(UsageError, match="no mon_host"):
-        target_from_conf(conf)
+def test_entity_name_parse() -> None:
+    n = EntityName.parse("client.admin")
+    assert EntityName.parse(str(n)) == n
     with pytest.raises(UsageError, match="bad entity name"):
         EntityName.parse("admin")
-
-
-def test_mon_messages() -> None:
-    fsid = uuid.uuid4()
-    front = encode_mon_command(1, fsid, {"prefix": "status"})
-    assert front[18:34] == fsid.bytes
-    ack = struct.pack("<QHQi", 0, 0xFFFF, 0, -2) + struct.pack("<I", 3) + b"bad"
-    a = decode_mon_command_ack(ack)
-    assert (a.r, a.rs) == (-2, "bad")
-    monmap = bytes([9, 6]) + struct.pack("<I", 20) + fsid.bytes + bytes(4)
-    assert decode_monmap_fsid(struct.pack("<I", len(monmap)) + monmap) == fsid
 
 
 def test_client_handles_wait() -> None:

@@ -1,0 +1,28 @@
+"""The ``pynbd`` command itself: its version, from the one place it is written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pynbd
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_version_is_written_once() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "version" not in project["project"]
+    assert "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "pynbd.__version__"}
+    assert pynbd.__version__.count(".") == 2 and "## " + pynbd.__version__ in \
+        (REPO / "CHANGELOG.md").read_text()
+
+
+def test_version_option() -> None:
+    r = subprocess.run([sys.executable, "-m", "pynbd", "--version"], capture_output=True,
+                       text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"pynbd {pynbd.__version__}"
