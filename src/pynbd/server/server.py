@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pynbd.backends.base import ThreadModel
 from pynbd.protocol.server import ServerConfig, TLSMode
 from pynbd.server.acl import AccessList
 from pynbd.server.channel import Channel, channel_pair
@@ -478,6 +479,9 @@ class Server:
         if self.tls_context is not None and self.options.tls_files is None:
             return "the TLS context was given without its certificate files"
         for name, e in self.registry.exports.items():
+            model = e.backend.thread_model
+            if model in (ThreadModel.SERIALIZE_ALL_REQUESTS, ThreadModel.SERIALIZE_CONNECTIONS):
+                return f"export {name!r} serializes {model.value.split('_', 1)[1]}"
             spec = e.backend.worker_spec()
             if spec is None:
                 return (f"export {name!r} ({e.backend.name}) keeps its state in one "
