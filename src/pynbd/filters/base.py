@@ -14,7 +14,7 @@ import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pynbd.backends.base import Backend, Extent, Param, ThreadModel
+from pynbd.backends.base import Backend, ConfigError, Extent, Param, ThreadModel
 
 if TYPE_CHECKING:
     from pynbd.backends.loader import FilterSpec
@@ -174,6 +174,12 @@ class Filter(Backend):
                    *inner["filters"]]  # type: ignore[misc]
         fds = list(base.get("fds", []))  # type: ignore[call-overload]
         return {"kind": "stack", "base": inner["base"], "filters": filters, "fds": fds}
+
+    def configure(self, params: dict[str, str]) -> None:
+        """Change parameters at run time (``pynbd filter --control``). Raise ConfigError
+        for what cannot change; the default: nothing can."""
+        raise ConfigError(f"filter {self.spec.name if self.spec else type(self).__name__} "
+                          "cannot be changed at run time")
 
     def stats(self) -> dict[str, Any] | None:
         """What ``pynbd status`` shows for this filter (None: nothing)."""

@@ -132,6 +132,15 @@ class ExportRuntime:
             conn.unpark()
 
 
+def configure_stack(top: Backend, name: str, params: dict[str, str]) -> int:
+    n = 0
+    for layer in top.layers if isinstance(top, Filter) else []:
+        if isinstance(layer, Filter) and layer.spec is not None and layer.spec.name == name:
+            layer.configure(params)
+            n += 1
+    return n
+
+
 class Worker:
     def __init__(self, loop: Loop, provider: ExportProvider, backends: dict[str, Backend],
                  protocol_config: ServerConfig, tls_context: ssl.SSLContext | None,
@@ -287,6 +296,13 @@ class Worker:
         if rt is not None:
             rt.tracker = tracker
             rt.rebind()
+
+    def configure_filter(self, export: str, name: str, params: dict[str, str]) -> int:
+        """Apply run-time parameters to every ``name`` filter of ``export``; how many."""
+        rt = self.runtimes.get(export)
+        if rt is None:
+            return 0
+        return configure_stack(rt.base, name, params)
 
     def disconnect_export(self, name: str, reason: str) -> int:
         n = 0
