@@ -13,7 +13,15 @@ import os
 import stat
 import threading
 
-from pynbd.backends.base import STATE_HOLE, STATE_ZERO, Backend, BackendError, Extent
+from pynbd.backends.base import (
+    STATE_HOLE,
+    STATE_ZERO,
+    Backend,
+    BackendError,
+    ConfigError,
+    Extent,
+    parse_params,
+)
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -38,6 +46,7 @@ class FileBackend(Backend):
     can_multi_conn = True  # one fd, one page cache: a flush covers every connection
     can_extents = True
     slow_sync = True  # fdatasync
+    blocking = False  # page-cache reads are tried without waiting (RWF_NOWAIT)
 
     def __init__(self, path: str, read_only: bool = False, fd: int | None = None) -> None:
         self.path = path
@@ -69,6 +78,14 @@ class FileBackend(Backend):
         self.sendfile_fd: int | None = self.fd
         self._nowait_ok = bool(_RWF_NOWAIT) and not self.is_block
         self._probe = bytearray(1)
+
+    @classmethod
+    def open_target(cls, target: str, params: dict[str, str], read_only: bool) -> Backend:
+        """``PATH`` (a regular file or a block device); no parameters."""
+        parse_params("file backend", {}, params)
+        if not target:
+            raise ConfigError("file backend: no path given")
+        return cls(target, read_only=read_only)
 
     def worker_spec(self) -> dict[str, object] | None:
         # worker processes share this open file (and so its page cache): a FLUSH in

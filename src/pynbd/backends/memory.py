@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import os
 
-from pynbd.backends.base import BackendError
+from pynbd.backends.base import Backend, BackendError, ConfigError, parse_params
 from pynbd.backends.file import FileBackend
 
 
@@ -39,6 +39,18 @@ class MemoryBackend(FileBackend):
         self.size = size
         self.can_fast_zero = not read_only
         self._nowait_ok = False  # memory never waits for a disk
+
+    @classmethod
+    def open_target(cls, target: str, params: dict[str, str], read_only: bool) -> Backend:
+        """``memory:SIZE`` (``64M``, ``1G``, bytes); no parameters."""
+        from pynbd.backends import parse_size
+
+        parse_params("memory backend", {}, params)
+        try:
+            size = parse_size(target)
+        except ValueError as exc:
+            raise ConfigError(f"memory:{target}: {exc}") from None
+        return cls(size, read_only=read_only)
 
     def worker_spec(self) -> dict[str, object] | None:
         return {"kind": "memory", "fd": self.fd, "fds": [self.fd], "size": self.size,

@@ -11,7 +11,7 @@ import sys
 import threading
 from types import FrameType
 
-from pynbd.backends import BackendError, CephOptions, open_backend
+from pynbd.backends import BackendError, CephOptions, open_backend, parse_filter, parse_kv
 from pynbd.protocol.server import TLSMode
 from pynbd.server.config import ConfigError, ExportConfig, ServeConfig, load_config
 from pynbd.server.exports import Export, ExportRegistry
@@ -65,7 +65,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                     "rbd:POOL/IMAGE[@SNAP]) over NBD. Runs in the foreground, logs to stderr, "
                     "prints the NBD URI it serves on stdout.")
     p.add_argument("target", nargs="?", metavar="TARGET",
-                   help="file or block device, memory:SIZE, rbd:POOL/IMAGE[@SNAP]")
+                   help="file or block device, memory:SIZE, rbd:POOL/IMAGE[@SNAP], "
+                        "python:PLUGIN.py[:CLASS] or python:module[:CLASS], or a scheme an "
+                        "installed package registers")
+    p.add_argument("params", nargs="*", metavar="KEY=VALUE",
+                   help="the plugin's parameters (docs/plugins.md)")
+    p.add_argument("--filter", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
+                   dest="filters",
+                   help="put a filter in front of the plugin (repeatable; the first is "
+                        "outermost): cow, rate, delay, error, log, stats, blocksize, "
+                        "readonly, or one a package registers")
     p.add_argument("--bind", "-b", metavar="ADDR", default=None,
                    help="address to listen on (default: loopback, 127.0.0.1 and ::1); a "
                         "non-loopback address needs --tls=require --tls-verify-peer (client "
@@ -156,13 +165,16 @@ def setup_logging(verbose: int, quiet: bool) -> None:
 def build_config(args: argparse.Namespace) -> ServeConfig:
     if args.config:
         cfg = load_config(args.config)
-        if args.target:
-            raise ConfigError("give either TARGET or --config, not both")
+        if args.target or args.params or args.filters:
+            raise ConfigError("give either TARGET (with KEY=VALUE and --filter) or --config, "
+                              "not both")
     else:
         if not args.target:
             raise ConfigError("no TARGET given (a file, block device, memory:SIZE or rbd:...)")
-        cfg = ServeConfig(exports=[ExportConfig(args.export_name, args.target, args.description,
-                                                args.read_only)])
+        cfg = ServeConfig(exports=[ExportConfig(
+            args.export_name, args.target, args.description, args.read_only,
+            params=parse_kv(args.params, args.target),
+            filters=[parse_filter(f) for f in args.filters])])
     if args.bind is not None:
         cfg.bind = args.bind
     if args.port is not None:
@@ -182,7 +194,8 @@ def build_server(args: argparse.Namespace) -> Server:
     failed = []
     for e in cfg.exports:
         try:
-            backend = open_backend(e.target, read_only=e.read_only, ceph=ceph)
+            backend = open_backend(e.target, read_only=e.read_only, ceph=ceph,
+                                   params=e.params, filters=e.filters)
         except BackendError as exc:
             # one unreachable target must not take the other exports down
             log.error("export %r: cannot open %s: %s", e.name, e.target, exc.strerror)

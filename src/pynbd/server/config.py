@@ -10,9 +10,12 @@
 
     [[export]]
     name = "disk"
-    target = "/srv/disk.img"   # file, block device, memory:SIZE or rbd:POOL/IMAGE[@SNAP]
+    target = "/srv/disk.img"   # file, block device, memory:SIZE, rbd:POOL/IMAGE[@SNAP],
+                               # python:PLUGIN.py[:CLASS], or a scheme a package registers
     description = "boot disk"
     read_only = false
+    params = { key = "value" } # the plugin's KEY=VALUE parameters
+    filters = ["cow", "rate:rate=10M"]  # outermost first, like --filter
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from pynbd.backends.base import ConfigError
+from pynbd.backends.loader import FilterSpec, parse_filter
 
-class ConfigError(ValueError):
-    pass
+__all__ = ["ConfigError", "ExportConfig", "ServeConfig", "load_config"]
 
 
 @dataclass
@@ -32,6 +36,10 @@ class ExportConfig:
     target: str
     description: str = ""
     read_only: bool = False
+    #: the plugin's KEY=VALUE parameters
+    params: dict[str, str] = field(default_factory=dict)
+    #: filters in front of it, outermost first
+    filters: list[FilterSpec] = field(default_factory=list)
 
 
 @dataclass
@@ -51,6 +59,38 @@ def _get(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{where}: {key} must be a {kind.__name__}, got {value!r}")
     return value
+
+
+def _params(table: Any, where: str) -> dict[str, str]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table of KEY = VALUE")
+    out = {}
+    for k, v in table.items():
+        if isinstance(v, bool):
+            v = "true" if v else "false"
+        if not isinstance(v, str | int | float):
+            raise ConfigError(f"{where}: {k} must be a string or a number, got {v!r}")
+        out[str(k)] = str(v)
+    return out
+
+
+def _filters(items: Any, where: str) -> list[FilterSpec]:
+    """``filters = ["cow", "rate:rate=10M"]`` or ``[{name = "rate", rate = "10M"}]``."""
+    if not isinstance(items, list):
+        raise ConfigError(f"{where}: filters must be a list")
+    out = []
+    for i, item in enumerate(items):
+        try:
+            if isinstance(item, str):
+                out.append(parse_filter(item))
+            elif isinstance(item, dict) and isinstance(item.get("name"), str):
+                rest = {k: v for k, v in item.items() if k != "name"}
+                out.append(FilterSpec(item["name"], _params(rest, f"{where} filter #{i + 1}")))
+            else:
+                raise ConfigError("expected \"NAME[:KEY=VALUE,...]\" or {name = ..., ...}")
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: filters #{i + 1}: {exc}") from None
+    return out
 
 
 def load_config(path: str) -> ServeConfig:
@@ -79,7 +119,7 @@ def load_config(path: str) -> ServeConfig:
         where = f"{path} [[export]] #{i + 1}"
         if not isinstance(e, dict):
             raise ConfigError(f"{where}: must be a table")
-        unknown = set(e) - {"name", "target", "description", "read_only"}
+        unknown = set(e) - {"name", "target", "description", "read_only", "params", "filters"}
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
         name = _get(e, "name", str, where)
@@ -89,7 +129,9 @@ def load_config(path: str) -> ServeConfig:
         cfg.exports.append(ExportConfig(
             name=name, target=target,
             description=_get(e, "description", str, where) or "",
-            read_only=bool(_get(e, "read_only", bool, where) or False)))
+            read_only=bool(_get(e, "read_only", bool, where) or False),
+            params=_params(e.get("params", {}), f"{where} params"),
+            filters=_filters(e.get("filters", []), where)))
     if not cfg.exports:
         raise ConfigError(f"{path}: no [[export]] defined")
     return cfg

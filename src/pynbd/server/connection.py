@@ -27,7 +27,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from pynbd.backends.base import STATE_HOLE, Extent
+from pynbd.backends.base import STATE_HOLE, Extent, ThreadModel
+from pynbd.filters.base import Verdict
 from pynbd.protocol.constants import Cmd, CmdFlag, Errno, errno_to_nbd
 from pynbd.protocol.errors import PeerProtocolError
 from pynbd.protocol.server import (
@@ -175,6 +176,13 @@ class Connection:
         self._sendfile_ok = True
         self._final_flushing = False
         self._final_flush_done = False
+        #: the plugin's object for this connection, and the stack that serves it
+        self._own: Any = None
+        self.backend: Any = None
+        self._sendfile_fd = -1
+        self._serial: Any = None
+        #: SERIALIZE_CONNECTIONS: another connection is being served first
+        self.waiting_turn = False
         self._final_flush_error: OSError | None = None
 
     # --- lifecycle ------------------------------------------------------------------
@@ -270,7 +278,28 @@ class Connection:
                 item()
         self._wq.clear()
         self._wq_bytes = 0
+        self._close_own()
         self.worker.connection_closed(self)
+
+    def _close_own(self) -> None:
+        """Tell the plugin the connection ended, once nothing of it runs any more."""
+        own = self._own
+        if own is None or self.inflight:
+            return
+        self._own = None
+        rt = self.runtime
+
+        def close() -> None:
+            try:
+                own.close_connection()
+            except Exception as exc:
+                log.error("%s: the backend's close_connection raised %s: %s", self.peer,
+                          type(exc).__name__, safe(exc), exc_info=exc)
+
+        if rt is not None and rt.blocking:
+            self.worker.run_in_thread(close, lambda _r: None)
+        else:
+            close()
 
     # --- events ---------------------------------------------------------------------
 
@@ -327,8 +356,10 @@ class Connection:
         return self._can_execute()
 
     def _can_execute(self) -> bool:
+        rt = self.runtime
+        limit = rt.max_inflight if rt is not None else 1
         return (self._wq_bytes < HIGH_WATER and not self._parked
-                and self.inflight < self.worker.limits.max_inflight)
+                and self.inflight < limit and not self.waiting_turn)
 
     # --- reading ----------------------------------------------------------------------
 
@@ -475,7 +506,16 @@ class Connection:
         self._rmv.release()
         self._rbuf = bytearray(RECV_SIZE)
         self._rmv = memoryview(self._rbuf)
-        self._sendfile_ok = self.tls is None and rt.sendfile_fd is not None
+        # the plugin's object for this connection (the shared one unless it keeps state
+        # per connection), wrapped in the runtime's own layers
+        self._own = rt.base.open_connection(rt.name, rt.read_only)
+        self.rebind()
+        if rt.thread_model is ThreadModel.SERIALIZE_CONNECTIONS:
+            if rt.turn is None:
+                rt.turn = self
+            else:  # served when the connections before it have closed
+                self.waiting_turn = True
+                rt.turn_queue.append(self)
         self.phase = Phase.TRANSMISSION
         if self._timer is not None:
             self._timer.cancel()
@@ -483,6 +523,17 @@ class Connection:
         self.worker.connection_negotiated(self)
         log.info("%s: export %s selected (structured replies %s, flags 0x%x)",
                  self.peer, safe(rt.name), ev.structured_replies, ev.flags)
+
+    def rebind(self) -> None:
+        """(Re)build this connection's stack: the runtime's layers (pause, write tracking,
+        serialization) around the plugin's per-connection object."""
+        rt = self.runtime
+        assert rt is not None and self._own is not None
+        self.backend = rt.wrap(self._own)
+        fd = getattr(self.backend, "sendfile_fd", None)
+        self._sendfile_fd = fd if isinstance(fd, int) else -1
+        self._sendfile_ok = self.tls is None and self._sendfile_fd >= 0
+        self._serial = rt.serial_lock
 
     # --- TLS --------------------------------------------------------------------------
 
@@ -700,13 +751,10 @@ class Connection:
     # --- requests ---------------------------------------------------------------------
 
     def _command(self, ev: Command, out: list[OutItem]) -> None:
-        rt = self.runtime
-        assert rt is not None
         self.counters.requests += 1
-        cmd = ev.cmd
-        if cmd in _MODIFYING:
+        if ev.cmd in _MODIFYING:
             self._wrote = True
-        if cmd is Cmd.WRITE and ev.length:
+        if ev.cmd is Cmd.WRITE and ev.length:
             buf = self.worker.buffers.get(ev.length)
             mv = memoryview(buf)[:ev.length]
             got = self.proto.payload_into(mv)
@@ -716,100 +764,89 @@ class Connection:
                     self._send(out)
                     out.clear()
                 return
-            self._execute_write(ev, buf, mv, out)
+            self._dispatch(ev, buf, mv, out)
             return
-        if rt.held:
-            if out:
-                self._send(out)
-                out.clear()
-            self._hold(ev, None, None)
-            return
-        if rt.blocking or (rt.slow_sync and (cmd is Cmd.FLUSH or ev.flags & CmdFlag.FUA)):
-            self._submit(ev, None, None)
-            return
-        self._execute(ev, out)
+        self._dispatch(ev, None, None, out)
 
-    def _execute_write(self, ev: Command, buf: Buffer, mv: memoryview,
-                       out: list[OutItem] | None = None) -> None:
-        rt = self.runtime
-        assert rt is not None
-        if rt.held:
-            self._hold(ev, buf, mv)
-            return
-        if rt.blocking or (rt.slow_sync and ev.flags & CmdFlag.FUA):
-            self._submit(ev, buf, mv)
-            return
-        own = out is None
-        if out is None:
-            out = []
-        try:
-            self._do_write(ev, mv, out)
-        finally:
-            mv.release()
-            self.worker.buffers.put(buf)
-        if own and out:
+    def _execute_write(self, ev: Command, buf: Buffer, mv: memoryview) -> None:
+        """A WRITE whose payload has just arrived."""
+        out: list[OutItem] = []
+        self._dispatch(ev, buf, mv, out)
+        if out:
             self._send(out)
 
-    def _hold(self, ev: Command, buf: Buffer | None, mv: memoryview | None) -> None:
-        """The export is paused or stepped down: keep the request (and stop reading)."""
+    def _dispatch(self, ev: Command, buf: Buffer | None, mv: memoryview | None,
+                  out: list[OutItem], front: bool = False) -> bool:
+        """Admission (if a filter asks for it), then run the request inline or start it
+        on a thread. False when it was held (parked) instead."""
         rt = self.runtime
         assert rt is not None
-        if rt.stepped_down:
-            if mv is not None:
-                mv.release()
-            if buf is not None:
-                self.worker.buffers.put(buf)
-            self.counters.errors += 1
-            self._send([self.proto.error_reply(
-                ev.cookie, Errno.ESHUTDOWN, f"export has stepped down: {rt.step_down_reason}")])
-            return
-        self._parked.append((ev, buf, mv))
-        rt.parked_connections.add(self)
+        if rt.admits:
+            a = self.backend.admit(ev.cmd.name, ev.offset, ev.length, time.monotonic())
+            if a.verdict is Verdict.WAIT:
+                if out:
+                    self._send(out)
+                    out.clear()
+                if front:
+                    self._parked.appendleft((ev, buf, mv))
+                else:
+                    self._parked.append((ev, buf, mv))
+                rt.parked_connections.add(self)
+                if a.delay is not None:
+                    self.loop.call_later(a.delay, self.unpark)
+                return False
+            if a.verdict is Verdict.REFUSE:
+                self._release(buf, mv)
+                self.counters.errors += 1
+                out.append(self.proto.error_reply(ev.cookie, a.errno, a.message))
+                return True
+        if rt.blocking or (rt.slow_sync and (ev.cmd is Cmd.FLUSH or ev.flags & CmdFlag.FUA)):
+            self._submit(ev, buf, mv)
+        elif mv is not None:
+            try:
+                self._do_write(ev, mv, out)
+            finally:
+                self._release(buf, mv)
+        else:
+            self._execute(ev, out)
+        return True
+
+    def _release(self, buf: Buffer | None, mv: memoryview | None) -> None:
+        if mv is not None:
+            mv.release()
+        if buf is not None:
+            self.worker.buffers.put(buf)
 
     def unpark(self) -> None:
-        """The export was resumed (or stepped down): run the held requests."""
+        """A filter that held requests lets them go (resumed, or its delay passed)."""
         self._guarded(self._unpark)
 
     def _unpark(self) -> None:
-        rt = self.runtime
-        if rt is None or self.closed:
+        if self.runtime is None or self.closed:
             return
         out: list[OutItem] = []
-        while self._parked and not rt.paused:
+        while self._parked:
             ev, buf, mv = self._parked.popleft()
-            if rt.stepped_down:
-                self._hold(ev, buf, mv)
-            elif rt.blocking or (rt.slow_sync and (ev.cmd is Cmd.FLUSH
-                                                   or ev.flags & CmdFlag.FUA)):
-                self._submit(ev, buf, mv)
-            elif mv is not None and buf is not None:
-                try:
-                    self._do_write(ev, mv, out)
-                finally:
-                    mv.release()
-                    self.worker.buffers.put(buf)
-            else:
-                self._execute(ev, out)
+            if not self._dispatch(ev, buf, mv, out, front=True):
+                break
         if out:
             self._send(out)
         if not self._parked and not self.closed:
+            if self.phase is Phase.CLOSING or self._eof:
+                self._maybe_finish()
+                return
             self._process()
             self._update_interest()
 
     def _do_write(self, ev: Command, mv: memoryview, out: list[OutItem]) -> None:
-        rt = self.runtime
-        assert rt is not None
         try:
-            rt.backend.pwrite(mv, ev.offset, bool(ev.flags & CmdFlag.FUA))
+            self.backend.pwrite(mv, ev.offset, bool(ev.flags & CmdFlag.FUA))
             self.counters.bytes_written += ev.length
             out.append(self.proto.ok_reply(ev.cookie))
         except OSError as exc:
             out.append(self._error(ev, exc))
-        finally:
-            # marked whether or not it succeeded: a failed write may be partly applied
-            tracker = rt.tracker
-            if tracker is not None:
-                tracker.mark(ev.offset, ev.length)
+        except Exception as exc:
+            out.append(self._bug(ev, exc))
 
     def _execute(self, ev: Command, out: list[OutItem]) -> None:
         """Run one request inline and append its reply to ``out``."""
@@ -817,26 +854,18 @@ class Connection:
         if cmd is Cmd.READ:
             self._read(ev, out)
             return
-        rt = self.runtime
-        assert rt is not None
-        backend = rt.backend
+        backend = self.backend
         proto = self.proto
         try:
             if cmd is Cmd.FLUSH:
                 backend.flush()
             elif cmd is Cmd.TRIM:
-                try:
-                    backend.trim(ev.offset, ev.length, bool(ev.flags & CmdFlag.FUA))
-                finally:
-                    self._mark(ev)
+                backend.trim(ev.offset, ev.length, bool(ev.flags & CmdFlag.FUA))
             elif cmd is Cmd.WRITE_ZEROES:
-                try:
-                    backend.zero(ev.offset, ev.length,
-                                 may_trim=not ev.flags & CmdFlag.NO_HOLE,
-                                 fast=bool(ev.flags & CmdFlag.FAST_ZERO),
-                                 fua=bool(ev.flags & CmdFlag.FUA))
-                finally:
-                    self._mark(ev)
+                backend.zero(ev.offset, ev.length,
+                             may_trim=not ev.flags & CmdFlag.NO_HOLE,
+                             fast=bool(ev.flags & CmdFlag.FAST_ZERO),
+                             fua=bool(ev.flags & CmdFlag.FUA))
             elif cmd is Cmd.CACHE:
                 backend.cache(ev.offset, ev.length)
             elif cmd is Cmd.BLOCK_STATUS:
@@ -851,12 +880,27 @@ class Connection:
         except OSError as exc:
             out.append(self._error(ev, exc))
             return
+        except Exception as exc:
+            out.append(self._bug(ev, exc))
+            return
         out.append(proto.ok_reply(ev.cookie))
 
-    def _mark(self, ev: Command) -> None:
+    def _bug(self, ev: Command, exc: Exception) -> bytes:
+        """The backend raised something other than OSError: EIO for this request; the
+        connection and the server carry on. The traceback is logged once per kind."""
+        self.counters.errors += 1
         rt = self.runtime
-        if rt is not None and rt.tracker is not None:
-            rt.tracker.mark(ev.offset, ev.length)
+        key = (ev.cmd, type(exc))
+        if rt is not None and key not in rt.bugs_logged:
+            rt.bugs_logged.add(key)
+            log.error("%s: the backend raised %s in %s: %s (a bug in the backend; the "
+                      "client gets EIO)", self.peer, type(exc).__name__, ev.cmd.name,
+                      safe(exc), exc_info=exc)
+        else:
+            log.debug("%s: backend raised %s in %s: %s", self.peer, type(exc).__name__,
+                      ev.cmd.name, safe(exc))
+        return self.proto.error_reply(ev.cookie, Errno.EIO,
+                                      f"{ev.cmd.name} failed: internal error in the backend")
 
     def _error(self, ev: Command, exc: OSError) -> bytes:
         self.counters.errors += 1
@@ -888,9 +932,15 @@ class Connection:
         return out
 
     def _read(self, ev: Command, out: list[OutItem]) -> None:
+        try:
+            self._read_inline(ev, out)
+        except Exception as exc:
+            out.append(self._bug(ev, exc))
+
+    def _read_inline(self, ev: Command, out: list[OutItem]) -> None:
         rt = self.runtime
         assert rt is not None
-        backend = rt.backend
+        backend = self.backend
         proto = self.proto
         length, offset, cookie = ev.length, ev.offset, ev.cookie
         if (length >= SPARSE_READ_MIN and self.structured and rt.can_extents
@@ -908,7 +958,7 @@ class Connection:
                 return
             if self._sendfile_ok:
                 out.append(proto.read_reply_header(cookie, offset, length))
-                out.append(_FileSlice(rt.sendfile_fd, offset, length))  # type: ignore[arg-type]
+                out.append(_FileSlice(self._sendfile_fd, offset, length))
                 self.counters.bytes_read += length
                 return
             pool = self.worker.buffers
@@ -971,12 +1021,12 @@ class Connection:
                 continue
             if self._sendfile_ok and n >= BIG_REPLY:
                 chunks.append(proto.read_reply_header(ev.cookie, off, n, done=last))
-                chunks.append(_FileSlice(rt.sendfile_fd, off, n))  # type: ignore[arg-type]
+                chunks.append(_FileSlice(self._sendfile_fd, off, n))
                 continue
             buf = pool.get(n)
             mv = memoryview(buf)[:n]
             try:
-                rt.backend.pread_into(mv, off)
+                self.backend.pread_into(mv, off)
             except OSError as exc:
                 mv.release()
                 pool.put(buf)
@@ -1008,9 +1058,7 @@ class Connection:
     def _submit_aio(self, ev: Command, buf: Buffer | None, mv: memoryview | None) -> None:
         """Start a request on a backend with an asynchronous interface (librbd aio):
         the call returns at once, the completion comes back on the loop."""
-        rt = self.runtime
-        assert rt is not None
-        backend = rt.backend
+        backend = self.backend
         cmd = ev.cmd
         loop = self.loop
         if cmd is Cmd.READ:
@@ -1046,8 +1094,6 @@ class Connection:
                        err: OSError | None) -> None:
         out: list[OutItem] = []
         cmd = ev.cmd
-        if cmd in _MODIFYING:
-            self._mark(ev)
         if err is not None:
             out.append(self._error(ev, err))
         elif cmd is Cmd.READ and buf is not None and mv is not None:
@@ -1063,24 +1109,35 @@ class Connection:
         self._completed_impl(ev, buf, mv, out)
 
     def _blocking_call(self, ev: Command, mv: memoryview | None) -> list[OutItem]:
-        """Runs on a worker thread: the backend call and its reply bytes."""
+        """Runs on a worker thread: the backend call and its reply bytes (always one
+        reply, whatever the backend does)."""
         out: list[OutItem] = []
-        if mv is not None:
-            self._do_write(ev, mv, out)
-        elif ev.cmd is Cmd.READ:
-            self._read_threaded(ev, out)
-        else:
-            self._execute(ev, out)
+        lock = self._serial
+        if lock is not None:
+            lock.acquire()
+        try:
+            if mv is not None:
+                self._do_write(ev, mv, out)
+            elif ev.cmd is Cmd.READ:
+                self._read_threaded(ev, out)
+            else:
+                self._execute(ev, out)
+        except Exception as exc:
+            out = [self._bug(ev, exc)]
+        finally:
+            if lock is not None:
+                lock.release()
         return out
 
     def _read_threaded(self, ev: Command, out: list[OutItem]) -> None:
-        rt = self.runtime
-        assert rt is not None
         data = bytearray(ev.length)
         try:
-            rt.backend.pread_into(memoryview(data), ev.offset)
+            self.backend.pread_into(memoryview(data), ev.offset)
         except OSError as exc:
             out.append(self._error(ev, exc))
+            return
+        except Exception as exc:
+            out.append(self._bug(ev, exc))
             return
         out.append(self.proto.read_reply_header(ev.cookie, ev.offset, ev.length))
         out.append(data)
@@ -1105,6 +1162,7 @@ class Connection:
         if rt.active == 0:
             rt.quiesced()
         if self.closed:
+            self._close_own()
             return
         if out:
             self._send(out)
@@ -1128,9 +1186,8 @@ class Connection:
             self._update_interest()
             return
         if self._parked:
-            rt = self.runtime
-            if rt is not None and rt.paused and not self._eof:
-                self._update_interest()
+            if not self._eof:
+                self._update_interest()  # held by a filter (paused export, rate limit)
                 return
             # the export stays paused but the client is gone: the held requests are
             # dropped unanswered (like requests in flight at a disconnect)
@@ -1146,10 +1203,11 @@ class Connection:
                 # fdatasync can take long: not on the loop, other clients keep going
                 self._final_flushing = True
                 self.inflight += 1
-                self.worker.run_in_thread(lambda: _flush(rt.backend), self._final_flushed)
+                backend = self.backend
+                self.worker.run_in_thread(lambda: _flush(backend), self._final_flushed)
                 return
             else:
-                self._final_flush_error = _flush(rt.backend)
+                self._final_flush_error = _flush(self.backend)
                 self._final_flush_done = True
         err = self._final_flush_error
         out: list[OutItem] = []
@@ -1218,6 +1276,10 @@ def _flush(backend: Any) -> OSError | None:
         backend.flush()
     except OSError as exc:
         return exc
+    except Exception as exc:
+        log.error("the backend raised %s in flush: %s", type(exc).__name__, safe(exc),
+                  exc_info=exc)
+        return OSError(errno.EIO, f"internal error in the backend: {safe(exc)}")
     return None
 
 

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pynbd.backends.base import ConfigError, ThreadModel
 from pynbd.protocol.server import ServerConfig, TLSMode
 from pynbd.server.acl import AccessList
 from pynbd.server.channel import Channel, channel_pair
@@ -93,6 +94,33 @@ class ConnRecord:
     timer: Any = None
 
 
+def _merge_stats(a: Any, b: Any) -> Any:
+    """Filter statistics of several workers: numbers add up, tables merge."""
+    if a is None:
+        return b
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = _merge_stats(a.get(k), v)
+        return out
+    if isinstance(a, int | float) and isinstance(b, int | float) \
+            and not isinstance(a, bool) and not isinstance(b, bool):
+        return a + b
+    return b
+
+
+def _stack_names(top: Any) -> list[str]:
+    from pynbd.filters.base import Filter
+
+    if not isinstance(top, Filter):
+        return [top.name]
+    out = []
+    for layer in top.layers:
+        spec = getattr(layer, "spec", None)
+        out.append(spec.describe() if spec is not None else layer.name)
+    return out
+
+
 def _has_data(sock: socket.socket) -> bool:
     try:
         return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
@@ -151,6 +179,12 @@ class WorkerHandle:
 
     def stats(self, done: Callable[[dict[str, Any] | None], None]) -> None:
         raise NotImplementedError
+
+    def configure(self, export: str, name: str, params: dict[str, str],
+                  done: Callable[[dict[str, Any] | None], None]) -> None:
+        """Run-time filter parameters, in a worker process (in-process: nothing to do,
+        the supervisor's stack is the worker's)."""
+        done({"configured": 0})
 
     def stop(self, done: Callable[[], None]) -> None:
         raise NotImplementedError
@@ -318,6 +352,11 @@ class RemoteWorker(WorkerHandle):
     def stats(self, done: Callable[[dict[str, Any] | None], None]) -> None:
         self._request({"op": "stats"}, done)
 
+    def configure(self, export: str, name: str, params: dict[str, str],
+                  done: Callable[[dict[str, Any] | None], None]) -> None:
+        self._request({"op": "configure", "export": export, "filter": name,
+                       "params": params}, done)
+
     def stop(self, done: Callable[[], None]) -> None:
         self._request({"op": "stop"}, lambda _r: done())
 
@@ -478,6 +517,9 @@ class Server:
         if self.tls_context is not None and self.options.tls_files is None:
             return "the TLS context was given without its certificate files"
         for name, e in self.registry.exports.items():
+            model = e.backend.thread_model
+            if model in (ThreadModel.SERIALIZE_ALL_REQUESTS, ThreadModel.SERIALIZE_CONNECTIONS):
+                return f"export {name!r} serializes {model.value.split('_', 1)[1]}"
             spec = e.backend.worker_spec()
             if spec is None:
                 return (f"export {name!r} ({e.backend.name}) keeps its state in one "
@@ -882,6 +924,28 @@ class Server:
 
         return int(self.call(run, 10.0))
 
+    def configure_filter(self, export: str, name: str, params: dict[str, str]) -> int:
+        """Change filter ``name`` of ``export`` at run time, everywhere it runs; raises
+        ConfigError (nothing changed) when the filter refuses the parameters."""
+        from pynbd.server.worker import configure_stack
+
+        e = self.registry.get(export)
+        if e is None:
+            raise ConfigError(f"no export {export!r}")
+        n = configure_stack(e.backend, name, params)  # validates; the supervisor's copy
+        if n == 0:
+            raise ConfigError(f"export {e.name!r} has no filter {name!r}")
+        if not self._started:
+            return n
+
+        def run(done: Callable[[Any], None]) -> None:
+            self._gather(lambda h, cb: h.configure(e.name, name, params, cb), done)
+
+        errors = [r.get("error") for r in self.call(run, 10.0) if r and r.get("error")]
+        if errors:
+            raise ConfigError(f"a worker refused the change: {errors[0]}")
+        return n
+
     # --- access list -------------------------------------------------------------------
 
     def set_acl(self, entries: list[str], default_deny: bool | None = None) -> int:
@@ -923,7 +987,7 @@ class Server:
             recs, stats = self.call(collect, STATS_TIMEOUT)
         else:
             recs, stats = [], []
-        per_export: dict[str, dict[str, int]] = {}
+        per_export: dict[str, dict[str, Any]] = {}
         conn_info: dict[str, dict[str, Any]] = {}
         killed = 0
         for st in stats:
@@ -934,8 +998,10 @@ class Server:
             for name, c in st.get("exports", {}).items():
                 acc = per_export.setdefault(name, {"bytes_read": 0, "bytes_written": 0,
                                                    "requests": 0, "errors": 0, "clients": 0})
-                for k in acc:
+                for k in ("bytes_read", "bytes_written", "requests", "errors", "clients"):
                     acc[k] += int(c.get(k, 0))
+                if c.get("filters"):
+                    acc["filters"] = _merge_stats(acc.get("filters"), c["filters"])
         exports = []
         for name, e in self.registry.exports.items():
             c = per_export.get(name, {})
@@ -951,6 +1017,8 @@ class Server:
                 "bytes_written": c.get("bytes_written", 0),
                 "requests": c.get("requests", 0),
                 "errors": c.get("errors", 0),
+                "filters": c.get("filters", {}),
+                "stack": [layer for layer in _stack_names(e.backend)],
             })
         now = time.monotonic()
         clients = []
@@ -1011,8 +1079,23 @@ class Server:
             assert self.acl is not None
             return {"entries": self.acl.entries, "disconnected": dropped}
 
+        def do_filter(req: dict[str, Any]) -> dict[str, Any]:
+            name = req.get("filter")
+            params = req.get("params")
+            export = req.get("export") or ""
+            if not isinstance(name, str) or not isinstance(params, dict) \
+                    or not isinstance(export, str):
+                raise ControlError('"filter" (a name) and "params" (an object) are required')
+            try:
+                n = self.configure_filter(export, name, {str(k): str(v)
+                                                         for k, v in params.items()})
+            except ConfigError as exc:
+                raise ControlError(str(exc)) from exc
+            return {"filter": name, "layers": n, "params": params}
+
         control.register("status", do_status)
         control.register("acl", do_acl)
+        control.register("filter", do_filter)
         self.control = control
 
     # --- stopping ------------------------------------------------------------------------

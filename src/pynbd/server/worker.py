@@ -18,12 +18,16 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
-from pynbd.backends.base import Backend
+from pynbd.backends.base import Backend, ThreadModel
+from pynbd.filters.base import Filter
+from pynbd.filters.pause import PauseFilter, PauseState
+from pynbd.filters.track import TrackFilter
 from pynbd.protocol.server import ExportInfo, ExportProvider, ServerConfig
 from pynbd.server.buffers import Buffer, BufferPool
 from pynbd.server.connection import Connection, Counters
@@ -33,10 +37,7 @@ from pynbd.server.loop import Loop
 log = logging.getLogger("pynbd.server")
 
 
-class Tracker(Protocol):
-    """Told about every range a client changes (after the change was attempted)."""
-
-    def mark(self, offset: int, length: int) -> None: ...
+from pynbd.filters.track import Tracker  # noqa: E402
 
 
 class WorkerEvents(Protocol):
@@ -50,33 +51,62 @@ class WorkerEvents(Protocol):
 
 
 class ExportRuntime:
-    """One export as one worker serves it."""
+    """One export as one worker serves it: the plugin with its filters (``base``), the
+    server's own layers on top (pause, write tracking), counters and thread model."""
 
-    def __init__(self, name: str, backend: Backend, info: ExportInfo) -> None:
+    def __init__(self, name: str, backend: Backend, info: ExportInfo, limits: Limits) -> None:
         self.name = name
-        self.backend = backend
+        self.base = backend
         self.info = info
         self.read_only = info.read_only
-        self.blocking = bool(getattr(backend, "blocking", False))
-        #: asynchronous interface (aio_*): requests are started and complete later
-        self.aio = bool(getattr(backend, "aio", False))
-        #: FLUSH and FUA may take long (fdatasync): they run on worker threads
-        self.slow_sync = bool(getattr(backend, "slow_sync", False))
-        self.can_extents = bool(getattr(backend, "can_extents", False))
-        fd = getattr(backend, "sendfile_fd", None)
-        self.sendfile_fd: int | None = fd if isinstance(fd, int) else None
-        self.paused = False
-        self.stepped_down = False
-        self.step_down_reason = ""
-        #: paused or stepped down: requests are held (or refused) instead of run
-        self.held = False
+        self.pause = PauseState()
         self.tracker: Tracker | None = None
+        model = backend.thread_model
+        self.thread_model = model
+        serialize_all = model in (ThreadModel.SERIALIZE_ALL_REQUESTS,
+                                  ThreadModel.SERIALIZE_CONNECTIONS)
+        #: one request at a time across connections: every call on a thread, in turn
+        self.serial_lock: threading.Lock | None = threading.Lock() if serialize_all else None
+        self.max_inflight = (1 if model is not ThreadModel.PARALLEL
+                             else limits.max_inflight)
+        #: SERIALIZE_CONNECTIONS: the connection being served, and those waiting
+        self.turn: Connection | None = None
+        self.turn_queue: list[Connection] = []
         #: requests of this export running on worker threads
         self.active = 0
         self.parked_connections: set[Connection] = set()
         self.totals = Counters()
         self.connections: set[Connection] = set()
+        self.bugs_logged: set[tuple[object, type]] = set()
         self._quiesce_waiters: list[Callable[[], None]] = []
+        self._refresh()
+
+    def wrap(self, own: Backend) -> Backend:
+        """The stack a connection calls: the server's layers around ``own``."""
+        b = own
+        if self.tracker is not None:
+            b = TrackFilter(b, self.tracker)
+        if self.pause.engaged:
+            b = PauseFilter(b, self.pause)
+        return b
+
+    def _refresh(self) -> None:
+        top = self.wrap(self.base)
+        self.blocking = bool(top.blocking) or self.serial_lock is not None
+        #: asynchronous interface (aio_*): requests are started and complete later
+        self.aio = bool(getattr(top, "aio", False)) and self.serial_lock is None
+        #: FLUSH and FUA may take long (fdatasync): they run on worker threads
+        self.slow_sync = bool(getattr(top, "slow_sync", False))
+        self.can_extents = bool(top.can_extents)
+        layers = top.layers if isinstance(top, Filter) else [top]
+        #: some layer may hold or refuse requests before they run
+        self.admits = any(getattr(b, "admits", False) for b in layers)
+
+    def rebind(self) -> None:
+        """The server's layers changed: every connection rebuilds its stack."""
+        self._refresh()
+        for conn in self.connections:
+            conn.rebind()
 
     def counters(self) -> Counters:
         c = Counters()
@@ -96,6 +126,20 @@ class ExportRuntime:
         for cb in waiters:
             cb()
 
+    def wake(self) -> None:
+        conns, self.parked_connections = self.parked_connections, set()
+        for conn in conns:
+            conn.unpark()
+
+
+def configure_stack(top: Backend, name: str, params: dict[str, str]) -> int:
+    n = 0
+    for layer in top.layers if isinstance(top, Filter) else []:
+        if isinstance(layer, Filter) and layer.spec is not None and layer.spec.name == name:
+            layer.configure(params)
+            n += 1
+    return n
+
 
 class Worker:
     def __init__(self, loop: Loop, provider: ExportProvider, backends: dict[str, Backend],
@@ -114,7 +158,7 @@ class Worker:
             info = provider.lookup(name) if name else provider.lookup("")
             if info is None:
                 raise ValueError(f"export {name!r} has no info")
-            self.runtimes[name] = ExportRuntime(name, backend, info)
+            self.runtimes[name] = ExportRuntime(name, backend, info, limits)
         self.connections: dict[int, Connection] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._stopping = False
@@ -158,6 +202,15 @@ class Worker:
             rt.connections.discard(conn)
             rt.parked_connections.discard(conn)
             rt.totals.add(conn.counters)
+        if rt is not None and rt.thread_model is ThreadModel.SERIALIZE_CONNECTIONS:
+            if conn in rt.turn_queue:
+                rt.turn_queue.remove(conn)
+            if rt.turn is conn:
+                rt.turn = rt.turn_queue.pop(0) if rt.turn_queue else None
+                if rt.turn is not None:
+                    nxt = rt.turn
+                    nxt.waiting_turn = False
+                    self.loop.call_soon(nxt.unpark)
         self.events.closed(conn.id)
         if self._stopping and not self.connections:
             self._stopped()
@@ -213,37 +266,43 @@ class Worker:
         if rt is None:
             done()
             return
-        rt.paused = True
-        rt.held = True
+        engaged = rt.pause.engaged
+        rt.pause.paused = True
+        if not engaged:
+            rt.rebind()
         rt.when_quiesced(done)
 
     def resume(self, name: str) -> None:
         rt = self.runtimes.get(name)
         if rt is None:
             return
-        rt.paused = False
-        rt.held = rt.stepped_down
-        self._unpark(rt)
+        rt.pause.paused = False
+        rt.wake()
 
     def step_down(self, name: str, reason: str) -> None:
         rt = self.runtimes.get(name)
         if rt is None:
             return
-        rt.stepped_down = True
-        rt.step_down_reason = reason
-        rt.paused = False
-        rt.held = True
-        self._unpark(rt)
-
-    def _unpark(self, rt: ExportRuntime) -> None:
-        conns, rt.parked_connections = rt.parked_connections, set()
-        for conn in conns:
-            conn.unpark()
+        engaged = rt.pause.engaged
+        rt.pause.stepped_down = True
+        rt.pause.reason = reason
+        rt.pause.paused = False
+        if not engaged:
+            rt.rebind()
+        rt.wake()
 
     def set_tracker(self, name: str, tracker: Tracker | None) -> None:
         rt = self.runtimes.get(name)
         if rt is not None:
             rt.tracker = tracker
+            rt.rebind()
+
+    def configure_filter(self, export: str, name: str, params: dict[str, str]) -> int:
+        """Apply run-time parameters to every ``name`` filter of ``export``; how many."""
+        rt = self.runtimes.get(export)
+        if rt is None:
+            return 0
+        return configure_stack(rt.base, name, params)
 
     def disconnect_export(self, name: str, reason: str) -> int:
         n = 0
@@ -261,8 +320,18 @@ class Worker:
         for name, rt in self.runtimes.items():
             d: dict[str, Any] = rt.counters().as_dict()
             d["clients"] = len(rt.connections)
-            d["paused"] = rt.paused
-            d["stepped_down"] = rt.stepped_down
+            d["paused"] = rt.pause.paused
+            d["stepped_down"] = rt.pause.stepped_down
+            filters = {}
+            top = rt.base
+            for layer in top.layers if isinstance(top, Filter) else []:
+                if not isinstance(layer, Filter) or layer.spec is None:
+                    continue
+                st = layer.stats()
+                if st is not None:
+                    filters[layer.spec.name] = st
+            if filters:
+                d["filters"] = filters
             exports[name] = d
         conns = {str(c.id): c.describe(now) for c in self.connections.values()}
         return {"exports": exports, "connections": conns, "killed": self.killed,

@@ -139,6 +139,13 @@ def main(argv: list[str]) -> int:
                 fds = []
         elif op == "stats":
             events.reply(req, worker.stats())
+        elif op == "configure":
+            try:
+                n = worker.configure_filter(str(msg["export"]), str(msg["filter"]),
+                                            dict(msg["params"]))
+                events.reply(req, {"configured": n})
+            except Exception as exc:
+                events.reply(req, {"error": str(exc)})
         elif op == "stop":
             stopping[0] = True
 
