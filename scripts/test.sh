@@ -8,6 +8,7 @@ DEBIAN_PACKAGES=(
   python3 python3-venv python3-dev gcc
   nbdkit nbdkit-plugin-python qemu-utils libnbd-bin python3-libnbd nbd-server fio gnutls-bin
   ceph-mon ceph-osd ceph-common python3-rados python3-rbd
+  systemd
 )
 
 SUDO=""

@@ -7,6 +7,7 @@ import ipaddress
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 from types import FrameType
@@ -16,6 +17,7 @@ from pynbd.protocol.server import TLSMode
 from pynbd.server.config import ConfigError, ExportConfig, ServeConfig, load_config
 from pynbd.server.exports import Export, ExportRegistry
 from pynbd.server.server import Limits, Server, ServerOptions
+from pynbd.server.service import ActivationError, PidFile, listen_fds, sd_notify
 from pynbd.server.tls import TLSConfigError, server_tls_context
 
 log = logging.getLogger("pynbd.serve")
@@ -108,7 +110,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="control socket (Unix, mode 0600) for pynbd status/acl/mirror")
     p.add_argument("--metrics", metavar="[HOST:]PORT",
                    help="serve Prometheus metrics over HTTP here (off by default)")
-    p.add_argument("--verbose", "-v", action="count", default=0, help="more logging")
+    add_service_arguments(p)
+    p.add_argument("--verbose", "-v", action="count", default=0,
+                   help="more logging (-v per-connection detail, -vv every request)")
     p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
     p.set_defaults(func=run)
 
@@ -151,15 +155,29 @@ def check_exposure(bind: str | None, tcp: bool, tls: TLSMode, verify_peer: bool,
         "(--socket), a loopback address, or --insecure to serve anyone who can reach it")
 
 
-def setup_logging(verbose: int, quiet: bool) -> None:
+def setup_logging(verbose: int, quiet: bool, fmt: str = "text") -> None:
+    """-q warnings, default info (with one access line per client), -v per-connection
+    detail, -vv every request (debug)."""
+    from pynbd.util.logs import configure
+
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    if verbose == 0 and not quiet:
-        level = logging.INFO
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s pynbd[%(process)d] %(levelname)s %(message)s")
-    if verbose < 1:
-        # per-connection chatter only with -v
-        logging.getLogger("pynbd.server").setLevel(max(level, logging.WARNING))
+    configure(level, fmt, quiet_server=verbose < 1)
+
+
+def add_service_arguments(p: argparse.ArgumentParser, run: bool = True) -> None:
+    g = p.add_argument_group("running as a service")
+    g.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="log lines as text (default) or one JSON object per line")
+    g.add_argument("--pidfile", metavar="PATH", help="write the process id here once serving")
+    g.add_argument("--exit-with-parent", action="store_true",
+                   help="exit when the parent process exits (Linux)")
+    g.add_argument("--exit-when-idle", type=float, metavar="SECONDS", default=0.0,
+                   help="exit once no client has been connected for SECONDS")
+    if run:
+        g.add_argument("--run", metavar="CMD",
+                       help="captive mode: serve (on a private Unix socket unless an address "
+                            "is given), run CMD with $uri $nbd $port $unixsocket $exportname "
+                            "$tls set, exit with its status when it exits")
 
 
 def build_config(args: argparse.Namespace) -> ServeConfig:
@@ -226,16 +244,37 @@ def build_server(args: argparse.Namespace) -> Server:
                     max_handshakes_per_address=args.max_handshakes_per_address,
                     handshake_timeout=args.handshake_timeout, max_inflight=args.max_inflight,
                     request_timeout=args.request_timeout)
-    tcp = not cfg.socket or cfg.bind is not None or cfg.port is not None
+    activated = listen_fds()
+    if activated and (args.bind is not None or args.port is not None or args.socket):
+        raise ConfigError("socket-activated (LISTEN_FDS): do not give --bind/--port/--socket; "
+                          "the .socket unit says where to listen")
+    if getattr(args, "run", None) and not activated and cfg.socket is None \
+            and args.bind is None and args.port is None:
+        # captive mode: a private Unix socket only the command can reach
+        import tempfile
+
+        private = tempfile.mkdtemp(prefix="pynbd-run-")
+        args._private_dir = private
+        cfg.socket = os.path.join(private, "nbd.sock")
+    tcp = not activated and (not cfg.socket or cfg.bind is not None or cfg.port is not None)
     check_exposure(cfg.bind if cfg.bind is not None else None, tcp, tls,
                    args.tls_verify_peer, args.insecure)
+    for a in activated:
+        if a.kind == "tcp":
+            check_exposure(str(a.sock.getsockname()[0]), True, tls, args.tls_verify_peer,
+                           args.insecure)
     server = Server(registry, ServerOptions(
         tls=tls, tls_context=ctx, tls_files=tls_files, limits=limits,
         x_close=not args.no_safe_close, workers=parse_workers(args.workers),
-        log_level=logging.getLogger("pynbd.server").getEffectiveLevel()))
+        log_level=logging.getLogger().getEffectiveLevel(),
+        log_quiet_server=args.verbose < 1, log_format=args.log_format))
+    for a in activated:
+        server.adopt_listener(a.sock)
+        log.info("socket-activated listener %s (%s)", a.name,
+                 a.sock.getsockname() or "unix")
     if args.allow or args.default_deny:
         server.set_acl(args.allow, default_deny=args.default_deny)
-    if cfg.socket:
+    if cfg.socket and not activated:
         server.listen_unix(cfg.socket)
     if tcp:
         port = 10809 if cfg.port is None else cfg.port
@@ -256,10 +295,18 @@ def listen_loopback(server: Server, port: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging(args.verbose, args.quiet)
+    try:
+        setup_logging(args.verbose, args.quiet, args.log_format)
+    except ValueError as exc:
+        print(f"pynbd serve: {exc}", file=sys.stderr)
+        return 2
+    if args.exit_with_parent:
+        from pynbd.server.service import exit_with_parent
+
+        exit_with_parent()
     try:
         server = build_server(args)
-    except (ConfigError, TLSConfigError, ValueError) as exc:
+    except (ConfigError, TLSConfigError, ActivationError, ValueError) as exc:
         print(f"pynbd serve: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
@@ -285,8 +332,9 @@ def run(args: argparse.Namespace) -> int:
     server.start()  # the workers start here, before any other thread
     if control is not None:
         control.start()
-    for uri in server.uris():
-        print(uri, flush=True)
+    if not args.run:
+        for uri in server.uris():
+            print(uri, flush=True)
     if args.metrics:
         from pynbd.server.metrics import start_metrics
 
@@ -300,9 +348,55 @@ def run(args: argparse.Namespace) -> int:
     for name, export in server.registry.exports.items():
         log.info("serving export %r: %s (%d bytes%s)", name, export.backend.name,
                  export.info.size, ", read-only" if export.read_only else "")
-    while not stop.wait(0.5):
-        pass
-    migration.shutdown()
-    server.shutdown()
+    pidfile = PidFile(args.pidfile) if args.pidfile else None
+    if pidfile is not None:
+        pidfile.write()
+    sd_notify(f"READY=1\nSTATUS=serving {', '.join(server.uris())}\nMAINPID={os.getpid()}")
+    status = 0
+    child = start_captive(args, server) if args.run else None
+    try:
+        while not stop.wait(0.2):
+            if child is not None and child.poll() is not None:
+                status = child.returncode if child.returncode >= 0 else 128 - child.returncode
+                log.info("--run command exited with status %d: stopping", status)
+                break
+            if args.exit_when_idle and server.idle_seconds() >= args.exit_when_idle:
+                log.info("no client for %.0f s (--exit-when-idle): stopping",
+                         args.exit_when_idle)
+                break
+    finally:
+        sd_notify("STOPPING=1")
+        if child is not None and child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(10)
+            except Exception:
+                child.kill()
+            status = status or 1
+        migration.shutdown()
+        server.shutdown()
+        if pidfile is not None:
+            pidfile.remove()
+        private = getattr(args, "_private_dir", None)
+        if private:
+            import shutil
+
+            shutil.rmtree(private, ignore_errors=True)
     log.info("stopped")
-    return 0
+    return status
+
+
+def start_captive(args: argparse.Namespace, server: Server) -> subprocess.Popen[bytes]:
+    """``--run CMD``: nbdkit's captive mode variables, CMD run by the shell."""
+    from urllib.parse import parse_qs, urlsplit
+
+    uris = server.uris()
+    uri = uris[0]
+    env = dict(os.environ)
+    parts = urlsplit(uri)
+    unix = parse_qs(parts.query).get("socket", [""])[0] if "+unix" in parts.scheme else ""
+    env.update({"uri": uri, "nbd": uri, "port": str(parts.port or "") if not unix else "",
+                "unixsocket": unix, "exportname": server.registry.default or "",
+                "tls": {"off": "0", "on": "1", "require": "2"}[server.options.tls.value]})
+    log.info("--run: %s", args.run)
+    return subprocess.Popen(["/bin/sh", "-c", args.run], env=env)

@@ -183,6 +183,9 @@ class Connection:
         self._serial: Any = None
         #: SERIALIZE_CONNECTIONS: another connection is being served first
         self.waiting_turn = False
+        #: why the connection ended, for the access log
+        self.end_reason = ""
+        self._debug = False
         self._final_flush_error: OSError | None = None
 
     # --- lifecycle ------------------------------------------------------------------
@@ -236,6 +239,7 @@ class Connection:
             self.close()
             return
         self._drop_payload("server stopping: WRITE payload not complete; not written")
+        self.end_reason = self.end_reason or "server stopping"
         self._eof = True
         self._maybe_finish()
 
@@ -320,6 +324,7 @@ class Connection:
             fn(*args)
         except PeerProtocolError as exc:
             log.warning("%s: protocol error: %s; dropping connection", self.peer, safe(exc))
+            self.end_reason = f"protocol error: {safe(exc, 80)}"
             self.close()
         except ssl.SSLError as exc:
             log.warning("%s: TLS error: %s", self.peer, exc)
@@ -431,6 +436,7 @@ class Connection:
             return
         if self.phase is Phase.TRANSMISSION and self._ending is None:
             log.info("%s: client closed without NBD_CMD_DISC", self.peer)
+            self.end_reason = self.end_reason or "client closed without NBD_CMD_DISC"
         self._eof = True
         self._maybe_finish()
 
@@ -520,6 +526,7 @@ class Connection:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._debug = log.isEnabledFor(logging.DEBUG)
         self.worker.connection_negotiated(self)
         log.info("%s: export %s selected (structured replies %s, flags 0x%x)",
                  self.peer, safe(rt.name), ev.structured_replies, ev.flags)
@@ -781,6 +788,9 @@ class Connection:
         on a thread. False when it was held (parked) instead."""
         rt = self.runtime
         assert rt is not None
+        if self._debug:
+            log.debug("%s: %s offset %d length %d flags 0x%x cookie %d", self.peer,
+                      ev.cmd.name, ev.offset, ev.length, ev.flags, ev.cookie)
         if rt.admits:
             a = self.backend.admit(ev.cmd.name, ev.offset, ev.length, time.monotonic())
             if a.verdict is Verdict.WAIT:
@@ -1213,6 +1223,7 @@ class Connection:
         out: list[OutItem] = []
         if isinstance(ending, SafeClose):
             self._ending = None
+            self.end_reason = "safe close" if err is None else "safe close failed (flush)"
             if err is None:
                 out.append(self.proto.ok_reply(ending.cookie))
                 log.info("%s: safe close", self.peer)
@@ -1226,6 +1237,7 @@ class Connection:
                 log.warning("%s: flush at disconnect failed: %s", self.peer, err)
             if isinstance(ending, Disconnect):
                 self._ending = None
+                self.end_reason = self.end_reason or "NBD_CMD_DISC"
                 log.info("%s: client disconnected (NBD_CMD_DISC)", self.peer)
         if out:
             self._send(out)

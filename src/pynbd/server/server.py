@@ -61,6 +61,8 @@ class Listener:
     address: str
     port: int = 0
     path: str = ""
+    #: we created it (and remove a Unix socket's file at exit); not for inherited ones
+    owned: bool = True
 
 
 @dataclass
@@ -73,8 +75,10 @@ class ServerOptions:
     x_close: bool = True
     #: worker processes; 1 serves in the supervisor's own process and loop
     workers: int = 1
-    #: logging level for worker processes
+    #: logging level and format ("text"/"json") for worker processes
     log_level: int = logging.INFO
+    log_format: str = "text"
+    log_quiet_server: bool = True
 
 
 @dataclass
@@ -119,6 +123,18 @@ def _stack_names(top: Any) -> list[str]:
         spec = getattr(layer, "spec", None)
         out.append(spec.describe() if spec is not None else layer.name)
     return out
+
+
+def _unix_peer(sock: socket.socket) -> str:
+    """``unix(pid 123, uid 0)``: who is on the other end of a Unix socket."""
+    import struct
+
+    try:
+        pid, uid, _gid = struct.unpack("3i", sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    except OSError:
+        return "unix"
+    return f"unix(pid {pid}, uid {uid})"
 
 
 def _has_data(sock: socket.socket) -> bool:
@@ -423,6 +439,7 @@ class Server:
         self._loop_thread: threading.Thread | None = None
         self._started = False
         self.started = time.time()
+        self._idle_since: float | None = time.monotonic()
         self.total_connections = 0
         self.rejected_connections = 0
         self.evicted_connections = 0
@@ -476,6 +493,18 @@ class Server:
         s.bind(path)
         s.listen(1024)
         lst = Listener(s, "unix", path, path=path)
+        self.listeners.append(lst)
+        return lst
+
+    def adopt_listener(self, sock: socket.socket) -> Listener:
+        """A listening socket made by someone else (systemd socket activation)."""
+        if sock.family == socket.AF_UNIX:
+            path = sock.getsockname()
+            path = path if isinstance(path, str) else ""
+            lst = Listener(sock, "unix", path or "(inherited)", path=path, owned=False)
+        else:
+            addr = sock.getsockname()
+            lst = Listener(sock, "tcp", str(addr[0]), int(addr[1]), owned=False)
         self.listeners.append(lst)
         return lst
 
@@ -542,6 +571,8 @@ class Server:
             "tls_files": self.options.tls_files,
             "limits": asdict(self.limits),
             "log_level": self.options.log_level,
+            "log_format": self.options.log_format,
+            "log_quiet_server": self.options.log_quiet_server,
             "_fds": fds,
         }
 
@@ -655,7 +686,7 @@ class Server:
 
     def _admit(self, sock: socket.socket, addr: object, lst: Listener) -> None:
         host = self._peer_host(addr, lst)
-        peer = host if lst.kind == "unix" else f"{host}:{addr[1]}"  # type: ignore[index]
+        peer = _unix_peer(sock) if lst.kind == "unix" else f"{host}:{addr[1]}"  # type: ignore[index]
         tcp = lst.kind == "tcp"
         if self._stopping.is_set():
             self._refuse(sock, "server is stopping", host)
@@ -699,6 +730,7 @@ class Server:
         self._records[rec.id] = rec
         self._silent.add(rec)
         self.total_connections += 1
+        self._idle_since = None
         self.loop.add(sock.fileno(), EPOLLIN, functools.partial(self._first_bytes, rec))
         rec.timer = self.loop.call_later(lim.handshake_timeout,
                                          functools.partial(self._greeting_expired, rec))
@@ -809,6 +841,8 @@ class Server:
         rec = self._records.pop(conn_id, None)
         if rec is None:
             return
+        if not self._records:
+            self._idle_since = time.monotonic()
         rec.handle.conns.discard(conn_id)
         self._leave_negotiating(rec)
         if rec.negotiated:
@@ -1130,7 +1164,7 @@ class Server:
             self.loop.remove(lst.sock.fileno())
             with contextlib.suppress(OSError):
                 lst.sock.close()
-            if lst.kind == "unix":
+            if lst.kind == "unix" and lst.owned:
                 with contextlib.suppress(OSError):
                     os.unlink(lst.path)
 
@@ -1144,6 +1178,11 @@ class Server:
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
+
+    def idle_seconds(self) -> float:
+        """Seconds since the last connection closed (or since start); 0 while any is open."""
+        since = self._idle_since
+        return 0.0 if since is None else time.monotonic() - since
 
     @property
     def killed_connections(self) -> int:

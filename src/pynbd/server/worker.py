@@ -32,9 +32,13 @@ from pynbd.protocol.server import ExportInfo, ExportProvider, ServerConfig
 from pynbd.server.buffers import Buffer, BufferPool
 from pynbd.server.connection import Connection, Counters
 from pynbd.server.limits import Limits
+from pynbd.server.logsafe import safe
 from pynbd.server.loop import Loop
+from pynbd.util.logs import fields
 
 log = logging.getLogger("pynbd.server")
+#: one line per client connect and disconnect (INFO, shown by default)
+access = logging.getLogger("pynbd.access")
 
 
 from pynbd.filters.track import Tracker  # noqa: E402
@@ -194,10 +198,26 @@ class Worker:
         assert rt is not None
         rt.connections.add(conn)
         self.events.negotiated(conn.id, rt.name)
+        tls = conn.tls is not None
+        access.info("client %s connected to export %s (worker %d%s)", conn.peer,
+                    safe(repr(rt.name)), self.index, ", TLS" if tls else "",
+                    extra=fields(event="connect", peer=conn.peer, export=rt.name,
+                                 worker=self.index, tls=tls))
 
     def connection_closed(self, conn: Connection) -> None:
         self.connections.pop(conn.id, None)
         rt = conn.runtime
+        if rt is not None and conn in rt.connections:
+            c = conn.counters
+            secs = time.monotonic() - conn.started
+            reason = conn.end_reason or "closed"
+            access.info("client %s disconnected from export %s after %.1f s: %s (%d requests, "
+                        "%d bytes read, %d written, %d errors)", conn.peer,
+                        safe(repr(rt.name)), secs, reason, c.requests, c.bytes_read,
+                        c.bytes_written, c.errors,
+                        extra=fields(event="disconnect", peer=conn.peer, export=rt.name,
+                                     worker=self.index, seconds=round(secs, 3),
+                                     reason=reason, **c.as_dict()))
         if rt is not None and conn in rt.connections:
             rt.connections.discard(conn)
             rt.parked_connections.discard(conn)

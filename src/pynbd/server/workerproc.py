@@ -79,8 +79,10 @@ def main(argv: list[str]) -> int:
     if got is None:
         return 1
     cfg, _fds = got
-    logging.basicConfig(level=int(cfg.get("log_level", logging.INFO)), stream=sys.stderr,
-                        format="%(asctime)s pynbd[%(process)d] %(levelname)s %(message)s")
+    from pynbd.util.logs import configure
+
+    configure(int(cfg.get("log_level", logging.INFO)), str(cfg.get("log_format", "text")),
+              quiet_server=bool(cfg.get("log_quiet_server", True)))
     index = int(cfg["index"])
     infos = [_info(e["info"]) for e in cfg["exports"]]
     provider = StaticProvider(infos, cfg.get("default"))
