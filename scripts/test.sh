@@ -9,6 +9,8 @@ DEBIAN_PACKAGES=(
   nbdkit nbdkit-plugin-python qemu-utils libnbd-bin python3-libnbd nbd-server fio gnutls-bin
   ceph-mon ceph-osd ceph-common python3-rados python3-rbd
 )
+# pynbd fuse (tests/fuse): libfuse 3 + fusermount3, and mkfs.ext4/e2fsck for the tests
+DEBIAN_PACKAGES+=(fuse3 e2fsprogs)
 
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
