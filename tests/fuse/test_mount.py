@@ -601,3 +601,30 @@ def test_bad_mountpoints(tmp_path: Path, exports: Exports, mount: Mounter) -> No
     device = mount(e.uri, mountpoint=Path("/dev/null"), wait=False)
     assert device.wait() == 1
     assert "neither a directory nor a regular file" in device.stderr
+
+
+def test_fuse_options_reach_libfuse(tmp_path: Path, exports: Exports,
+                                    mount: Mounter) -> None:
+    src = tmp_path / "source.img"
+    make_source(src)
+    e = exports.start("pynbd", src)
+    m = mount(e.uri, "-o", "direct_io,kernel_cache", "-o", "allow_other")
+    run("cmp", m.path, str(src))
+    assert "allow_other" in Path("/proc/self/mountinfo").read_text().split(
+        str(m.mountpoint), 1)[1].splitlines()[0]
+    bad = mount(e.uri, "-o", "no_such_option", wait=False)
+    assert bad.wait() == 1
+    assert "could not mount" in bad.stderr and "Traceback" not in bad.stderr
+    assert not is_mounted(bad.mountpoint)
+
+
+def _read_ahead_kb(path: str) -> int:
+    dev = os.stat(path).st_dev
+    return int(Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+               .read_text())
+
+
+def test_readahead_is_set_on_the_mount(exports: Exports, mount: Mounter) -> None:
+    e = exports.start("pynbd", size=8 * MiB)
+    assert _read_ahead_kb(mount(e.uri).path) == 4096
+    assert _read_ahead_kb(mount(e.uri, "--readahead", "1M").path) == 1024

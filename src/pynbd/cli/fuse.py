@@ -14,6 +14,7 @@ import logging
 import sys
 from typing import Any
 
+from pynbd.backends import parse_size
 from pynbd.client import URIError, parse_uri
 
 
@@ -42,6 +43,9 @@ def register(subparsers: Any) -> None:
                    help="write the process id here once the mount is ready")
     p.add_argument("--single-thread", "-s", action="store_true",
                    help="serve FUSE requests on one thread")
+    p.add_argument("--readahead", type=parse_size, default=4 << 20, metavar="SIZE",
+                   help="kernel readahead for the file (default 4M; needs root, like "
+                        "blockdev --setra; 128K is the kernel's own default)")
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                    help="give up on a server that does not answer within SECONDS "
                         "(then readers get EIO and the mount ends; 0 = wait forever; "
@@ -98,7 +102,8 @@ def handler(args: argparse.Namespace) -> int:
 
     opts = MountOptions(args.mountpoint, filename=args.filename,
                         fuse_options=args.fuse_options, single_thread=args.single_thread,
-                        debug=args.verbose > 1, pidfile=args.pidfile)
+                        debug=args.verbose > 1, pidfile=args.pidfile,
+                        readahead=args.readahead)
     try:
         lost = serve(export, opts, ready)
     except MountError as exc:

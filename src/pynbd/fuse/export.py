@@ -78,27 +78,51 @@ class Connections:
         self.clients = clients
         self._free: collections.deque[Client] = collections.deque(clients)
         self._cond = threading.Condition()
+        self._waiters = 0
         self.gone: str | None = None
 
     def __len__(self) -> int:
         return len(self.clients)
 
+    def acquire(self) -> Client:
+        """Take a free connection (waiting for one if need be); ExportGone once the
+        export is lost. Give it back with :meth:`release`."""
+        try:
+            c = self._free.popleft()  # the fast path: deque operations are atomic
+        except IndexError:
+            c = self._wait_free()
+        if self.gone is not None:
+            self.release(c)
+            raise ExportGone(self.gone)
+        return c
+
+    def _wait_free(self) -> Client:
+        with self._cond:
+            self._waiters += 1
+            try:
+                while True:
+                    if self.gone is not None:
+                        raise ExportGone(self.gone)
+                    try:
+                        return self._free.popleft()
+                    except IndexError:
+                        self._cond.wait(_LEASE_POLL)
+            finally:
+                self._waiters -= 1
+
+    def release(self, c: Client) -> None:
+        self._free.append(c)
+        if self._waiters:  # a stale 0 is fine: a new waiter tries popleft() first
+            with self._cond:
+                self._cond.notify()
+
     @contextlib.contextmanager
     def lease(self) -> Iterator[Client]:
-        with self._cond:
-            while True:
-                if self.gone is not None:
-                    raise ExportGone(self.gone)
-                if self._free:
-                    c = self._free.popleft()
-                    break
-                self._cond.wait(_LEASE_POLL)
+        c = self.acquire()
         try:
             yield c
         finally:
-            with self._cond:
-                self._free.append(c)
-                self._cond.notify()
+            self.release(c)
 
     def mark_gone(self, reason: str) -> bool:
         """Record that the export is lost; True for the first caller only."""
@@ -111,28 +135,19 @@ class Connections:
 
     def check_idle(self) -> str | None:
         """A reason if a connection nobody is using was closed by the server."""
-        with self._cond:
-            if self.gone is not None:
-                return None
-            idle = list(self._free)
-            if not idle:
-                return None
-            p = select.poll()
-            fds = {}
-            for c in idle:
-                try:
-                    fd = c.socket.fileno()
-                except (OSError, ValueError):
-                    fd = -1
-                if fd < 0:
-                    return "connection closed"
-                fds[fd] = c
-                p.register(fd, _POLL_BAD)
-            for _fd, ev in p.poll(0):
-                if ev & (select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)):
-                    return "the server closed the connection"
-                return "the server sent data on an idle connection (closing?)"
+        if self.gone is not None:
             return None
+        idle: list[Client] = []
+        try:  # borrow every idle connection for a moment (nobody else uses them then)
+            while True:
+                idle.append(self._free.popleft())
+        except IndexError:
+            pass
+        try:
+            return _closed_by_server(idle)
+        finally:
+            for c in idle:
+                self.release(c)
 
     def close(self) -> list[CloseResult]:
         """Close every connection: the safest close the server offers (flushes), or
@@ -145,6 +160,23 @@ class Connections:
             else:
                 results.append(c.close())
         return results
+
+
+def _closed_by_server(clients: list[Client]) -> str | None:
+    p = select.poll()
+    for c in clients:
+        try:
+            fd = c.socket.fileno()
+        except (OSError, ValueError):
+            fd = -1
+        if fd < 0:
+            return "connection closed"
+        p.register(fd, _POLL_BAD)
+    for _fd, ev in p.poll(0):
+        if ev & (select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)):
+            return "the server closed the connection"
+        return "the server sent data on an idle connection (closing?)"
+    return None
 
 
 class ExportFile:
@@ -179,26 +211,38 @@ class ExportFile:
                 self.on_gone(reason)
         return OSError(errno.EIO, f"NBD server lost: {reason}")
 
-    @contextlib.contextmanager
-    def _client(self) -> Iterator[Client]:
-        """A connection for one request; maps failures to the errno the caller sees."""
+    def _acquire(self) -> Client:
         try:
-            with self.conns.lease() as c:
-                yield c
+            return self.conns.acquire()
         except ExportGone as exc:
             raise OSError(errno.EIO, f"NBD server lost: {exc}") from None
-        except NBDRequestError as exc:
+
+    def _failed(self, exc: BaseException) -> BaseException:
+        """The errno the caller sees for a request that raised ``exc``."""
+        if isinstance(exc, NBDRequestError):
             # the server refused this request; the connection is fine, unless the
             # server said it is shutting down
             if exc.errno == errno.ESHUTDOWN:
-                raise self._lost(exc) from None
-            raise OSError(exc.errno or errno.EIO, str(exc)) from None
-        except LocalProtocolError as exc:
+                return self._lost(exc)
+            return OSError(exc.errno or errno.EIO, str(exc))
+        if isinstance(exc, LocalProtocolError):
             # our own check refused it (should not happen: ranges are clipped above)
             log.warning("request refused locally: %s", exc)
-            raise OSError(errno.EINVAL, str(exc)) from None
-        except (ProtocolError, OSError) as exc:  # broken connection, timeout, bad peer
-            raise self._lost(exc) from None
+            return OSError(errno.EINVAL, str(exc))
+        if isinstance(exc, (ProtocolError, OSError)):  # broken connection, timeout, bad peer
+            return self._lost(exc)
+        return exc
+
+    @contextlib.contextmanager
+    def _client(self) -> Iterator[Client]:
+        """A connection for one request; maps failures to the errno the caller sees."""
+        c = self._acquire()
+        try:
+            yield c
+        except Exception as exc:
+            raise self._failed(exc) from None
+        finally:
+            self.conns.release(c)
 
     def _check_write(self) -> None:
         if self.read_only:
@@ -211,8 +255,13 @@ class ExportFile:
         n = min(len(view), self.size - offset)
         if n <= 0:
             return 0
-        with self._client() as c:
-            c.read_into(offset, view[:n])
+        c = self._acquire()
+        try:
+            c.read_into(offset, view[:n] if n < len(view) else view)
+        except Exception as exc:
+            raise self._failed(exc) from None
+        finally:
+            self.conns.release(c)
         return n
 
     def write(self, offset: int, data: memoryview) -> int:
@@ -223,8 +272,13 @@ class ExportFile:
         n = min(len(data), self.size - offset)
         if n <= 0:
             return 0
-        with self._client() as c:
-            c.write(offset, data[:n])
+        c = self._acquire()
+        try:
+            c.write(offset, data[:n] if n < len(data) else data)
+        except Exception as exc:
+            raise self._failed(exc) from None
+        finally:
+            self.conns.release(c)
         return n
 
     def fsync(self) -> None:

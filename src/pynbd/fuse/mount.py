@@ -9,8 +9,9 @@ straight from its request buffer (no copy in Python).
 Life cycle, run in the foreground:
 
 1. connect (all connections) -- errors are reported before anything is mounted;
-2. mount; when the kernel's INIT arrives the mount is usable: the file's path is
-   printed on stdout and the pid file written (``ready``);
+2. mount; once the kernel has the reply to its INIT the mount is usable: readahead is
+   set, the file's path printed on stdout and the pid file written (``ready``), and a
+   thread starts watching the idle connections;
 3. serve until SIGINT/SIGTERM/SIGHUP (libfuse's handlers), ``fusermount3 -u`` /
    ``umount``, or the server goes away: then the failing request gets EIO, the
    process signals itself, libfuse leaves its loop and unmounts (lazily, so a
@@ -43,6 +44,12 @@ WATCH_INTERVAL = 0.5
 MAX_IDLE_THREADS = 10
 
 
+#: readahead set on the mount's backing device: the kernel's 128 KiB makes sequential
+#: reads through the page cache a string of small requests; 4 MiB lets them go out as
+#: several 1 MiB requests in parallel (random reads do not ramp readahead up)
+DEFAULT_READAHEAD = 4 << 20
+
+
 class BindingMissing(RuntimeError):
     pass
 
@@ -71,6 +78,8 @@ class MountOptions:
     single_thread: bool = False
     debug: bool = False
     pidfile: str | None = None
+    #: kernel readahead for the mount in bytes (None: leave the kernel's 128 KiB)
+    readahead: int | None = DEFAULT_READAHEAD
 
 
 class Operations:
@@ -155,12 +164,30 @@ class Operations:
             self.on_init()
 
 
+_thread_local = threading.local()
+
+
+def _keep_thread_state() -> None:
+    """Keep the calling libfuse thread's Python thread state between callbacks.
+
+    A ctypes callback on a thread Python did not start makes a new thread state on
+    entry and deletes it on exit (PyGILState_Ensure/Release), which costs about as
+    much as a small NBD request. One extra PyGILState_Ensure, never released, keeps
+    the state (the GIL is still released after each callback). libfuse's threads live
+    until the loop ends, so this holds at most one state per thread.
+    """
+    if not getattr(_thread_local, "kept", False):
+        ctypes.pythonapi.PyGILState_Ensure()
+        _thread_local.kept = True
+
+
 def _fuse_class(mfusepy: Any) -> type:
     class _FUSE(mfusepy.FUSE):  # type: ignore[misc]
         """mfusepy's FUSE with copy-free read and write."""
 
         def read(self, path: bytes | None, buf: Any, size: int, offset: int,
                  fip: Any) -> int:
+            _keep_thread_state()
             view = memoryview((ctypes.c_char * size).from_address(
                 ctypes.addressof(buf.contents))).cast("B")
             n: int = self.operations.export.read_into(offset, view)
@@ -168,6 +195,7 @@ def _fuse_class(mfusepy: Any) -> type:
 
         def write(self, path: bytes | None, buf: Any, size: int, offset: int,
                   fip: Any) -> int:
+            _keep_thread_state()
             view = memoryview((ctypes.c_char * size).from_address(
                 ctypes.addressof(buf.contents))).cast("B")
             n: int = self.operations.export.write(offset, view)
@@ -218,6 +246,53 @@ def file_mode(mountpoint: str) -> bool:
     raise MountError(f"mountpoint {mountpoint} is neither a directory nor a regular file")
 
 
+def _mount_device(mountpoint: str) -> str | None:
+    """MAJOR:MINOR of what is mounted at ``mountpoint`` (a canonical path: resolving it
+    here could stat the mount itself) from /proc/self/mountinfo."""
+    target = mountpoint.encode()
+    found = None
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                fields = line.split(b" - ")[0].split()
+                if len(fields) > 4 and _unescape(fields[4]) == target:
+                    found = fields[2].decode()
+    except OSError:
+        return None
+    return found
+
+
+def _unescape(field: bytes) -> bytes:
+    # mountinfo writes space, tab, newline and backslash as \ooo
+    out = bytearray()
+    i = 0
+    while i < len(field):
+        if field[i:i + 1] == b"\\" and field[i + 1:i + 4].isdigit():
+            out.append(int(field[i + 1:i + 4], 8))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return bytes(out)
+
+
+def set_readahead(mountpoint: str, nbytes: int) -> bool:
+    """Set the kernel readahead of the FUSE mount at ``mountpoint`` (canonical path) on
+    its BDI in sysfs, as ``blockdev --setra`` does for a block device. Needs root;
+    False if not done."""
+    dev = _mount_device(mountpoint)
+    if dev is None:
+        return False
+    try:
+        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
+            f.write(str(nbytes // 1024))
+    except OSError as exc:
+        log.debug("cannot set readahead of %s (bdi %s): %s", mountpoint, dev, exc)
+        return False
+    log.debug("readahead of %s (bdi %s): %d KiB", mountpoint, dev, nbytes // 1024)
+    return True
+
+
 def serve(export: ExportFile, opts: MountOptions,
           ready: Callable[[str], None] | None = None) -> str | None:
     """Mount ``export`` and serve it until the mount ends. Returns None after a
@@ -229,6 +304,9 @@ def serve(export: ExportFile, opts: MountOptions,
     if not naked and ("/" in opts.filename or opts.filename in ("", ".", "..")):
         raise MountError(f"invalid file name {opts.filename!r}")
 
+    # resolved now: in on_init (before libfuse answers the kernel's INIT) anything that
+    # looks at the mount itself would wait for INIT, i.e. for itself
+    real_mountpoint = os.path.realpath(opts.mountpoint)
     stop = threading.Event()
     running = threading.Event()
     pid = os.getpid()
@@ -241,16 +319,17 @@ def serve(export: ExportFile, opts: MountOptions,
 
     export.on_gone = leave
 
-    def watch() -> None:
-        while not stop.wait(WATCH_INTERVAL):
-            reason = export.conns.check_idle()
-            if reason is not None:
-                export._lost(ConnectionError(reason))
-                return
-
-    def on_init() -> None:
-        running.set()
-        threading.Thread(target=watch, name="pynbd-fuse-watch", daemon=True).start()
+    def after_init() -> None:
+        # the kernel holds every request until INIT's reply: once this stat returns,
+        # the mount is usable (and the kernel has set its defaults, readahead too)
+        try:
+            os.stat(path)
+        except OSError as exc:
+            log.debug("stat %s after mounting: %s", path, exc)
+        if stop.is_set():
+            return
+        if opts.readahead is not None:
+            set_readahead(real_mountpoint, opts.readahead)
         if opts.pidfile:
             with open(opts.pidfile, "w") as f:
                 f.write(f"{pid}\n")
@@ -258,6 +337,19 @@ def serve(export: ExportFile, opts: MountOptions,
             ready(path)
         if export.gone is not None:  # lost between connecting and mounting
             os.kill(pid, signal.SIGTERM)
+            return
+        while not stop.wait(WATCH_INTERVAL):
+            reason = export.conns.check_idle()
+            if reason is not None:
+                export._lost(ConnectionError(reason))
+                return
+
+    def on_init() -> None:
+        # runs on a libfuse thread before the kernel has INIT's reply: nothing here may
+        # touch the mount (it would wait for this very callback). Threads started here
+        # block every signal, like libfuse's own: signals go to the main thread.
+        running.set()
+        threading.Thread(target=after_init, name="pynbd-fuse-watch", daemon=True).start()
 
     ops = Operations(export, None if naked else opts.filename, on_init)
     # libfuse installs its SIGINT/SIGTERM/SIGHUP handlers only over the default action

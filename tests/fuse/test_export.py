@@ -1,0 +1,164 @@
+"""pynbd.fuse.export without FUSE: the file operations against real servers."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pynbd.fuse.export import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    ExportFile,
+    open_export,
+)
+from tests.support.nbd_servers import start_nbdkit
+from tests.support.pynbd_server import PynbdServer, free_unix_path, wait_until
+
+MiB = 1 << 20
+TIMEOUT = 20.0
+
+
+@pytest.fixture
+def pynbd(tmp_path: Path) -> Iterator[PynbdServer]:
+    srv = PynbdServer(["--socket", free_unix_path(tmp_path, "p.sock"), "memory:4M"],
+                      cwd=tmp_path)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _errno(fn, *args) -> int:  # type: ignore[no-untyped-def]
+    with pytest.raises(OSError) as ei:
+        fn(*args)
+    return ei.value.errno  # type: ignore[no-any-return]
+
+
+def test_reads_and_writes_clip_at_the_end(pynbd: PynbdServer) -> None:
+    f = open_export(pynbd.uri, timeout=TIMEOUT)
+    try:
+        assert f.size == 4 * MiB and not f.read_only
+        assert f.features.multi_conn and f.features.connections == 4
+        assert f.write(4 * MiB - 3, memoryview(b"abcdef")) == 3
+        buf = bytearray(10)
+        assert f.read_into(4 * MiB - 5, memoryview(buf)) == 5
+        assert bytes(buf[:5]) == b"\0\0abc"
+        assert f.read_into(4 * MiB, memoryview(buf)) == 0
+        assert _errno(f.write, 4 * MiB, memoryview(b"x")) == errno.ENOSPC
+        f.fsync()
+        f.truncate(4 * MiB)
+        assert _errno(f.truncate, 0) == errno.EINVAL
+    finally:
+        assert all(r.safe for r in f.close())  # pynbd serve: safe close on every one
+
+
+def test_fallocate_modes(pynbd: PynbdServer) -> None:
+    f = open_export(pynbd.uri, connections=1, timeout=TIMEOUT)
+    try:
+        f.write(0, memoryview(b"\xff" * MiB))
+        f.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 100, 200)
+        f.fallocate(FALLOC_FL_ZERO_RANGE, 1000, 24)
+        buf = bytearray(1100)
+        f.read_into(0, memoryview(buf))
+        assert buf == b"\xff" * 100 + bytes(200) + b"\xff" * 700 + bytes(24) + b"\xff" * 76
+        # past the end: clipped with KEEP_SIZE, refused without (the file cannot grow)
+        f.fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, 4 * MiB - 10, 100)
+        assert _errno(f.fallocate, FALLOC_FL_ZERO_RANGE, 4 * MiB - 10, 100) == errno.EINVAL
+        assert _errno(f.fallocate, FALLOC_FL_ZERO_RANGE, 4 * MiB, 1) == errno.EINVAL
+        for mode in (0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,  # punch needs KEEP_SIZE
+                     FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+                     0x20 | FALLOC_FL_KEEP_SIZE):
+            assert _errno(f.fallocate, mode, 0, 4096) == errno.EOPNOTSUPP
+        assert _errno(f.fallocate, FALLOC_FL_ZERO_RANGE, 0, 0) == errno.EINVAL
+    finally:
+        f.close()
+
+
+def test_read_only(pynbd: PynbdServer, tmp_path: Path) -> None:
+    f = open_export(pynbd.uri, read_only=True, timeout=TIMEOUT)
+    try:
+        assert f.read_only
+        assert _errno(f.write, 0, memoryview(b"x")) == errno.EROFS
+        assert _errno(f.fallocate, FALLOC_FL_ZERO_RANGE, 0, 1) == errno.EROFS
+        f.fsync()  # nothing to flush
+    finally:
+        f.close()
+    ro = PynbdServer(["--socket", free_unix_path(tmp_path, "ro.sock"), "--read-only",
+                      "memory:1M"], cwd=tmp_path)
+    try:
+        g = open_export(ro.uri, timeout=TIMEOUT)
+        assert g.read_only  # from the server's flags
+        assert _errno(g.write, 0, memoryview(b"x")) == errno.EROFS
+        g.close()
+    finally:
+        ro.stop()
+
+
+def test_server_error_reply_keeps_the_export(tmp_path: Path) -> None:
+    """An error reply is that request's errno; the connection stays usable."""
+    srv = start_nbdkit(tmp_path / "k", "memory", ["1M", "error-pwrite-rate=1",
+                                                  "error-pwrite=ENOSPC"],
+                       transport="unix", filters=("error",))
+    try:
+        f = open_export(srv.uri(), timeout=TIMEOUT)
+        assert _errno(f.write, 0, memoryview(b"x")) == errno.ENOSPC
+        assert f.gone is None
+        buf = bytearray(4)
+        assert f.read_into(0, memoryview(buf)) == 4
+        f.close()
+    finally:
+        srv.stop()
+
+
+def test_lost_server_is_eio_and_calls_on_gone_once(pynbd: PynbdServer) -> None:
+    calls: list[str] = []
+    f = open_export(pynbd.uri, connections=2, timeout=TIMEOUT, on_gone=calls.append)
+    os.kill(pynbd.pid, signal.SIGKILL)
+    pynbd.proc.wait(TIMEOUT)
+    # the idle check sees the closed connections without any request
+    assert wait_until(lambda: f.conns.check_idle() is not None, TIMEOUT)
+    buf = bytearray(4096)
+    assert _errno(f.read_into, 0, memoryview(buf)) == errno.EIO
+    assert _errno(f.read_into, 0, memoryview(buf)) == errno.EIO
+    assert _errno(f.fsync) == errno.EIO
+    assert len(calls) == 1 and f.gone == calls[0]
+    results = f.close()
+    assert [r.method for r in results] == ["none", "none"]
+
+
+def test_threads_waiting_for_a_connection_see_the_loss(pynbd: PynbdServer) -> None:
+    f = open_export(pynbd.uri, connections=1, timeout=TIMEOUT)
+    errors: list[int] = []
+    started = threading.Event()
+
+    def waiter() -> None:
+        started.set()
+        try:
+            f.read_into(0, memoryview(bytearray(16)))
+        except OSError as exc:
+            errors.append(exc.errno or 0)
+
+    with f.conns.lease():  # hold the only connection
+        t = threading.Thread(target=waiter)
+        t.start()
+        started.wait(TIMEOUT)
+        f.conns.mark_gone("test")
+    t.join(TIMEOUT)
+    assert not t.is_alive() and errors == [errno.EIO]
+    f.close()
+
+
+def test_idle_check_is_quiet_while_the_server_lives(pynbd: PynbdServer) -> None:
+    f: ExportFile = open_export(pynbd.uri, timeout=TIMEOUT)
+    try:
+        f.write(0, memoryview(b"data"))
+        assert f.conns.check_idle() is None
+    finally:
+        f.close()
