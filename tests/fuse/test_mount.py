@@ -628,3 +628,25 @@ def test_readahead_is_set_on_the_mount(exports: Exports, mount: Mounter) -> None
     e = exports.start("pynbd", size=8 * MiB)
     assert _read_ahead_kb(mount(e.uri).path) == 4096
     assert _read_ahead_kb(mount(e.uri, "--readahead", "1M").path) == 1024
+
+
+def test_tls_export_over_tcp(tmp_path: Path, mount: Mounter) -> None:
+    """nbds:// to nbdkit --tls=require on loopback TCP, certificates from the URI."""
+    from tests.support.certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    src = tmp_path / "source.img"
+    make_source(src)
+    s = start_nbdkit(tmp_path / "tls", "file", [str(src)], transport="tcp", tls_dir=pki)
+    try:
+        uri = s.uri()
+        assert uri.startswith("nbds://127.0.0.1:")
+        m = mount(uri)
+        run("cmp", m.path, str(src))
+        run("dd", "if=/dev/zero", f"of={m.path}", "bs=64k", "count=1", "conv=notrunc,fsync",
+            "status=none")
+        assert m.signal(signal.SIGTERM) == 0
+    finally:
+        s.stop()
+    with open(src, "rb") as f:
+        assert f.read(65536) == bytes(65536)

@@ -40,8 +40,8 @@ log = logging.getLogger("pynbd.fuse")
 
 #: how often idle connections are checked for a server that went away
 WATCH_INTERVAL = 0.5
-#: idle libfuse threads kept for kernel requests (nbdfuse's choice)
-MAX_IDLE_THREADS = 10
+#: libfuse's default limit of threads serving kernel requests
+MAX_THREADS = 10
 
 
 #: readahead set on the mount's backing device: the kernel's 128 KiB makes sequential
@@ -174,7 +174,8 @@ def _keep_thread_state() -> None:
     entry and deletes it on exit (PyGILState_Ensure/Release), which costs about as
     much as a small NBD request. One extra PyGILState_Ensure, never released, keeps
     the state (the GIL is still released after each callback). libfuse's threads live
-    until the loop ends, so this holds at most one state per thread.
+    until the loop ends (max_idle_threads is set to the thread limit), so this holds at
+    most one state per thread.
     """
     if not getattr(_thread_local, "kept", False):
         ctypes.pythonapi.PyGILState_Ensure()
@@ -207,10 +208,7 @@ def _fuse_class(mfusepy: Any) -> type:
 def _mount_kwargs(opts: MountOptions, read_only: bool, version: tuple[int, int]
                   ) -> dict[str, Any]:
     kw: dict[str, Any] = {"fsname": "pynbd", "subtype": "pynbd"}
-    if version >= (3, 12):
-        # fuse_main in libfuse 3.12-3.16 passes an unset idle-thread limit on and
-        # complains ("Ignoring invalid max threads value"): set one, as nbdfuse does
-        kw["max_idle_threads"] = MAX_IDLE_THREADS
+    user: dict[str, Any] = {}
     if read_only:
         kw["ro"] = True
     for group in opts.fuse_options:
@@ -219,7 +217,14 @@ def _mount_kwargs(opts: MountOptions, read_only: bool, version: tuple[int, int]
             if not item:
                 continue
             key, eq, value = item.partition("=")
-            kw[key] = value if eq else True
+            user[key] = value if eq else True
+    if version >= (3, 12) and "max_idle_threads" not in user:
+        # fuse_main in libfuse 3.12-3.16 passes its "unset" idle-thread limit on and
+        # complains ("Ignoring invalid max threads value"): set one. Equal to the
+        # thread limit, so that libfuse never ends a thread (each one keeps a Python
+        # thread state, see _keep_thread_state)
+        kw["max_idle_threads"] = user.get("max_threads", MAX_THREADS)
+    kw.update(user)
     kw["foreground"] = True
     if opts.single_thread:
         kw["nothreads"] = True
