@@ -4,6 +4,7 @@ by ordinary programs (cmp, dd, fallocate, truncate, mkfs.ext4, e2fsck)."""
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import random
 import signal
@@ -650,3 +651,35 @@ def test_tls_export_over_tcp(tmp_path: Path, mount: Mounter) -> None:
         s.stop()
     with open(src, "rb") as f:
         assert f.read(65536) == bytes(65536)
+
+
+def test_server_error_replies_reach_the_program_and_the_mount_stays(
+        tmp_path: Path, exports: Exports, mount: Mounter) -> None:
+    """nbdkit's error filter fails requests while a file exists: the program sees the
+    errno (EIO for reads, ENOSPC for writes), the mount keeps working afterwards."""
+    inject = tmp_path / "inject"
+    e = exports.start("nbdkit", filters=("error",), params=(
+        "error-pread=EIO", "error-pread-rate=100%", f"error-pread-file={inject}",
+        "error-pwrite=ENOSPC", "error-pwrite-rate=100%", f"error-pwrite-file={inject}"))
+    m = mount(e.uri)
+    fd = os.open(m.path, os.O_RDWR | os.O_DIRECT)
+    buf = mmap.mmap(-1, 4096)  # O_DIRECT wants aligned memory
+    try:
+        assert os.preadv(fd, [buf], 0) == 4096
+        inject.touch()
+        with pytest.raises(OSError) as ei:
+            os.preadv(fd, [buf], 4096)
+        assert ei.value.errno == errno.EIO
+        buf[:4] = b"abcd"
+        with pytest.raises(OSError) as ei:
+            os.pwritev(fd, [buf], 8192)
+        assert ei.value.errno == errno.ENOSPC
+        inject.unlink()
+        assert os.pwritev(fd, [buf], 8192) == 4096
+        assert os.preadv(fd, [buf], 4096) == 4096
+    finally:
+        os.close(fd)
+        buf.close()
+    assert is_mounted(m.mountpoint) and m.proc.poll() is None
+    assert nbd_read(e.uri, 8192, 4) == b"abcd"
+    assert m.signal(signal.SIGTERM) == 0
