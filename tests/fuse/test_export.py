@@ -15,7 +15,9 @@ from pynbd.fuse.export import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
+    Connections,
     ExportFile,
+    Pipeline,
     open_export,
 )
 from tests.support.nbd_servers import start_nbdkit
@@ -134,7 +136,8 @@ def test_lost_server_is_eio_and_calls_on_gone_once(pynbd: PynbdServer) -> None:
 
 
 def test_threads_waiting_for_a_connection_see_the_loss(pynbd: PynbdServer) -> None:
-    f = open_export(pynbd.uri, connections=1, timeout=TIMEOUT)
+    f = open_export(pynbd.uri, connections=2, timeout=TIMEOUT)
+    assert isinstance(f.conns, Connections)
     errors: list[int] = []
     started = threading.Event()
 
@@ -145,7 +148,7 @@ def test_threads_waiting_for_a_connection_see_the_loss(pynbd: PynbdServer) -> No
         except OSError as exc:
             errors.append(exc.errno or 0)
 
-    with f.conns.lease():  # hold the only connection
+    with f.conns.lease(), f.conns.lease():  # hold both connections
         t = threading.Thread(target=waiter)
         t.start()
         started.wait(TIMEOUT)
@@ -153,6 +156,86 @@ def test_threads_waiting_for_a_connection_see_the_loss(pynbd: PynbdServer) -> No
     t.join(TIMEOUT)
     assert not t.is_alive() and errors == [errno.EIO]
     f.close()
+
+
+def _max_concurrency(log: str, kind: str) -> int:
+    """Most requests of ``kind`` in progress at once in nbdkit's log filter output."""
+    active: set[str] = set()
+    most = 0
+    for line in log.splitlines():
+        if f" {kind} id=" in line:
+            rid = line.split(" id=")[1].split()[0]
+            if f"...{kind} id=" in line:
+                active.discard(rid)
+            else:
+                active.add(rid)
+                most = max(most, len(active))
+    return most
+
+
+def test_one_connection_carries_several_requests_at_once(tmp_path: Path) -> None:
+    """Without multi-conn there is one connection; threads' requests are pipelined on
+    it (nbdkit's delay filter holds each read, so the others queue up meanwhile) and
+    each gets its own data back."""
+    logf = tmp_path / "requests.log"
+    srv = start_nbdkit(tmp_path / "k", "memory", ["4M", "delay-read=200ms",
+                                                  "multi-conn-mode=disable",
+                                                  f"logfile={logf}"],
+                       transport="unix", filters=("multi-conn", "delay", "log"))
+    try:
+        f = open_export(srv.uri(), connections=4, timeout=TIMEOUT)
+        assert isinstance(f.conns, Pipeline) and f.features.connections == 1
+        for i in range(8):
+            f.write(i * 65536, memoryview(bytes([i + 1]) * 65536))
+        results: dict[int, bytes] = {}
+
+        def reader(i: int) -> None:
+            buf = bytearray(65536)
+            f.read_into(i * 65536, memoryview(buf))
+            results[i] = bytes(buf)
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+        assert results == {i: bytes([i + 1]) * 65536 for i in range(8)}
+        f.fsync()
+        assert [r.flushed for r in f.close()] == [True]
+        assert _max_concurrency(logf.read_text(), "Read") >= 2
+    finally:
+        srv.stop()
+
+
+def test_one_connection_broken_fails_every_waiting_request(tmp_path: Path) -> None:
+    srv = start_nbdkit(tmp_path / "k", "memory", ["4M", "delay-read=20"],
+                       transport="unix", filters=("delay",))
+    calls: list[str] = []
+    try:
+        f = open_export(srv.uri(), connections=1, timeout=TIMEOUT, on_gone=calls.append)
+        errors: list[int] = []
+
+        def reader(i: int) -> None:
+            try:
+                f.read_into(i * 4096, memoryview(bytearray(4096)))
+            except OSError as exc:
+                errors.append(exc.errno or 0)
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        pipe = f.conns
+        assert isinstance(pipe, Pipeline)
+        # all four queued or in flight (nbdkit holds the reads for 20 s)
+        assert wait_until(lambda: pipe.clients[0].in_flight + len(pipe._queue) == 4, TIMEOUT)
+        os.kill(srv.proc.pid, signal.SIGKILL)
+        for t in threads:
+            t.join(TIMEOUT)
+        assert errors == [errno.EIO] * 4 and len(calls) == 1
+        assert _errno(f.write, 0, memoryview(b"x")) == errno.EIO
+        f.close()
+    finally:
+        srv.stop()
 
 
 def test_idle_check_is_quiet_while_the_server_lives(pynbd: PynbdServer) -> None:

@@ -12,7 +12,8 @@ on :class:`ExportFile`, which is a block device's semantics over the blocking cl
   allocation is EOPNOTSUPP and ranges past the end are EINVAL, as for block devices;
 * the size never changes: truncating to it succeeds, to any other size is EINVAL.
 
-Requests are spread over the connections (:class:`Connections`); a connection that
+Requests are spread over the connections (:class:`Connections`), or pipelined on the
+only one (:class:`Pipeline`) when the server does not allow multi-conn; a connection that
 breaks (server gone, protocol violation, timeout) makes the whole export *gone*: the
 failing request and every later one get EIO and ``on_gone`` is called once, so that the
 mount can be torn down.
@@ -79,6 +80,7 @@ class Connections:
         self._free: collections.deque[Client] = collections.deque(clients)
         self._cond = threading.Condition()
         self._waiters = 0
+        self._closed = False
         self.gone: str | None = None
 
     def __len__(self) -> int:
@@ -124,6 +126,34 @@ class Connections:
         finally:
             self.release(c)
 
+    # --- one request on a borrowed connection ---------------------------------------
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        c = self.acquire()
+        try:
+            c.read_into(offset, view)
+        finally:
+            self.release(c)
+
+    def write(self, offset: int, data: memoryview) -> None:
+        c = self.acquire()
+        try:
+            c.write(offset, data)
+        finally:
+            self.release(c)
+
+    def flush(self) -> None:
+        with self.lease() as c:
+            c.flush()
+
+    def trim(self, offset: int, length: int) -> None:
+        with self.lease() as c:
+            c.trim(offset, length)
+
+    def write_zeroes(self, offset: int, length: int, flags: int = 0) -> None:
+        with self.lease() as c:
+            c.write_zeroes(offset, length, flags)
+
     def mark_gone(self, reason: str) -> bool:
         """Record that the export is lost; True for the first caller only."""
         with self._cond:
@@ -135,7 +165,7 @@ class Connections:
 
     def check_idle(self) -> str | None:
         """A reason if a connection nobody is using was closed by the server."""
-        if self.gone is not None:
+        if self.gone is not None or self._closed:
             return None
         idle: list[Client] = []
         try:  # borrow every idle connection for a moment (nobody else uses them then)
@@ -152,6 +182,7 @@ class Connections:
     def close(self) -> list[CloseResult]:
         """Close every connection: the safest close the server offers (flushes), or
         just drop them when the export is gone."""
+        self._closed = True
         results = []
         for c in self.clients:
             if self.gone is not None:
@@ -160,6 +191,243 @@ class Connections:
             else:
                 results.append(c.close())
         return results
+
+_READ, _WRITE, _FLUSH, _TRIM, _ZERO = range(5)
+
+
+class _Waiter:
+    """One caller of :class:`Pipeline`: woken when its requests are done or when it
+    is handed the connection to drive."""
+
+    __slots__ = ("event", "lead", "pending")
+
+    def __init__(self, pending: int) -> None:
+        self.event = threading.Event()
+        self.lead = False
+        self.pending = pending
+
+
+class _Op:
+    __slots__ = ("data", "done", "error", "flags", "kind", "length", "offset", "waiter")
+
+    def __init__(self, waiter: _Waiter, kind: int, offset: int, length: int,
+                 data: memoryview | None = None, flags: int = 0) -> None:
+        self.waiter = waiter
+        self.kind = kind
+        self.offset = offset
+        self.length = length
+        self.data = data
+        self.flags = flags
+        self.done = False
+        self.error: BaseException | None = None
+
+
+class Pipeline:
+    """One connection shared by every thread, with several requests in flight.
+
+    Used when the server does not allow multi-conn (or ``--connections 1``). Callers
+    queue their requests; whoever finds the connection free drives it (leader and
+    followers): it sends everything queued, up to :attr:`MAX_IN_FLIGHT` requests, and
+    collects replies, completing other callers' requests as they come, until its own
+    are done; then it hands the connection to a caller that still waits. A lone caller
+    thus drives its own request with no thread switch, and concurrent callers' requests
+    share the connection instead of taking turns.
+
+    The blocking client sends a write's whole payload before it reads any reply, so a
+    WRITE goes out only when no READ is in flight: a server blocked on sending read
+    replies that nobody reads could otherwise stop reading the payload.
+    """
+
+    MAX_IN_FLIGHT = 16
+
+    def __init__(self, client: Client) -> None:
+        self.clients = [client]
+        self._client = client
+        self._cond = threading.Condition()
+        # under _cond:
+        self._queue: collections.deque[_Op] = collections.deque()
+        self._driving = False
+        self._broken: BaseException | None = None
+        self._closed = False
+        self.gone: str | None = None
+        # only the driver touches these:
+        self._inflight: dict[int, _Op] = {}  # cookie -> op
+        self._reads = 0
+
+    def __len__(self) -> int:
+        return 1
+
+    # --- callers ------------------------------------------------------------------
+
+    def _call(self, ops: list[_Op]) -> None:
+        waiter = ops[0].waiter
+        with self._cond:
+            if self.gone is not None:
+                raise ExportGone(self.gone)
+            if self._broken is not None:
+                raise self._broken
+            if self._closed:
+                raise LocalProtocolError("connection is closed")
+            self._queue.extend(ops)
+            if not self._driving:
+                self._driving = waiter.lead = True
+        while not waiter.lead and waiter.pending:
+            waiter.event.wait()
+            waiter.event.clear()
+        if waiter.lead:
+            self._drive(waiter)
+        for op in ops:
+            if op.error is not None:
+                raise op.error
+
+    def _ops(self, kind: int, offset: int, view: memoryview) -> list[_Op]:
+        step = self._client.max_request
+        if len(view) <= step:
+            return [_Op(_Waiter(1), kind, offset, len(view), view)]
+        parts = range(0, len(view), step)
+        w = _Waiter(len(parts))
+        return [_Op(w, kind, offset + p, len(view[p:p + step]), view[p:p + step])
+                for p in parts]
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        self._call(self._ops(_READ, offset, view))
+
+    def write(self, offset: int, data: memoryview) -> None:
+        self._call(self._ops(_WRITE, offset, data))
+
+    def flush(self) -> None:
+        self._call([_Op(_Waiter(1), _FLUSH, 0, 0)])
+
+    def trim(self, offset: int, length: int) -> None:
+        self._call([_Op(_Waiter(1), _TRIM, offset, length)])
+
+    def write_zeroes(self, offset: int, length: int, flags: int = 0) -> None:
+        self._call([_Op(_Waiter(1), _ZERO, offset, length, None, flags)])
+
+    # --- the driver -------------------------------------------------------------------
+
+    def _finish(self, op: _Op, error: BaseException | None) -> None:
+        """Complete ``op`` (with ``_cond`` held)."""
+        if op.done:
+            return
+        op.done = True
+        op.error = error
+        w = op.waiter
+        w.pending -= 1
+        if not w.pending:
+            w.event.set()
+
+    def _submit(self, op: _Op) -> None:
+        c = self._client
+        k = op.kind
+        try:
+            if k == _READ:
+                assert op.data is not None
+                req = c.submit_read(op.offset, op.data)
+            elif k == _WRITE:
+                assert op.data is not None
+                req = c.submit_write(op.offset, op.data)
+            elif k == _FLUSH:
+                req = c.submit_flush()
+            elif k == _TRIM:
+                req = c.submit_trim(op.offset, op.length)
+            else:
+                req = c.submit_write_zeroes(op.offset, op.length, op.flags)
+        except (LocalProtocolError, NBDRequestError) as exc:  # refused: this op only
+            with self._cond:
+                self._finish(op, exc)
+            return
+        self._inflight[req.cookie] = op
+        if k == _READ:
+            self._reads += 1
+
+    def _collect(self) -> None:
+        """Wait for the next reply and complete its request."""
+        req = self._client.wait_any()
+        op = self._inflight.pop(req.cookie)
+        if op.kind == _READ:
+            self._reads -= 1
+        with self._cond:
+            self._finish(op, req.error)
+
+    def _send_queued(self, wait: bool) -> None:
+        """Send what is queued (up to the limit); a WRITE waits for the READs in flight
+        to finish, or with ``wait=False`` stays queued."""
+        while True:
+            with self._cond:
+                if not self._queue or len(self._inflight) >= self.MAX_IN_FLIGHT:
+                    return
+                op = self._queue[0]
+                if op.kind == _WRITE and self._reads and not wait:
+                    return
+                self._queue.popleft()
+            if op.kind == _WRITE:
+                while self._reads:
+                    self._collect()
+            if self._client.server_shutting_down:
+                with self._cond:
+                    self._queue.appendleft(op)
+                raise ConnectionError("the server is shutting down (NBD_ESHUTDOWN)")
+            self._submit(op)
+
+    def _drive(self, me: _Waiter) -> None:
+        try:
+            while me.pending:
+                self._send_queued(wait=True)
+                if not me.pending:
+                    break
+                if not self._inflight:  # cannot happen: our requests went somewhere
+                    raise LocalProtocolError("pipeline lost track of a request")
+                self._collect()
+            self._send_queued(wait=False)  # get the others' requests going
+        except BaseException as exc:  # the connection is broken: fail everything
+            with self._cond:
+                self._broken = exc
+                for op in [*self._inflight.values(), *self._queue]:
+                    self._finish(op, exc)
+                self._inflight.clear()
+                self._queue.clear()
+                self._reads = 0
+                self._driving = me.lead = False
+            return
+        with self._cond:
+            me.lead = False
+            nxt = next(iter(self._inflight.values()), None) or \
+                (self._queue[0] if self._queue else None)
+            if nxt is None:
+                self._driving = False
+            else:  # hand the connection to a caller that still waits
+                nxt.waiter.lead = True
+                nxt.waiter.event.set()
+
+    # --- state ------------------------------------------------------------------------
+
+    def mark_gone(self, reason: str) -> bool:
+        with self._cond:
+            first = self.gone is None
+            if first:
+                self.gone = reason
+            for op in self._queue:
+                self._finish(op, ExportGone(reason))
+            self._queue.clear()
+            return first
+
+    def check_idle(self) -> str | None:
+        with self._cond:  # nobody starts driving while this is held
+            if self.gone is not None or self._closed or self._driving or self._queue:
+                return None
+            if self._broken is not None:
+                return str(self._broken) or type(self._broken).__name__
+            return _closed_by_server([self._client])
+
+    def close(self) -> list[CloseResult]:
+        """Close the connection (callers are gone: the FUSE loop has ended)."""
+        with self._cond:
+            self._closed = True
+        if self.gone is None:
+            return [self._client.close()]
+        self._client.hard_close()
+        return [CloseResult(False, False, "none", self.gone)]
 
 
 def _closed_by_server(clients: list[Client]) -> str | None:
@@ -182,7 +450,7 @@ def _closed_by_server(clients: list[Client]) -> str | None:
 class ExportFile:
     """One NBD export with a file's operations (thread-safe)."""
 
-    def __init__(self, conns: Connections, *, read_only: bool = False,
+    def __init__(self, conns: Connections | Pipeline, *, read_only: bool = False,
                  on_gone: Callable[[str], None] | None = None) -> None:
         first = conns.clients[0]
         self.conns = conns
@@ -211,14 +479,10 @@ class ExportFile:
                 self.on_gone(reason)
         return OSError(errno.EIO, f"NBD server lost: {reason}")
 
-    def _acquire(self) -> Client:
-        try:
-            return self.conns.acquire()
-        except ExportGone as exc:
-            raise OSError(errno.EIO, f"NBD server lost: {exc}") from None
-
     def _failed(self, exc: BaseException) -> BaseException:
         """The errno the caller sees for a request that raised ``exc``."""
+        if isinstance(exc, ExportGone):
+            return OSError(errno.EIO, f"NBD server lost: {exc}")
         if isinstance(exc, NBDRequestError):
             # the server refused this request; the connection is fine, unless the
             # server said it is shutting down
@@ -233,17 +497,6 @@ class ExportFile:
             return self._lost(exc)
         return exc
 
-    @contextlib.contextmanager
-    def _client(self) -> Iterator[Client]:
-        """A connection for one request; maps failures to the errno the caller sees."""
-        c = self._acquire()
-        try:
-            yield c
-        except Exception as exc:
-            raise self._failed(exc) from None
-        finally:
-            self.conns.release(c)
-
     def _check_write(self) -> None:
         if self.read_only:
             raise OSError(errno.EROFS, "read-only")
@@ -255,13 +508,10 @@ class ExportFile:
         n = min(len(view), self.size - offset)
         if n <= 0:
             return 0
-        c = self._acquire()
         try:
-            c.read_into(offset, view[:n] if n < len(view) else view)
+            self.conns.read_into(offset, view[:n] if n < len(view) else view)
         except Exception as exc:
             raise self._failed(exc) from None
-        finally:
-            self.conns.release(c)
         return n
 
     def write(self, offset: int, data: memoryview) -> int:
@@ -272,21 +522,20 @@ class ExportFile:
         n = min(len(data), self.size - offset)
         if n <= 0:
             return 0
-        c = self._acquire()
         try:
-            c.write(offset, data[:n] if n < len(data) else data)
+            self.conns.write(offset, data[:n] if n < len(data) else data)
         except Exception as exc:
             raise self._failed(exc) from None
-        finally:
-            self.conns.release(c)
         return n
 
     def fsync(self) -> None:
         """NBD_CMD_FLUSH (with CAN_MULTI_CONN it covers writes on every connection)."""
         if self.read_only or not self.can_flush:
             return
-        with self._client() as c:
-            c.flush()
+        try:
+            self.conns.flush()
+        except Exception as exc:
+            raise self._failed(exc) from None
 
     def truncate(self, length: int) -> None:
         if length != self.size:
@@ -319,40 +568,32 @@ class ExportFile:
             if not keep:
                 raise OSError(errno.EINVAL, "the export cannot grow")
             length = self.size - offset
-        if punch:
-            if not self.can_zero:
-                raise OSError(errno.EOPNOTSUPP, "the server has no WRITE_ZEROES")
-            if self.can_trim:
-                self._ranges(lambda c, o, n: c.trim(o, n), offset, length)
-            self._ranges(lambda c, o, n: c.write_zeroes(o, n), offset, length)
-        elif self.can_zero:
-            self._ranges(lambda c, o, n: c.write_zeroes(o, n, CmdFlag.NO_HOLE),
-                         offset, length)
-        else:
-            self._write_zero_blocks(offset, length)
-
-    def _ranges(self, fn: Callable[[Client, int, int], None], offset: int,
-                length: int) -> None:
-        with self._client() as c:
-            end = offset + length
-            pos = offset
-            while pos < end:
-                n = min(ZERO_CHUNK, end - pos)
-                fn(c, pos, n)
-                pos += n
-
-    def _write_zero_blocks(self, offset: int, length: int) -> None:
-        zeroes = memoryview(_ZEROES)
-        with self._client() as c:
-            end = offset + length
-            pos = offset
-            while pos < end:
-                n = min(len(zeroes), end - pos)
-                c.write(pos, zeroes[:n])
-                pos += n
+        if punch and not self.can_zero:
+            raise OSError(errno.EOPNOTSUPP, "the server has no WRITE_ZEROES")
+        conns = self.conns
+        try:
+            if punch:
+                if self.can_trim:
+                    _ranges(conns.trim, offset, length, ZERO_CHUNK)
+                _ranges(conns.write_zeroes, offset, length, ZERO_CHUNK)
+            elif self.can_zero:
+                _ranges(lambda o, n: conns.write_zeroes(o, n, CmdFlag.NO_HOLE),
+                        offset, length, ZERO_CHUNK)
+            else:
+                zeroes = memoryview(_ZEROES)
+                _ranges(lambda o, n: conns.write(o, zeroes[:n]), offset, length,
+                        len(zeroes))
+        except Exception as exc:
+            raise self._failed(exc) from None
 
     def close(self) -> list[CloseResult]:
         return self.conns.close()
+
+
+def _ranges(fn: Callable[[int, int], None], offset: int, length: int, step: int) -> None:
+    end = offset + length
+    for pos in range(offset, end, step):
+        fn(pos, min(step, end - pos))
 
 
 def open_export(uri: str | NBDURI, *, connections: int = 4, read_only: bool = False,
@@ -373,4 +614,5 @@ def open_export(uri: str | NBDURI, *, connections: int = 4, read_only: bool = Fa
         for c in clients:
             c.hard_close()
         raise
-    return ExportFile(Connections(clients), read_only=read_only, on_gone=on_gone)
+    conns = Connections(clients) if len(clients) > 1 else Pipeline(first)
+    return ExportFile(conns, read_only=read_only, on_gone=on_gone)

@@ -13,11 +13,12 @@ Life cycle, run in the foreground:
    set, the file's path printed on stdout and the pid file written (``ready``), and a
    thread starts watching the idle connections;
 3. serve until SIGINT/SIGTERM/SIGHUP (libfuse's handlers), ``fusermount3 -u`` /
-   ``umount``, or the server goes away: then the failing request gets EIO, the
-   process signals itself, libfuse leaves its loop and unmounts (lazily, so a
-   program still holding the file open does not keep the mount alive);
-4. close the NBD connections (flushing) and return the exit status: 0 after a
-   requested stop, 1 when the server was lost.
+   ``umount``, or the server goes away: then the failing request gets EIO, the watch
+   thread ends libfuse's loop (fuse_exit, and SIGUSR1 to wake the main thread), and
+   libfuse unmounts (lazily, so a program still holding the file open does not keep
+   the mount alive);
+4. the caller closes the NBD connections (flushing) and exits: 0 after a requested
+   stop, 1 when the server was lost.
 """
 
 from __future__ import annotations
@@ -298,6 +299,13 @@ def set_readahead(mountpoint: str, nbytes: int) -> bool:
     return True
 
 
+_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1}
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    pass
+
+
 def serve(export: ExportFile, opts: MountOptions,
           ready: Callable[[str], None] | None = None) -> str | None:
     """Mount ``export`` and serve it until the mount ends. Returns None after a
@@ -312,19 +320,30 @@ def serve(export: ExportFile, opts: MountOptions,
     # resolved now: in on_init (before libfuse answers the kernel's INIT) anything that
     # looks at the mount itself would wait for INIT, i.e. for itself
     real_mountpoint = os.path.realpath(opts.mountpoint)
-    stop = threading.Event()
-    running = threading.Event()
+    stop = threading.Event()  # the loop has ended
+    running = threading.Event()  # the loop runs (INIT arrived)
+    wake = threading.Event()  # for the watch thread: the export is gone
     pid = os.getpid()
+    main_thread = threading.main_thread().ident or 0
+    libfuse = mfusepy._libfuse
+    fuse_ptr: list[int] = []
 
-    def leave(reason: str) -> None:
-        # called once, from whichever thread saw the loss: have libfuse leave its
-        # loop (its SIGTERM handler) -- only once the loop runs (see on_init)
-        if running.is_set():
-            os.kill(pid, signal.SIGTERM)
+    export.on_gone = lambda reason: wake.set()
 
-    export.on_gone = leave
+    def end_loop() -> None:
+        # fuse_exit() marks the session as ended; libfuse's main thread notices when a
+        # signal interrupts its wait: SIGUSR1, whose Python handler does nothing (a
+        # SIGTERM would kill the process if it came after libfuse removed its handlers).
+        # Repeated, in case the first one came just before the main thread waited.
+        libfuse.fuse_exit(ctypes.c_void_p(fuse_ptr[0]))
+        for _ in range(3000):
+            if stop.is_set():
+                return
+            signal.pthread_kill(main_thread, signal.SIGUSR1)
+            stop.wait(0.2)
 
     def after_init() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)  # they are the main thread's
         # the kernel holds every request until INIT's reply: once this stat returns,
         # the mount is usable (and the kernel has set its defaults, readahead too)
         try:
@@ -340,19 +359,20 @@ def serve(export: ExportFile, opts: MountOptions,
                 f.write(f"{pid}\n")
         if ready is not None:
             ready(path)
-        if export.gone is not None:  # lost between connecting and mounting
-            os.kill(pid, signal.SIGTERM)
-            return
-        while not stop.wait(WATCH_INTERVAL):
+        while not stop.is_set():
+            if export.gone is not None:
+                end_loop()
+                return
             reason = export.conns.check_idle()
             if reason is not None:
                 export._lost(ConnectionError(reason))
-                return
+                continue
+            wake.wait(WATCH_INTERVAL)
 
     def on_init() -> None:
         # runs on a libfuse thread before the kernel has INIT's reply: nothing here may
-        # touch the mount (it would wait for this very callback). Threads started here
-        # block every signal, like libfuse's own: signals go to the main thread.
+        # touch the mount (it would wait for this very callback)
+        fuse_ptr.append(libfuse.fuse_get_context().contents.fuse)
         running.set()
         threading.Thread(target=after_init, name="pynbd-fuse-watch", daemon=True).start()
 
@@ -360,6 +380,9 @@ def serve(export: ExportFile, opts: MountOptions,
     # libfuse installs its SIGINT/SIGTERM/SIGHUP handlers only over the default action
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
+    old_usr1 = signal.signal(signal.SIGUSR1, _ignore_signal)
+    libfuse.fuse_exit.argtypes = [ctypes.c_void_p]
+    libfuse.fuse_exit.restype = None
     fuse_cls = _fuse_class(mfusepy)
     try:
         fuse_cls(ops, opts.mountpoint, **_mount_kwargs(
@@ -373,6 +396,7 @@ def serve(export: ExportFile, opts: MountOptions,
                              "see the message above)") from None
     finally:
         stop.set()
+        signal.signal(signal.SIGUSR1, old_usr1)
         if opts.pidfile:
             try:
                 os.unlink(opts.pidfile)
