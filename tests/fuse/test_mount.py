@@ -685,3 +685,18 @@ def test_server_error_replies_reach_the_program_and_the_mount_stays(
     assert is_mounted(m.mountpoint) and m.proc.poll() is None
     assert nbd_read(e.uri, 8192, 4) == b"abcd"
     assert m.signal(signal.SIGTERM) == 0
+
+
+def test_single_threaded_mode(tmp_path: Path, exports: Exports, mount: Mounter) -> None:
+    """-s: libfuse serves on the main thread; stopping still works both ways."""
+    src = tmp_path / "source.img"
+    make_source(src)
+    e = exports.start("pynbd", src)
+    m = mount(e.uri, "-s")
+    run("cmp", m.path, str(src))
+    assert m.signal(signal.SIGTERM) == 0
+    assert not is_mounted(m.mountpoint)
+    m = mount(e.uri, "-s", "--connections", "1")
+    run("cmp", m.path, str(src))
+    e.stop()  # idle: noticed by the watch thread, which wakes libfuse's loop
+    _assert_lost_and_unmounted(m)
