@@ -311,6 +311,8 @@ def serve(export: ExportFile, opts: MountOptions,
     """Mount ``export`` and serve it until the mount ends. Returns None after a
     requested stop (signal or unmount), or the reason the server was lost. Does not
     close the export."""
+    if threading.current_thread() is not threading.main_thread():
+        raise MountError("pynbd fuse must run in the main thread (signals)")
     mfusepy = load_binding()
     naked = file_mode(opts.mountpoint)
     path = opts.mountpoint if naked else os.path.join(opts.mountpoint, opts.filename)
