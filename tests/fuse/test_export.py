@@ -245,3 +245,53 @@ def test_idle_check_is_quiet_while_the_server_lives(pynbd: PynbdServer) -> None:
         assert f.conns.check_idle() is None
     finally:
         f.close()
+
+
+@pytest.mark.parametrize("connections", [1, 3])
+def test_concurrent_mixed_load(connections: int, pynbd: PynbdServer) -> None:
+    """8 threads, each on its own region, mix writes, reads, zeroes and flushes on one
+    pipelined connection or three shared ones (bounded: 150 operations each); every
+    read sees that thread's last write."""
+    import random
+
+    f = open_export(pynbd.uri, connections=connections, timeout=TIMEOUT)
+    assert isinstance(f.conns, Pipeline if connections == 1 else Connections)
+    region = (4 * MiB) // 8
+    failures: list[str] = []
+
+    def worker(i: int) -> None:
+        rnd = random.Random(i)
+        base = i * region
+        shadow = bytearray(region)
+        try:
+            for _ in range(150):
+                off = rnd.randrange(0, region - 1)
+                n = rnd.randrange(1, min(region - off, 256 * 1024) + 1)
+                op = rnd.random()
+                if op < 0.4:
+                    data = rnd.randbytes(n)
+                    assert f.write(base + off, memoryview(data)) == n
+                    shadow[off:off + n] = data
+                elif op < 0.5:
+                    f.fallocate(FALLOC_FL_ZERO_RANGE, base + off, n)
+                    shadow[off:off + n] = bytes(n)
+                elif op < 0.55:
+                    f.fsync()
+                else:
+                    buf = bytearray(n)
+                    assert f.read_into(base + off, memoryview(buf)) == n
+                    if buf != shadow[off:off + n]:
+                        failures.append(f"thread {i}: mismatch at {off}+{n}")
+                        return
+        except Exception as exc:  # reported below
+            failures.append(f"thread {i}: {exc!r}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    assert failures == []
+    assert f.gone is None
+    f.close()
