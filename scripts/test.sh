@@ -10,6 +10,8 @@ DEBIAN_PACKAGES=(
   ceph-mon ceph-osd ceph-common python3-rados python3-rbd
   systemd
 )
+# pynbd fuse (tests/fuse): libfuse 3 + fusermount3, and mkfs.ext4/e2fsck for the tests
+DEBIAN_PACKAGES+=(fuse3 e2fsprogs)
 
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi

@@ -1,0 +1,297 @@
+"""pynbd.fuse.export without FUSE: the file operations against real servers."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pynbd.fuse.export import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    Connections,
+    ExportFile,
+    Pipeline,
+    open_export,
+)
+from tests.support.nbd_servers import start_nbdkit
+from tests.support.pynbd_server import PynbdServer, free_unix_path, wait_until
+
+MiB = 1 << 20
+TIMEOUT = 20.0
+
+
+@pytest.fixture
+def pynbd(tmp_path: Path) -> Iterator[PynbdServer]:
+    srv = PynbdServer(["--socket", free_unix_path(tmp_path, "p.sock"), "memory:4M"],
+                      cwd=tmp_path)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _errno(fn, *args) -> int:  # type: ignore[no-untyped-def]
+    with pytest.raises(OSError) as ei:
+        fn(*args)
+    return ei.value.errno  # type: ignore[no-any-return]
+
+
+def test_reads_and_writes_clip_at_the_end(pynbd: PynbdServer) -> None:
+    f = open_export(pynbd.uri, timeout=TIMEOUT)
+    try:
+        assert f.size == 4 * MiB and not f.read_only
+        assert f.features.multi_conn and f.features.connections == 4
+        assert f.write(4 * MiB - 3, memoryview(b"abcdef")) == 3
+        buf = bytearray(10)
+        assert f.read_into(4 * MiB - 5, memoryview(buf)) == 5
+        assert bytes(buf[:5]) == b"\0\0abc"
+        assert f.read_into(4 * MiB, memoryview(buf)) == 0
+        assert _errno(f.write, 4 * MiB, memoryview(b"x")) == errno.ENOSPC
+        f.fsync()
+        f.truncate(4 * MiB)
+        assert _errno(f.truncate, 0) == errno.EINVAL
+    finally:
+        assert all(r.safe for r in f.close())  # pynbd serve: safe close on every one
+
+
+def test_fallocate_modes(pynbd: PynbdServer) -> None:
+    f = open_export(pynbd.uri, connections=1, timeout=TIMEOUT)
+    try:
+        f.write(0, memoryview(b"\xff" * MiB))
+        f.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 100, 200)
+        f.fallocate(FALLOC_FL_ZERO_RANGE, 1000, 24)
+        buf = bytearray(1100)
+        f.read_into(0, memoryview(buf))
+        assert buf == b"\xff" * 100 + bytes(200) + b"\xff" * 700 + bytes(24) + b"\xff" * 76
+        # past the end: clipped with KEEP_SIZE, refused without (the file cannot grow)
+        f.fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, 4 * MiB - 10, 100)
+        assert _errno(f.fallocate, FALLOC_FL_ZERO_RANGE, 4 * MiB - 10, 100) == errno.EINVAL
+        assert _errno(f.fallocate, FALLOC_FL_ZERO_RANGE, 4 * MiB, 1) == errno.EINVAL
+        for mode in (0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,  # punch needs KEEP_SIZE
+                     FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+                     0x20 | FALLOC_FL_KEEP_SIZE):
+            assert _errno(f.fallocate, mode, 0, 4096) == errno.EOPNOTSUPP
+        assert _errno(f.fallocate, FALLOC_FL_ZERO_RANGE, 0, 0) == errno.EINVAL
+    finally:
+        f.close()
+
+
+def test_read_only(pynbd: PynbdServer, tmp_path: Path) -> None:
+    f = open_export(pynbd.uri, read_only=True, timeout=TIMEOUT)
+    try:
+        assert f.read_only
+        assert _errno(f.write, 0, memoryview(b"x")) == errno.EROFS
+        assert _errno(f.fallocate, FALLOC_FL_ZERO_RANGE, 0, 1) == errno.EROFS
+        f.fsync()  # nothing to flush
+    finally:
+        f.close()
+    ro = PynbdServer(["--socket", free_unix_path(tmp_path, "ro.sock"), "--read-only",
+                      "memory:1M"], cwd=tmp_path)
+    try:
+        g = open_export(ro.uri, timeout=TIMEOUT)
+        assert g.read_only  # from the server's flags
+        assert _errno(g.write, 0, memoryview(b"x")) == errno.EROFS
+        g.close()
+    finally:
+        ro.stop()
+
+
+def test_server_error_reply_keeps_the_export(tmp_path: Path) -> None:
+    """An error reply is that request's errno; the connection stays usable."""
+    srv = start_nbdkit(tmp_path / "k", "memory", ["1M", "error-pwrite-rate=1",
+                                                  "error-pwrite=ENOSPC"],
+                       transport="unix", filters=("error",))
+    try:
+        f = open_export(srv.uri(), timeout=TIMEOUT)
+        assert _errno(f.write, 0, memoryview(b"x")) == errno.ENOSPC
+        assert f.gone is None
+        buf = bytearray(4)
+        assert f.read_into(0, memoryview(buf)) == 4
+        f.close()
+    finally:
+        srv.stop()
+
+
+def test_lost_server_is_eio_and_calls_on_gone_once(pynbd: PynbdServer) -> None:
+    calls: list[str] = []
+    f = open_export(pynbd.uri, connections=2, timeout=TIMEOUT, on_gone=calls.append)
+    os.kill(pynbd.pid, signal.SIGKILL)
+    pynbd.proc.wait(TIMEOUT)
+    # the idle check sees the closed connections without any request
+    assert wait_until(lambda: f.conns.check_idle() is not None, TIMEOUT)
+    buf = bytearray(4096)
+    assert _errno(f.read_into, 0, memoryview(buf)) == errno.EIO
+    assert _errno(f.read_into, 0, memoryview(buf)) == errno.EIO
+    assert _errno(f.fsync) == errno.EIO
+    assert len(calls) == 1 and f.gone == calls[0]
+    results = f.close()
+    assert [r.method for r in results] == ["none", "none"]
+
+
+def test_threads_waiting_for_a_connection_see_the_loss(pynbd: PynbdServer) -> None:
+    f = open_export(pynbd.uri, connections=2, timeout=TIMEOUT)
+    assert isinstance(f.conns, Connections)
+    errors: list[int] = []
+    started = threading.Event()
+
+    def waiter() -> None:
+        started.set()
+        try:
+            f.read_into(0, memoryview(bytearray(16)))
+        except OSError as exc:
+            errors.append(exc.errno or 0)
+
+    with f.conns.lease(), f.conns.lease():  # hold both connections
+        t = threading.Thread(target=waiter)
+        t.start()
+        started.wait(TIMEOUT)
+        f.conns.mark_gone("test")
+    t.join(TIMEOUT)
+    assert not t.is_alive() and errors == [errno.EIO]
+    f.close()
+
+
+def _max_concurrency(log: str, kind: str) -> int:
+    """Most requests of ``kind`` in progress at once in nbdkit's log filter output."""
+    active: set[str] = set()
+    most = 0
+    for line in log.splitlines():
+        if f" {kind} id=" in line:
+            rid = line.split(" id=")[1].split()[0]
+            if f"...{kind} id=" in line:
+                active.discard(rid)
+            else:
+                active.add(rid)
+                most = max(most, len(active))
+    return most
+
+
+def test_one_connection_carries_several_requests_at_once(tmp_path: Path) -> None:
+    """Without multi-conn there is one connection; threads' requests are pipelined on
+    it (nbdkit's delay filter holds each read, so the others queue up meanwhile) and
+    each gets its own data back."""
+    logf = tmp_path / "requests.log"
+    srv = start_nbdkit(tmp_path / "k", "memory", ["4M", "delay-read=200ms",
+                                                  "multi-conn-mode=disable",
+                                                  f"logfile={logf}"],
+                       transport="unix", filters=("multi-conn", "delay", "log"))
+    try:
+        f = open_export(srv.uri(), connections=4, timeout=TIMEOUT)
+        assert isinstance(f.conns, Pipeline) and f.features.connections == 1
+        for i in range(8):
+            f.write(i * 65536, memoryview(bytes([i + 1]) * 65536))
+        results: dict[int, bytes] = {}
+
+        def reader(i: int) -> None:
+            buf = bytearray(65536)
+            f.read_into(i * 65536, memoryview(buf))
+            results[i] = bytes(buf)
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+        assert results == {i: bytes([i + 1]) * 65536 for i in range(8)}
+        f.fsync()
+        assert [r.flushed for r in f.close()] == [True]
+        assert _max_concurrency(logf.read_text(), "Read") >= 2
+    finally:
+        srv.stop()
+
+
+def test_one_connection_broken_fails_every_waiting_request(tmp_path: Path) -> None:
+    srv = start_nbdkit(tmp_path / "k", "memory", ["4M", "delay-read=20"],
+                       transport="unix", filters=("delay",))
+    calls: list[str] = []
+    try:
+        f = open_export(srv.uri(), connections=1, timeout=TIMEOUT, on_gone=calls.append)
+        errors: list[int] = []
+
+        def reader(i: int) -> None:
+            try:
+                f.read_into(i * 4096, memoryview(bytearray(4096)))
+            except OSError as exc:
+                errors.append(exc.errno or 0)
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        pipe = f.conns
+        assert isinstance(pipe, Pipeline)
+        # all four queued or in flight (nbdkit holds the reads for 20 s)
+        assert wait_until(lambda: pipe.clients[0].in_flight + len(pipe._queue) == 4, TIMEOUT)
+        os.kill(srv.proc.pid, signal.SIGKILL)
+        for t in threads:
+            t.join(TIMEOUT)
+        assert errors == [errno.EIO] * 4 and len(calls) == 1
+        assert _errno(f.write, 0, memoryview(b"x")) == errno.EIO
+        f.close()
+    finally:
+        srv.stop()
+
+
+def test_idle_check_is_quiet_while_the_server_lives(pynbd: PynbdServer) -> None:
+    f: ExportFile = open_export(pynbd.uri, timeout=TIMEOUT)
+    try:
+        f.write(0, memoryview(b"data"))
+        assert f.conns.check_idle() is None
+    finally:
+        f.close()
+
+
+@pytest.mark.parametrize("connections", [1, 3])
+def test_concurrent_mixed_load(connections: int, pynbd: PynbdServer) -> None:
+    """8 threads, each on its own region, mix writes, reads, zeroes and flushes on one
+    pipelined connection or three shared ones (bounded: 150 operations each); every
+    read sees that thread's last write."""
+    import random
+
+    f = open_export(pynbd.uri, connections=connections, timeout=TIMEOUT)
+    assert isinstance(f.conns, Pipeline if connections == 1 else Connections)
+    region = (4 * MiB) // 8
+    failures: list[str] = []
+
+    def worker(i: int) -> None:
+        rnd = random.Random(i)
+        base = i * region
+        shadow = bytearray(region)
+        try:
+            for _ in range(150):
+                off = rnd.randrange(0, region - 1)
+                n = rnd.randrange(1, min(region - off, 256 * 1024) + 1)
+                op = rnd.random()
+                if op < 0.4:
+                    data = rnd.randbytes(n)
+                    assert f.write(base + off, memoryview(data)) == n
+                    shadow[off:off + n] = data
+                elif op < 0.5:
+                    f.fallocate(FALLOC_FL_ZERO_RANGE, base + off, n)
+                    shadow[off:off + n] = bytes(n)
+                elif op < 0.55:
+                    f.fsync()
+                else:
+                    buf = bytearray(n)
+                    assert f.read_into(base + off, memoryview(buf)) == n
+                    if buf != shadow[off:off + n]:
+                        failures.append(f"thread {i}: mismatch at {off}+{n}")
+                        return
+        except Exception as exc:  # reported below
+            failures.append(f"thread {i}: {exc!r}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    assert failures == []
+    assert f.gone is None
+    f.close()
