@@ -72,6 +72,9 @@ class MirrorOptions:
     max_attempts: int = 5
     psk_file: str | None = None
     secure: bool = False
+    #: allow a destination nobody authenticates (msgr2 without a key, plain NBD over TCP
+    #: to another host)
+    insecure: bool = False
     run_bytes: int = 4 * 1024 * 1024
     chunk: int = DEFAULT_CHUNK
     pause_timeout: float = 5.0
@@ -382,7 +385,7 @@ class Mirror:
                 for off, n in t.take_unconfirmed():
                     self.dirty.mark(off, n)
                 with contextlib.suppress(Exception):
-                    t.close()
+                    t.close(release=False)  # the next attempt resumes with our lease
                 self.transport = None
                 if self._paused_by_us:
                     self.gate.resume()
@@ -619,7 +622,8 @@ class Mirror:
         halt_point("source:before-commit")
         write_record(self.record, {"role": "source", "state": "committing", "epoch": epoch,
                                    "to": self.opts.to, "psk_file": self.opts.psk_file,
-                                   "secure": self.opts.secure, "size": self.size,
+                                   "secure": self.opts.secure,
+                                   "insecure": self.opts.insecure, "size": self.size,
                                    "digest": digest})
         self.epoch = epoch
         self.state = "committing"
@@ -637,7 +641,7 @@ class Mirror:
         except InDoubtError as exc:
             log.warning("COMMIT %d: outcome unknown (%s): asking the destination", epoch, exc)
             with contextlib.suppress(Exception):
-                t.close()
+                t.close(release=False)
             self.transport = None
             committed = resolve_in_doubt(self, epoch)
             if not committed:
