@@ -13,7 +13,7 @@ from pynbd.msgr2.auth import AuthNone, PskAuth
 from pynbd.msgr2.connection import Connection, ConnectionConfig, Role
 from pynbd.msgr2.constants import AddrType, ConMode
 from pynbd.msgr2.encoding import EntityAddr
-from pynbd.msgr2.events import MessageReceived
+from pynbd.msgr2.events import Event, MessageReceived
 from pynbd.msgr2.session import Session
 
 SIZE = 8 * 1024 * 1024
@@ -33,11 +33,17 @@ class RawSource:
                                target_addr=EntityAddr(AddrType.MSGR2, 0, "127.0.0.1", port))
         self.conn = Connection(Role.CLIENT, cfg, Session(lossless=lossless))
         self.received: list[tuple[int, bytes]] = []
+        #: every event of the connection (what this peer learned)
+        self.events: list[Event] = []
         self.closed = False
-        self._flush()
-        deadline = time.monotonic() + timeout
-        while not self.conn.ready:
-            self._pump(deadline)
+        try:
+            self._flush()
+            deadline = time.monotonic() + timeout
+            while not self.conn.ready:
+                self._pump(deadline)
+        except BaseException:
+            self.close()
+            raise
 
     def _flush(self) -> None:
         for c in self.conn.data_to_send():
@@ -53,7 +59,9 @@ class RawSource:
         if not data:
             self.closed = True
             raise ConnectionError("the destination closed the connection")
-        for ev in self.conn.receive_data(data):
+        events = self.conn.receive_data(data)
+        self.events += events
+        for ev in events:
             if isinstance(ev, MessageReceived):
                 self.received.append((ev.header.type, bytes(ev.front)))
         self._flush()
@@ -65,6 +73,15 @@ class RawSource:
     def request(self, msg_type: int, obj: dict[str, Any],
                 timeout: float = 10.0) -> dict[str, Any]:
         self.send(msg_type, wire.enc(dict(obj, token=7)))
+        deadline = time.monotonic() + timeout
+        while not self.received:
+            self._pump(deadline)
+        return wire.dec(self.received.pop(0)[1])
+
+    def request_raw(self, msg_type: int, front: bytes, timeout: float = 10.0) -> dict[str, Any]:
+        """Send a message whose front is exactly ``front`` (e.g. captured bytes); the
+        reply."""
+        self.send(msg_type, front)
         deadline = time.monotonic() + timeout
         while not self.received:
             self._pump(deadline)
@@ -126,3 +143,38 @@ def hello_when_free(port: int, key: bytes | None, lossless: bool = False,
         if time.monotonic() > deadline:
             raise TimeoutError(f"the destination stayed busy: {reply}")
         time.sleep(0.1)
+
+
+def try_connect(port: int, key: bytes | None, lossless: bool = False,
+                secure: bool = False) -> tuple[list[Event], BaseException | None]:
+    """Try to get a msgr2 session with ``key``: the events the peer saw and the error that
+    ended the attempt (None: it got a session, which is closed again)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    auth: AuthNone | PskAuth = PskAuth(key) if key is not None else AuthNone()
+    cfg = ConnectionConfig(auth_client=auth,
+                           modes=(ConMode.SECURE,) if secure else (ConMode.CRC,),
+                           target_addr=EntityAddr(AddrType.MSGR2, 0, "127.0.0.1", port))
+    conn = Connection(Role.CLIENT, cfg, Session(lossless=lossless))
+    events: list[Event] = []
+    deadline = time.monotonic() + 10
+    try:
+        for c in conn.data_to_send():
+            sock.sendall(c)
+        while not conn.ready:
+            if time.monotonic() > deadline:
+                return events, TimeoutError("no answer")
+            try:
+                data = sock.recv(1 << 16)
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                return events, ConnectionError("the destination closed the connection")
+            try:
+                events += conn.receive_data(data)
+            except Exception as exc:
+                return events, exc
+            for c in conn.data_to_send():
+                sock.sendall(c)
+        return events, None
+    finally:
+        sock.close()

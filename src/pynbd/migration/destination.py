@@ -438,9 +438,20 @@ class Destination:
                             halt_point("dest:replied")
                             self._committed()
                     elif t == wire.OUTCOME:
-                        ok = await io(self._outcome, int(req["epoch"]))
-                        await ss.send(wire.OUTCOME_REPLY, wire.enc(
-                            {"token": token, "epoch": req["epoch"], "committed": ok}))
+                        epoch = int(req["epoch"])
+                        o = self.owner
+                        if o is not None and o.ss is not ss and \
+                                self._owner_gone_for(o, time.monotonic()) is None:
+                            # the owner is connected, so it is not in doubt: nobody else
+                            # gets to declare its epochs not committed
+                            await ss.send(wire.OUTCOME_REPLY, wire.enc(
+                                {"token": token, "epoch": epoch, "committed": None,
+                                 "busy": True, "error": "the source that owns the copy is "
+                                 f"connected (from {o.peer}); ask again once it is gone"}))
+                        else:
+                            ok = await io(self._outcome, epoch)
+                            await ss.send(wire.OUTCOME_REPLY, wire.enc(
+                                {"token": token, "epoch": epoch, "committed": ok}))
                     else:
                         raise ValueError(f"unknown message type {t:#x}")
                 while pending and (pending[0].done() or len(pending) > MAX_PENDING):

@@ -35,10 +35,11 @@ class RefusalLog:
     """Counts refused peers and decides which refusals get a log line (pure: the caller
     passes ``now`` and logs the lines it gets back).
 
-    The first refusal of an address is logged; further ones from it within ``interval``
-    seconds are only counted, and :meth:`summary` reports them in one line. At most
-    ``max_addresses`` addresses are remembered, so a flood from many addresses costs
-    bounded memory and at most that many lines per interval.
+    The first refusal of an address (for each ``kind`` of refusal: access list, failed
+    authentication, ...) is logged; further ones within ``interval`` seconds are only
+    counted, and :meth:`summary` reports them in one line. At most ``max_addresses``
+    (address, kind) pairs are remembered, so a flood from many addresses costs bounded
+    memory and at most that many lines per interval.
     """
 
     def __init__(self, interval: float = REFUSAL_LOG_INTERVAL,
@@ -47,17 +48,18 @@ class RefusalLog:
         self.max_addresses = max_addresses
         self.total = 0
         self.by_reason: dict[str, int] = {}
-        self._last: dict[str, float] = {}
+        self._last: dict[tuple[str, str], float] = {}
         self._window_count = 0
         self._window_logged = 0
         self._window_addrs: set[str] = set()
         self._window_overflow = 0
         self._window_start: float | None = None
 
-    def refused(self, host: str, reason: str, now: float) -> str | None:
+    def refused(self, host: str, reason: str, now: float, kind: str = "") -> str | None:
         """Count one refusal; the line to log for it, or None (summarized later)."""
         self.total += 1
-        self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
+        kind = kind or reason
+        self.by_reason[kind] = self.by_reason.get(kind, 0) + 1
         if self._window_start is None:
             self._window_start = now
         self._window_count += 1
@@ -65,16 +67,17 @@ class RefusalLog:
             self._window_addrs.add(host)
         else:
             self._window_overflow += 1
-        last = self._last.get(host)
+        key = (host, kind)
+        last = self._last.get(key)
         if last is not None and now - last < self.interval:
             return None
         if last is None and len(self._last) >= self.max_addresses:
             self._prune(now)
             if len(self._last) >= self.max_addresses:
                 return None
-        self._last[host] = now
+        self._last[key] = now
         self._window_logged += 1
-        return (f"refused {host}: {reason} (further refusals of this address are "
+        return (f"refused {host}: {reason} (more of these from this address are "
                 f"summarized for {self.interval:g} s)")
 
     def _prune(self, now: float) -> None:
@@ -124,8 +127,9 @@ class PeerGuard:
     def allows(self, host: str) -> bool:
         return self.acl is None or self.acl.allows(host)
 
-    def refuse(self, host: str, reason: str, level: int = logging.WARNING) -> None:
-        line = self.refusals.refused(host, reason, self._now())
+    def refuse(self, host: str, reason: str, kind: str,
+               level: int = logging.WARNING) -> None:
+        line = self.refusals.refused(host, reason, self._now(), kind)
         if line is not None:
             self.logger.log(level, "%s", line)
 
@@ -162,7 +166,7 @@ class _Guarded(asyncio.BufferedProtocol):
         self.host = _peer_host(transport)
         if not self.guard.allows(self.host):
             self.guard.refused_acl += 1
-            self.guard.refuse(self.host, "not allowed by the access list")
+            self.guard.refuse(self.host, "not allowed by the access list", "acl")
             assert isinstance(transport, asyncio.Transport)
             transport.abort()
             return
@@ -201,11 +205,12 @@ class _Guarded(asyncio.BufferedProtocol):
                 err = inner.error
                 self.guard.refused_handshake += 1
                 if isinstance(err, AuthenticationError):
-                    self.guard.refuse(self.host, f"msgr2 authentication failed ({err})")
+                    self.guard.refuse(self.host, f"msgr2 authentication failed ({err})",
+                                      "auth")
                 else:
                     self.guard.refuse(self.host, "left before completing the msgr2 "
                                                  "handshake and authentication",
-                                      level=logging.INFO)
+                                      "handshake", level=logging.INFO)
         finally:
             inner.connection_lost(exc)
 

@@ -341,7 +341,9 @@ class Msgr2Transport(Transport):
     def query_outcome(self, epoch: int) -> bool:
         reply, _ = self._wrap("outcome", lambda: self._call(
             self._request(wire.OUTCOME, {"epoch": epoch}), self.reply_timeout))
-        return bool(reply.get("committed"))
+        if reply.get("busy") or not isinstance(reply.get("committed"), bool):
+            raise BusyError(f"destination busy: {reply.get('error') or 'no answer'}")
+        return bool(reply["committed"])
 
     def abort(self) -> None:
         loop = self.loop

@@ -23,7 +23,9 @@ DIGEST_LIST dst->src  0x5008 front JSON {"token", "chunk", "first", "count", "to
 COMMIT     src->dst   0x5009 front JSON {"token", "size", "epoch", "digest", "chunk"}
 COMMIT_REPLY dst->src 0x500A front JSON {"token", "epoch", "committed", "error"}
 OUTCOME    src->dst   0x500B front JSON {"token", "epoch"}
-OUTCOME_REPLY dst->src 0x500C front JSON {"token", "epoch", "committed"}
+OUTCOME_REPLY dst->src 0x500C front JSON {"token", "epoch", "committed"} (committed null
+                             and "busy": true while another session owns the copy and is
+                             connected: no decision)
 RELEASE    src->dst   0x500D front JSON {"token"}; the owner gives up the copy session
 ====================  =====  ==========================================================
 
