@@ -29,6 +29,9 @@ log = logging.getLogger("pynbd.listen")
 REFUSAL_LOG_INTERVAL = 60.0
 #: addresses remembered for rate limiting (more are only counted)
 REFUSAL_LOG_ADDRESSES = 1024
+#: connections that have not established a msgr2 session yet (banner, authentication);
+#: when more arrive the oldest is dropped, so silent peers cannot exhaust descriptors
+MAX_HANDSHAKES = 128
 
 
 class RefusalLog:
@@ -111,13 +114,18 @@ class PeerGuard:
 
     def __init__(self, acl: AccessList | None, refusals: RefusalLog | None = None,
                  logger: logging.Logger = log,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None,
+                 max_handshakes: int = MAX_HANDSHAKES) -> None:
         self.acl = acl
         self.refusals = refusals or RefusalLog()
         self.logger = logger
         self._clock = clock
+        self.max_handshakes = max_handshakes
         self.refused_acl = 0
         self.refused_handshake = 0
+        self.evicted = 0
+        #: connections still in the msgr2 handshake, oldest first
+        self._handshaking: dict[_Guarded, None] = {}
 
     def _now(self) -> float:
         if self._clock is not None:
@@ -138,9 +146,25 @@ class PeerGuard:
         if line is not None:
             self.logger.warning("%s", line)
 
+    def admit(self, conn: _Guarded) -> None:
+        """A new connection starts its handshake; drop the oldest beyond the limit."""
+        for c in [c for c in self._handshaking if c.established()]:
+            del self._handshaking[c]
+        while len(self._handshaking) >= self.max_handshakes:
+            oldest = next(iter(self._handshaking))
+            del self._handshaking[oldest]
+            self.evicted += 1
+            oldest.evict()
+        self._handshaking[conn] = None
+
+    def finished(self, conn: _Guarded) -> None:
+        self._handshaking.pop(conn, None)
+
     def status(self) -> dict[str, Any]:
         return {"refused_by_access_list": self.refused_acl,
                 "failed_handshakes": self.refused_handshake,
+                "handshakes_evicted": self.evicted,
+                "handshaking": len(self._handshaking),
                 "access_list": self.acl.entries if self.acl is not None else [],
                 "default_deny": bool(self.acl.default_deny) if self.acl is not None else False}
 
@@ -161,6 +185,17 @@ class _Guarded(asyncio.BufferedProtocol):
         self.make_link = make_link
         self.inner: Any = None
         self.host = "?"
+        self.transport: asyncio.Transport | None = None
+        self.evicted = False
+
+    def established(self) -> bool:
+        inner = self.inner
+        return inner is not None and getattr(inner.owner, "session", None) is not None
+
+    def evict(self) -> None:
+        self.evicted = True
+        if self.transport is not None:
+            self.transport.abort()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.host = _peer_host(transport)
@@ -170,7 +205,10 @@ class _Guarded(asyncio.BufferedProtocol):
             assert isinstance(transport, asyncio.Transport)
             transport.abort()
             return
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
         self.inner = self.make_link()
+        self.guard.admit(self)
         self.inner.connection_made(transport)
 
     def get_buffer(self, sizehint: int) -> Any:
@@ -199,12 +237,16 @@ class _Guarded(asyncio.BufferedProtocol):
         inner = self.inner
         if inner is None:
             return
+        self.guard.finished(self)
         try:
-            established = getattr(inner.owner, "session", None) is not None
-            if not established:
+            if not self.established():
                 err = inner.error
                 self.guard.refused_handshake += 1
-                if isinstance(err, AuthenticationError):
+                if self.evicted:
+                    self.guard.refuse(self.host, "dropped in the msgr2 handshake: "
+                                                 f"{self.guard.max_handshakes} newer "
+                                                 "connections were waiting", "evicted")
+                elif isinstance(err, AuthenticationError):
                     self.guard.refuse(self.host, f"msgr2 authentication failed ({err})",
                                       "auth")
                 else:

@@ -384,8 +384,11 @@ class Mirror:
             except TransportError as exc:
                 for off, n in t.take_unconfirmed():
                     self.dirty.mark(off, n)
+                # the next attempt resumes with our lease; a mirror that stops here
+                # (broken, out of attempts) lets the destination go
+                last = self._break.is_set() or self.attempts >= self.opts.max_attempts
                 with contextlib.suppress(Exception):
-                    t.close(release=False)  # the next attempt resumes with our lease
+                    t.close(release=last)
                 self.transport = None
                 if self._paused_by_us:
                     self.gate.resume()
@@ -401,6 +404,11 @@ class Mirror:
                 if self._break.wait(backoff):
                     self._check_break()
                 backoff = min(backoff * 2, 5.0)
+            except BaseException:
+                if self.transport is not t:  # (run() closes self.transport)
+                    with contextlib.suppress(Exception):
+                        t.close()
+                raise
 
     def _resume_from(self, t: Transport) -> None:
         """Reconnected: re-send what the destination cannot prove it has."""

@@ -359,7 +359,8 @@ class Msgr2Transport(Transport):
         if loop is None:
             return
         s = self.session
-        release = release and self.owner and self.failed is None
+        # (also after abort(), e.g. `pynbd break`: the session itself still works)
+        release = release and self.owner
 
         async def shut() -> None:
             for task in (self.reader, self.watchdog, self.sender):
