@@ -20,7 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "listen", help="receive a live migration (the destination)",
         description="Wait for `pynbd mirror --to msgr2://HOST:PORT` and receive FILE. Prints "
-                    "msgr2://HOST:PORT on stdout. FILE becomes authoritative only on a "
+                    "msgr2://HOST:PORT on stdout. Sources must prove they hold the key in "
+                    "--psk-file (without one it refuses to start, unless --insecure); one "
+                    "source owns the copy at a time. FILE becomes authoritative only on a "
                     "verified COMMIT (size, epoch and whole-image digest), recorded durably in "
                     "FILE.pynbd-migration.json; a dropped connection, a stray client or a "
                     "partial copy never counts as completion. After the commit the image is "
