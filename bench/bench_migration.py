@@ -108,7 +108,8 @@ def bench_mirror(work: Path, src: Path, size: int, transport: str,
             w = Writer(uri, size, seed=3, rate=writer_rate)
             w.start()
             time.sleep(0.5)
-        r = subprocess.run([PY, "-m", "pynbd", "mirror", "--control", ctl, "--to", to,
+        auth = procs.auth() if transport == "msgr2" else []
+        r = subprocess.run([PY, "-m", "pynbd", "mirror", *auth, "--control", ctl, "--to", to,
                             "--wait", "--json"], capture_output=True, text=True,
                            env=dict(os.environ, PYTHONPATH=str(REPO / "src")), check=False)
         if r.returncode != 0:

@@ -91,6 +91,26 @@ class Procs:
         self.workdir = workdir
         self.all: list[Proc] = []
 
+    @property
+    def key(self) -> Path:
+        """The test's msgr2 pre-shared key file (made on first use, mode 0600)."""
+        path = self.workdir / "migration.psk"
+        if not path.exists():
+            import base64
+
+            path.write_bytes(base64.b64encode(os.urandom(32)) + b"\n")
+            os.chmod(path, 0o600)
+        return path
+
+    @property
+    def psk(self) -> bytes:
+        """The key itself, as the CLI reads it from :attr:`key`."""
+        return self.key.read_bytes().strip()
+
+    def auth(self) -> list[str]:
+        """``--psk-file KEY``: what `pynbd listen` and `pynbd mirror` need to talk."""
+        return ["--psk-file", str(self.key)]
+
     def start(self, argv: Sequence[str], name: str, env: dict[str, str] | None = None) -> Proc:
         p = Proc(argv, self.workdir, name, env)
         self.all.append(p)
@@ -98,6 +118,10 @@ class Procs:
 
     def pynbd(self, args: Sequence[str], name: str, env: dict[str, str] | None = None) -> Proc:
         return self.start([PY, "-m", "pynbd", *args], name, env)
+
+    def mirror(self, args: Sequence[str], name: str = "mirror") -> Proc:
+        """``pynbd mirror --psk-file KEY ARGS...`` in the background."""
+        return self.pynbd(["mirror", *self.auth(), *args], name)
 
     def serve(self, image: Path, name: str = "source", env: dict[str, str] | None = None,
               extra: Sequence[str] = ()) -> tuple[Proc, str, str]:
@@ -261,12 +285,17 @@ def stepped_down_error(exc: BaseException | None) -> bool:
 
 
 def listen(procs: Procs, image: Path, name: str = "dest", env: dict[str, str] | None = None,
-           extra: Sequence[str] = ()) -> tuple[Proc, str, str, str]:
-    """pynbd listen IMAGE: (proc, msgr2 uri, control path, NBD uri served after commit)."""
+           extra: Sequence[str] = (), auth: Sequence[str] | None = None,
+           port: int | str = 0) -> tuple[Proc, str, str, str]:
+    """pynbd listen IMAGE: (proc, msgr2 uri, control path, NBD uri served after commit).
+    Authenticated with the test's key (``procs.auth()``) unless ``auth`` says otherwise."""
     ctl_path = str(procs.workdir / f"{name}.ctl")
     nbd_sock = str(procs.workdir / f"{name}-nbd.sock")
-    p = procs.pynbd(["listen", str(image), "--bind", "127.0.0.1", "--port", "0", "--control",
-                     ctl_path, "--serve-socket", nbd_sock, *extra], name, env)
+    if auth is None:
+        auth = procs.auth()
+    p = procs.pynbd(["listen", str(image), "--bind", "127.0.0.1", "--port", str(port),
+                     "--control", ctl_path, "--serve-socket", nbd_sock, *auth, *extra], name,
+                    env)
     uri = p.first_line()
     p.wait_for(lambda: os.path.exists(ctl_path), "control socket")
     return p, uri, ctl_path, f"nbd+unix:///?socket={nbd_sock}"

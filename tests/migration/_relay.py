@@ -25,7 +25,8 @@ def stop_listener(stop: threading.Event, sock: socket.socket, lock: threading.Lo
 
 class CuttingRelay:
     def __init__(self, target: tuple[str, int], seed: int, max_cuts: int,
-                 min_budget: int = 256 * 1024, max_budget: int = 8 * 1024 * 1024) -> None:
+                 min_budget: int = 256 * 1024, max_budget: int = 8 * 1024 * 1024,
+                 record: bool = False) -> None:
         self.target = target
         self.rng = random.Random(seed)
         self.max_cuts = max_cuts
@@ -33,6 +34,10 @@ class CuttingRelay:
         self.max_budget = max_budget
         self.cuts = 0
         self.upstream_bytes = 0
+        #: with ``record``: every byte each client sent, per connection (what an
+        #: eavesdropper captures)
+        self.record = record
+        self.recorded: list[bytearray] = []
         self.connections = 0
         self.lock = threading.Lock()
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -68,7 +73,11 @@ class CuttingRelay:
                 if self.cuts < self.max_cuts:
                     budget = self.rng.randrange(self.min_budget, self.max_budget)
                 self.conns += [c, u]
-            pair = {"budget": budget, "dead": False}
+            rec = bytearray()
+            if self.record:
+                with self.lock:
+                    self.recorded.append(rec)
+            pair = {"budget": budget, "dead": False, "rec": rec}
             threading.Thread(target=self._pump, args=(c, u, pair, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(u, c, pair, False), daemon=True).start()
 
@@ -104,6 +113,10 @@ class CuttingRelay:
                         else:
                             pair["budget"] = budget - len(data)
                     self.upstream_bytes += len(data)
+                    if self.record:
+                        rec = pair["rec"]
+                        assert isinstance(rec, bytearray)
+                        rec += data
             try:
                 if data:
                     dst.sendall(data)

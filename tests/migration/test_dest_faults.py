@@ -8,7 +8,6 @@ the image, and never take the destination down: after each fault a proper
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -17,22 +16,18 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from pynbd.migration import wire
 from pynbd.migration.dirty import DEFAULT_CHUNK
-from pynbd.migration.msgr2_transport import Msgr2Transport
-from pynbd.migration.transport import RejectedError, TransportError
+from pynbd.migration.msgr2_transport import BusyError, Msgr2Transport
+from pynbd.migration.transport import RejectedError
 from pynbd.msgr2.auth import AuthNone
 from pynbd.msgr2.connection import Connection, ConnectionConfig, Role
-from pynbd.msgr2.constants import AddrType, ConMode
-from pynbd.msgr2.encoding import EntityAddr
-from pynbd.msgr2.events import MessageReceived
 from pynbd.msgr2.session import Session
+from tests.migration._peers import RawSource, hello_when_free
 from tests.migration._procs import (
-    PY,
     Proc,
     Procs,
     compare_images,
@@ -44,79 +39,6 @@ from tests.migration._procs import (
 )
 
 SIZE = 8 * 1024 * 1024
-
-
-class RawSource:
-    """A msgr2 client on a blocking socket, driven by the sans-I/O ``Connection``: sends
-    any message (or part of one) and sees when the destination hangs up."""
-
-    def __init__(self, port: int, lossless: bool = False, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        cfg = ConnectionConfig(auth_client=AuthNone(), modes=(ConMode.CRC,),
-                               target_addr=EntityAddr(AddrType.MSGR2, 0, "127.0.0.1", port))
-        self.conn = Connection(Role.CLIENT, cfg, Session(lossless=lossless))
-        self.received: list[tuple[int, bytes]] = []
-        self.closed = False
-        self._flush()
-        deadline = time.monotonic() + timeout
-        while not self.conn.ready:
-            self._pump(deadline)
-
-    def _flush(self) -> None:
-        for c in self.conn.data_to_send():
-            self.sock.sendall(c)
-
-    def _pump(self, deadline: float) -> None:
-        if time.monotonic() > deadline:
-            raise TimeoutError("the destination said nothing")
-        try:
-            data = self.sock.recv(1 << 16)
-        except ConnectionResetError:
-            data = b""
-        if not data:
-            self.closed = True
-            raise ConnectionError("the destination closed the connection")
-        for ev in self.conn.receive_data(data):
-            if isinstance(ev, MessageReceived):
-                self.received.append((ev.header.type, bytes(ev.front)))
-        self._flush()
-
-    def send(self, msg_type: int, front: bytes = b"", data: bytes = b"") -> None:
-        self.conn.send_message(msg_type, front, data)
-        self._flush()
-
-    def request(self, msg_type: int, obj: dict[str, Any],
-                timeout: float = 10.0) -> dict[str, Any]:
-        self.send(msg_type, wire.enc(dict(obj, token=7)))
-        deadline = time.monotonic() + timeout
-        while not self.received:
-            self._pump(deadline)
-        return wire.dec(self.received.pop(0)[1])
-
-    def hello(self, size: int = SIZE, purpose: str = "copy") -> dict[str, Any]:
-        return self.request(wire.HELLO, {"size": size, "purpose": purpose})
-
-    def send_part(self, msg_type: int, front: bytes, data: bytes, fraction: float) -> None:
-        """Send only the first ``fraction`` of the message's bytes."""
-        self.conn.send_message(msg_type, front, data)
-        blob = b"".join(bytes(c) for c in self.conn.data_to_send())
-        self.sock.sendall(blob[:int(len(blob) * fraction)])
-
-    def hung_up(self, timeout: float = 10.0) -> bool:
-        """Wait (bounded) for the destination to close; True if it did."""
-        deadline = time.monotonic() + timeout
-        try:
-            for _ in range(10000):
-                self._pump(deadline)
-        except ConnectionError:
-            return True
-        except TimeoutError:
-            return False
-        return False
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
 
 
 def _port(m2: str) -> int:
@@ -140,10 +62,13 @@ def _raw_hung_up(sock: socket.socket, timeout: float = 10.0) -> bool:
 
 @pytest.fixture
 def dest(procs: Procs, tmp_path: Path) -> Iterator[tuple[Proc, str, str, Path]]:
-    """A ``pynbd listen`` on an all-zero sparse image: (proc, msgr2 uri, control, image)."""
+    """A ``pynbd listen`` on an all-zero sparse image: (proc, msgr2 uri, control, image).
+
+    These sources vanish without releasing the copy; a short takeover grace lets the next
+    one in quickly (test_hostile.py checks the grace itself)."""
     dst = tmp_path / "dst.img"
     sparse_file(dst, SIZE)
-    d, m2, dctl, _ = listen(procs, dst)
+    d, m2, dctl, _ = listen(procs, dst, extra=["--takeover-after", "0.5"])
     yield d, m2, dctl, dst
 
 
@@ -163,7 +88,7 @@ def _proper_migration(procs: Procs, tmp_path: Path, m2: str, dctl: str, dst: Pat
     src = tmp_path / f"{name}.img"
     make_sparse_image(src, SIZE, seed=seed, fraction=0.4)
     _s, _uri, ctl = procs.serve(src, name=name)
-    r = run_cli(["mirror", "--control", ctl, "--to", m2, "--wait"], timeout=60)
+    r = run_cli(["mirror", *procs.auth(), "--control", ctl, "--to", m2, "--wait"], timeout=60)
     assert r.returncode == 0, r.stderr
     st = migration_status(dctl)
     assert st["authoritative"] is True and st["state"] == "authoritative", st
@@ -191,17 +116,24 @@ def test_source_goes_away_before_and_after_greeting(procs: Procs, tmp_path: Path
                            Session(lossless=True))
         s.sendall(b"".join(bytes(c) for c in probe.data_to_send()))
     # msgr2 session established, gone before the migration HELLO
-    RawSource(port, lossless=True).close()
-    RawSource(port, lossless=False).close()
+    RawSource(port, procs.psk, lossless=True).close()
+    RawSource(port, procs.psk, lossless=False).close()
     _untouched(d, dctl, dst)
     # after a successful HELLO: receiving, still not authoritative
-    r = RawSource(port, lossless=True)
+    r = RawSource(port, procs.psk, lossless=True)
     assert r.hello()["ok"] is True
     r.close()
     _untouched(d, dctl, dst, state="receiving")
-    # the same with the mirror's own transport
-    t = Msgr2Transport("127.0.0.1", port)
-    t.connect(SIZE)
+    # the same with the mirror's own transport (once the vanished one's grace passed)
+    t = Msgr2Transport("127.0.0.1", port, psk=procs.psk)
+    for _ in range(100):
+        try:
+            t.connect(SIZE)
+            break
+        except BusyError:
+            t.close()
+            time.sleep(0.1)
+            t = Msgr2Transport("127.0.0.1", port, psk=procs.psk)
     t.close()
     _untouched(d, dctl, dst, state="receiving")
     assert migration_status(dctl)["sessions"] >= 4
@@ -252,7 +184,7 @@ def test_protocol_misuse(procs: Procs, tmp_path: Path, dest: tuple[Proc, str, st
                          case: str) -> None:
     d, m2, dctl, dst = dest
     before, (msg_type, front, data) = MISUSE[case]
-    r = RawSource(_port(m2))
+    r = RawSource(_port(m2), procs.psk)
     try:
         state = "idle"
         if before == "hello":
@@ -282,7 +214,7 @@ def test_garbage_instead_of_banner(procs: Procs, tmp_path: Path,
         s.sendall(junk)
         assert _raw_hung_up(s)
     # garbage after a correct handshake: frames that fail their checks
-    r = RawSource(_port(m2))
+    r = RawSource(_port(m2), procs.psk)
     try:
         r.sock.sendall(os.urandom(8192))
         assert r.hung_up()
@@ -300,16 +232,14 @@ def test_disconnect_mid_write(procs: Procs, tmp_path: Path,
     d, m2, dctl, dst = dest
     port = _port(m2)
     for lossless in (False, True):
-        r = RawSource(port, lossless=lossless)
-        assert r.hello()["ok"] is True
+        r = hello_when_free(port, procs.psk, lossless=lossless)
         r.send_part(*_write(1 << 20, b"\x5a" * (1 << 20)), fraction=0.5)
         r.close()
     # what never arrived whole was never written
     _untouched(d, dctl, dst, state="receiving")
     assert migration_status(dctl)["bytes_received"] == 0
     # a whole WRITE then a cut: written, but that is no completion
-    r = RawSource(port, lossless=True)
-    assert r.hello()["ok"] is True
+    r = hello_when_free(port, procs.psk, lossless=True)
     r.send(*_write(0, DATA))
     r.send_part(*_write(len(DATA), DATA), fraction=0.3)
     r.close()
@@ -337,32 +267,46 @@ def _send_image(t: Msgr2Transport, data: bytes, step: int = 1 << 20) -> None:
 
 def test_two_sources_at_once(procs: Procs, tmp_path: Path,
                              dest: tuple[Proc, str, str, Path]) -> None:
-    """The newer source session replaces the older one; the older one cannot write any
-    more, and the newer one's verified commit makes the destination authoritative."""
+    """One source owns the copy: a second one (with the key) is refused while the first
+    is connected, gets in once the first released the copy, and then the first one's
+    writes cannot land any more; the second one's verified commit makes the destination
+    authoritative with exactly its data."""
     d, m2, dctl, dst = dest
     port = _port(m2)
     good = os.urandom(SIZE)
-    older, newer = Msgr2Transport("127.0.0.1", port), Msgr2Transport("127.0.0.1", port)
+    older = Msgr2Transport("127.0.0.1", port, psk=procs.psk)
+    newer = Msgr2Transport("127.0.0.1", port, psk=procs.psk)
     try:
         older.connect(SIZE)
         older.write(0, b"\x11" * (1 << 20))
         older.flush()
+        with pytest.raises(BusyError, match="another source session owns this copy"):
+            newer.connect(SIZE)
+        newer.close()
+        older.write(1 << 20, b"\x11" * (1 << 20))  # still the owner
+        older.flush()
+        older.close()  # releases the copy
+        newer = Msgr2Transport("127.0.0.1", port, psk=procs.psk)
         newer.connect(SIZE)
         _send_image(newer, good)
         newer.flush()
-        # the replaced session is gone: its writes cannot land on top of the new one's
-        with pytest.raises(TransportError):
-            older.write(0, b"\x22" * (1 << 20))
-            older.flush()
+        # and now the first one is the one refused
+        again = Msgr2Transport("127.0.0.1", port, psk=procs.psk)
+        try:
+            with pytest.raises(BusyError):
+                again.connect(SIZE)
+        finally:
+            again.close()
         newer.commit(SIZE, 1, _image_digest(good))
     finally:
         older.close()
         newer.close()
     st = migration_status(dctl)
     assert st["authoritative"] is True and st["epoch"] == 1, st
+    assert st["hellos_refused"] == 2, st
     assert dst.read_bytes() == good
     # a third source is refused: the destination took over
-    late = Msgr2Transport("127.0.0.1", port)
+    late = Msgr2Transport("127.0.0.1", port, psk=procs.psk)
     try:
         with pytest.raises(RejectedError, match="authoritative"):
             late.connect(SIZE)
@@ -384,9 +328,9 @@ def test_two_mirrors_at_once(procs: Procs, tmp_path: Path,
         srcs.append(src)
         ctls.append(ctl)
     for i in range(2):
-        mirrors.append(procs.start([PY, "-m", "pynbd", "mirror", "--control", ctls[i], "--to",
-                                    m2, "--wait", "--max-speed", "8M", "--max-attempts", "8"],
-                                   f"mirror{i}"))
+        mirrors.append(procs.mirror(["--control", ctls[i], "--to",
+                                     m2, "--wait", "--max-speed", "8M", "--max-attempts", "8"],
+                                     f"mirror{i}"))
     codes = [m.proc.wait(60) for m in mirrors]
     assert 0 in codes and codes != [0, 0], [m.logs() for m in mirrors]
     winner = codes.index(0)
@@ -412,7 +356,7 @@ def test_sigterm_destination(procs: Procs, tmp_path: Path) -> None:
     d0, m2, _dctl0, _ = listen(procs, dst, name="dest0")
     port = _port(m2)
     hanging = socket.create_connection(("127.0.0.1", port), timeout=5)
-    r = RawSource(port, lossless=True)
+    r = RawSource(port, procs.psk, lossless=True)
     r.request(wire.HELLO, {"size": SIZE * 2, "purpose": "copy"})
     r.send_part(*_write(0, DATA), fraction=0.5)
     d0.kill(signal.SIGTERM)
@@ -423,8 +367,8 @@ def test_sigterm_destination(procs: Procs, tmp_path: Path) -> None:
     _s, _uri, ctl = procs.serve(src)
     d1, m2, dctl, _ = listen(procs, dst, name="dest1")
     port = _port(m2)
-    mirror = procs.start([PY, "-m", "pynbd", "mirror", "--control", ctl, "--to", m2, "--wait",
-                          "--max-speed", "6M", "--max-attempts", "20"], "mirror")
+    mirror = procs.mirror(["--control", ctl, "--to", m2, "--wait",
+                           "--max-speed", "6M", "--max-attempts", "20"], "mirror")
     d1.wait_for(lambda: migration_status(dctl)["bytes_received"] > 0, "data")
     d1.kill(signal.SIGTERM)
     assert d1.proc.wait(20) == 0, d1.logs()
@@ -433,7 +377,7 @@ def test_sigterm_destination(procs: Procs, tmp_path: Path) -> None:
     st = migration_status(ctl)
     assert st["authoritative"] is True and st["result"] is None, st
     # back on the same port: the mirror resumes and completes
-    d2 = procs.pynbd(["listen", str(dst), "--bind", "127.0.0.1", "--port", str(port),
+    d2 = procs.pynbd(["listen", str(dst), *procs.auth(), "--bind", "127.0.0.1", "--port", str(port),
                       "--control", str(tmp_path / "dest2.ctl")], "dest2")
     d2.first_line()
     assert mirror.proc.wait(60) == 0, mirror.logs()
@@ -453,7 +397,7 @@ def test_complete_transfer_then_misuse_refused(procs: Procs, tmp_path: Path,
     # no HELLO; a query HELLO (accepted) then WRITE or ZERO; each ends the session
     for hello, msg in ((None, _write(0, DATA)), ("query", _write(0, DATA)),
                        ("query", _zero(0, SIZE))):
-        r = RawSource(port)
+        r = RawSource(port, procs.psk)
         try:
             if hello is not None:
                 assert r.hello(purpose=hello)["ok"] is True
@@ -461,17 +405,23 @@ def test_complete_transfer_then_misuse_refused(procs: Procs, tmp_path: Path,
             assert r.hung_up()
         finally:
             r.close()
-    # a copy HELLO is refused outright, a late COMMIT is refused, OUTCOME tells the truth
-    r = RawSource(port)
+    # a copy HELLO is refused outright; a COMMIT from a session that does not own the copy
+    # (a query) ends that session; OUTCOME tells the truth
+    r = RawSource(port, procs.psk)
     try:
         reply = r.hello()
         assert reply["ok"] is False and "authoritative" in reply["error"]
-        q = RawSource(port)
+        q = RawSource(port, procs.psk)
         try:
             assert q.hello(purpose="query")["ok"] is True
-            c = q.request(wire.COMMIT, {"size": SIZE, "epoch": epoch + 1,
-                                        "digest": _image_digest(bytes(SIZE))})
-            assert c["committed"] is False
+            q.send(wire.COMMIT, wire.enc({"token": 1, "size": SIZE, "epoch": epoch + 1,
+                                          "digest": _image_digest(bytes(SIZE))}))
+            assert q.hung_up()
+        finally:
+            q.close()
+        q = RawSource(port, procs.psk)
+        try:
+            assert q.hello(purpose="query")["ok"] is True
             assert q.request(wire.OUTCOME, {"epoch": epoch})["committed"] is True
         finally:
             q.close()

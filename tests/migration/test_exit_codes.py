@@ -32,8 +32,8 @@ def test_cannot_connect_and_size_mismatch(procs: Procs, tmp_path: Path) -> None:
     src = tmp_path / "src.img"
     make_sparse_image(src, SIZE, seed=1)
     _s, _uri, ctl = procs.serve(src)
-    r = run_cli(["mirror", "--control", ctl, "--to", f"msgr2://127.0.0.1:{_free_port()}",
-                 "--wait"])
+    r = run_cli(["mirror", *procs.auth(), "--control", ctl, "--to",
+                 f"msgr2://127.0.0.1:{_free_port()}", "--wait"])
     assert r.returncode == 10, r.stderr
     r = run_cli(["mirror", "--control", ctl, "--to",
                  f"nbd+unix:///?socket={tmp_path}/nothing.sock", "--wait"])
@@ -41,7 +41,7 @@ def test_cannot_connect_and_size_mismatch(procs: Procs, tmp_path: Path) -> None:
     small = tmp_path / "small.img"
     sparse_file(small, SIZE // 2)
     _d, m2, _dctl, _ = listen(procs, small)
-    r = run_cli(["mirror", "--control", ctl, "--to", m2, "--wait"])
+    r = run_cli(["mirror", *procs.auth(), "--control", ctl, "--to", m2, "--wait"])
     assert r.returncode == 11, r.stderr
     assert "size" in r.stderr.decode()
     r = run_cli(["mirror", "--control", ctl, "--to", "ftp://x", "--wait"])
@@ -60,7 +60,7 @@ def test_psk_secure_and_unlink(procs: Procs, tmp_path: Path) -> None:
     key.write_bytes(b"0123456789abcdef0123456789abcdef\n")
     wrong.write_bytes(b"fedcba9876543210fedcba9876543210\n")
     _s, _uri, ctl = procs.serve(src)
-    _d, m2, dctl, _ = listen(procs, dst, extra=["--psk-file", str(key)])
+    _d, m2, dctl, _ = listen(procs, dst, auth=["--psk-file", str(key)])
     r = run_cli(["mirror", "--control", ctl, "--to", m2, "--wait", "--psk-file", str(wrong),
                  "--secure"])
     assert r.returncode == 10, r.stderr
@@ -71,7 +71,7 @@ def test_psk_secure_and_unlink(procs: Procs, tmp_path: Path) -> None:
     assert compare_images(copy, dst) == []
     assert migration_status(dctl)["authoritative"] is True
     # a second mirror to an authoritative destination is rejected; the source stepped down
-    r = run_cli(["mirror", "--control", ctl, "--to", m2, "--wait"])
+    r = run_cli(["mirror", "--control", ctl, "--to", m2, "--wait", "--psk-file", str(key)])
     assert r.returncode == 1 and "stepped down" in r.stderr.decode()
 
 
@@ -83,7 +83,7 @@ def test_destination_refuses_partial_copy_and_bogus_commit(procs: Procs,
     sparse_file(dst, SIZE)
     d, m2, dctl, _ = listen(procs, dst)
     host, port = m2[len("msgr2://"):].rsplit(":", 1)
-    t = Msgr2Transport(host, int(port))
+    t = Msgr2Transport(host, int(port), psk=procs.psk)
     try:
         t.connect(SIZE)
         t.write(0, b"8 bytes!" * 8192)

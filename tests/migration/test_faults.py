@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 from tests.migration._procs import (
-    PY,
     Procs,
     compare_images,
     listen,
@@ -34,7 +33,7 @@ def test_relay_cuts_connection_resume_not_restart(procs: Procs, tmp_path: Path) 
     port = int(m2.rsplit(":", 1)[1])
     relay = CuttingRelay(("127.0.0.1", port), seed=5, max_cuts=6)
     try:
-        r = run_cli(["mirror", "--control", ctl, "--to", relay.uri, "--wait",
+        r = run_cli(["mirror", *procs.auth(), "--control", ctl, "--to", relay.uri, "--wait",
                      "--max-attempts", "10"], timeout=180)
         assert r.returncode == 0, r.stderr
         assert relay.cuts >= 3, relay.cuts
@@ -58,8 +57,8 @@ def test_destination_restart_resumes_from_digests(procs: Procs, tmp_path: Path) 
     d1, m2, dctl, _ = listen(procs, dst, name="dest1")
     port = m2.rsplit(":", 1)[1]
     data = _allocated(src)
-    mirror = procs.start([PY, "-m", "pynbd", "mirror", "--control", ctl, "--to", m2, "--wait",
-                          "--max-speed", "16M", "--max-attempts", "20"], "mirror")
+    mirror = procs.mirror(["--control", ctl, "--to", m2, "--wait",
+                           "--max-speed", "16M", "--max-attempts", "20"], "mirror")
     for _ in range(2000):
         if migration_status(dctl)["bytes_received"] > data // 2:
             break
@@ -68,8 +67,8 @@ def test_destination_restart_resumes_from_digests(procs: Procs, tmp_path: Path) 
     d1.kill(signal.SIGKILL)
     d1.proc.wait(10)
     # the same port again, so the source's reconnects find it
-    d2 = procs.pynbd(["listen", str(dst), "--bind", "127.0.0.1", "--port", port, "--control",
-                      str(tmp_path / "dest2.ctl")], "dest2")
+    d2 = procs.pynbd(["listen", str(dst), *procs.auth(), "--bind", "127.0.0.1", "--port", port,
+                      "--control", str(tmp_path / "dest2.ctl")], "dest2")
     d2.first_line()
     assert mirror.proc.wait(120) == 0, mirror.logs()
     after = migration_status(str(tmp_path / "dest2.ctl"))

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 
 from tests.migration._procs import (
-    PY,
     Procs,
     Writer,
     compare_images,
@@ -54,8 +53,8 @@ def test_kill_at_handover_step(procs: Procs, tmp_path: Path, step: str, victim: 
     w = Writer(uri, SIZE, seed=22, rate=2 * 1024 * 1024)
     w.start()
     time.sleep(0.2)
-    mirror = procs.start([PY, "-m", "pynbd", "mirror", "--control", ctl, "--to", m2, "--wait",
-                          "--max-attempts", "30"], "mirror")
+    mirror = procs.mirror(["--control", ctl, "--to", m2, "--wait",
+                           "--max-attempts", "30"], "mirror")
     d1.wait_for(marker.exists, f"halt at {step}", timeout=60)
     (s1 if victim == "source" else d1).kill(signal.SIGKILL)
     (s1 if victim == "source" else d1).proc.wait(10)
@@ -69,7 +68,7 @@ def test_kill_at_handover_step(procs: Procs, tmp_path: Path, step: str, victim: 
                 os.unlink(p)
         _s2, _uri2, ctl = procs.serve(src, name="source")
     else:
-        d2 = procs.pynbd(["listen", str(dst), "--bind", "127.0.0.1", "--port", port,
+        d2 = procs.pynbd(["listen", str(dst), *procs.auth(), "--bind", "127.0.0.1", "--port", port,
                           "--control", str(tmp_path / "dest2.ctl")], "dest2")
         d2.first_line()
         d2.wait_for(lambda: (tmp_path / "dest2.ctl").exists(), "control socket")
@@ -110,8 +109,8 @@ def test_in_doubt_keeps_clients_paused_until_destination_answers(procs: Procs,
     port = m2.rsplit(":", 1)[1]
     w = Writer(uri, SIZE, seed=24, rate=1 << 20)
     w.start()
-    mirror = procs.start([PY, "-m", "pynbd", "mirror", "--control", ctl, "--to", m2, "--wait",
-                          "--max-attempts", "2"], "mirror")
+    mirror = procs.mirror(["--control", ctl, "--to", m2, "--wait",
+                           "--max-attempts", "2"], "mirror")
     d1.wait_for(marker.exists, "halt at dest:durable", timeout=60)
     d1.kill(signal.SIGKILL)
     d1.proc.wait(10)
@@ -122,7 +121,7 @@ def test_in_doubt_keeps_clients_paused_until_destination_answers(procs: Procs,
     writes = w.writes
     time.sleep(0.5)
     assert w.writes == writes and w.error is None  # paused, not failed, not resumed
-    d2 = procs.pynbd(["listen", str(dst), "--bind", "127.0.0.1", "--port", port,
+    d2 = procs.pynbd(["listen", str(dst), *procs.auth(), "--bind", "127.0.0.1", "--port", port,
                       "--control", str(tmp_path / "dest2.ctl")], "dest2")
     d2.first_line()
     d2.wait_for(lambda: (tmp_path / "dest2.ctl").exists(), "control socket")
@@ -154,8 +153,8 @@ def test_restarted_source_without_control_socket_resolves_in_doubt(procs: Procs,
     s1, _uri, ctl = procs.serve(src, env={"PYNBD_MIGRATION_HALT_AT": "source:commit-sent",
                                           "PYNBD_MIGRATION_HALT_FILE": str(marker)})
     _d, m2, dctl, _ = listen(procs, dst)
-    mirror = procs.start([PY, "-m", "pynbd", "mirror", "--control", ctl, "--to", m2, "--wait"],
-                         "mirror")
+    mirror = procs.mirror(["--control", ctl, "--to", m2, "--wait"],
+                           "mirror")
     s1.wait_for(marker.exists, "halt at source:commit-sent", timeout=60)
     s1.kill(signal.SIGKILL)
     s1.proc.wait(10)

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from tests.migration._procs import (
-    PY,
     Procs,
     Writer,
     compare_images,
@@ -53,8 +52,8 @@ def test_msgr2_migration_while_writing(procs: Procs, tmp_path: Path, writers: in
     for w in ws:
         w.start()
     time.sleep(0.3)
-    mirror = procs.start([PY, "-m", "pynbd", "mirror", "--control", ctl, "--to", m2, "--wait",
-                          "--json"], "mirror")
+    mirror = procs.mirror(["--control", ctl, "--to", m2, "--wait",
+                           "--json"], "mirror")
     seen = poll_until_exit(mirror, ctl)
     assert mirror.proc.wait(5) == 0, mirror.logs()
     for w in ws:
@@ -106,7 +105,7 @@ def test_msgr2_migration_with_qemu_io_writer(procs: Procs, tmp_path: Path) -> No
     t = threading.Thread(target=qemu_writer, daemon=True)
     t.start()
     time.sleep(0.5)
-    r = run_cli(["mirror", "--control", ctl, "--to", m2, "--wait"])
+    r = run_cli(["mirror", *procs.auth(), "--control", ctl, "--to", m2, "--wait"])
     stop.set()
     t.join(60)
     assert r.returncode == 0, r.stderr
@@ -133,8 +132,8 @@ def test_speed_limit_respected_and_changed(procs: Procs, tmp_path: Path) -> None
     _s, _uri, ctl = procs.serve(src)
     _d, m2, dctl, _ = listen(procs, dst)
     slow, fast = 6 * 1024 * 1024, 12 * 1024 * 1024
-    mirror = procs.start([PY, "-m", "pynbd", "mirror", "--control", ctl, "--to", m2, "--wait",
-                          "--json", "--max-speed", str(slow)], "mirror")
+    mirror = procs.mirror(["--control", ctl, "--to", m2, "--wait",
+                           "--json", "--max-speed", str(slow)], "mirror")
     for _ in range(400):
         if migration_status(ctl)["bytes_done"] > 0:
             break
@@ -168,8 +167,8 @@ def test_start_and_break_three_times(procs: Procs, tmp_path: Path) -> None:
     w = Writer(uri, size, seed=9, rate=2 * 1024 * 1024)
     w.start()
     for round_ in range(3):
-        mirror = procs.start([PY, "-m", "pynbd", "mirror", "--control", ctl, "--to", m2,
-                              "--wait", "--max-speed", "2M"], f"mirror{round_}")
+        mirror = procs.mirror(["--control", ctl, "--to", m2,
+                               "--wait", "--max-speed", "2M"], f"mirror{round_}")
         for _ in range(500):
             if migration_status(ctl)["state"] == "copying":
                 break
@@ -182,7 +181,7 @@ def test_start_and_break_three_times(procs: Procs, tmp_path: Path) -> None:
         assert st["result"] == "broken" and st["authoritative"] is True
         assert migration_status(dctl)["authoritative"] is False
         assert w.error is None and w.is_alive()
-    r = run_cli(["mirror", "--control", ctl, "--to", m2, "--wait"])
+    r = run_cli(["mirror", *procs.auth(), "--control", ctl, "--to", m2, "--wait"])
     assert r.returncode == 0, r.stderr
     w.stop_event.set()
     w.join(10)

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 from tests.migration._procs import (
-    PY,
     Procs,
     Writer,
     ctl,
@@ -44,8 +43,8 @@ def test_proxy_clients_see_only_a_pause_across_handover(procs: Procs, tmp_path: 
     for w in ws:
         w.start()
     time.sleep(0.5)
-    mirror = procs.start([PY, "-m", "pynbd", "mirror", "--control", sctl, "--to", m2,
-                          "--wait"], "mirror")
+    mirror = procs.mirror(["--control", sctl, "--to", m2,
+                           "--wait"], "mirror")
     # the orchestrator: once the destination is authoritative, point the proxy at it
     for _ in range(1200):
         if migration_status(dctl)["authoritative"]:

@@ -51,7 +51,7 @@ def run_mirror(args: argparse.Namespace) -> int:
     req: dict[str, Any] = {"cmd": "mirror", "to": args.to, "max_speed": args.max_speed,
                            "unlink": args.unlink, "downtime_ms": args.downtime_ms,
                            "max_attempts": args.max_attempts, "secure": args.secure,
-                           "timeout": args.timeout}
+                           "insecure": args.insecure, "timeout": args.timeout}
     if args.export is not None:
         req["export"] = args.export
     if args.psk_file:
@@ -144,8 +144,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--timeout", type=float, default=0.0, metavar="SECONDS",
                    help="fail an attempt when the destination leaves a request unanswered "
                         "this long (default 60; the NBD handshake waits at most 15)")
-    p.add_argument("--psk-file", metavar="FILE", help="msgr2 pre-shared key (>= 16 bytes)")
-    p.add_argument("--secure", action="store_true", help="msgr2 secure (encrypted) mode")
+    p.add_argument("--psk-file", metavar="FILE",
+                   help="msgr2 pre-shared key (>= 16 bytes; the one `pynbd listen` has): "
+                        "both sides prove they hold it")
+    p.add_argument("--secure", action="store_true",
+                   help="msgr2 secure mode: encrypt and authenticate every frame (needs "
+                        "--psk-file)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a destination nobody authenticates: msgr2 without "
+                        "--psk-file, or plain NBD over TCP to another host (without it "
+                        "these are refused; NBD over a Unix socket or loopback, nbds:// "
+                        "with a verified certificate and msgr2 with a key need no flag)")
     p.add_argument("--json", action="store_true", help="with --wait: print the final status")
     p.add_argument("--verbose", "-v", action="store_true", help="with --wait: show progress")
     p.set_defaults(func=run_mirror)

@@ -10,6 +10,9 @@ import threading
 from types import FrameType
 from typing import Any
 
+from pynbd.cli.listen import is_loopback
+from pynbd.cli.serve import add_tls_arguments
+
 log = logging.getLogger("pynbd.proxy")
 
 
@@ -22,9 +25,21 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                     "counted in `pynbd status`). `pynbd proxy-upstream --control PATH URI` "
                     "switches to a new upstream, so a migration's clients only see a pause.")
     p.add_argument("--upstream", required=True, metavar="URI", help="nbd://... or nbd+unix://...")
-    p.add_argument("--bind", "-b", default=None, metavar="ADDR")
+    p.add_argument("--bind", "-b", default=None, metavar="ADDR",
+                   help="TCP address (default 127.0.0.1; another address needs --tls "
+                        "require --tls-verify-peer, or --insecure)")
     p.add_argument("--port", "-p", type=int, default=None, help="TCP port (0 = any free one)")
     p.add_argument("--socket", "-U", metavar="PATH", help="listen on a Unix socket")
+    g = p.add_argument_group("security")
+    g.add_argument("--insecure", action="store_true",
+                   help="allow listening on a non-loopback address without authenticating "
+                        "clients (any client that reaches it can read and write the image)")
+    g.add_argument("--allow", action="append", default=[], metavar="CIDR",
+                   help="accept TCP clients only from this address or network (repeatable; "
+                        "checked before any byte is sent)")
+    g.add_argument("--default-deny", action="store_true",
+                   help="refuse every TCP client when the allow list is empty")
+    add_tls_arguments(p)
     p.add_argument("--control", metavar="PATH", help="control socket (status, upstream)")
     p.add_argument("--max-retries", type=int, default=60, metavar="N",
                    help="attempts per request before the client gets EIO (default 60)")
@@ -55,15 +70,58 @@ def run_switch(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_security(args: argparse.Namespace) -> str | None:
+    """Fill in the TCP defaults; an error message when the proxy would listen on the
+    network without authenticating its clients (and --insecure was not given)."""
+    args.tcp = not args.socket or args.port is not None or args.bind is not None
+    if args.tcp and args.bind is None:
+        args.bind = "127.0.0.1"
+    try:
+        from pynbd.server.acl import parse_networks
+
+        parse_networks(args.allow)
+    except ValueError as exc:
+        return str(exc)
+    if not args.tcp or is_loopback(args.bind) or args.insecure:
+        return None
+    if args.tls == "require" and args.tls_verify_peer:
+        return None
+    where = args.bind or "every address"
+    if args.tls == "require":
+        why = ("--tls require without --tls-verify-peer encrypts but lets any client in; "
+               "add --tls-verify-peer (clients need a certificate signed by --tls-ca)")
+    else:
+        why = ("give --tls require --tls-verify-peer (clients need a certificate signed by "
+               "the CA) or listen on a Unix socket (--socket) or loopback")
+    return (f"refusing to listen on {where} (not loopback) without authenticating clients: "
+            f"{why}; or --insecure to serve anyone who can reach the port")
+
+
 def run(args: argparse.Namespace) -> int:
     from pynbd.cli.serve import setup_logging
     from pynbd.client import ProtocolError
+    from pynbd.protocol.server import TLSMode
     from pynbd.proxy.upstream import ProxyBackend, UpstreamPool
     from pynbd.server.control import ControlError, ControlServer
     from pynbd.server.exports import Export, ExportRegistry
-    from pynbd.server.server import Server
+    from pynbd.server.server import Server, ServerOptions
+    from pynbd.server.tls import TLSConfigError, server_tls_context
 
     setup_logging(args.verbose, args.quiet)
+    err = check_security(args)
+    if err is not None:
+        print(f"pynbd proxy: {err}", file=sys.stderr)
+        return 2
+    tls = TLSMode(args.tls)
+    ctx = None
+    if tls is not TLSMode.OFF:
+        try:
+            ctx = server_tls_context(certificates_dir=args.tls_certificates,
+                                     cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca,
+                                     verify_peer=args.tls_verify_peer)
+        except TLSConfigError as exc:
+            print(f"pynbd proxy: {exc}", file=sys.stderr)
+            return 2
     pool = UpstreamPool(args.upstream, max_retries=args.max_retries,
                         retry_deadline=args.retry_deadline,
                         request_timeout=args.request_timeout)
@@ -72,15 +130,27 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ProtocolError) as exc:
         print(f"pynbd proxy: cannot reach the upstream {args.upstream}: {exc}", file=sys.stderr)
         return 1
-    server = Server(ExportRegistry([Export("", backend)]))
+    server = Server(ExportRegistry([Export("", backend)]),
+                    ServerOptions(tls=tls, tls_context=ctx))
+    if args.allow or args.default_deny:
+        server.set_acl(args.allow, default_deny=args.default_deny)
     try:
         if args.socket:
             server.listen_unix(args.socket)
-        if not args.socket or args.port is not None or args.bind is not None:
+        if args.tcp:
             server.listen_tcp(args.bind, 10809 if args.port is None else args.port)
     except OSError as exc:
         print(f"pynbd proxy: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    if args.tcp and not is_loopback(args.bind):
+        if tls is TLSMode.REQUIRE and args.tls_verify_peer:
+            log.info("TCP on %s: clients must present a certificate signed by the CA",
+                     args.bind or "every address")
+        else:
+            log.warning("UNAUTHENTICATED (--insecure) on %s: ANYONE WHO CAN REACH THIS PORT "
+                        "can read and write the upstream's image; use --tls require "
+                        "--tls-verify-peer, --allow, or a loopback --bind",
+                        args.bind or "every address")
     if args.control:
         control = ControlServer(args.control)
         server.attach_control(control)

@@ -16,7 +16,7 @@ from typing import Any
 
 from pynbd.migration.mirror import Mirror, MirrorOptions, resolve_in_doubt, step_down_export
 from pynbd.migration.records import read_record, record_path, write_record
-from pynbd.migration.transport import NBDTransport, Transport
+from pynbd.migration.transport import NBDTransport, Transport, TransportError
 from pynbd.server.control import ControlError, ControlServer
 from pynbd.server.exports import Export, IOGate
 from pynbd.server.server import Server
@@ -24,32 +24,100 @@ from pynbd.server.server import Server
 log = logging.getLogger("pynbd.migration")
 
 
-def make_factory(opts: MirrorOptions):  # type: ignore[no-untyped-def]
+def _loopback(host: str | None) -> bool:
+    import ipaddress
+
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]").split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def read_psk(path: str) -> bytes:
+    """The key in ``path`` (surrounding whitespace stripped); ValueError if unusable."""
+    try:
+        with open(path, "rb") as f:
+            key = f.read().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read the key file {path}: {exc.strerror or exc}") from exc
+    if len(key) < 16:
+        raise ValueError(f"the key in {path} is {len(key)} bytes: a pre-shared key must be at "
+                         "least 16 bytes (make one with: head -c 32 /dev/urandom | base64 > "
+                         "FILE)")
+    return key
+
+
+def check_destination(opts: MirrorOptions) -> None:
+    """Refuse a destination nobody authenticates unless ``opts.insecure``: the mirror
+    hands the whole image to it and steps down (maybe unlinks) on its word."""
     to = opts.to
     if to.startswith("msgr2://"):
-        from pynbd.migration.msgr2_transport import Msgr2Transport, parse_msgr2_uri
-
-        host, port = parse_msgr2_uri(to)
-        psk = None
-        if opts.psk_file:
-            with open(opts.psk_file, "rb") as f:
-                psk = f.read().strip()
-
-        def m2() -> Transport:
-            return Msgr2Transport(host, port, psk=psk, secure=opts.secure,
-                                  reply_timeout=opts.timeout or None)
-
-        return m2
+        if opts.secure and not opts.psk_file:
+            raise ValueError("--secure needs --psk-file (msgr2 secure mode is keyed by the "
+                             "pre-shared-key authentication)")
+        if not opts.psk_file and not opts.insecure:
+            raise ValueError(f"refusing to mirror to {to} without authentication: give "
+                             "--psk-file FILE (the key `pynbd listen --psk-file` uses) or, to "
+                             "send the image to a destination nobody authenticates, "
+                             "--insecure")
+        return
     if to.startswith(("nbd://", "nbd+unix://", "nbds://", "nbds+unix://")):
         from pynbd.client import parse_uri
 
-        parse_uri(to)  # validate now
+        u = parse_uri(to)
+        if u.is_unix or opts.insecure:
+            return
+        if u.tls and u.tls_verify_peer:
+            return
+        if _loopback(u.host):
+            return
+        raise ValueError(f"refusing to mirror to {to} without authentication: plain NBD "
+                         f"to {u.host} (not loopback) sends the image in clear to a server "
+                         "nobody verified; use nbds://... (TLS, the server certificate is "
+                         "verified) or --insecure")
 
-        def nbd() -> Transport:
-            return NBDTransport(to, reply_timeout=opts.timeout or None)
 
-        return nbd
-    raise ValueError(f"--to must be msgr2://HOST:PORT or an NBD URI, not {to!r}")
+def make_factory(opts: MirrorOptions):  # type: ignore[no-untyped-def]
+    to = opts.to
+    if not to.startswith(("msgr2://", "nbd://", "nbd+unix://", "nbds://", "nbds+unix://")):
+        raise ValueError(f"--to must be msgr2://HOST:PORT or an NBD URI, not {to!r}")
+    check_destination(opts)
+    if to.startswith("msgr2://"):
+        from pynbd.migration.msgr2_transport import Lease, Msgr2Transport, parse_msgr2_uri
+
+        host, port = parse_msgr2_uri(to)
+        psk = read_psk(opts.psk_file) if opts.psk_file else None
+        lease = Lease()
+
+        def m2() -> Transport:
+            return Msgr2Transport(host, port, psk=psk, secure=opts.secure,
+                                  reply_timeout=opts.timeout or None, lease=lease)
+
+        return m2
+
+    def nbd() -> Transport:
+        return NBDTransport(to, reply_timeout=opts.timeout or None)
+
+    return nbd
+
+
+class _Unusable(Transport):
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+    def connect(self, size: int) -> None:
+        raise TransportError(self.why)
+
+
+def _unusable(why: str):  # type: ignore[no-untyped-def]
+    def make() -> Transport:
+        return _Unusable(why)
+
+    return make
 
 
 def _image_path(export: Export) -> str | None:
@@ -64,9 +132,19 @@ class _Restored:
         self.mgr = mgr
         self.export = export
         self.rec = rec
+        # a record written before --insecure existed and without a key was keyless
+        insecure = bool(rec.get("insecure", not rec.get("psk_file")))
         opts = MirrorOptions(to=rec.get("to", ""), psk_file=rec.get("psk_file"),
-                             secure=bool(rec.get("secure")), max_attempts=5)
-        self.mirror = Mirror(export, opts, make_factory(opts), mgr.records[export.name],
+                             secure=bool(rec.get("secure")), insecure=insecure,
+                             max_attempts=5)
+        try:
+            factory = make_factory(opts)
+        except (ValueError, OSError) as exc:
+            # stay in doubt (clients paused) and say why in the status and the log
+            log.error("export %r: cannot ask %s about epoch %s: %s", export.name, opts.to,
+                      rec.get("epoch"), exc)
+            factory = _unusable(str(exc))
+        self.mirror = Mirror(export, opts, factory, mgr.records[export.name],
                              epoch_base=int(rec.get("epoch", 0)), image_path=_image_path(export),
                              on_step_down=mgr._disconnect_later)
         self.mirror.epoch = int(rec.get("epoch", 0))
@@ -167,6 +245,7 @@ class MigrationSource:
                 downtime_ms=int(req.get("downtime_ms") or 300),
                 max_attempts=max(1, int(req.get("max_attempts") or 5)),
                 psk_file=req.get("psk_file"), secure=bool(req.get("secure")),
+                insecure=bool(req.get("insecure")),
                 timeout=max(0.0, float(req.get("timeout") or 0.0)))
             try:
                 factory = make_factory(opts)

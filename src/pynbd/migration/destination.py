@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hmac
 import logging
 import os
 import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from pynbd.backends.base import STATE_ZERO
@@ -26,7 +28,38 @@ from pynbd.msgr2.errors import Msgr2Error
 log = logging.getLogger("pynbd.migration")
 
 MAX_PENDING = 8
-_COPY_MESSAGES = frozenset((wire.WRITE, wire.ZERO, wire.FLUSH, wire.DIGESTS, wire.COMMIT))
+#: messages only the session that owns the copy may send
+_COPY_MESSAGES = frozenset((wire.WRITE, wire.ZERO, wire.FLUSH, wire.DIGESTS, wire.COMMIT,
+                            wire.RELEASE))
+_NAMES = {wire.WRITE: "WRITE", wire.ZERO: "ZERO", wire.FLUSH: "FLUSH", wire.DIGESTS: "DIGESTS",
+          wire.COMMIT: "COMMIT", wire.RELEASE: "RELEASE"}
+DEFAULT_TAKEOVER_AFTER = wire.DEFAULT_TAKEOVER_AFTER
+
+
+@dataclass
+class _Owner:
+    """The one source session that may write, flush, ask for digests and commit."""
+
+    ss: ServerSession
+    lease: bytes
+    since: float
+    peer: str
+    #: when its session ended without a RELEASE (monotonic), else None
+    ended: float | None = None
+
+
+def _peer(ss: ServerSession) -> str:
+    link = ss.link
+    t = link.transport if link is not None else None
+    peer = t.get_extra_info("peername") if t is not None else None
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = str(peer[0])
+        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+    return "?"
+
+
+def _cookies(ss: ServerSession) -> tuple[int, int]:
+    return ss.session.client_cookie, ss.session.server_cookie
 
 
 def _releaser(msg: ReceivedMessage) -> Callable[[asyncio.Future[Any]], None]:
@@ -36,7 +69,8 @@ def _releaser(msg: ReceivedMessage) -> Callable[[asyncio.Future[Any]], None]:
 
 
 class Destination:
-    def __init__(self, path: str, chunk: int = DEFAULT_CHUNK) -> None:
+    def __init__(self, path: str, chunk: int = DEFAULT_CHUNK,
+                 takeover_after: float = DEFAULT_TAKEOVER_AFTER) -> None:
         self.path = path
         self.record = record_path(path)
         self.backend = FileBackend(path)
@@ -60,7 +94,11 @@ class Destination:
         self.sessions = 0
         self.commits_refused = 0
         self.started = time.monotonic()
-        self.active: ServerSession | None = None
+        #: the session that owns the copy (see docs/migration.md, "One source at a time")
+        self.owner: _Owner | None = None
+        self.takeover_after = takeover_after
+        self.hellos_refused = 0
+        self.takeovers = 0
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="listen-io")
         self.on_commit: Callable[[], None] | None = None
         self.exit_after_commit = False
@@ -86,6 +124,9 @@ class Destination:
             "digest_requests": self.digest_requests,
             "sessions": self.sessions,
             "commits_refused": self.commits_refused,
+            "hellos_refused": self.hellos_refused,
+            "takeovers": self.takeovers,
+            "owner": self._owner_status(),
             "elapsed_seconds": round(time.monotonic() - self.started, 3),
             "serving": self.serving,
             "image": self.path,
@@ -201,22 +242,100 @@ class Destination:
                         epoch, epoch)
         return False
 
-    def _hello(self, size: int, purpose: str) -> dict[str, Any]:
-        base = {"size": self.size, "epoch": max([self.epoch, *self.aborted]),
+    def _base(self) -> dict[str, Any]:
+        return {"size": self.size, "epoch": max([self.epoch, *self.aborted]),
                 "state": self.state, "authoritative": self.authoritative}
-        if purpose == "query":
-            return dict(base, ok=True)
-        if self.authoritative:
-            return dict(base, ok=False, error=f"destination is authoritative (epoch "
-                                              f"{self.epoch}): it already took over")
-        if size != self.size:
-            return dict(base, ok=False, error=f"remote size {self.size} does not match "
-                                              f"local size {size}")
+
+    def _mark_receiving(self) -> None:
         if self.state == "idle":
             write_record(self.record, {"role": "destination", "state": "receiving",
                                        "epoch": self.epoch, "aborted": sorted(self.aborted)})
             self.state = "receiving"
-        return dict(base, ok=True, state=self.state)
+
+    # --- who owns the copy (on the event loop) ------------------------------------------
+
+    def _owner_gone_for(self, owner: _Owner, now: float) -> float | None:
+        """Seconds since the owner was last heard of, or None while it is connected."""
+        ss = owner.ss
+        link = ss.link
+        if not ss.closed and link is not None and link.conn.ready and \
+                not link.closed.is_set():
+            return None
+        if owner.ended is not None:
+            last = owner.ended
+        elif link is not None:
+            last = link.last_rx
+        else:
+            last = owner.since
+        return max(0.0, now - last)
+
+    def _owner_status(self) -> dict[str, Any] | None:
+        o = self.owner
+        if o is None:
+            return None
+        gone = self._owner_gone_for(o, time.monotonic())
+        return {"peer": o.peer, "connected": gone is None,
+                "gone_seconds": None if gone is None else round(gone, 3),
+                "owned_seconds": round(time.monotonic() - o.since, 3)}
+
+    def _claim(self, ss: ServerSession, req: dict[str, Any]) -> str | None:
+        """Make ``ss`` the owner of the copy, or say why not (None = it owns it now)."""
+        now = time.monotonic()
+        owner = self.owner
+        peer = _peer(ss)
+        if owner is not None and owner.ss is ss:
+            return None
+        if owner is not None:
+            proof = req.get("resume")
+            expect = wire.resume_proof(owner.lease, *_cookies(ss))
+            if isinstance(proof, str) and hmac.compare_digest(proof.encode(), expect.encode()):
+                why = "the source came back on a new session (it proved it holds the lease)"
+            else:
+                gone = self._owner_gone_for(owner, now)
+                if gone is None or gone < self.takeover_after:
+                    state = "connected" if gone is None else f"gone for {gone:.1f} s"
+                    return (f"another source session owns this copy (from {owner.peer}, "
+                            f"{state}); it must release it, or be gone for "
+                            f"{self.takeover_after:g} s, before another source may take "
+                            "over")
+                why = f"the previous source session has been gone for {gone:.1f} s"
+            log.warning("%s takes over the copy from %s: %s", peer, owner.peer, why)
+            self.takeovers += 1
+            self._drop(owner)
+        self.owner = _Owner(ss, os.urandom(wire.LEASE_LEN), now, peer)
+        return None
+
+    def _drop(self, owner: _Owner) -> None:
+        if self.owner is owner:
+            self.owner = None
+        if not owner.ss.closed:
+            task = asyncio.ensure_future(owner.ss.close(timeout=0.5))
+            self._bg.add(task)
+            task.add_done_callback(self._bg.discard)
+
+    async def _on_hello(self, ss: ServerSession, req: dict[str, Any],
+                        io: Callable[..., Any]) -> dict[str, Any]:
+        purpose = req.get("purpose", "copy")
+        if purpose == "query":
+            return dict(self._base(), ok=True)
+        if purpose != "copy":
+            return dict(self._base(), ok=False, error=f"unknown HELLO purpose {purpose!r}")
+        size = int(req.get("size", -1))
+        if self.authoritative:
+            return dict(self._base(), ok=False, error=f"destination is authoritative (epoch "
+                                                      f"{self.epoch}): it already took over")
+        if size != self.size:
+            return dict(self._base(), ok=False, error=f"remote size {self.size} does not "
+                                                      f"match local size {size}")
+        refusal = self._claim(ss, req)
+        if refusal is not None:
+            self.hellos_refused += 1
+            log.warning("copy HELLO from %s refused: %s", _peer(ss), refusal)
+            return dict(self._base(), ok=False, busy=True, error=refusal)
+        owner = self.owner
+        assert owner is not None
+        await io(self._mark_receiving)
+        return dict(self._base(), ok=True, lease=owner.lease.hex())
 
     # --- the session handler -----------------------------------------------------------
 
@@ -225,28 +344,37 @@ class Destination:
         ex = self.executor
         pending: collections.deque[asyncio.Future[Any]] = collections.deque()
         greeted = False
-        # only a source whose copy HELLO was accepted writes, and never into an image
-        # that took over (a query HELLO is accepted whatever the size or state)
-        copying = False
+        # this session owned the copy at some point (so a copy message after it lost
+        # ownership means it was replaced, not that it never asked)
+        was_owner = False
         self.sessions += 1
 
         async def io(fn: Callable[..., Any], *args: Any) -> Any:
             fut = loop.run_in_executor(ex, fn, *args)
             return await fut
 
+        def owns() -> bool:
+            o = self.owner
+            return o is not None and o.ss is ss
+
         try:
             while True:
                 msg = await ss.recv()
                 t = msg.type
-                if copying and self.active is not ss and t in _COPY_MESSAGES:
-                    # messages a replaced session had already queued are not applied
-                    raise ValueError("a newer source session took over")
-                if t in (wire.WRITE, wire.ZERO) and (not copying or self.authoritative):
-                    name = "WRITE" if t == wire.WRITE else "ZERO"
-                    if self.authoritative:
+                if t in _COPY_MESSAGES and not owns():
+                    # only the owner writes, flushes, reads digests and commits: not a
+                    # session that never said HELLO, asked a query, was refused, was
+                    # replaced by the same source on a new session, or released
+                    name = _NAMES[t]
+                    if self.authoritative and t in (wire.WRITE, wire.ZERO):
                         raise ValueError(f"{name} to an authoritative image")
+                    if was_owner:
+                        raise ValueError(f"{name} from a session that no longer owns the "
+                                         "copy (released, or replaced by a newer one)")
                     raise ValueError(f"{name} before HELLO" if not greeted else
-                                     f"{name} in a session that did not HELLO for a copy")
+                                     f"{name} in a session that does not own the copy")
+                if t in (wire.WRITE, wire.ZERO) and self.authoritative:
+                    raise ValueError(f"{_NAMES[t]} to an authoritative image")
                 if t == wire.WRITE:
                     (off,) = wire.OFFSET.unpack_from(msg.front)
                     data = msg.data
@@ -271,25 +399,20 @@ class Destination:
                     (token,) = wire.OFFSET.unpack_from(msg.front)
                     err = await io(self._flush)
                     await ss.send(wire.FLUSHED, wire.FLUSHED_S.pack(token, err))
+                elif t == wire.RELEASE:
+                    # everything it sent before is applied (same I/O thread, in order)
+                    assert self.owner is not None
+                    log.info("the source (%s) released the copy session", self.owner.peer)
+                    self.owner = None
                 else:
                     req = wire.dec(msg.front)
                     token = req.get("token")
                     if t == wire.HELLO:
-                        purpose = str(req.get("purpose", "copy"))
-                        reply = await io(self._hello, int(req.get("size", -1)), purpose)
-                        greeted = bool(reply.get("ok"))
-                        copying = greeted and purpose != "query"
-                        if copying and self.active is not ss:
-                            # one source at a time: an accepted copy session replaces
-                            # the previous one (a refused HELLO or a query does not)
-                            old = self.active
-                            if old is not None:
-                                log.info("a new source session takes over from the "
-                                         "previous one")
-                                task = asyncio.ensure_future(old.close(timeout=0.5))
-                                self._bg.add(task)
-                                task.add_done_callback(self._bg.discard)
-                            self.active = ss
+                        reply = await self._on_hello(ss, req, io)
+                        ok = bool(reply.get("ok"))
+                        greeted = greeted or ok
+                        if ok and owns():
+                            was_owner = True
                         await ss.send(wire.HELLO_REPLY, wire.enc(dict(reply, token=token)))
                     elif t == wire.DIGESTS:
                         self.digest_requests += 1
@@ -315,25 +438,42 @@ class Destination:
                             halt_point("dest:replied")
                             self._committed()
                     elif t == wire.OUTCOME:
-                        ok = await io(self._outcome, int(req["epoch"]))
-                        await ss.send(wire.OUTCOME_REPLY, wire.enc(
-                            {"token": token, "epoch": req["epoch"], "committed": ok}))
+                        epoch = int(req["epoch"])
+                        o = self.owner
+                        if o is not None and o.ss is not ss and \
+                                self._owner_gone_for(o, time.monotonic()) is None:
+                            # the owner is connected, so it is not in doubt: nobody else
+                            # gets to declare its epochs not committed
+                            await ss.send(wire.OUTCOME_REPLY, wire.enc(
+                                {"token": token, "epoch": epoch, "committed": None,
+                                 "busy": True, "error": "the source that owns the copy is "
+                                 f"connected (from {o.peer}); ask again once it is gone"}))
+                        else:
+                            ok = await io(self._outcome, epoch)
+                            await ss.send(wire.OUTCOME_REPLY, wire.enc(
+                                {"token": token, "epoch": epoch, "committed": ok}))
                     else:
                         raise ValueError(f"unknown message type {t:#x}")
                 while pending and (pending[0].done() or len(pending) > MAX_PENDING):
                     await pending.popleft()
         except (Msgr2Error, OSError, ConnectionError) as exc:
             log.info("source session ended: %s", exc)
+            o = self.owner
+            if o is not None and o.ss is ss and o.ended is None:
+                # not released: nobody else may take over before --takeover-after
+                link = ss.link
+                o.ended = link.last_rx if link is not None else time.monotonic()
         except (ValueError, KeyError, TypeError, struct.error) as exc:
-            log.warning("protocol error from the source: %s; closing the session", exc)
+            log.warning("protocol error from %s: %s; closing the session", _peer(ss), exc)
+            if owns():
+                # the owner broke the rules: it loses the copy
+                self.owner = None
         finally:
             for f in pending:
                 try:
                     await f
                 except OSError as exc:
                     log.warning("write failed: %s", exc)
-            if self.active is ss:
-                self.active = None
 
     def _committed(self) -> None:
         if self.on_commit is not None:

@@ -73,6 +73,9 @@ class MirrorOptions:
     max_attempts: int = 5
     psk_file: str | None = None
     secure: bool = False
+    #: allow a destination nobody authenticates (msgr2 without a key, plain NBD over TCP
+    #: to another host)
+    insecure: bool = False
     run_bytes: int = 4 * 1024 * 1024
     chunk: int = DEFAULT_CHUNK
     pause_timeout: float = 5.0
@@ -395,8 +398,11 @@ class Mirror:
             except TransportError as exc:
                 for off, n in t.take_unconfirmed():
                     self.dirty.mark(off, n)
+                # the next attempt resumes with our lease; a mirror that stops here
+                # (broken, out of attempts) lets the destination go
+                last = self._break.is_set() or self.attempts >= self.opts.max_attempts
                 with contextlib.suppress(Exception):
-                    t.close()
+                    t.close(release=last)
                 self.transport = None
                 if self._paused_by_us:
                     self.gate.resume()
@@ -412,6 +418,11 @@ class Mirror:
                 if self._break.wait(backoff):
                     self._check_break()
                 backoff = min(backoff * 2, 5.0)
+            except BaseException:
+                if self.transport is not t:  # (run() closes self.transport)
+                    with contextlib.suppress(Exception):
+                        t.close()
+                raise
 
     def _resume_from(self, t: Transport) -> None:
         """Reconnected: re-send what the destination cannot prove it has."""
@@ -634,7 +645,8 @@ class Mirror:
         halt_point("source:before-commit")
         write_record(self.record, {"role": "source", "state": "committing", "epoch": epoch,
                                    "to": self.opts.to, "psk_file": self.opts.psk_file,
-                                   "secure": self.opts.secure, "size": self.size,
+                                   "secure": self.opts.secure,
+                                   "insecure": self.opts.insecure, "size": self.size,
                                    "digest": digest})
         self.epoch = epoch
         self.state = "committing"
@@ -652,7 +664,7 @@ class Mirror:
         except InDoubtError as exc:
             log.warning("COMMIT %d: outcome unknown (%s): asking the destination", epoch, exc)
             with contextlib.suppress(Exception):
-                t.close()
+                t.close(release=False)
             self.transport = None
             committed = resolve_in_doubt(self, epoch)
             if not committed:

@@ -39,6 +39,18 @@ COMMIT_TIMEOUT = 30.0
 MAX_QUEUED = 8
 
 
+class Lease:
+    """The copy lease a destination handed to this mirror (shared by its attempts): it
+    lets a new msgr2 session of the same mirror take the copy over from its old one."""
+
+    def __init__(self) -> None:
+        self.secret: bytes | None = None
+
+
+class BusyError(TransportError):
+    """Another source session owns the destination's copy (it may go away: retry)."""
+
+
 class Msgr2Transport(Transport):
     supports_commit = True
     wants_digests = True
@@ -46,7 +58,11 @@ class Msgr2Transport(Transport):
 
     def __init__(self, host: str, port: int, psk: bytes | None = None, secure: bool = False,
                  options: SessionOptions | None = None,
-                 reply_timeout: float | None = None) -> None:
+                 reply_timeout: float | None = None, lease: Lease | None = None) -> None:
+        #: the copy lease (kept across the mirror's attempts)
+        self.lease = lease if lease is not None else Lease()
+        #: this session owns the destination's copy (release it on close)
+        self.owner = False
         #: seconds to wait for FLUSHED, DIGEST_LIST, COMMIT_REPLY, OUTCOME_REPLY...
         self.reply_timeout = reply_timeout or REPLY_TIMEOUT
         self.host = host
@@ -223,6 +239,15 @@ class Msgr2Transport(Transport):
         except (Msgr2Error, OSError, TimeoutError) as exc:
             raise TransportError(f"{what}: {exc}") from exc
 
+    def _hello_request(self, size: int, purpose: str) -> dict[str, Any]:
+        req: dict[str, Any] = {"size": size, "purpose": purpose}
+        s = self.session
+        if purpose == "copy" and self.lease.secret is not None and s is not None:
+            # the same mirror coming back: prove it, bound to this session's cookies
+            req["resume"] = wire.resume_proof(self.lease.secret, s.session.client_cookie,
+                                              s.session.server_cookie)
+        return req
+
     def connect(self, size: int, purpose: str = "copy") -> None:
         self._start_loop()
         try:
@@ -230,14 +255,26 @@ class Msgr2Transport(Transport):
         except (Msgr2Error, OSError, TimeoutError) as exc:
             raise ConnectFailed(f"cannot connect to msgr2://{self.host}:{self.port}: {exc}") \
                 from exc
+        req = self._hello_request(size, purpose)
         reply, _ = self._wrap("hello", lambda: self._call(
-            self._request(wire.HELLO, {"size": size, "purpose": purpose}), 30.0))
+            self._request(wire.HELLO, req), 30.0))
         self.hello = reply
         if not reply.get("ok"):
-            raise RejectedError(str(reply.get("error") or "destination refused"))
+            err = str(reply.get("error") or "destination refused")
+            if reply.get("busy"):
+                raise BusyError(f"destination busy: {err}")
+            raise RejectedError(err)
         if int(reply.get("size", -1)) != size:
             raise RejectedError(f"destination size {reply.get('size')} does not match local "
                                 f"size {size}")
+        if purpose == "copy":
+            lease = reply.get("lease")
+            if isinstance(lease, str):
+                try:
+                    self.lease.secret = bytes.fromhex(lease)
+                except ValueError:
+                    self.lease.secret = None
+            self.owner = True
 
     def connect_for_query(self, size: int) -> None:
         self.connect(size, purpose="query")
@@ -304,7 +341,9 @@ class Msgr2Transport(Transport):
     def query_outcome(self, epoch: int) -> bool:
         reply, _ = self._wrap("outcome", lambda: self._call(
             self._request(wire.OUTCOME, {"epoch": epoch}), self.reply_timeout))
-        return bool(reply.get("committed"))
+        if reply.get("busy") or not isinstance(reply.get("committed"), bool):
+            raise BusyError(f"destination busy: {reply.get('error') or 'no answer'}")
+        return bool(reply["committed"])
 
     def abort(self) -> None:
         loop = self.loop
@@ -312,16 +351,25 @@ class Msgr2Transport(Transport):
             with contextlib.suppress(RuntimeError):  # the loop already stopped
                 loop.call_soon_threadsafe(self._fail, TransportError("aborted"))
 
-    def close(self) -> None:
+    def close(self, release: bool = True) -> None:
+        """Close the session; the owner of the copy first releases it (RELEASE), so the
+        destination is free for another source at once, unless ``release`` is False (the
+        mirror retries and comes back with its lease)."""
         loop = self.loop
         if loop is None:
             return
         s = self.session
+        # (also after abort(), e.g. `pynbd break`: the session itself still works)
+        release = release and self.owner
 
         async def shut() -> None:
             for task in (self.reader, self.watchdog, self.sender):
                 if task is not None:
                     task.cancel()
+            if s is not None and release and not s.closed:
+                with contextlib.suppress(Exception):
+                    await s.send(wire.RELEASE, wire.enc({"token": 0}))
+                self.owner = False
             if s is not None:
                 with contextlib.suppress(Exception):
                     await s.close(timeout=2.0)

@@ -107,8 +107,9 @@ class Transport:
     def abort(self) -> None:
         """From another thread: make calls blocked on the destination fail now."""
 
-    def close(self) -> None:
-        pass
+    def close(self, release: bool = True) -> None:
+        """Disconnect. ``release=False``: the mirror will come back (another attempt), so
+        a destination that keeps an owner may keep it for us."""
 
 
 class NBDTransport(Transport):
@@ -242,7 +243,7 @@ class NBDTransport(Transport):
             except OSError:
                 pass
 
-    def close(self) -> None:
+    def close(self, release: bool = True) -> None:
         c = self.client
         self.client = None
         if c is None:

@@ -8,9 +8,10 @@ echo the request's ``token``.
 ====================  =====  ==========================================================
 message               type   encoding
 ====================  =====  ==========================================================
-HELLO      src->dst   0x5001 front JSON {"token", "size", "chunk", "purpose": "copy"|"query"}
-HELLO_REPLY dst->src  0x5002 front JSON {"token", "ok", "error", "size", "epoch", "state",
-                             "authoritative"}
+HELLO      src->dst   0x5001 front JSON {"token", "size", "purpose": "copy"|"query",
+                             "resume": proof (optional, see below)}
+HELLO_REPLY dst->src  0x5002 front JSON {"token", "ok", "error", "busy", "size", "epoch",
+                             "state", "authoritative", "lease" (accepted copy only)}
 WRITE      src->dst   0x5003 front <Q offset; data segment = the bytes
 ZERO       src->dst   0x5004 front <QQ offset, length (reads as zeros afterwards)
 FLUSH      src->dst   0x5005 front <Q token; the destination fsyncs the image
@@ -22,12 +23,26 @@ DIGEST_LIST dst->src  0x5008 front JSON {"token", "chunk", "first", "count", "to
 COMMIT     src->dst   0x5009 front JSON {"token", "size", "epoch", "digest", "chunk"}
 COMMIT_REPLY dst->src 0x500A front JSON {"token", "epoch", "committed", "error"}
 OUTCOME    src->dst   0x500B front JSON {"token", "epoch"}
-OUTCOME_REPLY dst->src 0x500C front JSON {"token", "epoch", "committed"}
+OUTCOME_REPLY dst->src 0x500C front JSON {"token", "epoch", "committed"} (committed null
+                             and "busy": true while another session owns the copy and is
+                             connected: no decision)
+RELEASE    src->dst   0x500D front JSON {"token"}; the owner gives up the copy session
 ====================  =====  ==========================================================
+
+One copy session owns the destination at a time. The owner's HELLO_REPLY carries a
+``lease`` (32 random bytes, hex) that only the owner learns. A HELLO from another msgr2
+session is refused (``busy``) while the owner is connected, unless it carries
+``resume`` = HMAC-SHA256(lease, "pynbd-migration-resume-v1" || client cookie || server
+cookie) computed with the cookies of the session it is sent on (:func:`resume_proof`):
+the same source coming back on a new session. The proof is bound to the msgr2 session
+(both cookies are random per session), so a HELLO captured from one session and
+replayed on another is worthless.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import struct
 from typing import Any
@@ -44,6 +59,7 @@ COMMIT = 0x5009
 COMMIT_REPLY = 0x500A
 OUTCOME = 0x500B
 OUTCOME_REPLY = 0x500C
+RELEASE = 0x500D
 
 #: digests per DIGEST_LIST (32 MiB of data segment)
 DIGESTS_PER_REPLY = 1 << 20
@@ -51,6 +67,19 @@ DIGESTS_PER_REPLY = 1 << 20
 OFFSET = struct.Struct("<Q")
 RANGE = struct.Struct("<QQ")
 FLUSHED_S = struct.Struct("<Qi")
+
+
+LEASE_LEN = 32
+#: seconds the owner's connection must be gone before another source may take over
+DEFAULT_TAKEOVER_AFTER = 30.0
+_RESUME_CTX = b"pynbd-migration-resume-v1"
+
+
+def resume_proof(lease: bytes, client_cookie: int, server_cookie: int) -> str:
+    """Proof that the sender of a HELLO holds ``lease``, bound to the msgr2 session it is
+    sent on (identified by its two random 64-bit cookies)."""
+    msg = _RESUME_CTX + OFFSET.pack(client_cookie) + OFFSET.pack(server_cookie)
+    return hmac.new(lease, msg, hashlib.sha256).hexdigest()
 
 
 def enc(obj: dict[str, Any]) -> bytes:
