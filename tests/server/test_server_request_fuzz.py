@@ -149,14 +149,27 @@ def test_random_options_stay_in_sync(server: PynbdServer, opts: list[tuple[int, 
     c = Raw(("127.0.0.1", server.port))
     try:
         c.greeting()
+        extended = False
         for opt, data in opts:
             reps = c.option(opt, data)
             final = reps[-1][0]
             assert final == 1 or final & (1 << 31), reps
             for rep, _ in reps[:-1]:
                 assert rep in (2, 3, 4), reps  # SERVER, INFO, META_CONTEXT
-        c.go("", structured=True)
-        assert c.call(CMD_READ, 0, 4096)[0] == 0
+            extended |= opt == 11 and final == 1  # NBD_OPT_EXTENDED_HEADERS ACKed
+        if extended:
+            # 32-byte headers from now on: STRUCTURED_REPLY is refused, GO works and
+            # a read gets an extended OFFSET_DATA reply
+            assert c.option(8)[-1][0] == (1 << 31) + 10  # ERR_EXT_HEADER_REQD
+            c.go("", structured=False)
+            c.send(struct.pack(">IHHQQQ", 0x21E41C71, 0, CMD_READ, 9, 0, 4096))
+            magic, flags, rtype, cookie, offset, length = struct.unpack(">IHHQQQ", c.recv(32))
+            assert (magic, flags, rtype, cookie, offset, length) == \
+                (0x6E8A278C, 1, 1, 9, 0, 8 + 4096)
+            c.recv(length)
+        else:
+            c.go("", structured=True)
+            assert c.call(CMD_READ, 0, 4096)[0] == 0
         c.disc()
     finally:
         c.close()

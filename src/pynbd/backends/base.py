@@ -54,8 +54,9 @@ class Backend:
     rotational: bool = False
     #: calls may block for a long time: the server runs them on worker threads
     blocking: bool = False
-    #: minimum, preferred and maximum block sizes (NBD_INFO_BLOCK_SIZE)
-    block_size: tuple[int, int, int] = (1, 4096, 32 * 1024 * 1024)
+    #: minimum, preferred and maximum block sizes (NBD_INFO_BLOCK_SIZE); a maximum of
+    #: 0xFFFFFFFF means no limit of the backend's own (the server option decides)
+    block_size: tuple[int, int, int] = (1, 4096, 0xFFFFFFFF)
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
         """Fill all of ``buf`` with the bytes at ``offset``."""

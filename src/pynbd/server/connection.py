@@ -21,7 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from pynbd.backends.base import STATE_HOLE, Extent
-from pynbd.protocol.constants import Cmd, CmdFlag, Errno, errno_to_nbd
+from pynbd.protocol.constants import (
+    QEMU_ALLOCATION_DEPTH,
+    Cmd,
+    CmdFlag,
+    Errno,
+    errno_to_nbd,
+)
 from pynbd.protocol.errors import PeerProtocolError
 from pynbd.protocol.server import (
     NEED_DATA,
@@ -292,7 +298,7 @@ class ClientConnection:
                 counters.requests += 1
                 counters.errors += 1
                 log.debug("%s: refused request: %s", self.peer, ev.message)
-                out.append(proto.error_reply(ev.cookie, ev.error, ev.message))
+                out.append(proto.error_reply(ev.cookie, ev.error, ev.message, ev.offset))
                 continue
             if isinstance(ev, Disconnect):
                 self.send(out)
@@ -307,12 +313,12 @@ class ClientConnection:
                 try:
                     if not export.read_only:
                         backend.flush()
-                    reply = proto.ok_reply(ev.cookie)
+                    reply = proto.ok_reply(ev.cookie, 0)
                     log.info("%s: safe close", self.peer)
                 except OSError as exc:
                     counters.errors += 1
                     reply = proto.error_reply(ev.cookie, errno_to_nbd(exc.errno),
-                                              f"flush failed: {exc}")
+                                              f"flush failed: {exc}", 0)
                     log.warning("%s: safe close failed: flush: %s", self.peer, exc)
                 self.send([reply])
                 self._tls_shutdown()
@@ -364,7 +370,7 @@ class ClientConnection:
                 self.counters.bytes_written += ev.length
                 if export.tracker is not None:
                     export.tracker.mark(ev.offset, ev.length)
-                out.append(proto.ok_reply(ev.cookie))
+                out.append(proto.ok_reply(ev.cookie, ev.offset))
             except OSError as exc:
                 out.append(self._error(ev, exc))
             finally:
@@ -385,15 +391,14 @@ class ClientConnection:
                              fua=bool(ev.flags & CmdFlag.FUA))
             elif cmd is Cmd.CACHE:
                 backend.cache(ev.offset, ev.length)
-                out.append(proto.ok_reply(ev.cookie))
+                out.append(proto.ok_reply(ev.cookie, ev.offset))
                 return 16
             elif cmd is Cmd.BLOCK_STATUS:
-                extents = self._block_status(backend.extents(ev.offset, ev.length), ev)
-                chunks = proto.block_status_reply(ev.cookie, extents)
+                chunks = self._block_status_chunks(ev)
                 out.extend(chunks)
                 return sum(len(c) for c in chunks)
             else:  # pragma: no cover - the core validated the command
-                out.append(proto.error_reply(ev.cookie, Errno.EINVAL, "unsupported"))
+                out.append(proto.error_reply(ev.cookie, Errno.EINVAL, "unsupported", ev.offset))
                 return 16
         except OSError as exc:
             if cmd is not Cmd.FLUSH and export.tracker is not None:
@@ -402,7 +407,7 @@ class ClientConnection:
             return 16
         if cmd is not Cmd.FLUSH and export.tracker is not None:
             export.tracker.mark(ev.offset, ev.length)  # TRIM, WRITE_ZEROES
-        out.append(proto.ok_reply(ev.cookie))
+        out.append(proto.ok_reply(ev.cookie, ev.offset))
         return 16
 
     def _discard_payload(self, ev: Command) -> None:
@@ -417,7 +422,7 @@ class ClientConnection:
         gate = self.export.gate
         reason = gate.step_down_reason if gate is not None else ""
         return self.proto.error_reply(ev.cookie, Errno.ESHUTDOWN,
-                                      f"export has stepped down: {reason}")
+                                      f"export has stepped down: {reason}", ev.offset)
 
     def _error(self, ev: Command, exc: OSError) -> bytes:
         assert self.counters is not None
@@ -428,7 +433,28 @@ class ClientConnection:
         else:
             log.warning("%s: %s offset %d length %d failed: %s", self.peer, ev.cmd.name,
                         ev.offset, ev.length, exc)
-        return self.proto.error_reply(ev.cookie, err, f"{ev.cmd.name} failed: {exc.strerror or exc}")
+        return self.proto.error_reply(ev.cookie, err, f"{ev.cmd.name} failed: {exc.strerror or exc}",
+                                      ev.offset)
+
+    def _block_status_chunks(self, ev: Command) -> list[bytes]:
+        """Status chunks for the contexts the request asks about (all selected ones,
+        or those its payload named under extended headers)."""
+        assert self.export is not None
+        names = self.proto.meta_contexts
+        per: dict[int, list[tuple[int, int]]] = {}
+        base: list[tuple[int, int]] | None = None
+        for cid in ev.contexts:
+            if names.get(cid) == QEMU_ALLOCATION_DEPTH:
+                # pynbd's backends have no backing chain: every byte is local (depth 1),
+                # what qemu-nbd -A reports for a raw image
+                per[cid] = [(ev.length, 1)]
+            else:  # base:allocation
+                if base is None:
+                    base = self._block_status(self.export.backend.extents(ev.offset,
+                                                                          ev.length), ev)
+                per[cid] = base
+        return self.proto.block_status_reply(ev.cookie, (), contexts=ev.contexts,
+                                             req_offset=ev.offset, per_context=per)
 
     @staticmethod
     def _block_status(extents: list[Extent], ev: Command) -> list[tuple[int, int]]:
@@ -437,7 +463,9 @@ class ClientConnection:
         for e in extents:
             if left <= 0:
                 break
-            n = min(e.length, left)  # request lengths are u32, so n fits the wire
+            # clipped to the request (64-bit under extended headers; the protocol core
+            # caps what a compact reply can carry)
+            n = min(e.length, left)
             if n <= 0:
                 break
             out.append((n, e.flags))
@@ -542,7 +570,7 @@ class ClientConnection:
         for i, (off, n, hole) in enumerate(pieces):
             last = i == len(pieces) - 1
             if hole:
-                self.send([proto.hole_chunk(ev.cookie, off, n, last)])
+                self.send([proto.hole_chunk(ev.cookie, off, n, last, ev.offset)])
                 continue
             buf = self.pool.get(n)
             mv = memoryview(buf)[:n]
@@ -552,7 +580,8 @@ class ClientConnection:
                 self.pool.put(buf)
                 self.send([self._error(ev, exc)])
                 return 0
-            self.send([proto.read_reply_header(ev.cookie, off, n, done=last), mv])
+            self.send([proto.read_reply_header(ev.cookie, off, n, done=last,
+                                               req_offset=ev.offset), mv])
             self.pool.put(buf)
         self.counters.bytes_read += ev.length
         return 0
@@ -587,7 +616,7 @@ class ClientConnection:
                     self.counters.bytes_written += ev.length
                     if self.export.tracker is not None:
                         self.export.tracker.mark(ev.offset, ev.length)
-                    out.append(self.proto.ok_reply(ev.cookie))
+                    out.append(self.proto.ok_reply(ev.cookie, ev.offset))
                 except OSError as exc:
                     out.append(self._error(ev, exc))
                 finally:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pynbd.backends.base import Backend, BackendError
-from pynbd.protocol.constants import BASE_ALLOCATION, MAX_PAYLOAD
+from pynbd.protocol.constants import BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH
 from pynbd.protocol.server import ExportInfo
 
 
@@ -106,6 +106,8 @@ class Export:
     gate: IOGate | None = None
     #: set by migration: told about every range a client changes (a DirtyMap)
     tracker: WriteTracker | None = None
+    #: also serve qemu:allocation-depth (every byte local: no backing chains here)
+    allocation_depth: bool = False
 
     def __post_init__(self) -> None:
         b = self.backend
@@ -125,8 +127,10 @@ class Export:
             can_cache=b.can_cache,
             can_multi_conn=b.can_multi_conn,
             rotational=b.rotational,
-            block_size=(minimum, preferred, min(maximum, MAX_PAYLOAD)),
-            meta_contexts=(BASE_ALLOCATION,),
+            # the server's max_request_size caps the maximum (protocol core)
+            block_size=(minimum, preferred, maximum),
+            meta_contexts=(BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH) if self.allocation_depth
+            else (BASE_ALLOCATION,),
         )
 
     def attach(self) -> Counters:

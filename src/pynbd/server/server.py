@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pynbd.protocol.constants import DEFAULT_MAX_REQUEST
 from pynbd.protocol.server import ServerConfig, TLSMode
 from pynbd.server.acl import AccessList
 from pynbd.server.buffers import BufferPool
@@ -56,6 +57,10 @@ class ServerOptions:
     tls_context: ssl.SSLContext | None = None
     limits: Limits = field(default_factory=Limits)
     x_close: bool = True
+    #: offer NBD_OPT_EXTENDED_HEADERS
+    extended_headers: bool = True
+    #: largest READ/WRITE payload accepted (NBD_INFO_BLOCK_SIZE maximum)
+    max_request_size: int = DEFAULT_MAX_REQUEST
 
 
 class Server:
@@ -66,7 +71,10 @@ class Server:
         self.tls_context = self.options.tls_context
         if self.options.tls is not TLSMode.OFF and self.tls_context is None:
             raise ValueError("TLS enabled but no certificates configured")
-        self.protocol_config = ServerConfig(tls=self.options.tls, x_close=self.options.x_close)
+        self.protocol_config = ServerConfig(
+            tls=self.options.tls, x_close=self.options.x_close,
+            extended_headers=self.options.extended_headers,
+            max_request_size=self.options.max_request_size)
         self.buffers = BufferPool()
         self.listeners: list[Listener] = []
         self.connections: set[ClientConnection] = set()
