@@ -18,7 +18,7 @@ set -euo pipefail
 
 ROOT="${1:-${PYNBD_TRIXIE_ROOT:-/var/cache/pynbd-trixie}}"
 SUITE=trixie
-PACKAGES=(qemu-utils libnbd-bin python3-libnbd nbdkit fio python3 gnutls-bin procps)
+PACKAGES=(qemu-utils libnbd-bin python3-libnbd nbdkit fio python3 gnutls-bin procps file)
 STAMP="$ROOT/.pynbd-provisioned"
 WANT="suite=$SUITE packages=${PACKAGES[*]}"
 
