@@ -758,18 +758,16 @@ class ServerConnection:
         if command is Cmd.DISC:
             del buf[:wire.EXT_REQUEST_SIZE]
             return self._command(Cmd.DISC, flags, cookie, offset, length, export)
-        if not flags & _PAYLOAD_LEN:
+        if not flags & _PAYLOAD_LEN and command is not Cmd.WRITE:
             # no payload: ``length`` is an effect length (64 bits)
             del buf[:wire.EXT_REQUEST_SIZE]
             if command is None:
                 return InvalidCommand(cmd, flags, cookie, offset, length, Errno.EINVAL,
                                       f"unknown command {cmd}")
-            if command is Cmd.WRITE:
-                return InvalidCommand(cmd, flags, cookie, offset, length, Errno.EINVAL,
-                                      "NBD_CMD_WRITE without NBD_CMD_FLAG_PAYLOAD_LEN under "
-                                      "extended headers")
             return self._command(command, flags, cookie, offset, length, export)
-        # a payload of ``length`` bytes follows the header
+        # a payload of ``length`` bytes follows the header. A WRITE always has one: the
+        # spec wants NBD_CMD_FLAG_PAYLOAD_LEN on it, but qemu's client (10.0) leaves the
+        # flag off, and refusing without reading the data would desynchronise the stream
         maximum = self.block_size[2]
         if length > maximum:
             # spec: SHOULD disconnect (reading it would be a denial of service)

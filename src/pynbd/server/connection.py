@@ -236,8 +236,9 @@ class ClientConnection:
             self._pool = ThreadPoolExecutor(
                 max_workers=self.server.limits.workers_per_connection,
                 thread_name_prefix=f"nbd-io-{self.peer}")
-        log.info("%s: export %r selected (structured replies %s, flags 0x%x)",
-                 self.peer, export.name, selected.structured_replies, selected.flags)
+        log.info("%s: export %r selected (structured replies %s, extended headers %s, "
+                 "flags 0x%x)", self.peer, export.name, selected.structured_replies,
+                 selected.extended_headers, selected.flags)
         proto = self.proto
         sock = self.sock
         rbuf = bytearray(RECV_SIZE)
