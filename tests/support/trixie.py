@@ -82,7 +82,8 @@ def run(cmd: Sequence[str], *, env: Mapping[str, str] | None = None, check: bool
                        timeout=timeout, input=None if input is None else input.decode(),
                        check=False)
     if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} (Debian 13) exited {p.returncode}\n"
+        what = " ".join(c if len(c) < 80 else c[:60] + "..." for c in cmd)
+        raise AssertionError(f"{what} (Debian 13) exited {p.returncode}\n"
                              f"stdout:\n{p.stdout[-4000:]}\nstderr:\n{p.stderr[-4000:]}")
     return p
 
