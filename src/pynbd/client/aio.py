@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 import ssl
 from collections.abc import Iterable, Sequence
@@ -555,10 +556,20 @@ class AsyncClient(FlagsMixin):
         await self._effect(Cmd.WRITE_ZEROES, offset, length, flags)
 
     async def _effect(self, cmd: int, offset: int, length: int, flags: int) -> None:
+        """See the blocking client's ``_effect``: one request where possible."""
         if length <= 0xFFFFFFFF or self.extended:
-            await self._wait(self._submit(cmd, offset, length, flags))
-            return
-        futs = [self._submit(cmd, pos, n, flags) for pos, n in effect_pieces(offset, length)]
+            try:
+                await self._wait(self._submit(cmd, offset, length, flags))
+                return
+            except NBDRequestError as exc:
+                if length <= self.max_request or \
+                        exc.errno not in (errno.EINVAL, errno.EOVERFLOW):
+                    raise
+            pieces = [(pos, min(self.max_request, offset + length - pos))
+                      for pos in range(offset, offset + length, self.max_request)]
+        else:
+            pieces = effect_pieces(offset, length)
+        futs = [self._submit(cmd, pos, n, flags) for pos, n in pieces]
         results = await asyncio.gather(*(self._wait(f) for f in futs), return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):

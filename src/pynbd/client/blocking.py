@@ -28,6 +28,7 @@ replies while a large write payload is being sent could otherwise stall both sid
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import time
 from collections.abc import Iterator, Sequence
@@ -89,6 +90,7 @@ _List = list  # Client.list() shadows the builtin inside the class
 _RECV_SIZE = 256 * 1024
 _ZEROES = bytes(1024 * 1024)
 _ESHUTDOWN = 108  # NBD_ESHUTDOWN
+_EINVAL, _EOVERFLOW = errno.EINVAL, errno.EOVERFLOW  # host errno of NBDRequestError
 _WAITALL = socket.MSG_WAITALL
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
 #: receive size while sink reads are in flight: small, so that little payload is pulled
@@ -770,11 +772,22 @@ class Client(FlagsMixin):
         self._effect(Cmd.WRITE_ZEROES, offset, length, flags)
 
     def _effect(self, cmd: int, offset: int, length: int, flags: int) -> None:
-        """A command without payload over a range of any size."""
+        """A command without payload over a range of any size: one request where the
+        protocol allows it; in pieces without extended headers, or when the server
+        refuses an effect length above its maximum payload (qemu-nbd does for CACHE;
+        the spec allows EINVAL/EOVERFLOW there)."""
         if length <= 0xFFFFFFFF or self.extended:
-            self.wait(self._submit(cmd, offset, length, flags))
-            return
-        for pos, n in effect_pieces(offset, length):
+            try:
+                self.wait(self._submit(cmd, offset, length, flags))
+                return
+            except NBDRequestError as exc:
+                if length <= self.max_request or exc.errno not in (_EINVAL, _EOVERFLOW):
+                    raise
+            pieces = [(pos, min(self.max_request, offset + length - pos))
+                      for pos in range(offset, offset + length, self.max_request)]
+        else:
+            pieces = effect_pieces(offset, length)
+        for pos, n in pieces:
             self._submit(cmd, pos, n, flags)
             if len(self._ops) >= 8:
                 self.wait_any()
