@@ -19,12 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from pynbd.client import connect
-from pynbd.protocol.constants import TransmissionFlag
 from tests.support import trixie
 from tests.support.nbd_servers import Server, start_nbdkit, start_qemu_nbd
 from tests.support.pynbd_server import ServerFactory
+
+from pynbd.client import connect
+from pynbd.protocol.constants import TransmissionFlag
 
 pytestmark = pytest.mark.interop
 
@@ -137,7 +137,7 @@ def test_pynbd_client_with_qemu_nbd_10_contexts(peers: list[Server], tmp_path: P
         offered = c.can_block_status_payload()
         only = c.block_status(0, 4 * MiB, contexts=("qemu:dirty-bitmap:b0",))
         assert list(only) == ["qemu:dirty-bitmap:b0"]
-        assert [e for e in only["qemu:dirty-bitmap:b0"] if e.flags][0].offset == 2 * MiB
+        assert next(e for e in only["qemu:dirty-bitmap:b0"] if e.flags).offset == 2 * MiB
         # data path with 64-bit effect lengths
         assert c.read(0, 4096) == b"\x61" * 4096
         assert c.read(2 * MiB, 4096) == b"\x62" * 4096

@@ -54,21 +54,37 @@ class MemoryBackend(Backend):
             chunk[within:within + take] = mv[pos:pos + take]
             pos += take
 
+    def _allocated(self, start: int, end: int) -> list[int]:
+        """Sorted indices of the allocated chunks in [start, end): O(min(span, number
+        of chunks)), so a 64-bit range (extended headers) costs no more than the
+        chunks that exist."""
+        chunks = self._chunks
+        if end - start <= len(chunks):
+            return [i for i in range(start, end) if i in chunks]
+        return sorted(i for i in list(chunks) if start <= i < end)
+
     def _clear(self, offset: int, length: int) -> None:
         end = offset + length
-        pos = offset
+        first, within = divmod(offset, CHUNK)
+        last, tail = divmod(end, CHUNK)
         chunks = self._chunks
-        while pos < end:
-            idx, within = divmod(pos, CHUNK)
-            take = min(CHUNK - within, end - pos)
-            if take == CHUNK:
-                with self._lock:
-                    chunks.pop(idx, None)
-            else:
-                chunk = chunks.get(idx)
-                if chunk is not None:
-                    chunk[within:within + take] = bytes(take)
-            pos += take
+        if first == last:  # inside one chunk
+            chunk = chunks.get(first)
+            if chunk is not None:
+                chunk[within:tail] = bytes(tail - within)
+            return
+        if within:  # partial head chunk
+            chunk = chunks.get(first)
+            if chunk is not None:
+                chunk[within:] = bytes(CHUNK - within)
+            first += 1
+        if tail:  # partial tail chunk
+            chunk = chunks.get(last)
+            if chunk is not None:
+                chunk[:tail] = bytes(tail)
+        for idx in self._allocated(first, last):
+            with self._lock:
+                chunks.pop(idx, None)
 
     def trim(self, offset: int, length: int, fua: bool = False) -> None:
         self._clear(offset, length)
@@ -98,17 +114,26 @@ class MemoryBackend(Backend):
     def extents(self, offset: int, length: int) -> list[Extent]:
         out: list[Extent] = []
         end = min(offset + length, self.size)
-        pos = offset
-        chunks = self._chunks
-        while pos < end:
-            idx, within = divmod(pos, CHUNK)
-            take = min(CHUNK - within, end - pos)
-            state = 0 if idx in chunks else STATE_HOLE | STATE_ZERO
+        if offset >= end:
+            return [Extent(max(length, 1), STATE_HOLE | STATE_ZERO)]
+        hole = STATE_HOLE | STATE_ZERO
+
+        def add(n: int, state: int) -> None:
             if out and out[-1].flags == state:
-                out[-1] = Extent(out[-1].length + take, state)
+                out[-1] = Extent(out[-1].length + n, state)
             else:
-                out.append(Extent(take, state))
-            pos += take
+                out.append(Extent(n, state))
+
+        pos = offset
+        for idx in self._allocated(offset // CHUNK, (end + CHUNK - 1) // CHUNK):
+            start = max(idx * CHUNK, offset)
+            if start > pos:
+                add(start - pos, hole)
+            stop = min((idx + 1) * CHUNK, end)
+            add(stop - start, 0)
+            pos = stop
             if len(out) > 1024:
-                break
+                return out
+        if pos < end:
+            add(end - pos, hole)
         return out
