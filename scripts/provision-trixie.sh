@@ -20,6 +20,9 @@ ROOT="${1:-${PYNBD_TRIXIE_ROOT:-/var/cache/pynbd-trixie}}"
 SUITE=trixie
 PACKAGES=(qemu-utils libnbd-bin python3-libnbd nbdkit fio python3 gnutls-bin procps file)
 STAMP="$ROOT/.pynbd-provisioned"
+# lock and log where a non-root user running through sudo can write them
+SCRATCH="${TMPDIR:-/tmp}/$(basename "$ROOT")"
+LOG="$SCRATCH.debootstrap.log"
 WANT="suite=$SUITE packages=${PACKAGES[*]}"
 
 SUDO=""
@@ -76,7 +79,7 @@ fi
 
 MIRROR="$(mirror)" || { log "no Debian mirror found in /etc/apt/sources.list.d/*.sources"; exit 1; }
 
-exec 9>"$ROOT.lock"
+exec 9>"$SCRATCH.lock"
 flock 9  # another worktree may be provisioning the same tree right now
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
   log "cached in $ROOT (provisioned by a concurrent run)"
@@ -104,9 +107,9 @@ else
   safe_remove "$tmp"
   include="$(IFS=,; echo "${PACKAGES[*]}")"
   if ! $SUDO debootstrap --variant=minbase --include="$include" "$SUITE" "$tmp" "$MIRROR" \
-      >"$ROOT.debootstrap.log" 2>&1; then
-    log "debootstrap failed; last lines of $ROOT.debootstrap.log:"
-    tail -n 30 "$ROOT.debootstrap.log" >&2
+      >"$LOG" 2>&1; then
+    log "debootstrap failed; last lines of $LOG:"
+    tail -n 30 "$LOG" >&2
     # debootstrap may leave /proc or /sys mounted in the partial tree
     for m in $(findmnt -rno TARGET | awk -v d="$tmp" 'index($0, d "/") == 1' | sort -r); do
       $SUDO umount -l "$m" || true

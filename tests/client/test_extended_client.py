@@ -75,6 +75,9 @@ def test_blocking_client_64_bit_requests(serve: ServerFactory, tmp_path: Path) -
         assert requests_served(control) - n0 == 2
         ext = list(c.iter_extents(0, c.size))
         assert ext[0].offset == 0 and ext[-1].offset + ext[-1].length == c.size
+    # the safe-close extension works the same under extended headers
+    assert c.close_result is not None and c.close_result.safe
+    assert c.close_result.method == "x_close"
 
 
 def test_opting_out_and_compact_splitting(serve: ServerFactory, tmp_path: Path) -> None:

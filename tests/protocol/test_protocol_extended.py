@@ -475,12 +475,23 @@ def test_extended_request_before_negotiation_drops() -> None:
     assert conn.state is State.CLOSED
 
 
-def test_compact_request_after_negotiation_drops() -> None:
+@pytest.mark.parametrize("extra", [b"", bytes(4)])
+def test_compact_request_after_negotiation_drops(extra: bytes) -> None:
+    """Dropped as soon as the magic is there: a lone 28-byte compact header (a DISC, say)
+    must not leave the server waiting for 4 more bytes."""
     conn = extended()
-    conn.receive_data(creq(READ, 0, 1, 0, 512) + bytes(4))
+    conn.receive_data(creq(DISC, 0, 1, 0, 0) + extra)
     with pytest.raises(PeerProtocolError, match="compact request header after"):
         conn.next_event()
     assert conn.state is State.CLOSED
+
+
+def test_extended_magic_before_negotiation_drops_early() -> None:
+    conn = started()
+    events(conn, opt(STRUCTURED_REPLY) + opt(GO, info_data("disk")))
+    conn.receive_data(EXT_REQUEST_MAGIC)
+    with pytest.raises(PeerProtocolError, match="not negotiated"):
+        conn.next_event()
 
 
 def test_disc_and_safe_close_under_extended_headers() -> None:

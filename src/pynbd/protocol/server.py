@@ -685,6 +685,10 @@ class ServerConnection:
             return self._next_ext_request()
         buf = self._buf
         if len(buf) < wire.REQUEST_SIZE:
+            if len(buf) >= 4 and buf[:4] == _EXT_MAGIC_BYTES:
+                self.state = State.CLOSED
+                raise PeerProtocolError("extended request header, but NBD_OPT_EXTENDED_HEADERS "
+                                        "was not negotiated")
             return NEED_DATA
         hdr = wire.REQUEST.unpack_from(buf)
         magic, flags, cmd, cookie, offset, length = hdr
@@ -740,6 +744,15 @@ class ServerConnection:
     def _next_ext_request(self) -> Event | _NeedData:
         buf = self._buf
         if len(buf) < wire.EXT_REQUEST_SIZE:
+            # a compact header is 28 bytes: recognise it from its magic instead of
+            # waiting for 4 bytes that may never come
+            if len(buf) >= 4 and buf[:4] != _EXT_MAGIC_BYTES:
+                self.state = State.CLOSED
+                if buf[:4] == _COMPACT_MAGIC_BYTES:
+                    raise PeerProtocolError("compact request header after "
+                                            "NBD_OPT_EXTENDED_HEADERS was negotiated")
+                raise PeerProtocolError(f"bad extended request magic 0x{bytes(buf[:4]).hex()} "
+                                        f"(expected 0x{EXTENDED_REQUEST_MAGIC:08x})")
             return NEED_DATA
         magic, flags, cmd, cookie, offset, length = wire.EXT_REQUEST.unpack_from(buf)
         if magic != EXTENDED_REQUEST_MAGIC:
@@ -1010,6 +1023,8 @@ class ServerConnection:
 #: minimum block size (<= 64 KiB)
 _COMPACT_EXTENT_MAX = 0x100000000 - 0x10000
 _PAYLOAD_LEN = int(CmdFlag.PAYLOAD_LEN)
+_EXT_MAGIC_BYTES = EXTENDED_REQUEST_MAGIC.to_bytes(4, "big")
+_COMPACT_MAGIC_BYTES = REQUEST_MAGIC.to_bytes(4, "big")
 
 
 def _cap_extents(extents: Sequence[tuple[int, int]], extended: bool) -> list[tuple[int, int]]:
