@@ -114,7 +114,7 @@ def test_list_info_go_abort(serve: ServerFactory, tmp_path: Path) -> None:
             assert h.get_export_description() == desc
         assert h.get_block_size(nbd.SIZE_MINIMUM) == 1
         assert h.get_block_size(nbd.SIZE_PREFERRED) == 4096
-        assert h.get_block_size(nbd.SIZE_MAXIMUM) == 32 * MiB
+        assert h.get_block_size(nbd.SIZE_MAXIMUM) == 64 * MiB  # the default --max-request-size
     # unknown export: INFO fails, the connection stays usable
     h.set_export_name("nope")
     with pytest.raises(nbd.Error):

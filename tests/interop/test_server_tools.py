@@ -148,7 +148,7 @@ def test_nbdinfo(serve: ServerFactory, tmp_path: Path) -> None:
     assert exp["description"] == "test disk"
     assert exp["can_multi_conn"] and exp["can_trim"] and exp["can_fua"]
     assert "base:allocation" in exp["contexts"]
-    assert exp["block_size_maximum"] == 32 * MiB
+    assert exp["block_size_maximum"] == 64 * MiB
     assert run("nbdinfo", "--size", uri).stdout.strip() == str(8 * MiB)
     mp = json.loads(run("nbdinfo", "--map", "--json", uri).stdout)
     assert [(e["offset"], e["length"], e["type"]) for e in mp] == [
@@ -213,4 +213,4 @@ def test_qemu_nbd_list_and_config_server_table(serve: ServerFactory, tmp_path: P
     assert "export: 'a'" in out and "description: disk a" in out
     assert "export: 'b'" in out and "readonly" in out
     assert out.count("base:allocation") == 2
-    assert "max block: 33554432" in out
+    assert "max block: 67108864" in out

@@ -355,14 +355,14 @@ INFO_CASES = [
     pytest.param("disk", [2], [info_export(MIB, DISK_FLAGS), H("0002") + b"The disk"],
                  id="description"),
     pytest.param("ro", [2], [info_export(64 * KIB, RO_FLAGS)], id="no-description"),
-    pytest.param("disk", [3], [info_export(MIB, DISK_FLAGS), H("0003 00000001 00001000 02000000")],
+    pytest.param("disk", [3], [info_export(MIB, DISK_FLAGS), H("0003 00000001 00001000 04000000")],
                  id="block-size"),
     pytest.param("bare", [3], [info_export(MIB, BARE_FLAGS), H("0003 00000200 00001000 00010000")],
                  id="block-size-bare"),
     pytest.param("disk", [0, 1, 1, 99, 0x8000], [info_export(MIB, DISK_FLAGS), H("0001") + b"disk"],
                  id="duplicates-and-unknown"),
     pytest.param("disk", [3, 2, 1], [info_export(MIB, DISK_FLAGS),
-                                     H("0003 00000001 00001000 02000000"),
+                                     H("0003 00000001 00001000 04000000"),
                                      H("0002") + b"The disk", H("0001") + b"disk"], id="all"),
 ]
 
@@ -707,8 +707,7 @@ def test_x_close_option_disabled():
 
 # --- unknown and oversized options --------------------------------------------------
 
-@pytest.mark.parametrize("option", [0, PEEK_EXPORT, EXTENDED_HEADERS, 12, 0x4E42A002,
-                                    0x7FFFFFFF, 0xFFFFFFFF])
+@pytest.mark.parametrize("option", [0, PEEK_EXPORT, 12, 0x4E42A002, 0x7FFFFFFF, 0xFFFFFFFF])
 @pytest.mark.parametrize("data", [b"", b"\x00" * 7, b"IHAVEOPT" + bytes(8)])
 def test_unknown_option_consumed(option, data):
     conn = started()
@@ -913,7 +912,8 @@ def test_transmission_request(name, structured, meta, x_close, cmd, flags, offse
     conn.receive_data(req(cmd, flags, 1, offset, length) + payload + follow)
     ev = conn.next_event()
     if error is None:
-        assert ev == Command(Cmd(cmd), flags, 1, offset, length)
+        assert ev == Command(Cmd(cmd), flags, 1, offset, length,
+                             (1,) if cmd == BLOCK_STATUS else ())
         if cmd == WRITE and length:
             assert conn.state is State.PAYLOAD
             assert _drain_payload(conn) == payload
@@ -1049,8 +1049,8 @@ def test_refused_write_payload_consumed_in_pieces(name, offset, length, error):
 
 
 def test_oversized_write_under_64m_is_refused_and_discarded():
-    conn = transmission()
-    length = 33 * MIB  # over the 32 MiB maximum payload
+    conn = transmission(max_request_size=32 * MIB)
+    length = 33 * MIB  # over the (configured) 32 MiB maximum payload
     conn.receive_data(req(WRITE, 0, 3, 0, length))
     assert conn.next_event() is NEED_DATA
     chunk = bytes(MIB)
@@ -1088,7 +1088,7 @@ def test_pipelined_requests_in_one_buffer():
     assert conn.next_event() == Command(Cmd.READ, 0, 1, 0, 4096)
     assert conn.next_event() == Command(Cmd.WRITE, 0, 2, 0, 3)
     assert _drain_payload(conn) == b"abc"
-    assert conn.next_event() == Command(Cmd.BLOCK_STATUS, REQ_ONE, 3, 0, 4096)
+    assert conn.next_event() == Command(Cmd.BLOCK_STATUS, REQ_ONE, 3, 0, 4096, (1,))
     ev = conn.next_event()
     assert isinstance(ev, InvalidCommand) and (ev.cookie, ev.error) == (4, EINVAL)
     assert conn.next_event() == Command(Cmd.TRIM, 0, 5, 0, 512)

@@ -12,7 +12,7 @@ import struct
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.server.rawnbd import (
@@ -24,6 +24,7 @@ from tests.server.rawnbd import (
     CMD_WRITE,
     CMD_ZERO,
     Raw,
+    is_dropped,
 )
 from tests.support.pynbd_server import PynbdServer
 
@@ -143,20 +144,36 @@ option_data = st.one_of(
           suppress_health_check=[HealthCheck.function_scoped_fixture,
                                  HealthCheck.too_slow])
 @given(opts=st.lists(st.tuples(option_codes, option_data), max_size=10))
+@example(opts=[(11, b"")])  # extended headers ACKed: 32-byte requests from then on
 def test_random_options_stay_in_sync(server: PynbdServer, opts: list[tuple[int, bytes]]) -> None:
     """Any sequence of options that do not end negotiation (no EXPORT_NAME, ABORT or GO)
     is answered reply by reply, ending in ACK or an error, and a GO still works."""
     c = Raw(("127.0.0.1", server.port))
     try:
         c.greeting()
+        extended = False
         for opt, data in opts:
             reps = c.option(opt, data)
             final = reps[-1][0]
             assert final == 1 or final & (1 << 31), reps
             for rep, _ in reps[:-1]:
                 assert rep in (2, 3, 4), reps  # SERVER, INFO, META_CONTEXT
-        c.go("", structured=True)
-        assert c.call(CMD_READ, 0, 4096)[0] == 0
-        c.disc()
+            extended |= opt == 11 and final == 1  # NBD_OPT_EXTENDED_HEADERS ACKed
+        if extended:
+            # 32-byte headers from now on: STRUCTURED_REPLY is refused, GO works and
+            # a read gets an extended OFFSET_DATA reply
+            assert c.option(8)[-1][0] == (1 << 31) + 10  # ERR_EXT_HEADER_REQD
+            c.go("", structured=False)
+            c.send(struct.pack(">IHHQQQ", 0x21E41C71, 0, CMD_READ, 9, 0, 4096))
+            magic, flags, rtype, cookie, offset, length = struct.unpack(">IHHQQQ", c.recv(32))
+            assert (magic, flags, rtype, cookie, offset, length) == \
+                (0x6E8A278C, 1, 1, 9, 0, 8 + 4096)
+            c.recv(length)
+            c.send(struct.pack(">IHHQQQ", 0x21E41C71, 0, 2, 10, 0, 0))  # DISC
+            assert is_dropped(c.sock)
+        else:
+            c.go("", structured=True)
+            assert c.call(CMD_READ, 0, 4096)[0] == 0
+            c.disc()
     finally:
         c.close()

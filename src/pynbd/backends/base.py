@@ -156,8 +156,9 @@ class Backend:
     #: the backend implements the aio_* methods (with ``blocking``): the server starts
     #: READ, WRITE, FLUSH, TRIM and WRITE_ZEROES with them instead of using a thread
     aio: bool = False
-    #: minimum, preferred and maximum block sizes (NBD_INFO_BLOCK_SIZE)
-    block_size: tuple[int, int, int] = (1, 4096, 32 * 1024 * 1024)
+    #: minimum, preferred and maximum block sizes (NBD_INFO_BLOCK_SIZE); a maximum of
+    #: 0xFFFFFFFF means no limit of the backend's own (the server option decides)
+    block_size: tuple[int, int, int] = (1, 4096, 0xFFFFFFFF)
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
         """Fill all of ``buf`` with the bytes at ``offset``."""

@@ -9,6 +9,9 @@ import os
 from pynbd.backends.base import Backend, BackendError, ConfigError, parse_params
 from pynbd.backends.file import FileBackend
 
+#: allocation granularity: tmpfs allocates and punches whole pages
+CHUNK = os.sysconf("SC_PAGE_SIZE")
+
 
 class MemoryBackend(FileBackend):
     """``memory:SIZE``: a sparse memfd (tmpfs) served like a file.

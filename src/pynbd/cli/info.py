@@ -15,7 +15,13 @@ from typing import Any
 
 from pynbd.client import NBDURI, Client, parse_uri
 from pynbd.client._common import FEATURES
-from pynbd.protocol.constants import BASE_ALLOCATION, AllocationFlag, TransmissionFlag
+from pynbd.protocol.constants import (
+    BASE_ALLOCATION,
+    QEMU_ALLOCATION_DEPTH,
+    QEMU_DIRTY_BITMAP,
+    AllocationFlag,
+    TransmissionFlag,
+)
 from pynbd.protocol.errors import OptionError
 
 CAN = {
@@ -29,6 +35,7 @@ CAN = {
     "multi-conn": TransmissionFlag.CAN_MULTI_CONN,
     "cache": TransmissionFlag.SEND_CACHE,
     "safe-close": TransmissionFlag.X_SEND_CLOSE,
+    "block-status-payload": TransmissionFlag.BLOCK_STATUS_PAYLOAD,
 }
 IS = {
     "read-only": TransmissionFlag.READ_ONLY,
@@ -56,6 +63,8 @@ def register(subparsers: Any) -> None:
     mode.add_argument("--is", dest="is_", metavar="FEATURE",
                       help="exit 0 if the export is FEATURE (read-only, rotational, tls), "
                            "2 if not")
+    p.add_argument("--no-extended-headers", dest="extended", action="store_false",
+                   help="do not ask for extended headers (compact headers, as older clients)")
     p.add_argument("--timeout", type=float, default=60.0, help=argparse.SUPPRESS)
     p.set_defaults(func=handler)
 
@@ -66,18 +75,20 @@ def _open(uri: NBDURI, timeout: float) -> Client:
     return c
 
 
-def _negotiate(c: Client, contexts: tuple[str, ...]) -> tuple[bool, list[str]]:
-    """Structured replies + meta contexts; returns (structured, available contexts)."""
-    structured = c.structured_replies()
+def _negotiate(c: Client, contexts: tuple[str, ...], extended: bool = True,
+               export: str | None = None) -> tuple[bool, list[str]]:
+    """Extended headers (else structured replies) + meta contexts of ``export`` (the
+    URI's by default); returns (reply chunks in use, available contexts)."""
+    structured = (extended and c.extended_headers()) or c.structured_replies()
     available: list[str] = []
     if structured:
         try:
-            available = [m.name for m in c.list_meta_context()]
+            available = [m.name for m in c.list_meta_context(export=export)]
         except OptionError:
             available = []
         if contexts:
             try:
-                c.set_meta_context(*contexts)
+                c.set_meta_context(*contexts, export=export)
             except OptionError:
                 pass
     c.negotiate_safe_close()
@@ -92,6 +103,7 @@ def _features(c: Client, structured: bool) -> dict[str, bool]:
     out["is_rotational"] = bool(f & TransmissionFlag.ROTATIONAL)
     out["can_block_status"] = bool(c.meta_contexts)
     out["structured_replies"] = structured
+    out["extended_headers"] = c.extended
     return out
 
 
@@ -119,14 +131,16 @@ def _export_info(c: Client, structured: bool, available: list[str]) -> dict[str,
 
 
 def _protocol(c: Client, structured: bool) -> dict[str, Any]:
-    return {"protocol": "newstyle-fixed", "TLS": c.tls_active,
-            "structured_replies": structured}
+    # nbdinfo 1.22's keys ("structured", "extended") and pynbd's older one
+    return {"protocol": "newstyle-fixed", "TLS": c.tls_active, "structured": structured,
+            "extended": c.extended, "structured_replies": structured}
 
 
 def _print_human(proto: dict[str, Any], exports: list[dict[str, Any]]) -> None:
     out = sys.stdout
     tls = "with TLS" if proto["TLS"] else "without TLS"
-    packets = "structured" if proto["structured_replies"] else "simple"
+    packets = "extended" if proto.get("extended") else \
+        "structured" if proto["structured_replies"] else "simple"
     out.write(f"protocol: {proto['protocol']} {tls}, using {packets} packets\n")
     for d in exports:
         out.write(f"export: {json.dumps(d['export-name'])}\n")
@@ -146,11 +160,7 @@ def _map(c: Client, context: str, as_json: bool) -> int:
         return 1
     rows: list[dict[str, Any]] = []
     for e in c.iter_extents(0, c.size, context):
-        if context == BASE_ALLOCATION:
-            desc = {0: "data", 1: "hole", 2: "zero", 3: "hole,zero"}.get(
-                e.flags & (AllocationFlag.HOLE | AllocationFlag.ZERO), "")
-        else:
-            desc = "dirty" if e.flags & 1 else "clean"
+        desc = describe(context, e.flags)
         if rows and rows[-1]["type"] == e.flags and \
                 rows[-1]["offset"] + rows[-1]["length"] == e.offset:
             rows[-1]["length"] += e.length
@@ -165,6 +175,19 @@ def _map(c: Client, context: str, as_json: bool) -> int:
             sys.stdout.write(f"{r['offset']:>16} {r['length']:>16} {r['type']:>5}  "
                              f"{r['description']}\n")
     return 0
+
+
+def describe(context: str, flags: int) -> str:
+    """nbdinfo's words for an extent's flags in the contexts it knows ("" otherwise)."""
+    if context == BASE_ALLOCATION:
+        return {0: "data", 1: "hole", 2: "zero", 3: "hole,zero"}[
+            flags & (AllocationFlag.HOLE | AllocationFlag.ZERO)]
+    if context.startswith(QEMU_DIRTY_BITMAP):
+        return "dirty" if flags & 1 else "clean"
+    if context == QEMU_ALLOCATION_DEPTH:
+        # the whole value is the depth in the backing chain the data comes from
+        return {0: "absent", 1: "local"}.get(flags, f"backing depth {flags}")
+    return ""
 
 
 def handler(args: argparse.Namespace) -> int:
@@ -196,7 +219,7 @@ def _run(args: argparse.Namespace, uri: NBDURI) -> int:
         if args.list:
             return _list(c, uri, args)
         contexts = (args.map,) if args.map else (BASE_ALLOCATION,)
-        structured, available = _negotiate(c, contexts)
+        structured, available = _negotiate(c, contexts, args.extended)
         c.go()
         if args.size:
             sys.stdout.write(f"{c.size}\n")
@@ -231,6 +254,8 @@ def _can(c: Client, can: str | None, is_: str | None, structured: bool) -> int:
             return 0 if c.meta_contexts else 2
         if name in ("structured-replies", "structured-reply"):
             return 0 if structured else 2
+        if name in ("extended-headers", "extended"):
+            return 0 if c.extended else 2
         if name == "connect":
             return 0
         sys.stderr.write(f"pynbd info: unknown feature {can!r} (known: "
@@ -254,7 +279,10 @@ def _list(c: Client, uri: NBDURI, args: argparse.Namespace) -> int:
     for e in exports:
         c2 = _open(uri, args.timeout)
         try:
-            structured, available = _negotiate(c2, (BASE_ALLOCATION,))
+            # the contexts of this export (not the URI's): SET_META_CONTEXT must name
+            # the export GO selects, or block status is not negotiated
+            structured, available = _negotiate(c2, (BASE_ALLOCATION,), args.extended,
+                                               export=e.name)
             c2.go(e.name)
             proto = proto or _protocol(c2, structured)
             d = _export_info(c2, structured, available)
@@ -263,8 +291,8 @@ def _list(c: Client, uri: NBDURI, args: argparse.Namespace) -> int:
             infos.append(d)
         finally:
             c2.close()
-    proto = proto or {"protocol": "newstyle-fixed", "TLS": uri.tls,
-                      "structured_replies": False}
+    proto = proto or {"protocol": "newstyle-fixed", "TLS": uri.tls, "structured": False,
+                      "extended": False, "structured_replies": False}
     if args.json:
         json.dump({**proto, "exports": infos}, sys.stdout, indent=2)
         sys.stdout.write("\n")

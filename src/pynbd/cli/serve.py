@@ -13,6 +13,7 @@ import threading
 from types import FrameType
 
 from pynbd.backends import BackendError, CephOptions, open_backend, parse_filter, parse_kv
+from pynbd.protocol.constants import DEFAULT_MAX_REQUEST
 from pynbd.protocol.server import TLSMode
 from pynbd.server.config import ConfigError, ExportConfig, ServeConfig, load_config
 from pynbd.server.exports import Export, ExportRegistry
@@ -60,6 +61,20 @@ def add_limit_arguments(p: argparse.ArgumentParser) -> None:
                    help="drop a client whose request takes longer (0 = never, the default)")
 
 
+def parse_size(text: str) -> int:
+    """``65536``, ``64K``, ``32M``, ``1G`` (binary units) for --max-request-size."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    suffix = t[-1:] if t[-1:] in units and t[-1:] else ""
+    try:
+        value = int(t[:-1] if suffix else t) * units[suffix]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    if not 4096 <= value <= 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError(f"{text!r} is outside 4K .. 4G-1")
+    return value
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "serve", help="serve a disk image over NBD",
@@ -100,6 +115,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--ceph-keyring", metavar="PATH", help="Ceph keyring")
     p.add_argument("--no-safe-close", action="store_true",
                    help="do not offer the safe-close extension (NBD_OPT_X_CLOSE)")
+    p.add_argument("--no-extended-headers", action="store_true",
+                   help="do not offer NBD_OPT_EXTENDED_HEADERS (compact 28/16/20-byte "
+                        "headers only)")
+    p.add_argument("--max-request-size", type=parse_size, default=DEFAULT_MAX_REQUEST,
+                   metavar="SIZE",
+                   help="largest read/write request accepted, e.g. 32M (default 64M)")
+    p.add_argument("--allocation-depth", action="store_true",
+                   help="also serve the qemu:allocation-depth metadata context (as "
+                        "qemu-nbd -A; every byte is local: pynbd has no backing chains)")
     p.add_argument("--allow", action="append", default=[], metavar="CIDR",
                    help="allow clients from this address or network (repeatable)")
     p.add_argument("--default-deny", action="store_true",
@@ -219,7 +243,8 @@ def build_server(args: argparse.Namespace) -> Server:
             log.error("export %r: cannot open %s: %s", e.name, e.target, exc.strerror)
             failed.append(f"{e.name or '(default)'}: {exc.strerror}")
             continue
-        exports.append(Export(e.name, backend, e.description, e.read_only))
+        exports.append(Export(e.name, backend, e.description, e.read_only,
+                              allocation_depth=args.allocation_depth))
     if not exports:
         raise ConfigError("cannot open any export: " + "; ".join(failed))
     default = cfg.default_export
@@ -267,7 +292,8 @@ def build_server(args: argparse.Namespace) -> Server:
         tls=tls, tls_context=ctx, tls_files=tls_files, limits=limits,
         x_close=not args.no_safe_close, workers=parse_workers(args.workers),
         log_level=logging.getLogger().getEffectiveLevel(),
-        log_quiet_server=args.verbose < 1, log_format=args.log_format))
+        log_quiet_server=args.verbose < 1, log_format=args.log_format,
+        extended_headers=not args.no_extended_headers, max_request_size=args.max_request_size))
     for a in activated:
         server.adopt_listener(a.sock)
         log.info("socket-activated listener %s (%s)", a.name,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from pynbd.client.uri import NBDURI, parse_uri
 from pynbd.protocol import wire
 from pynbd.protocol.client import (
+    ClientConnection,
     ExportEntry,
     ExportInfo,
     MetaContext,
@@ -17,6 +18,8 @@ from pynbd.protocol.client import (
 )
 from pynbd.protocol.constants import (
     BASE_ALLOCATION,
+    MAX_BLOCK_SIZE_FIELD,
+    MAX_PAYLOAD,
     Cmd,
     CmdFlag,
     Info,
@@ -98,6 +101,66 @@ def check_option(done: OptionDone) -> OptionDone:
 
 def request_error(cmd: int, error: int, message: str, offset: int | None) -> NBDRequestError:
     return NBDRequestError(error, message, cmd_name(cmd), offset)
+
+
+def max_request_for(info: ExportInfo) -> int:
+    """Largest READ/WRITE to send: what the server advertised (NBD_INFO_BLOCK_SIZE),
+    else the 32 MiB every server must accept."""
+    if info.block_size is None:
+        return MAX_PAYLOAD
+    return max(info.block_size[0], min(info.block_size[2], MAX_BLOCK_SIZE_FIELD))
+
+
+#: a command without payload over more than 4 GiB, without extended headers, goes out
+#: in pieces of this size (a multiple of every allowed minimum block size)
+EFFECT_PIECE = 0x100000000 - 0x10000
+
+
+def effect_pieces(offset: int, length: int) -> list[tuple[int, int]]:
+    """(offset, length) pieces that fit 32-bit lengths."""
+    return [(pos, min(EFFECT_PIECE, offset + length - pos))
+            for pos in range(offset, offset + length, EFFECT_PIECE)]
+
+
+def payload_contexts(conn: ClientConnection,
+                     names: Sequence[str] | None) -> tuple[int, ...] | None:
+    """Context ids for a block status payload naming ``names``, or None when the reply
+    must cover every negotiated context (no names given, or the server does not take
+    the payload form: then the caller filters). Unknown names are a caller error."""
+    if names is None:
+        return None
+    by_name = {n: i for i, n in conn.meta_contexts.items()}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        from pynbd.protocol.errors import LocalProtocolError
+
+        raise LocalProtocolError(f"metadata context(s) {missing} were not negotiated "
+                                 f"(negotiated: {sorted(by_name)})")
+    ids = tuple(dict.fromkeys(by_name[n] for n in names))
+    ex = conn.export
+    if not conn.extended_headers or ex is None or \
+            not ex.flags & TransmissionFlag.BLOCK_STATUS_PAYLOAD or \
+            len(ids) == len(by_name):
+        return None
+    return ids
+
+
+def extents_by_name(contexts: Mapping[int, str], offset: int,
+                    chunks: Mapping[int, tuple[tuple[int, int], ...]],
+                    want: Sequence[str] | None = None) -> dict[str, list[Extent]]:
+    """Block status chunks (context id -> (length, flags) pairs) as Extents by name."""
+    out: dict[str, list[Extent]] = {}
+    for ctx, extents in chunks.items():
+        name = contexts[ctx]
+        if want is not None and name not in want:
+            continue
+        pos = offset
+        lst = []
+        for ln, fl in extents:
+            lst.append(Extent(pos, ln, fl))
+            pos += ln
+        out[name] = lst
+    return out
 
 
 def info_data(name: str, infos: Sequence[int]) -> bytes:
@@ -186,9 +249,14 @@ class FlagsMixin:
     def can_safe_close(self) -> bool:
         return self._flag(TransmissionFlag.X_SEND_CLOSE)
 
+    def can_block_status_payload(self) -> bool:
+        """The server takes block status queries naming their contexts (extended)."""
+        return self._flag(TransmissionFlag.BLOCK_STATUS_PAYLOAD)
+
 
 FEATURES = ("read-only", "rotational", "flush", "fua", "trim", "zero", "fast-zero", "df",
-            "multi-conn", "cache", "safe-close", "block-status", "structured-replies")
+            "multi-conn", "cache", "safe-close", "block-status", "structured-replies",
+            "extended-headers", "block-status-payload")
 
 
 def list_result(done: OptionDone) -> list[ExportEntry]:

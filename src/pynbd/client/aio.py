@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -28,10 +29,14 @@ from pynbd.client._common import (
     FlagsMixin,
     as_uri,
     check_option,
+    effect_pieces,
+    extents_by_name,
     info_data,
     list_result,
+    max_request_for,
     meta_data,
     meta_result,
+    payload_contexts,
     probe_ok,
     request_error,
 )
@@ -208,7 +213,13 @@ class AsyncClient(FlagsMixin):
 
     @property
     def structured(self) -> bool:
-        return self._conn.structured_replies
+        """Replies come in chunks: structured replies or extended headers negotiated."""
+        return self._conn.chunked
+
+    @property
+    def extended(self) -> bool:
+        """NBD_OPT_EXTENDED_HEADERS was negotiated (32-byte headers, 64-bit lengths)."""
+        return self._conn.extended_headers
 
     @property
     def meta_contexts(self) -> dict[int, str]:
@@ -402,11 +413,14 @@ class AsyncClient(FlagsMixin):
 
     def _enter(self, info: ExportInfo) -> None:
         self.export = info
-        if info.block_size is not None:
-            self.max_request = max(info.block_size[0], min(info.block_size[2], MAX_PAYLOAD))
+        self.max_request = max_request_for(info)
 
     async def structured_replies(self) -> bool:
         return probe_ok(await self.option(Opt.STRUCTURED_REPLY))
+
+    async def extended_headers(self) -> bool:
+        """NBD_OPT_EXTENDED_HEADERS; False if the server does not speak them."""
+        return probe_ok(await self.option(Opt.EXTENDED_HEADERS))
 
     async def negotiate_safe_close(self) -> bool:
         return probe_ok(await self.option(Opt.X_CLOSE))
@@ -447,7 +461,8 @@ class AsyncClient(FlagsMixin):
 
     def _submit(self, cmd: int, offset: int, length: int, flags: int,
                 view: memoryview | None = None, payload: memoryview | None = None,
-                zeroed: bool = False, chunks: _List[Chunk] | None = None) -> asyncio.Future[Any]:
+                zeroed: bool = False, chunks: _List[Chunk] | None = None,
+                contexts: tuple[int, ...] | None = None) -> asyncio.Future[Any]:
         if self._broken is not None or self._closed:
             self._check_usable()
         if self.server_shutting_down and cmd != Cmd.X_CLOSE:
@@ -455,7 +470,7 @@ class AsyncClient(FlagsMixin):
                                      "only close() or disconnect() remain")
         if self.strict:
             self._validate(cmd, offset, length, flags)
-        cookie, header = self._conn.request(cmd, offset, length, flags)
+        cookie, header = self._conn.request(cmd, offset, length, flags, contexts)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._ops[cookie] = _Op(cmd, offset, length, fut, view, zeroed, chunks)
         assert self._transport is not None
@@ -530,26 +545,45 @@ class AsyncClient(FlagsMixin):
         await self._wait(self._submit(Cmd.FLUSH, 0, 0, flags))
 
     async def trim(self, offset: int, length: int, flags: int = 0) -> None:
-        await self._wait(self._submit(Cmd.TRIM, offset, length, flags))
+        """One request under extended headers (64-bit length), else as many as 32-bit
+        lengths need."""
+        await self._effect(Cmd.TRIM, offset, length, flags)
 
     async def cache(self, offset: int, length: int, flags: int = 0) -> None:
-        await self._wait(self._submit(Cmd.CACHE, offset, length, flags))
+        await self._effect(Cmd.CACHE, offset, length, flags)
 
     async def write_zeroes(self, offset: int, length: int, flags: int = 0) -> None:
-        await self._wait(self._submit(Cmd.WRITE_ZEROES, offset, length, flags))
+        await self._effect(Cmd.WRITE_ZEROES, offset, length, flags)
 
-    async def block_status(self, offset: int, length: int,
-                           flags: int = 0) -> dict[str, _List[Extent]]:
-        op: _Op = await self._wait(self._submit(Cmd.BLOCK_STATUS, offset, length, flags))
-        out: dict[str, _List[Extent]] = {}
-        for ctx, extents in op.extents.items():
-            pos = offset
-            lst = []
-            for ln, fl in extents:
-                lst.append(Extent(pos, ln, fl))
-                pos += ln
-            out[self._conn.meta_contexts[ctx]] = lst
-        return out
+    async def _effect(self, cmd: int, offset: int, length: int, flags: int) -> None:
+        """See the blocking client's ``_effect``: one request where possible."""
+        if length <= 0xFFFFFFFF or self.extended:
+            try:
+                await self._wait(self._submit(cmd, offset, length, flags))
+                return
+            except NBDRequestError as exc:
+                if length <= self.max_request or \
+                        exc.errno not in (errno.EINVAL, errno.EOVERFLOW):
+                    raise
+            pieces = [(pos, min(self.max_request, offset + length - pos))
+                      for pos in range(offset, offset + length, self.max_request)]
+        else:
+            pieces = effect_pieces(offset, length)
+        futs = [self._submit(cmd, pos, n, flags) for pos, n in pieces]
+        results = await asyncio.gather(*(self._wait(f) for f in futs), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+
+    async def block_status(self, offset: int, length: int, flags: int = 0,
+                           contexts: Sequence[str] | None = None) -> dict[str, _List[Extent]]:
+        """Extents per context name (every negotiated one, or ``contexts``: the payload
+        form where the server offers it, else filtered here)."""
+        ids = payload_contexts(self._conn, contexts)
+        op: _Op = await self._wait(self._submit(Cmd.BLOCK_STATUS, offset, length, flags,
+                                                contexts=ids))
+        return extents_by_name(self._conn.meta_contexts, offset, op.extents,
+                               None if contexts is None else tuple(contexts))
 
     async def gather(self, coros: Iterable[Any]) -> _List[Any]:
         """Run request coroutines concurrently; convenience for ``asyncio.gather``."""
@@ -658,12 +692,15 @@ async def dial(uri: str | NBDURI, *, timeout: float | None = None,
 async def connect(uri: str | NBDURI, *, export: str | None = None, structured: bool = True,
                   meta_contexts: tuple[str, ...] = (BASE_ALLOCATION,),
                   safe_close: bool = True, timeout: float | None = None,
-                  tls: TLSConfig | None = None, strict: bool = True) -> AsyncClient:
+                  tls: TLSConfig | None = None, strict: bool = True,
+                  extended_headers: bool = True) -> AsyncClient:
     """asyncio twin of :func:`pynbd.client.connect`."""
     c = await AsyncClient.dial(uri, timeout=timeout, tls=tls, strict=strict)
     try:
         await c.connect()
-        if structured and await c.structured_replies() and meta_contexts:
+        chunked = structured and ((extended_headers and await c.extended_headers())
+                                  or await c.structured_replies())
+        if chunked and meta_contexts:
             with contextlib.suppress(OptionError):
                 await c.set_meta_context(*meta_contexts, export=export)
         if safe_close:

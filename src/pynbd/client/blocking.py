@@ -4,7 +4,8 @@ go-nbd's shape::
 
     c = Client.dial("nbd://127.0.0.1/disk")    # transport
     c.connect()                                 # handshake (+ STARTTLS for nbds://)
-    c.structured_replies(); c.set_meta_context("base:allocation")
+    c.extended_headers() or c.structured_replies()
+    c.set_meta_context("base:allocation")
     c.go()                                      # transmission phase
     data = c.read(0, 4096)
     c.close()                                   # safe close, reports whether it was safe
@@ -27,9 +28,10 @@ replies while a large write payload is being sent could otherwise stall both sid
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -42,10 +44,14 @@ from pynbd.client._common import (
     as_uri,
     check_option,
     dial_socket,
+    effect_pieces,
+    extents_by_name,
     info_data,
     list_result,
+    max_request_for,
     meta_data,
     meta_result,
+    payload_contexts,
     probe_ok,
     request_error,
 )
@@ -84,6 +90,7 @@ _List = list  # Client.list() shadows the builtin inside the class
 _RECV_SIZE = 256 * 1024
 _ZEROES = bytes(1024 * 1024)
 _ESHUTDOWN = 108  # NBD_ESHUTDOWN
+_EINVAL, _EOVERFLOW = errno.EINVAL, errno.EOVERFLOW  # host errno of NBDRequestError
 _WAITALL = socket.MSG_WAITALL
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
 #: receive size while sink reads are in flight: small, so that little payload is pulled
@@ -140,7 +147,7 @@ class Request:
     """A request in flight (or completed) on a :class:`Client`."""
 
     __slots__ = ("chunks", "cmd", "cookie", "done", "error", "extents", "length", "offset",
-                 "sink", "view", "zeroed")
+                 "sink", "view", "want", "zeroed")
 
     def __init__(self, cookie: int, cmd: int, offset: int, length: int,
                  view: memoryview | None = None, zeroed: bool = False,
@@ -154,6 +161,8 @@ class Request:
         self.chunks = chunks
         self.sink = sink
         self.extents: dict[int, tuple[tuple[int, int], ...]] | None = None
+        #: context names a block status asked for (None: all)
+        self.want: tuple[str, ...] | None = None
         self.done = False
         self.error: NBDRequestError | None = None
 
@@ -214,7 +223,13 @@ class Client(FlagsMixin):
 
     @property
     def structured(self) -> bool:
-        return self._conn.structured_replies
+        """Replies come in chunks: structured replies or extended headers negotiated."""
+        return self._conn.chunked
+
+    @property
+    def extended(self) -> bool:
+        """NBD_OPT_EXTENDED_HEADERS was negotiated (32-byte headers, 64-bit lengths)."""
+        return self._conn.extended_headers
 
     @property
     def meta_contexts(self) -> dict[int, str]:
@@ -369,12 +384,16 @@ class Client(FlagsMixin):
 
     def _enter(self, info: ExportInfo) -> None:
         self.export = info
-        if info.block_size is not None:
-            self.max_request = max(info.block_size[0], min(info.block_size[2], MAX_PAYLOAD))
+        self.max_request = max_request_for(info)
 
     def structured_replies(self) -> bool:
         """NBD_OPT_STRUCTURED_REPLY; False if the server does not support them."""
         return probe_ok(self.option(Opt.STRUCTURED_REPLY))
+
+    def extended_headers(self) -> bool:
+        """NBD_OPT_EXTENDED_HEADERS (64-bit requests and extents); False if the server
+        does not speak them (then negotiate structured replies instead)."""
+        return probe_ok(self.option(Opt.EXTENDED_HEADERS))
 
     def negotiate_safe_close(self) -> bool:
         """Probe pynbd's safe-close extension (NBD_OPT_X_CLOSE); safe with any server."""
@@ -407,7 +426,8 @@ class Client(FlagsMixin):
     def _submit(self, cmd: int, offset: int, length: int, flags: int,
                 view: memoryview | None = None, payload: memoryview | None = None,
                 zeroed: bool = False, chunks: _List[Chunk] | None = None,
-                sink: ReadSink | None = None) -> Request:
+                sink: ReadSink | None = None, contexts: tuple[int, ...] | None = None
+                ) -> Request:
         if self._broken is not None or self._closed:
             self._check_usable()
         if self.server_shutting_down and cmd != Cmd.X_CLOSE:
@@ -416,7 +436,7 @@ class Client(FlagsMixin):
         if self.strict:
             self._validate(cmd, offset, length, flags)
         conn = self._conn
-        cookie, header = conn.request(cmd, offset, length, flags)
+        cookie, header = conn.request(cmd, offset, length, flags, contexts)
         req = Request(cookie, cmd, offset, length, view, zeroed, chunks, sink)
         self._ops[cookie] = req
         if sink is not None:
@@ -532,8 +552,16 @@ class Client(FlagsMixin):
     def submit_write_zeroes(self, offset: int, length: int, flags: int = 0) -> Request:
         return self._submit(Cmd.WRITE_ZEROES, offset, length, flags)
 
-    def submit_block_status(self, offset: int, length: int, flags: int = 0) -> Request:
-        return self._submit(Cmd.BLOCK_STATUS, offset, length, flags)
+    def submit_block_status(self, offset: int, length: int, flags: int = 0,
+                            contexts: Sequence[str] | None = None) -> Request:
+        """Queue a block status query; ``contexts`` (names) limits the reply to those
+        contexts with the payload form where the server offers it
+        (NBD_FLAG_BLOCK_STATUS_PAYLOAD), otherwise the reply covers every negotiated
+        context and :meth:`extents_of` filters it."""
+        ids = payload_contexts(self._conn, contexts)
+        req = self._submit(Cmd.BLOCK_STATUS, offset, length, flags, contexts=ids)
+        req.want = None if contexts is None else tuple(contexts)
+        return req
 
     # --- transmission: replies -----------------------------------------------------------
 
@@ -733,40 +761,63 @@ class Client(FlagsMixin):
         self.wait(self._submit(Cmd.FLUSH, 0, 0, flags))
 
     def trim(self, offset: int, length: int, flags: int = 0) -> None:
-        self.wait(self._submit(Cmd.TRIM, offset, length, flags))
+        """NBD_CMD_TRIM: one request under extended headers (64-bit length), else as
+        many as 32-bit lengths need."""
+        self._effect(Cmd.TRIM, offset, length, flags)
 
     def cache(self, offset: int, length: int, flags: int = 0) -> None:
-        self.wait(self._submit(Cmd.CACHE, offset, length, flags))
+        self._effect(Cmd.CACHE, offset, length, flags)
 
     def write_zeroes(self, offset: int, length: int, flags: int = 0) -> None:
-        self.wait(self._submit(Cmd.WRITE_ZEROES, offset, length, flags))
+        self._effect(Cmd.WRITE_ZEROES, offset, length, flags)
 
-    def block_status(self, offset: int, length: int, flags: int = 0) -> dict[str, _List[Extent]]:
-        """NBD_CMD_BLOCK_STATUS: extents per negotiated context name."""
-        req = self.wait(self._submit(Cmd.BLOCK_STATUS, offset, length, flags))
+    def _effect(self, cmd: int, offset: int, length: int, flags: int) -> None:
+        """A command without payload over a range of any size: one request where the
+        protocol allows it; in pieces without extended headers, or when the server
+        refuses an effect length above its maximum payload (qemu-nbd does for CACHE;
+        the spec allows EINVAL/EOVERFLOW there)."""
+        if length <= 0xFFFFFFFF or self.extended:
+            try:
+                self.wait(self._submit(cmd, offset, length, flags))
+                return
+            except NBDRequestError as exc:
+                if length <= self.max_request or exc.errno not in (_EINVAL, _EOVERFLOW):
+                    raise
+            pieces = [(pos, min(self.max_request, offset + length - pos))
+                      for pos in range(offset, offset + length, self.max_request)]
+        else:
+            pieces = effect_pieces(offset, length)
+        for pos, n in pieces:
+            self._submit(cmd, pos, n, flags)
+            if len(self._ops) >= 8:
+                self.wait_any()
+        self.wait_all()
+
+    def block_status(self, offset: int, length: int, flags: int = 0,
+                     contexts: Sequence[str] | None = None) -> dict[str, _List[Extent]]:
+        """NBD_CMD_BLOCK_STATUS: extents per context name (every negotiated one, or
+        ``contexts``). Under extended headers ``length`` may exceed 32 bits."""
+        req = self.wait(self.submit_block_status(offset, length, flags, contexts))
         return self.extents_of(req)
 
     def extents_of(self, req: Request) -> dict[str, _List[Extent]]:
-        out: dict[str, _List[Extent]] = {}
-        for ctx, extents in (req.extents or {}).items():
-            pos = req.offset
-            lst = []
-            for ln, fl in extents:
-                lst.append(Extent(pos, ln, fl))
-                pos += ln
-            out[self._conn.meta_contexts[ctx]] = lst
-        return out
+        return extents_by_name(self._conn.meta_contexts, req.offset, req.extents or {},
+                               req.want)
 
     def iter_extents(self, offset: int = 0, length: int | None = None,
                      context: str = BASE_ALLOCATION,
-                     step: int = 1 << 30) -> Iterator[Extent]:
+                     step: int | None = None) -> Iterator[Extent]:
         """Extents of ``context`` covering [offset, offset+length), clipped to it;
-        repeats block status as needed (each query makes progress, so this ends)."""
+        repeats block status as needed (each query makes progress, so this ends).
+        Each query asks for the rest of the range (at most ``step`` bytes; without
+        extended headers at most 1 GiB, the most a 32-bit reply can be trusted with)."""
         end = self.size if length is None else offset + length
         pos = offset
+        limit = step if step is not None else (end if self.extended else 1 << 30)
         while pos < end:
-            want = min(end - pos, step, 0xFFFFFFFF)
-            got = self.block_status(pos, want).get(context)
+            want = min(end - pos, limit) if self.extended else min(end - pos, limit,
+                                                                    0xFFFFFFFF)
+            got = self.block_status(pos, want, contexts=(context,)).get(context)
             if not got:
                 raise PeerProtocolError(f"block status reply without context {context}")
             for e in got:
@@ -912,6 +963,8 @@ def validate_request(ex: ExportInfo | None, conn: ClientConnection, max_request:
         raise LocalProtocolError("export is read-only")
     if cmd == _BLOCK_STATUS and not conn.meta_contexts:
         raise LocalProtocolError("block status needs a negotiated meta context")
+    if length > 0xFFFFFFFF and not conn.extended_headers:
+        raise LocalProtocolError(f"a length of {length} bytes needs extended headers")
     if offset + length > ex.size and cmd != _FLUSH:
         raise LocalProtocolError(
             f"request [{offset}, {offset + length}) beyond the export size {ex.size}")
@@ -928,13 +981,16 @@ def dial(uri: str | NBDURI, *, timeout: float | None = None,
 def connect(uri: str | NBDURI, *, export: str | None = None, structured: bool = True,
             meta_contexts: tuple[str, ...] = (BASE_ALLOCATION,), safe_close: bool = True,
             timeout: float | None = None, tls: TLSConfig | None = None,
-            strict: bool = True) -> Client:
-    """Dial, handshake (STARTTLS for nbds), negotiate structured replies, meta contexts
-    and safe close where offered, then NBD_OPT_GO. Returns a client in transmission."""
+            strict: bool = True, extended_headers: bool = True) -> Client:
+    """Dial, handshake (STARTTLS for nbds), negotiate extended headers (falling back to
+    structured replies; ``extended_headers=False`` opts out), meta contexts and safe
+    close where offered, then NBD_OPT_GO. Returns a client in transmission."""
     c = Client.dial(uri, timeout=timeout, tls=tls, strict=strict)
     try:
         c.connect()
-        if structured and c.structured_replies() and meta_contexts:
+        chunked = structured and ((extended_headers and c.extended_headers())
+                                  or c.structured_replies())
+        if chunked and meta_contexts:
             try:
                 c.set_meta_context(*meta_contexts, export=export)
             except Exception as exc:

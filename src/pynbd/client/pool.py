@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, TypeVar
@@ -62,6 +62,11 @@ class Pool:
     @property
     def size(self) -> int:
         return self.clients[0].size
+
+    @property
+    def extended(self) -> bool:
+        """Extended headers were negotiated (64-bit trim/zero/cache/block status)."""
+        return self.clients[0].extended
 
     @property
     def connections(self) -> int:
@@ -137,8 +142,9 @@ class Pool:
     def cache(self, offset: int, length: int, flags: int = 0) -> None:
         self._run(lambda c: c.cache(offset, length, flags))
 
-    def block_status(self, offset: int, length: int, flags: int = 0) -> dict[str, list[Extent]]:
-        return self._run(lambda c: c.block_status(offset, length, flags))
+    def block_status(self, offset: int, length: int, flags: int = 0,
+                     contexts: Sequence[str] | None = None) -> dict[str, list[Extent]]:
+        return self._run(lambda c: c.block_status(offset, length, flags, contexts))
 
     def map(self, fn: Callable[[Client, T], Any], items: list[T]) -> list[Any]:
         """Call ``fn(client, item)`` for every item, spread over the connections."""

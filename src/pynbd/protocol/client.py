@@ -24,6 +24,11 @@ Everything the server sends is validated: magics, option reply types, chunk type
 read chunks outside the requested range or overlapping earlier chunks, incomplete
 successful reads, unknown cookies, lengths (bounded before anything is buffered).
 A violation raises :class:`PeerProtocolError` and closes the state machine.
+
+Once ``NBD_OPT_EXTENDED_HEADERS`` is acknowledged, :meth:`request` builds 32-byte
+requests (64-bit lengths; WRITE carries ``NBD_CMD_FLAG_PAYLOAD_LEN``; BLOCK_STATUS may
+name the contexts it wants in a payload) and replies are parsed in their 32-byte form
+(``NBD_REPLY_TYPE_BLOCK_STATUS_EXT`` with 64-bit extents). The events are the same.
 """
 
 from __future__ import annotations
@@ -36,7 +41,10 @@ from typing import Final
 
 from pynbd.protocol import wire
 from pynbd.protocol.constants import (
+    EXTENDED_REPLY_MAGIC,
+    EXTENDED_REQUEST_MAGIC,
     IHAVEOPT,
+    MAX_EXTENTS_PER_CHUNK,
     MAX_STRING,
     NBDMAGIC,
     OPTION_REPLY_MAGIC,
@@ -66,6 +74,8 @@ MAX_OPTION_REPLY = 1024 * 1024
 MAX_OPTION_TOTAL = 16 * 1024 * 1024
 #: largest non-data structured chunk (block status: 4 + 8 * 2^20, plus slack)
 MAX_META_CHUNK = 4 + 8 * (1 << 20) + 4096
+#: largest NBD_REPLY_TYPE_BLOCK_STATUS_EXT chunk (8 + 16 * 2^20, plus slack)
+MAX_META_CHUNK_EXT = 8 + 16 * MAX_EXTENTS_PER_CHUNK + 4096
 #: cookies are 64-bit
 _COOKIE_MASK = (1 << 64) - 1
 
@@ -73,6 +83,9 @@ _OPT_REPLY = wire.OPTION_REPLY
 _SIMPLE = wire.SIMPLE_REPLY
 _CHUNK = wire.CHUNK
 _REQUEST = wire.REQUEST
+_EXT_REQUEST = wire.EXT_REQUEST
+_EXT_REPLY = wire.EXT_REPLY
+_EXT_MAGIC = EXTENDED_REPLY_MAGIC
 _OFFSET = wire.OFFSET
 _HOLE = struct.Struct(">QI")
 _ERR_HDR = wire.ERROR_CHUNK
@@ -85,6 +98,10 @@ _T_DATA = int(ReplyType.OFFSET_DATA)
 _T_HOLE = int(ReplyType.OFFSET_HOLE)
 _T_NONE = int(ReplyType.NONE)
 _T_BS = int(ReplyType.BLOCK_STATUS)
+_T_BS_EXT = int(ReplyType.BLOCK_STATUS_EXT)
+_PAYLOAD_LEN = int(CmdFlag.PAYLOAD_LEN)
+_WRITE = int(Cmd.WRITE)
+_U64_MAX = (1 << 64) - 1
 
 
 # --- results and events -------------------------------------------------------------
@@ -229,6 +246,8 @@ class _Inflight:
     message: str = ""
     error_offset: int | None = None
     status_contexts: set[int] = field(default_factory=set)
+    #: contexts named in a block status payload (None: every negotiated one)
+    contexts: tuple[int, ...] | None = None
 
 
 _CMD_NAMES = {c.value: c.name for c in Cmd}
@@ -263,6 +282,7 @@ class ClientConnection:
         self._opt_export = ""
         self._meta_queries: tuple[str, ...] = ()
         self.structured_replies = False
+        self.extended_headers = False  # NBD_OPT_EXTENDED_HEADERS was ACKed
         self.x_close = False  # NBD_OPT_X_CLOSE was ACKed
         self.meta_contexts: dict[int, str] = {}
         self._meta_pending: dict[int, str] = {}
@@ -274,6 +294,11 @@ class ClientConnection:
         self.payload_remaining = 0
         self._payload_cookie = 0
         self._payload_done = False  # reply is done once the payload is in
+
+    @property
+    def chunked(self) -> bool:
+        """Replies come in chunks (structured replies or extended headers)."""
+        return self.structured_replies or self.extended_headers
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -406,6 +431,9 @@ class ClientConnection:
             if option == Opt.SET_META_CONTEXT:
                 self._meta_pending = {}
         elif option == Opt.EXPORT_NAME:
+            if self.extended_headers:
+                raise LocalProtocolError("NBD_OPT_EXPORT_NAME after extended headers were "
+                                         "negotiated (the spec forbids it; use NBD_OPT_GO)")
             self._opt_export = data.decode("utf-8")
             self.state = State.EXPORT_NAME_REPLY
             return wire.encode_option(option, data)
@@ -504,6 +532,8 @@ class ClientConnection:
     def _option_ack(self, opt: int) -> Event:
         if opt == Opt.STRUCTURED_REPLY:
             self.structured_replies = True
+        elif opt == Opt.EXTENDED_HEADERS:
+            self.extended_headers = True
         elif opt == Opt.X_CLOSE:
             self.x_close = True
         elif opt == Opt.SET_META_CONTEXT:
@@ -538,6 +568,7 @@ class ClientConnection:
             raise LocalProtocolError(f"tls_established() in state {self.state.value}")
         self.tls_active = True
         self.structured_replies = False
+        self.extended_headers = False
         self.x_close = False
         self.meta_contexts = {}
         self._meta_export = None
@@ -546,7 +577,7 @@ class ClientConnection:
     def _enter_transmission(self, info: ExportInfo) -> None:
         if self._meta_export is not None and self._meta_export != info.name:
             self.meta_contexts = {}  # contexts were negotiated for another export
-        if not self.structured_replies:
+        if not self.chunked:
             self.meta_contexts = {}
         self.export = info
         self.state = State.TRANSMISSION
@@ -557,29 +588,68 @@ class ClientConnection:
     def in_flight(self) -> int:
         return len(self._inflight)
 
-    def request(self, cmd: int, offset: int = 0, length: int = 0, flags: int = 0) -> tuple[int, bytes]:
-        """Register one request; returns (cookie, 28-byte header). A WRITE's payload
-        of ``length`` bytes must be sent right after the header."""
+    def request(self, cmd: int, offset: int = 0, length: int = 0, flags: int = 0,
+                contexts: tuple[int, ...] | None = None) -> tuple[int, bytes]:
+        """Register one request; returns (cookie, header). A WRITE's payload of
+        ``length`` bytes must be sent right after the header.
+
+        The header is 28 bytes, or 32 once extended headers are negotiated: then
+        ``length`` may be 64-bit for commands without payload, WRITE gets
+        ``NBD_CMD_FLAG_PAYLOAD_LEN``, and a BLOCK_STATUS with ``contexts`` (ids of
+        negotiated contexts; needs ``NBD_FLAG_BLOCK_STATUS_PAYLOAD``) carries them in its
+        payload, which is part of the returned bytes."""
         st = self.state
         if st is not State.TRANSMISSION and st is not State.PAYLOAD:
             raise LocalProtocolError(f"request() in state {st.value}")
-        if offset < 0 or length < 0 or length > 0xFFFFFFFF or offset > 0xFFFFFFFFFFFFFFFF:
-            raise LocalProtocolError(f"invalid offset/length {offset}/{length}")
+        ext = self.extended_headers
+        if offset < 0 or length < 0 or offset > _U64_MAX or \
+                length > (_U64_MAX if ext else 0xFFFFFFFF):
+            raise LocalProtocolError(
+                f"invalid offset/length {offset}/{length}"
+                + ("" if ext else " (lengths over 32 bits need extended headers)"))
+        if flags & _PAYLOAD_LEN:
+            raise LocalProtocolError("NBD_CMD_FLAG_PAYLOAD_LEN is set by request() itself")
+        if contexts is not None:
+            self._check_payload_contexts(cmd, contexts)
         cookie = self._next_cookie
         self._next_cookie = (cookie + 1) & _COOKIE_MASK or 1
         if cmd == Cmd.DISC:
             if self._inflight or st is State.PAYLOAD:
                 raise LocalProtocolError("NBD_CMD_DISC with requests in flight")
             self.state = State.CLOSED
-            return cookie, _REQUEST.pack(0x25609513, flags, cmd, cookie, offset, length)
-        if cmd == Cmd.X_CLOSE:
+        elif cmd == Cmd.X_CLOSE:
             if not self.x_close:
                 raise LocalProtocolError("NBD_CMD_X_CLOSE without a negotiated NBD_OPT_X_CLOSE")
             if self._inflight or st is State.PAYLOAD:
                 raise LocalProtocolError("NBD_CMD_X_CLOSE with requests in flight")
             self.state = State.CLOSING
-        self._inflight[cookie] = _Inflight(cmd, flags, offset, length)
-        return cookie, _REQUEST.pack(0x25609513, flags, cmd, cookie, offset, length)
+        if cmd != Cmd.DISC:
+            self._inflight[cookie] = _Inflight(cmd, flags, offset, length, contexts=contexts)
+        if not ext:
+            return cookie, _REQUEST.pack(0x25609513, flags, cmd, cookie, offset, length)
+        if cmd == _WRITE:
+            return cookie, _EXT_REQUEST.pack(EXTENDED_REQUEST_MAGIC, flags | _PAYLOAD_LEN, cmd,
+                                             cookie, offset, length)
+        if contexts is not None:
+            payload = wire.encode_block_status_payload(length, contexts)
+            return cookie, _EXT_REQUEST.pack(EXTENDED_REQUEST_MAGIC, flags | _PAYLOAD_LEN,
+                                             cmd, cookie, offset, len(payload)) + payload
+        return cookie, _EXT_REQUEST.pack(EXTENDED_REQUEST_MAGIC, flags, cmd, cookie, offset,
+                                         length)
+
+    def _check_payload_contexts(self, cmd: int, contexts: tuple[int, ...]) -> None:
+        if cmd != Cmd.BLOCK_STATUS:
+            raise LocalProtocolError("only NBD_CMD_BLOCK_STATUS takes context ids")
+        if not self.extended_headers or self.export is None or \
+                not self.export.flags & TransmissionFlag.BLOCK_STATUS_PAYLOAD:
+            raise LocalProtocolError(
+                "choosing block status contexts needs extended headers and "
+                "NBD_FLAG_BLOCK_STATUS_PAYLOAD from the server")
+        if not contexts or len(set(contexts)) != len(contexts) or \
+                any(c not in self.meta_contexts for c in contexts):
+            raise LocalProtocolError(
+                f"block status contexts {contexts} must be distinct negotiated ids "
+                f"({sorted(self.meta_contexts)})")
 
     def forget(self, cookie: int) -> None:
         """Stop tracking a request (only for requests that were never sent)."""
@@ -610,6 +680,8 @@ class ClientConnection:
         if self._payload_done:
             self._payload_done = False
             return self._finish(self._payload_cookie)
+        if self.extended_headers:
+            return self._next_ext_reply()
         buf = self._buf
         if len(buf) < 4:
             return NEED_DATA
@@ -639,6 +711,8 @@ class ClientConnection:
                 raise self._fail("simple success reply to NBD_CMD_BLOCK_STATUS")
             return self._finish(cookie)
         if magic != STRUCTURED_REPLY_MAGIC:
+            if magic == _EXT_MAGIC:
+                raise self._fail("extended reply, but extended headers were not negotiated")
             raise self._fail(f"bad reply magic 0x{magic:08x}")
         if not self.structured_replies:
             raise self._fail("structured reply chunk but structured replies were not "
@@ -689,6 +763,8 @@ class ClientConnection:
                 raise self._fail("NONE chunk without NBD_REPLY_FLAG_DONE")
             del buf[:20]
             return self._finish(cookie)
+        if ctype == _T_BS_EXT:
+            raise self._fail("BLOCK_STATUS_EXT chunk without extended headers")
         if ctype == ReplyType.BLOCK_STATUS:
             if op.cmd != Cmd.BLOCK_STATUS:
                 raise self._fail(f"BLOCK_STATUS chunk in reply to {cmd_name(op.cmd)}")
@@ -705,36 +781,127 @@ class ClientConnection:
                 self._payload_done = True
             return ev
         if reply_type_is_error(ctype):
-            if length < 6:
-                raise self._fail(f"error chunk of length {length} (minimum 6)")
-            if length > 6 + MAX_STRING + 64:
-                raise self._fail(f"error chunk of {length} bytes is too large")
-            if len(buf) < 20 + length:
-                return NEED_DATA
-            body = bytes(buf[20:20 + length])
-            del buf[:20 + length]
-            error, mlen = _ERR_HDR.unpack_from(body)
-            if 6 + mlen > length:
-                raise self._fail("error chunk message overruns the chunk")
-            message = body[6:6 + mlen].decode("utf-8", "replace")
-            eoff: int | None = None
-            if ctype == ReplyType.ERROR_OFFSET:
-                if length != 6 + mlen + 8:
-                    raise self._fail("ERROR_OFFSET chunk has the wrong length")
-                (eoff,) = _OFFSET.unpack_from(body, 6 + mlen)
-                if op.cmd in (Cmd.READ, Cmd.BLOCK_STATUS) and not (
-                        op.offset <= eoff < op.offset + op.length):
-                    raise self._fail(f"ERROR_OFFSET {eoff} outside the request")
-            elif ctype == ReplyType.ERROR and length != 6 + mlen:
-                raise self._fail("ERROR chunk has the wrong length")
-            if error == 0:
-                raise self._fail("error chunk with error value 0")
-            if not op.error:
-                op.error, op.message, op.error_offset = error, message, eoff
-            if done:
-                return self._finish(cookie)
-            return ReplyError(cookie, error, message, eoff)
+            return self._error_chunk(op, cookie, ctype, done, length, 20)
         raise self._fail(f"unknown structured reply chunk type {ctype}")
+
+    def _error_chunk(self, op: _Inflight, cookie: int, ctype: int, done: bool, length: int,
+                     hsize: int) -> Event | _NeedData:
+        buf = self._buf
+        if length < 6:
+            raise self._fail(f"error chunk of length {length} (minimum 6)")
+        if length > 6 + MAX_STRING + 64:
+            raise self._fail(f"error chunk of {length} bytes is too large")
+        if len(buf) < hsize + length:
+            return NEED_DATA
+        body = bytes(buf[hsize:hsize + length])
+        del buf[:hsize + length]
+        error, mlen = _ERR_HDR.unpack_from(body)
+        if 6 + mlen > length:
+            raise self._fail("error chunk message overruns the chunk")
+        message = body[6:6 + mlen].decode("utf-8", "replace")
+        eoff: int | None = None
+        if ctype == ReplyType.ERROR_OFFSET:
+            if length != 6 + mlen + 8:
+                raise self._fail("ERROR_OFFSET chunk has the wrong length")
+            (eoff,) = _OFFSET.unpack_from(body, 6 + mlen)
+            if op.cmd in (Cmd.READ, Cmd.BLOCK_STATUS) and not (
+                    op.offset <= eoff < op.offset + op.length):
+                raise self._fail(f"ERROR_OFFSET {eoff} outside the request")
+        elif ctype == ReplyType.ERROR and length != 6 + mlen:
+            raise self._fail("ERROR chunk has the wrong length")
+        if error == 0:
+            raise self._fail("error chunk with error value 0")
+        if not op.error:
+            op.error, op.message, op.error_offset = error, message, eoff
+        if done:
+            return self._finish(cookie)
+        return ReplyError(cookie, error, message, eoff)
+
+    def _next_ext_reply(self) -> Event | _NeedData:
+        """One 32-byte extended reply chunk (the only kind once negotiated)."""
+        buf = self._buf
+        if len(buf) < 32:
+            if len(buf) >= 4:
+                magic = buf[0] << 24 | buf[1] << 16 | buf[2] << 8 | buf[3]
+                if magic != _EXT_MAGIC:
+                    raise self._bad_ext_magic(magic)
+            return NEED_DATA
+        magic, cflags, ctype, cookie, roff, length = _EXT_REPLY.unpack_from(buf)
+        if magic != _EXT_MAGIC:
+            raise self._bad_ext_magic(magic)
+        op = self._inflight.get(cookie)
+        if op is None:
+            raise self._fail(f"reply chunk with unknown cookie {cookie}")
+        if roff != op.offset:
+            raise self._fail(f"extended reply for cookie {cookie} carries offset {roff}, "
+                             f"the request's is {op.offset}")
+        done = bool(cflags & _DONE)
+        if ctype == _T_DATA:
+            if op.cmd != _READ:
+                raise self._fail(f"OFFSET_DATA chunk in reply to {cmd_name(op.cmd)}")
+            if length < 9:
+                raise self._fail(f"OFFSET_DATA chunk of length {length} (minimum 9)")
+            if len(buf) < 40:
+                return NEED_DATA
+            (offset,) = _OFFSET.unpack_from(buf, 32)
+            dlen = length - 8
+            self._claim(op, offset, dlen, "OFFSET_DATA")
+            del buf[:40]
+            self.payload_remaining = dlen
+            self._payload_cookie = cookie
+            self._payload_done = done
+            self.state = State.PAYLOAD
+            return ReadData(cookie, offset, dlen)
+        if ctype == _T_NONE:
+            if length != 0:
+                raise self._fail(f"NONE chunk with length {length}")
+            if not done:
+                raise self._fail("NONE chunk without NBD_REPLY_FLAG_DONE")
+            del buf[:32]
+            return self._finish(cookie)
+        if ctype == _T_HOLE:
+            if op.cmd != _READ:
+                raise self._fail(f"OFFSET_HOLE chunk in reply to {cmd_name(op.cmd)}")
+            if length != 12:
+                raise self._fail(f"OFFSET_HOLE chunk of length {length} (must be 12)")
+            if len(buf) < 44:
+                return NEED_DATA
+            offset, hlen = _HOLE.unpack_from(buf, 32)
+            if hlen == 0:
+                raise self._fail("OFFSET_HOLE chunk with zero hole size")
+            self._claim(op, offset, hlen, "OFFSET_HOLE")
+            del buf[:44]
+            if done:
+                self._payload_cookie = cookie
+                self._payload_done = True
+            return ReadHole(cookie, offset, hlen)
+        if ctype == _T_BS_EXT:
+            if op.cmd != Cmd.BLOCK_STATUS:
+                raise self._fail(f"BLOCK_STATUS_EXT chunk in reply to {cmd_name(op.cmd)}")
+            if length < 24 or (length - 8) % 16:
+                raise self._fail(f"BLOCK_STATUS_EXT chunk of invalid length {length}")
+            if length > MAX_META_CHUNK_EXT:
+                raise self._fail(f"BLOCK_STATUS_EXT chunk of {length} bytes is too large")
+            if len(buf) < 32 + length:
+                return NEED_DATA
+            ev = self._block_status_ext(op, cookie, bytes(buf[32:32 + length]))
+            del buf[:32 + length]
+            if done:
+                self._payload_cookie = cookie
+                self._payload_done = True
+            return ev
+        if ctype == _T_BS:
+            raise self._fail("compact BLOCK_STATUS chunk under extended headers (the spec "
+                             "requires BLOCK_STATUS_EXT)")
+        if reply_type_is_error(ctype):
+            return self._error_chunk(op, cookie, ctype, done, length, 32)
+        raise self._fail(f"unknown extended reply chunk type {ctype}")
+
+    def _bad_ext_magic(self, magic: int) -> PeerProtocolError:
+        if magic in (SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC):
+            return self._fail(f"compact reply (magic 0x{magic:08x}) after extended headers "
+                              "were negotiated")
+        return self._fail(f"bad extended reply magic 0x{magic:08x}")
 
     def _claim(self, op: _Inflight, offset: int, length: int, what: str) -> None:
         end = offset + length
@@ -752,16 +919,35 @@ class ClientConnection:
         op.covered += length
         op.content_chunks += 1
 
-    def _block_status(self, op: _Inflight, cookie: int, body: bytes) -> Event:
-        (ctx,) = wire.U32.unpack_from(body)
+    def _status_context(self, op: _Inflight, ctx: int) -> None:
         if ctx not in self.meta_contexts:
             raise self._fail(f"BLOCK_STATUS chunk for unnegotiated context id {ctx}")
+        if op.contexts is not None and ctx not in op.contexts:
+            raise self._fail(f"BLOCK_STATUS chunk for context id {ctx}, which the request "
+                             f"did not ask for ({list(op.contexts)})")
         if ctx in op.status_contexts:
             raise self._fail(f"two BLOCK_STATUS chunks for context id {ctx}")
         op.status_contexts.add(ctx)
+
+    def _block_status_ext(self, op: _Inflight, cookie: int, body: bytes) -> Event:
+        ctx, count = wire.BLOCK_STATUS_EXT_HEAD.unpack_from(body)
+        n = (len(body) - 8) // 16
+        if count != n:
+            raise self._fail(f"BLOCK_STATUS_EXT chunk says {count} descriptors, carries {n}")
+        self._status_context(op, ctx)
+        vals = struct.unpack_from(f">{2 * n}Q", body, 8)
+        return self._extents(op, cookie, ctx, tuple(zip(vals[0::2], vals[1::2], strict=True)))
+
+    def _block_status(self, op: _Inflight, cookie: int, body: bytes) -> Event:
+        (ctx,) = wire.U32.unpack_from(body)
+        self._status_context(op, ctx)
         n = (len(body) - 4) // 8
         vals = struct.unpack_from(f">{2 * n}I", body, 4)
-        extents = tuple(zip(vals[0::2], vals[1::2], strict=True))
+        return self._extents(op, cookie, ctx, tuple(zip(vals[0::2], vals[1::2], strict=True)))
+
+    def _extents(self, op: _Inflight, cookie: int, ctx: int,
+                 extents: tuple[tuple[int, int], ...]) -> Event:
+        n = len(extents)
         if op.flags & _REQ_ONE and n != 1:
             raise self._fail(f"{n} extents in reply to a REQ_ONE block status")
         total = 0
@@ -781,7 +967,7 @@ class ClientConnection:
         if self.state is State.CLOSING:
             self.state = State.CLOSED
         if not op.error:
-            if op.cmd == Cmd.READ and self.structured_replies and op.covered != op.length:
+            if op.cmd == Cmd.READ and self.chunked and op.covered != op.length:
                 raise self._fail(
                     f"read reply for [{op.offset}, {op.offset + op.length}) completed "
                     f"successfully with only {op.covered} bytes covered")

@@ -23,6 +23,13 @@ EXTENDED_REPLY_MAGIC = 0x6E8A278C
 
 #: Payloads up to this size must never be treated as a denial of service (spec).
 MAX_PAYLOAD = 32 * 1024 * 1024
+#: pynbd's default maximum READ/WRITE payload (nbdkit's limit; the reference
+#: implementation's nbd-tester-client sends 47.5 MiB writes). A server option.
+DEFAULT_MAX_REQUEST = 64 * 1024 * 1024
+#: the largest maximum NBD_INFO_BLOCK_SIZE can express ("no fixed limit")
+MAX_BLOCK_SIZE_FIELD = 0xFFFFFFFF
+#: block status replies carry at most this many extents per chunk (spec: SHOULD)
+MAX_EXTENTS_PER_CHUNK = 1 << 20
 #: Strings (export names, descriptions, queries) may not exceed this (spec).
 MAX_STRING = 4096
 
@@ -169,6 +176,10 @@ class AllocationFlag(enum.IntFlag):
 
 
 BASE_ALLOCATION = "base:allocation"
+#: qemu's context: which layer of a backing chain holds the data (0 absent, 1 local,
+#: N >= 2 backing depth N); see qemu's docs/interop/nbd.rst
+QEMU_ALLOCATION_DEPTH = "qemu:allocation-depth"
+QEMU_DIRTY_BITMAP = "qemu:dirty-bitmap:"
 
 
 def errno_to_nbd(err: int | None) -> Errno:

@@ -19,20 +19,31 @@ the next N bytes are a WRITE payload so they can be received straight into a buf
 A WRITE ``Command`` is followed by ``length`` payload bytes: the driver drains what is
 already buffered with :meth:`payload_into` and reports bytes it received itself with
 :meth:`payload_received`.
+
+Extended headers (``NBD_OPT_EXTENDED_HEADERS``) live entirely in here: after the ACK
+requests are parsed in their 32-byte form (64-bit effect lengths for TRIM,
+WRITE_ZEROES, CACHE, BLOCK_STATUS; ``NBD_CMD_FLAG_PAYLOAD_LEN``; the BLOCK_STATUS
+payload that selects contexts, consumed here and reported as
+:attr:`Command.contexts`), and every reply builder produces the 32-byte extended
+chunks. The driver passes each builder the request's offset (``req_offset``, which
+extended replies echo) and otherwise does not need to know what was negotiated.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
 from pynbd.protocol import wire
 from pynbd.protocol.constants import (
     BASE_ALLOCATION,
+    DEFAULT_MAX_REQUEST,
+    EXTENDED_REQUEST_MAGIC,
     IHAVEOPT,
-    MAX_PAYLOAD,
+    MAX_BLOCK_SIZE_FIELD,
+    MAX_EXTENTS_PER_CHUNK,
     MAX_STRING,
     REQUEST_MAGIC,
     ClientFlag,
@@ -44,6 +55,7 @@ from pynbd.protocol.constants import (
     Opt,
     Rep,
     ReplyFlag,
+    ReplyType,
     TransmissionFlag,
 )
 from pynbd.protocol.errors import LocalProtocolError, PeerProtocolError
@@ -83,10 +95,16 @@ class ExportInfo:
     can_cache: bool = True
     can_multi_conn: bool = False
     rotational: bool = False
-    block_size: tuple[int, int, int] = (1, 4096, MAX_PAYLOAD)
+    #: minimum, preferred, maximum payload; the server's ``max_request_size`` caps the
+    #: maximum (0xFFFFFFFF: no limit of the export's own)
+    block_size: tuple[int, int, int] = (1, 4096, MAX_BLOCK_SIZE_FIELD)
     meta_contexts: tuple[str, ...] = (BASE_ALLOCATION,)
 
-    def transmission_flags(self, structured: bool, x_close: bool) -> int:
+    def transmission_flags(self, structured: bool, x_close: bool,
+                           block_status_payload: bool = False) -> int:
+        """``structured``: reply chunks are in use (structured replies or extended
+        headers); ``block_status_payload``: extended headers and meta contexts were
+        negotiated (NBD_FLAG_BLOCK_STATUS_PAYLOAD)."""
         f = TransmissionFlag.HAS_FLAGS
         if self.read_only:
             f |= TransmissionFlag.READ_ONLY
@@ -108,6 +126,8 @@ class ExportInfo:
             f |= TransmissionFlag.CAN_MULTI_CONN
         if self.can_cache:
             f |= TransmissionFlag.SEND_CACHE
+        if block_status_payload:
+            f |= TransmissionFlag.BLOCK_STATUS_PAYLOAD
         if x_close:
             f |= TransmissionFlag.X_SEND_CLOSE
         return int(f)
@@ -131,6 +151,16 @@ class ServerConfig:
     x_close: bool = True
     #: allow NBD_OPT_LIST to enumerate exports
     allow_list: bool = True
+    #: offer NBD_OPT_EXTENDED_HEADERS (32-byte headers, 64-bit lengths)
+    extended_headers: bool = True
+    #: largest READ/WRITE payload accepted (advertised in NBD_INFO_BLOCK_SIZE, capped
+    #: further by an export's own maximum)
+    max_request_size: int = DEFAULT_MAX_REQUEST
+
+    def __post_init__(self) -> None:
+        if not 4096 <= self.max_request_size <= MAX_BLOCK_SIZE_FIELD:
+            raise ValueError(f"max_request_size {self.max_request_size} is outside "
+                             f"[4096, {MAX_BLOCK_SIZE_FIELD}]")
 
 
 # --- events -----------------------------------------------------------------------
@@ -160,21 +190,34 @@ class ExportSelected:
 
     export: ExportInfo
     flags: int
+    #: reply chunks are in use: structured replies or extended headers were negotiated
+    #: (holes may be sent as OFFSET_HOLE, BLOCK_STATUS is possible)
     structured_replies: bool
     #: selected metadata contexts: id -> name
     meta_contexts: dict[int, str]
     x_close: bool
+    #: NBD_OPT_EXTENDED_HEADERS was negotiated (the reply builders take care of it)
+    extended_headers: bool = False
+    #: (minimum, preferred, maximum payload) in force on this connection
+    block_size: tuple[int, int, int] = (1, 4096, DEFAULT_MAX_REQUEST)
 
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    """A valid transmission request. For WRITE, ``length`` payload bytes follow."""
+    """A valid transmission request. For WRITE, ``length`` payload bytes follow.
+
+    ``length`` is the effect length: under extended headers it may exceed 32 bits for
+    TRIM, WRITE_ZEROES, CACHE and BLOCK_STATUS (never past the end of the export).
+    ``contexts`` (BLOCK_STATUS only) are the metadata context ids to answer, in order:
+    every selected one, or those the request's payload named.
+    """
 
     cmd: Cmd
     flags: int
     cookie: int
     offset: int
     length: int
+    contexts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +257,7 @@ class State(enum.Enum):
     TLS_PENDING = "tls-pending"
     TRANSMISSION = "transmission"
     PAYLOAD = "payload"  # WRITE payload for the driver
-    PAYLOAD_DISCARD = "payload-discard"  # payload of a refused WRITE
+    PAYLOAD_DISCARD = "payload-discard"  # payload of a refused request
     CLOSED = "closed"
 
 
@@ -248,6 +291,7 @@ class ServerConnection:
         self.fixed_newstyle = False
         self.tls_active = False
         self.structured_replies = False
+        self.extended_headers = False
         self.x_close = False
         self._meta_export: str | None = None
         self._meta: dict[int, str] = {}
@@ -261,6 +305,13 @@ class ServerConnection:
         self.export: ExportInfo | None = None
         self.meta_contexts: dict[int, str] = {}
         self.payload_remaining = 0
+        self.transmission_flags = 0
+        self.block_size: tuple[int, int, int] = (1, 4096, self.config.max_request_size)
+
+    @property
+    def chunked(self) -> bool:
+        """Replies are chunks (structured replies or extended headers negotiated)."""
+        return self.structured_replies or self.extended_headers
 
     # --- input ------------------------------------------------------------------
 
@@ -298,6 +349,7 @@ class ServerConnection:
             raise PeerProtocolError("client sent plaintext data after NBD_OPT_STARTTLS")
         self.tls_active = True
         self.structured_replies = False
+        self.extended_headers = False
         self.x_close = False
         self._meta_export = None
         self._meta = {}
@@ -461,7 +513,18 @@ class ServerConnection:
                 if data:
                     return self._reply_error(opt, Rep.ERR_INVALID,
                                              "NBD_OPT_STRUCTURED_REPLY takes no data")
+                if self.extended_headers:
+                    return self._reply_error(
+                        opt, Rep.ERR_EXT_HEADER_REQD,
+                        "extended headers were negotiated; they supersede structured replies")
                 self.structured_replies = True
+                self._reply(opt, Rep.ACK)
+                return OptionHandled(opt, Rep.ACK)
+            if opt == Opt.EXTENDED_HEADERS and self.config.extended_headers:
+                if data:
+                    return self._reply_error(opt, Rep.ERR_INVALID,
+                                             "NBD_OPT_EXTENDED_HEADERS takes no data")
+                self.extended_headers = True
                 self._reply(opt, Rep.ACK)
                 return OptionHandled(opt, Rep.ACK)
             if opt in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
@@ -482,6 +545,11 @@ class ServerConnection:
         if self._tls_blocked():
             self.state = State.CLOSED
             raise PeerProtocolError("NBD_OPT_EXPORT_NAME before STARTTLS on a TLS-only server")
+        if self.extended_headers:
+            # it cannot be refused, and its reply cannot say "compact headers only"
+            self.state = State.CLOSED
+            raise PeerProtocolError("NBD_OPT_EXPORT_NAME after NBD_OPT_EXTENDED_HEADERS "
+                                    "(the spec forbids it; use NBD_OPT_GO)")
         r = wire.Reader(data, "NBD_OPT_EXPORT_NAME")
         try:
             name = r.rest_text()
@@ -526,7 +594,9 @@ class ServerConnection:
         export = self.provider.lookup(name)
         if export is None:
             return self._reply_error(opt, Rep.ERR_UNKNOWN, f"no export named {name!r}")
-        flags = export.transmission_flags(self.structured_replies, self.x_close)
+        flags = export.transmission_flags(
+            self.chunked, self.x_close,
+            self.extended_headers and bool(self._selected_contexts(export, name)))
         self._reply(opt, Rep.INFO, wire.encode_info_export(export.size, flags))
         seen: set[int] = set()
         for info in infos:
@@ -538,7 +608,8 @@ class ServerConnection:
             elif info == Info.DESCRIPTION and export.description:
                 self._reply(opt, Rep.INFO, wire.encode_info_description(export.description))
             elif info == Info.BLOCK_SIZE:
-                self._reply(opt, Rep.INFO, wire.encode_info_block_size(*export.block_size))
+                self._reply(opt, Rep.INFO,
+                            wire.encode_info_block_size(*self._block_size_for(export)))
         self._reply(opt, Rep.ACK)
         if opt == Opt.INFO:
             return OptionHandled(opt, Rep.ACK)
@@ -549,9 +620,10 @@ class ServerConnection:
         if is_set:
             # SET replaces the previous selection even when it fails
             self._meta_export, self._meta = None, {}
-        if not self.structured_replies:
+        if not self.chunked:
             return self._reply_error(opt, Rep.ERR_INVALID,
-                                     "negotiate NBD_OPT_STRUCTURED_REPLY first")
+                                     "negotiate NBD_OPT_STRUCTURED_REPLY or "
+                                     "NBD_OPT_EXTENDED_HEADERS first")
         name, queries = wire.decode_meta_context_request(data)
         export = self.provider.lookup(name)
         if export is None:
@@ -581,32 +653,53 @@ class ServerConnection:
             self._meta_export, self._meta = name, selected
         return OptionHandled(opt, Rep.ACK)
 
-    def _enter_transmission(self, export: ExportInfo, flags: int,
-                            requested: str) -> ExportSelected:
-        self.export = export
+    def _selected_contexts(self, export: ExportInfo, requested: str) -> dict[int, str]:
+        """The contexts SET_META_CONTEXT selected, if it named this export."""
         if self._meta_export is not None and (
                 self._meta_export == requested
                 or self.provider.lookup(self._meta_export) == export):
-            self.meta_contexts = dict(self._meta)
-        else:
-            self.meta_contexts = {}
+            return self._meta
+        return {}
+
+    def _block_size_for(self, export: ExportInfo) -> tuple[int, int, int]:
+        """The export's block size constraints with the server's maximum applied."""
+        minimum, preferred, maximum = export.block_size
+        maximum = min(maximum, self.config.max_request_size)
+        if preferred > maximum:  # the spec: maximum >= preferred, both powers of two
+            preferred = max(minimum, 1 << (maximum.bit_length() - 1))
+        return minimum, preferred, max(maximum, minimum)
+
+    def _enter_transmission(self, export: ExportInfo, flags: int,
+                            requested: str) -> ExportSelected:
+        self.export = export
+        self.meta_contexts = dict(self._selected_contexts(export, requested))
         self.state = State.TRANSMISSION
         self.transmission_flags = flags
-        return ExportSelected(export, flags, self.structured_replies, dict(self.meta_contexts),
-                              self.x_close)
+        self.block_size = self._block_size_for(export)
+        return ExportSelected(export, flags, self.chunked, dict(self.meta_contexts),
+                              self.x_close, self.extended_headers, self.block_size)
 
     # transmission
     def _next_request(self) -> Event | _NeedData:
+        if self.extended_headers:
+            return self._next_ext_request()
         buf = self._buf
         if len(buf) < wire.REQUEST_SIZE:
+            if len(buf) >= 4 and buf[:4] == _EXT_MAGIC_BYTES:
+                self.state = State.CLOSED
+                raise PeerProtocolError("extended request header, but NBD_OPT_EXTENDED_HEADERS "
+                                        "was not negotiated")
             return NEED_DATA
         hdr = wire.REQUEST.unpack_from(buf)
-        del buf[:wire.REQUEST_SIZE]
         magic, flags, cmd, cookie, offset, length = hdr
         if magic != REQUEST_MAGIC:
             self.state = State.CLOSED
+            if magic == EXTENDED_REQUEST_MAGIC:
+                raise PeerProtocolError("extended request header, but NBD_OPT_EXTENDED_HEADERS "
+                                        "was not negotiated")
             raise PeerProtocolError(
                 f"bad request magic 0x{magic:08x} (expected 0x{REQUEST_MAGIC:08x})")
+        del buf[:wire.REQUEST_SIZE]
         export = self.export
         assert export is not None
         try:
@@ -617,33 +710,142 @@ class ServerConnection:
         if command is Cmd.WRITE:
             err = self._validate(command, flags, offset, length, export)
             if err is not None:
-                if length > MAX_WRITE_DISCARD:
+                if length > max(MAX_WRITE_DISCARD, self.block_size[2]):
                     self.state = State.CLOSED
                     raise PeerProtocolError(
                         f"WRITE payload of {length} bytes exceeds {MAX_WRITE_DISCARD}")
                 inv = InvalidCommand(cmd, flags, cookie, offset, length, err[0], err[1])
-                if length:
-                    self._pending_invalid = inv
-                    self._discard_left = length
-                    self.state = State.PAYLOAD_DISCARD
-                    return self._discard_payload()
-                return inv
+                return self._refuse_payload(inv, length)
             if length:
                 self.payload_remaining = length
                 self.state = State.PAYLOAD
             return Command(command, flags, cookie, offset, length)
+        return self._command(command, flags, cookie, offset, length, export)
+
+    def _command(self, command: Cmd, flags: int, cookie: int, offset: int, length: int,
+                 export: ExportInfo) -> Event:
+        """A request without payload (compact or extended): validate, then the event."""
         if command is Cmd.DISC:
             self.state = State.CLOSED
             self._buf.clear()
             return Disconnect()
         err = self._validate(command, flags, offset, length, export)
         if err is not None:
-            return InvalidCommand(cmd, flags, cookie, offset, length, err[0], err[1])
+            return InvalidCommand(command, flags, cookie, offset, length, err[0], err[1])
         if command is Cmd.X_CLOSE:
             self.state = State.CLOSED
             self._buf.clear()
             return SafeClose(cookie)
+        if command is Cmd.BLOCK_STATUS:
+            return Command(command, flags, cookie, offset, length,
+                           tuple(sorted(self.meta_contexts)))
         return Command(command, flags, cookie, offset, length)
+
+    def _next_ext_request(self) -> Event | _NeedData:
+        buf = self._buf
+        if len(buf) < wire.EXT_REQUEST_SIZE:
+            # a compact header is 28 bytes: recognise it from its magic instead of
+            # waiting for 4 bytes that may never come
+            if len(buf) >= 4 and buf[:4] != _EXT_MAGIC_BYTES:
+                self.state = State.CLOSED
+                if buf[:4] == _COMPACT_MAGIC_BYTES:
+                    raise PeerProtocolError("compact request header after "
+                                            "NBD_OPT_EXTENDED_HEADERS was negotiated")
+                raise PeerProtocolError(f"bad extended request magic 0x{bytes(buf[:4]).hex()} "
+                                        f"(expected 0x{EXTENDED_REQUEST_MAGIC:08x})")
+            return NEED_DATA
+        magic, flags, cmd, cookie, offset, length = wire.EXT_REQUEST.unpack_from(buf)
+        if magic != EXTENDED_REQUEST_MAGIC:
+            self.state = State.CLOSED
+            if magic == REQUEST_MAGIC:
+                raise PeerProtocolError("compact request header after NBD_OPT_EXTENDED_HEADERS "
+                                        "was negotiated")
+            raise PeerProtocolError(f"bad extended request magic 0x{magic:08x} "
+                                    f"(expected 0x{EXTENDED_REQUEST_MAGIC:08x})")
+        export = self.export
+        assert export is not None
+        try:
+            command: Cmd | None = Cmd(cmd)
+        except ValueError:
+            command = None
+        if command is Cmd.DISC:
+            del buf[:wire.EXT_REQUEST_SIZE]
+            return self._command(Cmd.DISC, flags, cookie, offset, length, export)
+        if not flags & _PAYLOAD_LEN and command is not Cmd.WRITE:
+            # no payload: ``length`` is an effect length (64 bits)
+            del buf[:wire.EXT_REQUEST_SIZE]
+            if command is None:
+                return InvalidCommand(cmd, flags, cookie, offset, length, Errno.EINVAL,
+                                      f"unknown command {cmd}")
+            return self._command(command, flags, cookie, offset, length, export)
+        # a payload of ``length`` bytes follows the header. A WRITE always has one: the
+        # spec wants NBD_CMD_FLAG_PAYLOAD_LEN on it, but qemu's client (10.0) leaves the
+        # flag off, and refusing without reading the data would desynchronise the stream
+        maximum = self.block_size[2]
+        if length > maximum:
+            # spec: SHOULD disconnect (reading it would be a denial of service)
+            self.state = State.CLOSED
+            raise PeerProtocolError(
+                f"request payload of {length} bytes exceeds the maximum payload {maximum}")
+        plain = flags & ~_PAYLOAD_LEN
+        if command is Cmd.WRITE:
+            del buf[:wire.EXT_REQUEST_SIZE]
+            err = self._validate(command, plain, offset, length, export)
+            if err is not None:
+                inv = InvalidCommand(cmd, flags, cookie, offset, length, err[0], err[1])
+                return self._refuse_payload(inv, length)
+            if length:
+                self.payload_remaining = length
+                self.state = State.PAYLOAD
+            return Command(command, flags, cookie, offset, length)
+        if command is Cmd.BLOCK_STATUS and \
+                self.transmission_flags & TransmissionFlag.BLOCK_STATUS_PAYLOAD and \
+                8 <= length <= 8 + 4 * len(self.meta_contexts) and length % 4 == 0:
+            # small (bounded by the number of selected contexts): wait for all of it
+            if len(buf) < wire.EXT_REQUEST_SIZE + length:
+                return NEED_DATA
+            payload = bytes(buf[wire.EXT_REQUEST_SIZE:wire.EXT_REQUEST_SIZE + length])
+            del buf[:wire.EXT_REQUEST_SIZE + length]
+            effect, ids = wire.decode_block_status_payload(payload)
+            problem = ""
+            if not ids:
+                problem = "block status payload names no metadata context"
+            elif len(set(ids)) != len(ids):
+                problem = f"block status payload names a context id twice ({ids})"
+            else:
+                unknown = [i for i in ids if i not in self.meta_contexts]
+                if unknown:
+                    problem = f"block status payload names unknown context id(s) {unknown}"
+            if problem:
+                return InvalidCommand(cmd, flags, cookie, offset, effect, Errno.EINVAL,
+                                      problem)
+            err = self._validate(command, plain, offset, effect, export)
+            if err is not None:
+                return InvalidCommand(cmd, flags, cookie, offset, effect, err[0], err[1])
+            return Command(command, flags, cookie, offset, effect, tuple(ids))
+        # a command that takes no payload (or a malformed block status payload): the
+        # spec wants the payload consumed, then EINVAL
+        del buf[:wire.EXT_REQUEST_SIZE]
+        if command is Cmd.BLOCK_STATUS:
+            if not self.transmission_flags & TransmissionFlag.BLOCK_STATUS_PAYLOAD:
+                why = "block status payload, but NBD_FLAG_BLOCK_STATUS_PAYLOAD was not offered"
+            else:
+                why = (f"block status payload of {length} bytes (must be 8 + 4n with n "
+                       f"between 1 and {len(self.meta_contexts)} selected contexts)")
+        else:
+            name = command.name if command is not None else f"command {cmd}"
+            why = f"{name} takes no payload (NBD_CMD_FLAG_PAYLOAD_LEN set)"
+        inv = InvalidCommand(cmd, flags, cookie, offset, length, Errno.EINVAL, why)
+        return self._refuse_payload(inv, length)
+
+    def _refuse_payload(self, inv: InvalidCommand, length: int) -> Event | _NeedData:
+        """Consume ``length`` payload bytes of a refused request, then report it."""
+        if not length:
+            return inv
+        self._pending_invalid = inv
+        self._discard_left = length
+        self.state = State.PAYLOAD_DISCARD
+        return self._discard_payload()
 
     def _discard_payload(self) -> Event | _NeedData:
         n = min(self._discard_left, len(self._buf))
@@ -680,12 +882,10 @@ class ServerConnection:
             if not tf & TransmissionFlag.SEND_FLUSH:
                 return Errno.EINVAL, "FLUSH not supported on this export"
             return None
-        if flags & CmdFlag.DF and not self.structured_replies:
+        if flags & CmdFlag.DF and not self.chunked:
             return Errno.EINVAL, "DF flag needs structured replies"
         if cmd is Cmd.RESIZE:
             return Errno.EINVAL, "RESIZE not supported"
-        if cmd in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES) and export.read_only:
-            return Errno.EPERM, f"{name} on read-only export {export.name!r}"
         if cmd is Cmd.TRIM and not tf & TransmissionFlag.SEND_TRIM:
             return Errno.EINVAL, "TRIM not supported on this export"
         if cmd is Cmd.WRITE_ZEROES:
@@ -700,11 +900,12 @@ class ServerConnection:
                 return Errno.EINVAL, "BLOCK_STATUS without a negotiated metadata context"
             if length == 0:
                 return Errno.EINVAL, "BLOCK_STATUS with length 0"
-        if cmd in (Cmd.READ, Cmd.WRITE) and length > export.block_size[2]:
-            # spec: EOVERFLOW only for READ when DF is supported (structured replies)
-            overflow = cmd is Cmd.READ and self.structured_replies
+        maximum = self.block_size[2]
+        if cmd in (Cmd.READ, Cmd.WRITE) and length > maximum:
+            # spec: EOVERFLOW only for READ when DF is supported (reply chunks)
+            overflow = cmd is Cmd.READ and self.chunked
             return Errno.EOVERFLOW if overflow else Errno.EINVAL, \
-                f"{name} of {length} bytes exceeds the maximum payload {export.block_size[2]}"
+                f"{name} of {length} bytes exceeds the maximum payload {maximum}"
         if offset + length > export.size:
             err = Errno.ENOSPC if cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Errno.EINVAL
             return err, (f"{name} at offset {offset} length {length} is past the end of "
@@ -715,52 +916,128 @@ class ServerConnection:
         return None
 
     # --- replies (bytes out) --------------------------------------------------------
+    #
+    # ``req_offset`` is the offset of the request being answered: extended replies echo
+    # it (the spec: MUST match). Pass it always; compact replies ignore it.
+
+    def _req_offset(self, req_offset: int | None, what: str) -> int:
+        if req_offset is None:
+            raise LocalProtocolError(f"{what} under extended headers needs req_offset "
+                                     "(the request's offset)")
+        return req_offset
 
     def simple_reply(self, cookie: int, error: int = 0) -> bytes:
+        if self.extended_headers:
+            raise LocalProtocolError("simple replies are not allowed under extended headers")
         return wire.encode_simple_reply(cookie, error)
 
-    def ok_reply(self, cookie: int) -> bytes:
+    def ok_reply(self, cookie: int, req_offset: int | None = None) -> bytes:
         """Success without payload (WRITE, FLUSH, TRIM, ...)."""
+        if self.extended_headers:
+            return wire.encode_ext_chunk_header(cookie, ReplyType.NONE, ReplyFlag.DONE,
+                                                self._req_offset(req_offset, "ok_reply"), 0)
         if self.structured_replies:
             return wire.encode_chunk_header(cookie, 0, ReplyFlag.DONE, 0)
         return wire.encode_simple_reply(cookie, 0)
 
-    def error_reply(self, cookie: int, error: int, message: str = "") -> bytes:
+    def error_reply(self, cookie: int, error: int, message: str = "",
+                    req_offset: int | None = None) -> bytes:
+        if self.extended_headers:
+            return wire.encode_ext_error_chunk(cookie,
+                                               self._req_offset(req_offset, "error_reply"),
+                                               error, message, ReplyFlag.DONE)
         if self.structured_replies:
             return wire.encode_error_chunk(cookie, error, message, ReplyFlag.DONE)
         return wire.encode_simple_reply(cookie, error)
 
     def read_reply_header(self, cookie: int, offset: int, length: int,
-                          done: bool = True) -> bytes:
-        """Header preceding ``length`` bytes of read data (simple or OFFSET_DATA)."""
+                          done: bool = True, req_offset: int | None = None) -> bytes:
+        """Header preceding ``length`` bytes of read data at ``offset`` (simple reply or
+        OFFSET_DATA). ``req_offset`` defaults to ``offset`` (a reply in one piece)."""
+        flags = ReplyFlag.DONE if done else 0
+        if self.extended_headers:
+            ro = offset if req_offset is None else req_offset
+            if length == 0:
+                return wire.encode_ext_chunk_header(cookie, ReplyType.NONE, flags, ro, 0)
+            return wire.encode_ext_offset_data_header(cookie, ro, offset, length, flags)
         if self.structured_replies and length == 0:
             # OFFSET_DATA needs at least 1 byte of data (chunk length >= 9): a
             # zero-length read succeeds with a NONE chunk
-            return wire.encode_chunk_header(cookie, 0, ReplyFlag.DONE if done else 0, 0)
+            return wire.encode_chunk_header(cookie, 0, flags, 0)
         if self.structured_replies:
-            return wire.encode_offset_data_header(cookie, offset, length,
-                                                  ReplyFlag.DONE if done else 0)
+            return wire.encode_offset_data_header(cookie, offset, length, flags)
         return wire.encode_simple_reply(cookie, 0)
 
-    def hole_chunk(self, cookie: int, offset: int, length: int, done: bool) -> bytes:
+    def hole_chunk(self, cookie: int, offset: int, length: int, done: bool,
+                   req_offset: int | None = None) -> bytes:
+        flags = ReplyFlag.DONE if done else 0
+        if self.extended_headers:
+            return wire.encode_ext_offset_hole(cookie, self._req_offset(req_offset, "hole_chunk"),
+                                               offset, length, flags)
         if not self.structured_replies:
             raise LocalProtocolError("OFFSET_HOLE needs structured replies")
-        return wire.encode_offset_hole(cookie, offset, length, ReplyFlag.DONE if done else 0)
+        return wire.encode_offset_hole(cookie, offset, length, flags)
 
-    def done_chunk(self, cookie: int) -> bytes:
+    def done_chunk(self, cookie: int, req_offset: int | None = None) -> bytes:
+        if self.extended_headers:
+            return wire.encode_ext_chunk_header(cookie, ReplyType.NONE, ReplyFlag.DONE,
+                                                self._req_offset(req_offset, "done_chunk"), 0)
         return wire.encode_chunk_header(cookie, 0, ReplyFlag.DONE, 0)
 
     def block_status_reply(self, cookie: int, extents: Iterable[tuple[int, int]],
-                           done: bool = True, context_id: int | None = None) -> list[bytes]:
-        """One BLOCK_STATUS chunk per selected context (same extents for each)."""
-        ids = [context_id] if context_id is not None else sorted(self.meta_contexts)
+                           done: bool = True, context_id: int | None = None, *,
+                           contexts: Sequence[int] | None = None,
+                           req_offset: int | None = None,
+                           per_context: Mapping[int, Sequence[tuple[int, int]]] | None = None,
+                           ) -> list[bytes]:
+        """One status chunk per context: ``contexts`` (a Command's ``contexts``; default
+        every selected one, or just ``context_id``), each with ``extents`` or its own
+        list from ``per_context``. Extents are (length, flags) pairs; at most 2^20 go in
+        a chunk, and compact replies cap an extent below 4 GiB (a shorter answer is
+        allowed: the client asks again for the rest)."""
+        if contexts is not None:
+            ids = list(contexts)
+        elif context_id is not None:
+            ids = [context_id]
+        else:
+            ids = sorted(self.meta_contexts)
+        if not ids:
+            raise LocalProtocolError("block status reply for no metadata context")
         ext = list(extents)
+        ro = self._req_offset(req_offset, "block_status_reply") \
+            if self.extended_headers else 0
         out = []
         for i, cid in enumerate(ids):
             last = i == len(ids) - 1
-            out.append(wire.encode_block_status(cookie, cid, ext,
-                                                ReplyFlag.DONE if (done and last) else 0))
+            flags = ReplyFlag.DONE if (done and last) else 0
+            lst = _cap_extents(per_context[cid] if per_context is not None and
+                               cid in per_context else ext, self.extended_headers)
+            if self.extended_headers:
+                out.append(wire.encode_block_status_ext(cookie, ro, cid, lst, flags))
+            else:
+                out.append(wire.encode_block_status(cookie, cid, lst, flags))
         return out
+
+
+#: compact BLOCK_STATUS extents must fit 32 bits; cut at a multiple of every allowed
+#: minimum block size (<= 64 KiB)
+_COMPACT_EXTENT_MAX = 0x100000000 - 0x10000
+_PAYLOAD_LEN = int(CmdFlag.PAYLOAD_LEN)
+_EXT_MAGIC_BYTES = EXTENDED_REQUEST_MAGIC.to_bytes(4, "big")
+_COMPACT_MAGIC_BYTES = REQUEST_MAGIC.to_bytes(4, "big")
+
+
+def _cap_extents(extents: Sequence[tuple[int, int]], extended: bool) -> list[tuple[int, int]]:
+    out = list(extents[:MAX_EXTENTS_PER_CHUNK])
+    if not out:
+        raise LocalProtocolError("block status chunk needs at least one extent")
+    if not extended:
+        for i, (length, state) in enumerate(out):
+            if length > _COMPACT_EXTENT_MAX:
+                # the rest would no longer start where this one ends: stop here
+                out = [*out[:i], (_COMPACT_EXTENT_MAX, state)]
+                break
+    return out
 
 
 def _opt_name(opt: int) -> str:

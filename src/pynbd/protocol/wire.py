@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Final
 
 from pynbd.protocol.constants import (
+    EXTENDED_REPLY_MAGIC,
+    EXTENDED_REQUEST_MAGIC,
     IHAVEOPT,
     MAX_STRING,
     NBDMAGIC,
@@ -50,11 +52,18 @@ INFO_BLOCK_SIZE = struct.Struct(">HIII")  # info type, minimum, preferred, maxim
 OFFSET = struct.Struct(">Q")
 ERROR_CHUNK = struct.Struct(">IH")  # error, message length
 EXTENT = struct.Struct(">II")  # length, flags
+# extended headers (NBD_OPT_EXTENDED_HEADERS)
+EXT_REQUEST = struct.Struct(">IHHQQQ")  # magic, flags, type, cookie, offset, length
+EXT_REPLY = struct.Struct(">IHHQQQ")  # magic, flags, type, cookie, offset, payload length
+EXTENT_EXT = struct.Struct(">QQ")  # length, flags (NBD_REPLY_TYPE_BLOCK_STATUS_EXT)
+BLOCK_STATUS_EXT_HEAD = struct.Struct(">II")  # context id, descriptor count
 
 GREETING_SIZE = GREETING.size  # 18
 REQUEST_SIZE = REQUEST.size  # 28
 SIMPLE_REPLY_SIZE = SIMPLE_REPLY.size  # 16
 CHUNK_SIZE = CHUNK.size  # 20
+EXT_REQUEST_SIZE = EXT_REQUEST.size  # 32
+EXT_REPLY_SIZE = EXT_REPLY.size  # 32
 ZEROES_124 = bytes(124)
 
 
@@ -229,15 +238,16 @@ def encode_offset_hole(cookie: int, offset: int, length: int, flags: int) -> byt
         struct.pack(">QI", offset, length)
 
 
-def encode_error_chunk(cookie: int, error: int, message: str, flags: int,
-                       offset: int | None = None) -> bytes:
+def _error_body(error: int, message: str, offset: int | None) -> tuple[int, bytes]:
     raw = truncate_utf8(message, MAX_STRING)
     if offset is None:
-        body = ERROR_CHUNK.pack(error, len(raw)) + raw
-        rtype = ReplyType.ERROR
-    else:
-        body = ERROR_CHUNK.pack(error, len(raw)) + raw + OFFSET.pack(offset)
-        rtype = ReplyType.ERROR_OFFSET
+        return ReplyType.ERROR, ERROR_CHUNK.pack(error, len(raw)) + raw
+    return ReplyType.ERROR_OFFSET, ERROR_CHUNK.pack(error, len(raw)) + raw + OFFSET.pack(offset)
+
+
+def encode_error_chunk(cookie: int, error: int, message: str, flags: int,
+                       offset: int | None = None) -> bytes:
+    rtype, body = _error_body(error, message, offset)
     return encode_chunk_header(cookie, rtype, flags, len(body)) + body
 
 
@@ -249,6 +259,65 @@ def encode_block_status(cookie: int, context_id: int, extents: Iterable[tuple[in
     return encode_chunk_header(cookie, ReplyType.BLOCK_STATUS, flags, len(payload)) + payload
 
 
+# --- extended headers ---------------------------------------------------------------
+
+def encode_ext_request(cmd: int, flags: int, cookie: int, offset: int, length: int) -> bytes:
+    """32-byte request; ``length`` is the payload length with NBD_CMD_FLAG_PAYLOAD_LEN,
+    else the 64-bit effect length."""
+    return EXT_REQUEST.pack(EXTENDED_REQUEST_MAGIC, flags, cmd, cookie, offset, length)
+
+
+def encode_ext_chunk_header(cookie: int, reply_type: int, flags: int, offset: int,
+                            length: int) -> bytes:
+    """32-byte reply header; ``offset`` is the request's offset (the spec: MUST match)."""
+    return EXT_REPLY.pack(EXTENDED_REPLY_MAGIC, flags, reply_type, cookie, offset, length)
+
+
+def encode_ext_offset_data_header(cookie: int, req_offset: int, offset: int,
+                                  data_length: int, flags: int) -> bytes:
+    """Extended OFFSET_DATA header + data offset; the data follows (sent separately)."""
+    return encode_ext_chunk_header(cookie, ReplyType.OFFSET_DATA, flags, req_offset,
+                                   8 + data_length) + OFFSET.pack(offset)
+
+
+def encode_ext_offset_hole(cookie: int, req_offset: int, offset: int, length: int,
+                           flags: int) -> bytes:
+    """Extended OFFSET_HOLE: the hole size stays 32 bits (spec)."""
+    return encode_ext_chunk_header(cookie, ReplyType.OFFSET_HOLE, flags, req_offset, 12) + \
+        struct.pack(">QI", offset, length)
+
+
+def encode_ext_error_chunk(cookie: int, req_offset: int, error: int, message: str,
+                           flags: int, offset: int | None = None) -> bytes:
+    rtype, body = _error_body(error, message, offset)
+    return encode_ext_chunk_header(cookie, rtype, flags, req_offset, len(body)) + body
+
+
+def encode_block_status_ext(cookie: int, req_offset: int, context_id: int,
+                            extents: Sequence[tuple[int, int]], flags: int) -> bytes:
+    """NBD_REPLY_TYPE_BLOCK_STATUS_EXT: 64-bit extent lengths and status flags."""
+    body = [BLOCK_STATUS_EXT_HEAD.pack(context_id, len(extents))]
+    body.extend(EXTENT_EXT.pack(length, state) for length, state in extents)
+    payload = b"".join(body)
+    return encode_ext_chunk_header(cookie, ReplyType.BLOCK_STATUS_EXT, flags, req_offset,
+                                   len(payload)) + payload
+
+
+def encode_block_status_payload(effect_length: int, context_ids: Sequence[int]) -> bytes:
+    """Payload of an NBD_CMD_BLOCK_STATUS with NBD_CMD_FLAG_PAYLOAD_LEN: the effect
+    length, then the context ids to report (NBD_FLAG_BLOCK_STATUS_PAYLOAD)."""
+    return U64.pack(effect_length) + b"".join(U32.pack(i) for i in context_ids)
+
+
+def decode_block_status_payload(data: bytes | memoryview) -> tuple[int, list[int]]:
+    if len(data) < 8 or (len(data) - 8) % 4:
+        raise PeerProtocolError(
+            f"block status payload of {len(data)} bytes (must be 8 + 4n)")
+    (length,) = U64.unpack_from(data)
+    n = (len(data) - 8) // 4
+    return length, list(struct.unpack_from(f">{n}I", data, 8))
+
+
 @dataclass(frozen=True, slots=True)
 class RequestHeader:
     flags: int
@@ -256,6 +325,17 @@ class RequestHeader:
     cookie: int
     offset: int
     length: int
+
+
+def decode_ext_request(data: bytes | memoryview) -> RequestHeader:
+    if len(data) != EXT_REQUEST.size:
+        raise PeerProtocolError(
+            f"extended request header of {len(data)} bytes (expected {EXT_REQUEST.size})")
+    magic, flags, cmd, cookie, offset, length = EXT_REQUEST.unpack(data)
+    if magic != EXTENDED_REQUEST_MAGIC:
+        raise PeerProtocolError(f"bad extended request magic 0x{magic:08x} "
+                                f"(expected 0x{EXTENDED_REQUEST_MAGIC:08x})")
+    return RequestHeader(flags, cmd, cookie, offset, length)
 
 
 def decode_request(data: bytes | memoryview) -> RequestHeader:

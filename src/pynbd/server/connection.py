@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from pynbd.backends.base import STATE_HOLE, Extent, ThreadModel
 from pynbd.filters.base import Verdict
-from pynbd.protocol.constants import Cmd, CmdFlag, Errno, errno_to_nbd
+from pynbd.protocol.constants import BASE_ALLOCATION, Cmd, CmdFlag, Errno, errno_to_nbd
 from pynbd.protocol.errors import PeerProtocolError
 from pynbd.protocol.server import (
     NEED_DATA,
@@ -459,7 +459,7 @@ class Connection:
                     self.counters.requests += 1
                     self.counters.errors += 1
                     log.debug("%s: refused request: %s", self.peer, safe(ev.message))
-                    out.append(proto.error_reply(ev.cookie, ev.error, ev.message))
+                    out.append(proto.error_reply(ev.cookie, ev.error, ev.message, ev.offset))
                 elif isinstance(ev, Disconnect | SafeClose):
                     self._ending = ev
                     self.phase = Phase.CLOSING
@@ -528,8 +528,9 @@ class Connection:
             self._timer = None
         self._debug = log.isEnabledFor(logging.DEBUG)
         self.worker.connection_negotiated(self)
-        log.info("%s: export %s selected (structured replies %s, flags 0x%x)",
-                 self.peer, safe(rt.name), ev.structured_replies, ev.flags)
+        log.info("%s: export %s selected (structured replies %s, extended headers %s, "
+                 "flags 0x%x)", self.peer, safe(rt.name), ev.structured_replies,
+                 ev.extended_headers, ev.flags)
 
     def rebind(self) -> None:
         """(Re)build this connection's stack: the runtime's layers (pause, write tracking,
@@ -808,7 +809,7 @@ class Connection:
             if a.verdict is Verdict.REFUSE:
                 self._release(buf, mv)
                 self.counters.errors += 1
-                out.append(self.proto.error_reply(ev.cookie, a.errno, a.message))
+                out.append(self.proto.error_reply(ev.cookie, a.errno, a.message, ev.offset))
                 return True
         if rt.blocking or (rt.slow_sync and (ev.cmd is Cmd.FLUSH or ev.flags & CmdFlag.FUA)):
             self._submit(ev, buf, mv)
@@ -852,7 +853,7 @@ class Connection:
         try:
             self.backend.pwrite(mv, ev.offset, bool(ev.flags & CmdFlag.FUA))
             self.counters.bytes_written += ev.length
-            out.append(self.proto.ok_reply(ev.cookie))
+            out.append(self.proto.ok_reply(ev.cookie, ev.offset))
         except OSError as exc:
             out.append(self._error(ev, exc))
         except Exception as exc:
@@ -879,13 +880,12 @@ class Connection:
             elif cmd is Cmd.CACHE:
                 backend.cache(ev.offset, ev.length)
             elif cmd is Cmd.BLOCK_STATUS:
-                extents = self._block_status(backend.extents(ev.offset, ev.length), ev)
-                out.extend(proto.block_status_reply(ev.cookie, extents))
+                out.extend(self._block_status_chunks(ev))
                 return
             elif cmd is Cmd.WRITE:  # zero-length write
                 backend.pwrite(memoryview(b""), ev.offset, bool(ev.flags & CmdFlag.FUA))
             else:  # pragma: no cover - the core validated the command
-                out.append(proto.error_reply(ev.cookie, Errno.EINVAL, "unsupported"))
+                out.append(proto.error_reply(ev.cookie, Errno.EINVAL, "unsupported", ev.offset))
                 return
         except OSError as exc:
             out.append(self._error(ev, exc))
@@ -893,7 +893,7 @@ class Connection:
         except Exception as exc:
             out.append(self._bug(ev, exc))
             return
-        out.append(proto.ok_reply(ev.cookie))
+        out.append(proto.ok_reply(ev.cookie, ev.offset))
 
     def _bug(self, ev: Command, exc: Exception) -> bytes:
         """The backend raised something other than OSError: EIO for this request; the
@@ -910,7 +910,8 @@ class Connection:
             log.debug("%s: backend raised %s in %s: %s", self.peer, type(exc).__name__,
                       ev.cmd.name, safe(exc))
         return self.proto.error_reply(ev.cookie, Errno.EIO,
-                                      f"{ev.cmd.name} failed: internal error in the backend")
+                                      f"{ev.cmd.name} failed: internal error in the backend",
+                                      ev.offset)
 
     def _error(self, ev: Command, exc: OSError) -> bytes:
         self.counters.errors += 1
@@ -921,7 +922,27 @@ class Connection:
             log.warning("%s: %s offset %d length %d failed: %s", self.peer, ev.cmd.name,
                         ev.offset, ev.length, exc)
         return self.proto.error_reply(ev.cookie, err,
-                                      f"{ev.cmd.name} failed: {exc.strerror or exc}")
+                                      f"{ev.cmd.name} failed: {exc.strerror or exc}", ev.offset)
+
+    def _block_status_chunks(self, ev: Command) -> list[bytes]:
+        """Status chunks for the contexts the request asks about (every selected one, or
+        those its payload named under extended headers)."""
+        rt = self.runtime
+        assert rt is not None
+        names = self.proto.meta_contexts
+        per: dict[int, list[tuple[int, int]]] = {}
+        base: list[tuple[int, int]] | None = None
+        for cid in ev.contexts:
+            name = names.get(cid, "")
+            if name == BASE_ALLOCATION:
+                if base is None:
+                    base = self._block_status(self.backend.extents(ev.offset, ev.length), ev)
+                per[cid] = base
+            else:
+                per[cid] = self._block_status(rt.context_extents(name, ev.offset, ev.length),
+                                              ev)
+        return self.proto.block_status_reply(ev.cookie, (), contexts=ev.contexts,
+                                             req_offset=ev.offset, per_context=per)
 
     @staticmethod
     def _block_status(extents: list[Extent], ev: Command) -> list[tuple[int, int]]:
@@ -1027,10 +1048,11 @@ class Connection:
         for i, (off, n, hole) in enumerate(pieces):
             last = i == len(pieces) - 1
             if hole:
-                chunks.append(proto.hole_chunk(ev.cookie, off, n, last))
+                chunks.append(proto.hole_chunk(ev.cookie, off, n, last, ev.offset))
                 continue
             if self._sendfile_ok and n >= BIG_REPLY:
-                chunks.append(proto.read_reply_header(ev.cookie, off, n, done=last))
+                chunks.append(proto.read_reply_header(ev.cookie, off, n, done=last,
+                                                      req_offset=ev.offset))
                 chunks.append(_FileSlice(self._sendfile_fd, off, n))
                 continue
             buf = pool.get(n)
@@ -1046,7 +1068,8 @@ class Connection:
                         c()
                 out.append(self._error(ev, exc))
                 return
-            chunks.append(proto.read_reply_header(ev.cookie, off, n, done=last))
+            chunks.append(proto.read_reply_header(ev.cookie, off, n, done=last,
+                                                  req_offset=ev.offset))
             chunks.append(mv)
             chunks.append(_releaser(pool, buf, mv))
         out.extend(chunks)
@@ -1115,7 +1138,7 @@ class Connection:
         else:
             if cmd is Cmd.WRITE:
                 self.counters.bytes_written += ev.length
-            out.append(self.proto.ok_reply(ev.cookie))
+            out.append(self.proto.ok_reply(ev.cookie, ev.offset))
         self._completed_impl(ev, buf, mv, out)
 
     def _blocking_call(self, ev: Command, mv: memoryview | None) -> list[OutItem]:
@@ -1225,12 +1248,12 @@ class Connection:
             self._ending = None
             self.end_reason = "safe close" if err is None else "safe close failed (flush)"
             if err is None:
-                out.append(self.proto.ok_reply(ending.cookie))
+                out.append(self.proto.ok_reply(ending.cookie, 0))
                 log.info("%s: safe close", self.peer)
             else:
                 self.counters.errors += 1
                 out.append(self.proto.error_reply(ending.cookie, errno_to_nbd(err.errno),
-                                                  f"flush failed: {err}"))
+                                                  f"flush failed: {err}", 0))
                 log.warning("%s: safe close failed: flush: %s", self.peer, err)
         else:
             if err is not None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pynbd.backends.base import Backend, BackendError
-from pynbd.protocol.constants import BASE_ALLOCATION, MAX_PAYLOAD
+from pynbd.protocol.constants import BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH
 from pynbd.protocol.server import ExportInfo
 
 
@@ -116,13 +116,13 @@ class Export:
     backend: Backend
     description: str = ""
     read_only: bool = False
-    #: largest READ/WRITE payload advertised (NBD_INFO_BLOCK_SIZE maximum)
-    max_request: int = MAX_PAYLOAD
     info: ExportInfo = field(init=False)
     #: set by migration: pauses and steps down client I/O
     gate: IOGate | None = None
     _tracker: Any = field(default=None, repr=False)
     _tracker_backend: TrackerBackend | None = field(default=None, repr=False)
+    #: also serve qemu:allocation-depth (every byte local: no backing chains here)
+    allocation_depth: bool = False
 
     def __post_init__(self) -> None:
         b = self.backend
@@ -142,9 +142,10 @@ class Export:
             can_cache=b.can_cache,
             can_multi_conn=b.can_multi_conn,
             rotational=b.rotational,
-            block_size=(minimum, min(preferred, maximum, self.max_request),
-                        min(maximum, self.max_request)),
-            meta_contexts=(BASE_ALLOCATION,),
+            # the server's max_request_size caps the maximum (protocol core)
+            block_size=(minimum, preferred, maximum),
+            meta_contexts=(BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH) if self.allocation_depth
+            else (BASE_ALLOCATION,),
         )
 
     @property

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pynbd.backends.base import ConfigError, ThreadModel
+from pynbd.protocol.constants import DEFAULT_MAX_REQUEST
 from pynbd.protocol.server import ServerConfig, TLSMode
 from pynbd.server.acl import AccessList
 from pynbd.server.channel import Channel, channel_pair
@@ -79,6 +80,10 @@ class ServerOptions:
     log_level: int = logging.INFO
     log_format: str = "text"
     log_quiet_server: bool = True
+    #: offer NBD_OPT_EXTENDED_HEADERS
+    extended_headers: bool = True
+    #: largest READ/WRITE payload accepted (NBD_INFO_BLOCK_SIZE maximum)
+    max_request_size: int = DEFAULT_MAX_REQUEST
 
 
 @dataclass
@@ -420,7 +425,10 @@ class Server:
         self.tls_context = self.options.tls_context
         if self.options.tls is not TLSMode.OFF and self.tls_context is None:
             raise ValueError("TLS enabled but no certificates configured")
-        self.protocol_config = ServerConfig(tls=self.options.tls, x_close=self.options.x_close)
+        self.protocol_config = ServerConfig(
+            tls=self.options.tls, x_close=self.options.x_close,
+            extended_headers=self.options.extended_headers,
+            max_request_size=self.options.max_request_size)
         self.loop = Loop()
         from pynbd.protocol.server import ServerConnection
 
@@ -567,7 +575,9 @@ class Server:
             "index": index,
             "exports": exports,
             "default": self.registry.default,
-            "protocol": {"tls": self.options.tls.value, "x_close": self.options.x_close},
+            "protocol": {"tls": self.options.tls.value, "x_close": self.options.x_close,
+                         "extended_headers": self.options.extended_headers,
+                         "max_request_size": self.options.max_request_size},
             "tls_files": self.options.tls_files,
             "limits": asdict(self.limits),
             "log_level": self.options.log_level,

@@ -15,6 +15,7 @@ without disconnecting anyone.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import ssl
@@ -24,10 +25,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
-from pynbd.backends.base import Backend, ThreadModel
+from pynbd.backends.base import Backend, Extent, ThreadModel
 from pynbd.filters.base import Filter
 from pynbd.filters.pause import PauseFilter, PauseState
 from pynbd.filters.track import TrackFilter
+from pynbd.protocol.constants import QEMU_ALLOCATION_DEPTH
 from pynbd.protocol.server import ExportInfo, ExportProvider, ServerConfig
 from pynbd.server.buffers import Buffer, BufferPool
 from pynbd.server.connection import Connection, Counters
@@ -111,6 +113,14 @@ class ExportRuntime:
         self._refresh()
         for conn in self.connections:
             conn.rebind()
+
+    def context_extents(self, name: str, offset: int, length: int) -> list[Extent]:
+        """Extents of a metadata context other than base:allocation."""
+        if name == QEMU_ALLOCATION_DEPTH:
+            # no backing chains here: every byte is local (depth 1), what qemu-nbd -A
+            # reports for a raw image
+            return [Extent(length, 1)]
+        raise OSError(errno.EINVAL, f"no metadata context {name!r} on this export")
 
     def counters(self) -> Counters:
         c = Counters()

@@ -91,7 +91,9 @@ def main(argv: list[str]) -> int:
     for e in cfg["exports"]:
         backends[e["name"]] = open_worker_backend(e["backend"])
     proto = cfg["protocol"]
-    pconf = ServerConfig(tls=TLSMode(proto["tls"]), x_close=bool(proto["x_close"]))
+    pconf = ServerConfig(tls=TLSMode(proto["tls"]), x_close=bool(proto["x_close"]),
+                         extended_headers=bool(proto.get("extended_headers", True)),
+                         max_request_size=int(proto["max_request_size"]))
     tls_ctx = None
     if cfg.get("tls_files"):
         from pynbd.server.tls import server_tls_context
