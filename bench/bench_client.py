@@ -35,7 +35,8 @@ from pynbd.client import connect  # noqa: E402
 from pynbd.util.sizes import parse_size  # noqa: E402
 
 
-def start_nbdkit(workdir: Path, name: str, size: int, tcp: bool = False) -> tuple[subprocess.Popen[bytes], str]:
+def start_nbdkit(workdir: Path, name: str, size: int,
+                 tcp: bool = False) -> tuple[subprocess.Popen[bytes], str]:
     if tcp:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

@@ -62,8 +62,8 @@ LANES: list[tuple[str, tuple[str, ...]]] = [
     ("support/test_ceph_cluster.py", ("ceph",)),  # imports rados
     ("security/", ("interop",)),  # libnbd's Python bindings (import nbd)
     ("server/test_workers.py", ("interop",)),  # import nbd
-    ("service/", ("interop",)),
-    ("fuse/", ("interop",)),  # /dev/fuse, fusermount3, nbdkit, qemu-nbd, e2fsprogs  # systemd-socket-activate, nbdinfo, qemu-io
+    ("service/", ("interop",)),  # systemd-socket-activate, nbdinfo, qemu-io
+    ("fuse/", ("interop",)),  # /dev/fuse, fusermount3, nbdkit, qemu-nbd, e2fsprogs
     ("migration/test_nbd_targets.py", ("interop",)),  # qemu-nbd and nbdkit as targets
     ("migration/test_msgr2.py::test_msgr2_migration_with_qemu_io_writer", ("interop",)),
     ("proxy/test_proxy.py::test_flush_reaches_every_upstream_connection_without_multi_conn",

@@ -206,7 +206,8 @@ def test_error_offset_and_partial_data() -> None:
     def handler(s: socket.socket, req: Req) -> bool:
         s.sendall(fs.data_chunk(req.cookie, req.offset, b"x" * 1024)
                   + fs.chunk(req.cookie, fs.CT_ERROR_OFFSET, 0,
-                             struct.pack(">IH", 28, 3) + b"ENO" + struct.pack(">Q", req.offset + 512))
+                             struct.pack(">IH", 28, 3) + b"ENO"
+                             + struct.pack(">Q", req.offset + 512))
                   + fs.none_chunk(req.cookie))
         return True
     with FakeServer(handler) as srv:

@@ -381,5 +381,6 @@ def test_ident_missing_features() -> None:
     p = make_pair("psk", "crc")
     p.server.config.required_features = 1 << 62
     p.client.config.features = 0xFFFF
-    with pytest.raises(ProtocolError, match=r"server requires features we lack: 0x4000000000000000"):
+    with pytest.raises(ProtocolError,
+                       match=r"server requires features we lack: 0x4000000000000000"):
         p.pump()

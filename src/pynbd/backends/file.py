@@ -63,7 +63,8 @@ class FileBackend(Backend):
         self.is_block = stat.S_ISBLK(st.st_mode)
         if not (self.is_block or stat.S_ISREG(st.st_mode)):
             os.close(self.fd)
-            raise BackendError(errno.EINVAL, f"{path!r} is neither a regular file nor a block device")
+            raise BackendError(errno.EINVAL,
+                               f"{path!r} is neither a regular file nor a block device")
         self.size = os.lseek(self.fd, 0, os.SEEK_END) if self.is_block else st.st_size
         self.read_only = read_only
         self.can_trim = not read_only

@@ -130,7 +130,8 @@ class MonClient:
             self._fsid = await asyncio.wait_for(wait_map(), timeout)
         return self._fsid
 
-    async def command(self, cmd: dict[str, object], timeout: float = 30.0) -> tuple[int, str, bytes]:
+    async def command(self, cmd: dict[str, object],
+                      timeout: float = 30.0) -> tuple[int, str, bytes]:
         """Run a monitor command; returns (r, rs, output)."""
         fsid = await self.fsid(timeout)
         self._tid += 1

@@ -53,8 +53,10 @@ def add_limit_arguments(p: argparse.ArgumentParser) -> None:
                    default=d.max_handshakes_per_address, metavar="N",
                    help="negotiating connections from one address (default "
                         f"{d.max_handshakes_per_address})")
-    g.add_argument("--handshake-timeout", type=float, default=d.handshake_timeout, metavar="SECONDS",
-                   help=f"drop clients that do not finish negotiation in time (default {d.handshake_timeout:g})")
+    g.add_argument("--handshake-timeout", type=float, default=d.handshake_timeout,
+                   metavar="SECONDS",
+                   help="drop clients that do not finish negotiation in time "
+                        f"(default {d.handshake_timeout:g})")
     g.add_argument("--max-inflight", type=int, default=d.max_inflight, metavar="N",
                    help=f"requests in flight per connection (default {d.max_inflight})")
     g.add_argument("--request-timeout", type=float, default=d.request_timeout, metavar="SECONDS",

@@ -4,7 +4,8 @@ A record is replaced atomically (temporary file, fsync, rename, fsync of the dir
 so after a crash it holds either the previous or the new content, never a mix. The
 record is what makes the handover unambiguous across crashes:
 
-source: ``{"role": "source", "state": "committing"|"stepped-down"|"resumed", "epoch": N, "to": ...}``
+source: ``{"role": "source", "state": "committing"|"stepped-down"|"resumed", "epoch": N,
+"to": ...}``
 destination: ``{"role": "destination", "state": "receiving"|"authoritative", "epoch": N,
 "aborted": [epochs refused for good]}``
 """

@@ -344,7 +344,8 @@ class CryptoKey:
 
     def decrypt_enc(self, ct: bytes) -> bytes:
         plain = self.decrypt(ct)
-        if len(plain) < 9 or plain[0] != 1 or struct.unpack_from("<Q", plain, 1)[0] != CEPHX_ENC_MAGIC:
+        if len(plain) < 9 or plain[0] != 1 or \
+                struct.unpack_from("<Q", plain, 1)[0] != CEPHX_ENC_MAGIC:
             raise AuthenticationError("cephx: bad magic after decryption (wrong key?)")
         return plain[9:]
 

@@ -99,7 +99,8 @@ def split_connection_secret(secret: bytes, is_client: bool) -> tuple[GcmStream, 
     """(rx, tx) streams from a connection secret: key = [0:16]; the client receives with
     nonce [16:28] and sends with [28:40]; the server the other way round."""
     if len(secret) < 40:
-        raise ProtocolError(f"connection secret of {len(secret)} bytes is too short for secure mode")
+        raise ProtocolError(
+            f"connection secret of {len(secret)} bytes is too short for secure mode")
     key = secret[:16]
     a, b = secret[16:28], secret[28:40]
     if is_client:

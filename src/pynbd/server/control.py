@@ -132,7 +132,8 @@ class ControlServer:
         verb = request["cmd"]
         handler = self._handlers.get(verb)
         if handler is None:
-            return {"ok": False, "error": f"unknown command {verb!r}; known: {', '.join(self.verbs)}"}
+            known = ", ".join(self.verbs)
+            return {"ok": False, "error": f"unknown command {verb!r}; known: {known}"}
         try:
             result = handler(request)
         except ControlError as exc:

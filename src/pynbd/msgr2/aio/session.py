@@ -220,7 +220,8 @@ class Msgr2Session(LinkOwner):
             await self._rx_event.wait()
         msg = self._rx.popleft()
         link = self.link
-        if link is not None and link.paused_reading and len(self._rx) < self.options.max_rx_queue // 2:
+        if link is not None and link.paused_reading and \
+                len(self._rx) < self.options.max_rx_queue // 2:
             link.paused_reading = False
             if link.transport is not None and not link.transport.is_closing():
                 link.transport.resume_reading()
