@@ -56,7 +56,8 @@ class NBDRequestError(ProtocolError, OSError):
         from pynbd.protocol.constants import nbd_to_errno
 
         host = nbd_to_errno(nbd_error)
-        text = f"{command or 'request'} failed: {_errno.errorcode.get(host, str(host))} ({os.strerror(host)})"
+        name = _errno.errorcode.get(host, str(host))
+        text = f"{command or 'request'} failed: {name} ({os.strerror(host)})"
         if offset is not None:
             text += f" at offset {offset}"
         if message:
