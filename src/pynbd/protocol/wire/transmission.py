@@ -1,376 +1,43 @@
-"""NBD wire formats: fixed headers and payload encodings, both directions.
-
-Pure functions over bytes; the client and server state machines build on them. Every
-``encode_X`` has a ``decode_X`` that takes the encoder's bytes and gives back its
-arguments (tests/protocol/test_protocol_wire.py checks the pairs). Decoders raise
-:class:`PeerProtocolError` for malformed input and never allocate from an unvalidated
-length. The state machines parse their hot paths with the structs below (``unpack_from``
-on the receive buffer, no copy) and use the decoders for everything else.
-"""
+"""Codecs of the transmission phase: requests (compact and extended), simple replies
+and reply chunks (compact and extended headers, and the bodies both share)."""
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final
 
 from pynbd.protocol.constants import (
     EXTENDED_REPLY_MAGIC,
     EXTENDED_REQUEST_MAGIC,
-    IHAVEOPT,
     MAX_STRING,
-    NBDMAGIC,
-    OLDSTYLE_MAGIC,
-    OPTION_REPLY_MAGIC,
     REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
-    Info,
     ReplyType,
 )
 from pynbd.protocol.errors import PeerProtocolError
-
-
-class _NeedData:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-#: returned by the state machines' next_event() when more bytes must arrive first
-NEED_DATA: Final = _NeedData()
-
-GREETING = struct.Struct(">QQH")  # NBDMAGIC, IHAVEOPT, handshake flags
-CLIENT_FLAGS = struct.Struct(">I")
-OPTION_REQUEST = struct.Struct(">QII")  # IHAVEOPT, option, length
-OPTION_REPLY = struct.Struct(">QIII")  # magic, option, reply type, length
-EXPORT_NAME_REPLY = struct.Struct(">QH")  # size, transmission flags (+124 zeroes)
-REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
-SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
-CHUNK = struct.Struct(">IHHQI")  # magic, flags, type, cookie, length
-U16 = struct.Struct(">H")
-U32 = struct.Struct(">I")
-U64 = struct.Struct(">Q")
-INFO_EXPORT = struct.Struct(">HQH")  # info type, size, flags
-INFO_BLOCK_SIZE = struct.Struct(">HIII")  # info type, minimum, preferred, maximum
-OFFSET = struct.Struct(">Q")
-HOLE = struct.Struct(">QI")  # offset, length (OFFSET_HOLE body)
-ERROR_CHUNK = struct.Struct(">IH")  # error, message length
-EXTENT = struct.Struct(">II")  # length, flags
-# extended headers (NBD_OPT_EXTENDED_HEADERS)
-EXT_REQUEST = struct.Struct(">IHHQQQ")  # magic, flags, type, cookie, offset, length
-EXT_REPLY = struct.Struct(">IHHQQQ")  # magic, flags, type, cookie, offset, payload length
-EXTENT_EXT = struct.Struct(">QQ")  # length, flags (NBD_REPLY_TYPE_BLOCK_STATUS_EXT)
-BLOCK_STATUS_EXT_HEAD = struct.Struct(">II")  # context id, descriptor count
-
-GREETING_SIZE = GREETING.size  # 18
-REQUEST_SIZE = REQUEST.size  # 28
-SIMPLE_REPLY_SIZE = SIMPLE_REPLY.size  # 16
-CHUNK_SIZE = CHUNK.size  # 20
-EXT_REQUEST_SIZE = EXT_REQUEST.size  # 32
-EXT_REPLY_SIZE = EXT_REPLY.size  # 32
-EXPORT_NAME_REPLY_SIZE = EXPORT_NAME_REPLY.size + 124  # without NBD_FLAG_NO_ZEROES
-ZEROES_124 = bytes(124)
-#: the four magic bytes that open a request / a reply, for checks on a partial header
-REQUEST_MAGIC_BYTES = REQUEST_MAGIC.to_bytes(4, "big")
-EXT_REQUEST_MAGIC_BYTES = EXTENDED_REQUEST_MAGIC.to_bytes(4, "big")
-#: the smallest ERROR chunk body (error value, message length)
-ERROR_BODY_MIN = ERROR_CHUNK.size
-
-
-def _exact(data: bytes | bytearray | memoryview, size: int, what: str) -> None:
-    if len(data) != size:
-        raise PeerProtocolError(f"{what} of {len(data)} bytes (expected {size})")
-
-
-def _magic(found: int, expected: int, what: str) -> None:
-    if found != expected:
-        raise PeerProtocolError(f"bad {what} magic 0x{found:x} (expected 0x{expected:x})")
-
-
-# --- handshake --------------------------------------------------------------------
-
-def encode_greeting(handshake_flags: int) -> bytes:
-    return GREETING.pack(NBDMAGIC, IHAVEOPT, handshake_flags)
-
-
-def greeting_problem(head: bytes | bytearray | memoryview) -> str | None:
-    """What is wrong with the first 8 or 16 bytes of a server greeting, if anything
-    (so that a client can tell an oldstyle or non-NBD server from its first bytes)."""
-    if len(head) >= 8:
-        (magic,) = U64.unpack_from(head)
-        if magic != NBDMAGIC:
-            return f"bad greeting magic 0x{magic:016x} (not an NBD server?)"
-    if len(head) >= 16:
-        (second,) = U64.unpack_from(head, 8)
-        if second == OLDSTYLE_MAGIC:
-            return "server speaks oldstyle negotiation (unsupported; only fixed newstyle)"
-        if second != IHAVEOPT:
-            return f"bad greeting: 0x{second:016x} where IHAVEOPT was expected"
-    return None
-
-
-def decode_greeting(data: bytes | bytearray | memoryview) -> int:
-    """The handshake flags of a newstyle greeting."""
-    problem = greeting_problem(data[:16])
-    if problem is not None:
-        raise PeerProtocolError(problem)
-    _exact(data, GREETING_SIZE, "greeting")
-    flags: int = GREETING.unpack(data)[2]
-    return flags
-
-
-def encode_client_flags(flags: int) -> bytes:
-    return CLIENT_FLAGS.pack(flags)
-
-
-def decode_client_flags(data: bytes | bytearray | memoryview) -> int:
-    _exact(data, CLIENT_FLAGS.size, "client flags")
-    flags: int = CLIENT_FLAGS.unpack(data)[0]
-    return flags
-
-
-def encode_option(option: int, data: bytes = b"") -> bytes:
-    return OPTION_REQUEST.pack(IHAVEOPT, option, len(data)) + data
-
-
-def decode_option_header(data: bytes | bytearray | memoryview) -> tuple[int, int]:
-    """(option, data length) of an option request header."""
-    magic, option, length = OPTION_REQUEST.unpack_from(data)
-    if magic != IHAVEOPT:
-        raise PeerProtocolError(f"bad option magic 0x{magic:016x} (expected IHAVEOPT)")
-    return option, length
-
-
-def decode_option(data: bytes | bytearray | memoryview) -> tuple[int, bytes]:
-    """(option, data) of a whole option request."""
-    if len(data) < OPTION_REQUEST.size:
-        raise PeerProtocolError(f"option request of {len(data)} bytes")
-    option, length = decode_option_header(data)
-    _exact(data, OPTION_REQUEST.size + length, "option request")
-    return option, bytes(data[OPTION_REQUEST.size:])
-
-
-def encode_option_reply(option: int, reply: int, data: bytes = b"") -> bytes:
-    return OPTION_REPLY.pack(OPTION_REPLY_MAGIC, option, reply, len(data)) + data
-
-
-def decode_option_reply_header(data: bytes | bytearray | memoryview) -> tuple[int, int, int]:
-    """(option, reply type, data length) of an option reply header."""
-    magic, option, reply, length = OPTION_REPLY.unpack_from(data)
-    if magic != OPTION_REPLY_MAGIC:
-        raise PeerProtocolError(f"bad option reply magic 0x{magic:016x}")
-    return option, reply, length
-
-
-def decode_option_reply(data: bytes | bytearray | memoryview) -> tuple[int, int, bytes]:
-    """(option, reply type, data) of a whole option reply."""
-    if len(data) < OPTION_REPLY.size:
-        raise PeerProtocolError(f"option reply of {len(data)} bytes")
-    option, reply, length = decode_option_reply_header(data)
-    _exact(data, OPTION_REPLY.size + length, "option reply")
-    return option, reply, bytes(data[OPTION_REPLY.size:])
-
-
-def encode_export_name_reply(size: int, flags: int, no_zeroes: bool) -> bytes:
-    head = EXPORT_NAME_REPLY.pack(size, flags)
-    return head if no_zeroes else head + ZEROES_124
-
-
-def decode_export_name_reply(data: bytes | bytearray | memoryview) -> tuple[int, int, bool]:
-    """(size, transmission flags, no_zeroes) of an NBD_OPT_EXPORT_NAME reply: 10 bytes
-    (NBD_FLAG_C_NO_ZEROES) or 134 (the zeroes are not checked, as the spec says)."""
-    if len(data) not in (EXPORT_NAME_REPLY.size, EXPORT_NAME_REPLY_SIZE):
-        raise PeerProtocolError(f"NBD_OPT_EXPORT_NAME reply of {len(data)} bytes")
-    size, flags = EXPORT_NAME_REPLY.unpack_from(data)
-    return size, flags, len(data) == EXPORT_NAME_REPLY.size
-
-
-def truncate_utf8(text: str, limit: int) -> bytes:
-    """``text`` as UTF-8, cut to at most ``limit`` bytes without splitting a character."""
-    raw = text.encode("utf-8")
-    if len(raw) <= limit:
-        return raw
-    return raw[:limit].decode("utf-8", "ignore").encode("utf-8")
-
-
-def encode_string(text: str) -> bytes:
-    raw = text.encode("utf-8")
-    return U32.pack(len(raw)) + raw
-
-
-def decode_string(data: bytes | bytearray | memoryview, limit: int = MAX_STRING) -> str:
-    r = Reader(data, "string")
-    text = r.string(limit)
-    r.end()
-    return text
-
-
-def encode_info_request(name: str, infos: Sequence[int]) -> bytes:
-    """Data of NBD_OPT_INFO / NBD_OPT_GO."""
-    parts = [encode_string(name), U16.pack(len(infos))]
-    parts.extend(U16.pack(i) for i in infos)
-    return b"".join(parts)
-
-
-def encode_meta_context_request(name: str, queries: Sequence[str]) -> bytes:
-    """Data of NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT."""
-    parts = [encode_string(name), U32.pack(len(queries))]
-    parts.extend(encode_string(q) for q in queries)
-    return b"".join(parts)
-
-
-def encode_info_export(size: int, flags: int) -> bytes:
-    return INFO_EXPORT.pack(Info.EXPORT, size, flags)
-
-
-def info_type(data: bytes | bytearray | memoryview) -> int:
-    """The NBD_INFO_* type that opens an NBD_REP_INFO payload."""
-    return Reader(data, "NBD_REP_INFO").u16()
-
-
-def decode_info_export(data: bytes | bytearray | memoryview) -> tuple[int, int]:
-    """(size, transmission flags) of NBD_INFO_EXPORT."""
-    if len(data) != INFO_EXPORT.size or info_type(data) != Info.EXPORT:
-        raise PeerProtocolError("NBD_INFO_EXPORT must be 12 bytes")
-    _, size, flags = INFO_EXPORT.unpack(data)
-    return size, flags
-
-
-def encode_info_name(name: str) -> bytes:
-    return U16.pack(Info.NAME) + name.encode("utf-8")
-
-
-def decode_info_name(data: bytes | bytearray | memoryview) -> str:
-    return _info_text(data, Info.NAME, "NBD_INFO_NAME")
-
-
-def encode_info_description(text: str) -> bytes:
-    return U16.pack(Info.DESCRIPTION) + text.encode("utf-8")
-
-
-def decode_info_description(data: bytes | bytearray | memoryview) -> str:
-    return _info_text(data, Info.DESCRIPTION, "NBD_INFO_DESCRIPTION")
-
-
-def _info_text(data: bytes | bytearray | memoryview, kind: Info, what: str) -> str:
-    r = Reader(data, what)
-    if r.u16() != kind:
-        raise PeerProtocolError(f"{what}: wrong info type")
-    return r.rest_text()
-
-
-def encode_info_block_size(minimum: int, preferred: int, maximum: int) -> bytes:
-    return INFO_BLOCK_SIZE.pack(Info.BLOCK_SIZE, minimum, preferred, maximum)
-
-
-def decode_info_block_size(data: bytes | bytearray | memoryview) -> tuple[int, int, int]:
-    """(minimum, preferred, maximum) of NBD_INFO_BLOCK_SIZE (values not judged here)."""
-    if len(data) != INFO_BLOCK_SIZE.size or info_type(data) != Info.BLOCK_SIZE:
-        raise PeerProtocolError("NBD_INFO_BLOCK_SIZE must be 14 bytes")
-    _, minimum, preferred, maximum = INFO_BLOCK_SIZE.unpack(data)
-    return minimum, preferred, maximum
-
-
-def encode_rep_server(name: str, description: str = "") -> bytes:
-    return encode_string(name) + description.encode("utf-8")
-
-
-def decode_rep_server(data: bytes | bytearray | memoryview) -> tuple[str, str]:
-    """(name, description) of an NBD_REP_SERVER reply."""
-    r = Reader(data, "NBD_REP_SERVER")
-    name = r.string()
-    return name, r.rest_text()
-
-
-def encode_rep_meta_context(context_id: int, name: str) -> bytes:
-    return U32.pack(context_id) + name.encode("utf-8")
-
-
-def decode_rep_meta_context(data: bytes | bytearray | memoryview) -> tuple[int, str]:
-    """(context id, name) of an NBD_REP_META_CONTEXT reply."""
-    r = Reader(data, "NBD_REP_META_CONTEXT")
-    context_id = r.u32()
-    if r.remaining() > MAX_STRING:
-        raise PeerProtocolError("meta context name too long")
-    return context_id, r.rest_text()
-
-
-class Reader:
-    """Bounds-checked reads from an option payload; malformed input is the peer's fault."""
-
-    __slots__ = ("data", "pos", "what")
-
-    def __init__(self, data: bytes | bytearray | memoryview, what: str) -> None:
-        self.data = bytes(data)
-        self.pos = 0
-        self.what = what
-
-    def remaining(self) -> int:
-        return len(self.data) - self.pos
-
-    def take(self, n: int) -> bytes:
-        if n < 0 or n > self.remaining():
-            raise PeerProtocolError(
-                f"{self.what}: field of {n} bytes overruns the {len(self.data)}-byte payload")
-        out = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return out
-
-    def u16(self) -> int:
-        value: int = U16.unpack(self.take(2))[0]
-        return value
-
-    def u32(self) -> int:
-        value: int = U32.unpack(self.take(4))[0]
-        return value
-
-    def u64(self) -> int:
-        value: int = U64.unpack(self.take(8))[0]
-        return value
-
-    def string(self, limit: int = MAX_STRING) -> str:
-        n = self.u32()
-        if n > limit:
-            raise PeerProtocolError(f"{self.what}: string of {n} bytes exceeds limit {limit}")
-        return self.text(self.take(n))
-
-    def text(self, raw: bytes) -> str:
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise PeerProtocolError(f"{self.what}: string is not UTF-8") from exc
-
-    def rest_text(self) -> str:
-        return self.text(self.take(self.remaining()))
-
-    def end(self) -> None:
-        if self.remaining():
-            raise PeerProtocolError(f"{self.what}: {self.remaining()} trailing bytes")
-
-
-def decode_info_request(data: bytes | bytearray | memoryview) -> tuple[str, list[int]]:
-    r = Reader(data, "NBD_OPT_INFO/GO data")
-    name = r.string()
-    count = r.u16()
-    if count * 2 != r.remaining():
-        raise PeerProtocolError(
-            f"NBD_OPT_INFO/GO data: {count} info requests need {count * 2} bytes, "
-            f"{r.remaining()} present")
-    return name, [r.u16() for _ in range(count)]
-
-
-def decode_meta_context_request(data: bytes | bytearray | memoryview,
-                                max_queries: int = 1024) -> tuple[str, list[str]]:
-    r = Reader(data, "meta context option data")
-    name = r.string()
-    count = r.u32()
-    if count > max_queries or count * 4 > r.remaining():
-        raise PeerProtocolError(f"meta context option data: {count} queries do not fit")
-    queries = [r.string() for _ in range(count)]
-    r.end()
-    return name, queries
-
+from pynbd.protocol.wire.formats import (
+    BLOCK_STATUS_EXT_HEAD,
+    CHUNK,
+    CHUNK_SIZE,
+    ERROR_BODY_MIN,
+    ERROR_CHUNK,
+    EXT_REPLY,
+    EXT_REPLY_SIZE,
+    EXT_REQUEST,
+    EXTENT,
+    EXTENT_EXT,
+    HOLE,
+    OFFSET,
+    REQUEST,
+    SIMPLE_REPLY,
+    U32,
+    U64,
+    _exact,
+    _magic,
+    truncate_utf8,
+)
 
 # --- transmission: requests ---------------------------------------------------------
 
