@@ -154,6 +154,21 @@ def reply_type_is_error(value: int) -> bool:
     return bool(value & _REPLY_TYPE_ERR)
 
 
+_OPT_NAMES = {o.value: o.name for o in Opt}
+_CMD_NAMES = {c.value: c.name for c in Cmd}
+
+
+def opt_name(opt: int) -> str:
+    """``NBD_OPT_GO``, or ``option 0x2a`` for an option the spec does not name."""
+    name = _OPT_NAMES.get(opt)
+    return f"option {opt:#x}" if name is None else "NBD_OPT_" + name
+
+
+def cmd_name(cmd: int) -> str:
+    """``NBD_CMD_READ``, or ``NBD_CMD_0x2a`` for a command the spec does not name."""
+    return "NBD_CMD_" + _CMD_NAMES.get(cmd, hex(cmd))
+
+
 class Errno(enum.IntEnum):
     """NBD error values (the wire values, not the host's errno)."""
 

@@ -78,11 +78,7 @@ class ServerConnection(OptionPhase, RequestPhase, ReplyBuilder):
         self.no_zeroes = False
         self.fixed_newstyle = False
         self.tls_active = False
-        self.structured_replies = False
-        self.extended_headers = False
-        self.x_close = False
-        self._meta_export = None
-        self._meta = {}
+        self._forget_options()
         self._options_seen = 0
         # current option being read
         self._opt = 0
@@ -90,7 +86,6 @@ class ServerConnection(OptionPhase, RequestPhase, ReplyBuilder):
         self._pending_invalid = None
         # transmission
         self.export = None
-        self.meta_contexts = {}
         self.transmission_flags = 0
         self.block_size = (1, 4096, self.config.max_request_size)
 

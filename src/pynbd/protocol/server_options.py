@@ -18,6 +18,7 @@ from pynbd.protocol.constants import (
     Info,
     Opt,
     Rep,
+    opt_name,
 )
 from pynbd.protocol.errors import LocalProtocolError, PeerProtocolError
 from pynbd.protocol.server_types import (
@@ -35,7 +36,6 @@ from pynbd.protocol.server_types import (
     State,
     TLSMode,
     _NeedData,
-    opt_name,
 )
 
 
@@ -286,21 +286,9 @@ class OptionPhase(ServerState):
         return ExportSelected(export, flags, self.chunked, dict(self.meta_contexts),
                               self.x_close, self.extended_headers, self.block_size)
 
-    def tls_established(self) -> None:
-        """TLS is up: every option state is forgotten, as the spec requires."""
-        if self.state is not State.TLS_PENDING:
-            raise LocalProtocolError(f"tls_established() in state {self.state.value}")
-        if self._buf:
-            # bytes sent in the clear after STARTTLS and before the TLS handshake
-            self.state = State.CLOSED
-            raise PeerProtocolError("client sent plaintext data after NBD_OPT_STARTTLS")
-        self.tls_active = True
-        self.structured_replies = False
-        self.extended_headers = False
-        self.x_close = False
-        self._meta_export = None
+    def _forget_options(self) -> None:
+        super()._forget_options()
         self._meta = {}
-        self.state = State.OPTIONS
 
 
 def match_contexts(available: Sequence[str], queries: Sequence[str],

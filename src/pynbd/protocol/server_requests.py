@@ -75,16 +75,11 @@ class RequestPhase(ServerState):
         buf = self._buf
         if len(buf) < wire.REQUEST_SIZE:
             if len(buf) >= 4 and buf[:4] == wire.EXT_REQUEST_MAGIC_BYTES:
-                raise PeerProtocolError("extended request header, but NBD_OPT_EXTENDED_HEADERS "
-                                        "was not negotiated")
+                raise _wrong_magic(EXTENDED_REQUEST_MAGIC, False)
             return NEED_DATA
         magic, flags, cmd, cookie, offset, length = wire.REQUEST.unpack_from(buf)
         if magic != REQUEST_MAGIC:
-            if magic == EXTENDED_REQUEST_MAGIC:
-                raise PeerProtocolError("extended request header, but NBD_OPT_EXTENDED_HEADERS "
-                                        "was not negotiated")
-            raise PeerProtocolError(
-                f"bad request magic 0x{magic:08x} (expected 0x{REQUEST_MAGIC:08x})")
+            raise _wrong_magic(magic, False)
         del buf[:wire.REQUEST_SIZE]
         export = self.export
         assert export is not None
@@ -134,19 +129,11 @@ class RequestPhase(ServerState):
         buf = self._buf
         if len(buf) < wire.EXT_REQUEST_SIZE:
             if len(buf) >= 4 and buf[:4] != wire.EXT_REQUEST_MAGIC_BYTES:
-                if buf[:4] == wire.REQUEST_MAGIC_BYTES:
-                    raise PeerProtocolError("compact request header after "
-                                            "NBD_OPT_EXTENDED_HEADERS was negotiated")
-                raise PeerProtocolError(f"bad extended request magic 0x{bytes(buf[:4]).hex()} "
-                                        f"(expected 0x{EXTENDED_REQUEST_MAGIC:08x})")
+                raise _wrong_magic(int.from_bytes(buf[:4], "big"), True)
             return None
         magic, flags, cmd, cookie, offset, length = wire.EXT_REQUEST.unpack_from(buf)
         if magic != EXTENDED_REQUEST_MAGIC:
-            if magic == REQUEST_MAGIC:
-                raise PeerProtocolError("compact request header after NBD_OPT_EXTENDED_HEADERS "
-                                        "was negotiated")
-            raise PeerProtocolError(f"bad extended request magic 0x{magic:08x} "
-                                    f"(expected 0x{EXTENDED_REQUEST_MAGIC:08x})")
+            raise _wrong_magic(magic, True)
         return flags, cmd, cookie, offset, length
 
     def _next_ext_request(self) -> Event | _NeedData:
@@ -309,3 +296,18 @@ class RequestPhase(ServerState):
         if minimum > 1 and (offset % minimum or length % minimum):
             return Errno.EINVAL, f"{name} not aligned to the minimum block size {minimum}"
         return None
+
+
+def _wrong_magic(magic: int, extended: bool) -> PeerProtocolError:
+    """A request header opened by ``magic`` where the other form was negotiated."""
+    if extended:
+        if magic == REQUEST_MAGIC:
+            return PeerProtocolError("compact request header after NBD_OPT_EXTENDED_HEADERS "
+                                     "was negotiated")
+        return PeerProtocolError(f"bad extended request magic 0x{magic:08x} "
+                                 f"(expected 0x{EXTENDED_REQUEST_MAGIC:08x})")
+    if magic == EXTENDED_REQUEST_MAGIC:
+        return PeerProtocolError("extended request header, but NBD_OPT_EXTENDED_HEADERS "
+                                 "was not negotiated")
+    return PeerProtocolError(f"bad request magic 0x{magic:08x} "
+                             f"(expected 0x{REQUEST_MAGIC:08x})")

@@ -18,7 +18,6 @@ from pynbd.protocol.constants import (
     MAX_BLOCK_SIZE_FIELD,
     Cmd,
     Errno,
-    Opt,
     TransmissionFlag,
 )
 from pynbd.protocol.stream import ByteStream
@@ -224,42 +223,17 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-
-def opt_name(opt: int) -> str:
-    try:
-        return "NBD_OPT_" + Opt(opt).name
-    except ValueError:
-        return f"option {opt}"
-
-
-class ServerState(ByteStream):
+class ServerState(ByteStream, states=State, payload="WRITE payload", peer="client"):
     """The state every phase of the server core reads and writes (set up by
     :class:`~pynbd.protocol.server.ServerConnection`)."""
-
-    _PAYLOAD = State.PAYLOAD
-    _AFTER_PAYLOAD = State.TRANSMISSION
-    _CLOSED = State.CLOSED
-    _PAYLOAD_NAME = "WRITE payload"
 
     state: State
     provider: ExportProvider
     config: ServerConfig
-    no_zeroes: bool
     fixed_newstyle: bool
-    tls_active: bool
-    structured_replies: bool
-    extended_headers: bool
-    x_close: bool
-    #: the export and contexts SET_META_CONTEXT selected
-    _meta_export: str | None
+    #: the contexts SET_META_CONTEXT selected (for ``_meta_export``)
     _meta: dict[int, str]
     # transmission
     export: ExportInfo | None
-    meta_contexts: dict[int, str]
     transmission_flags: int
     block_size: tuple[int, int, int]
-
-    @property
-    def chunked(self) -> bool:
-        """Replies are chunks (structured replies or extended headers negotiated)."""
-        return self.structured_replies or self.extended_headers

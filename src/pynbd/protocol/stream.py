@@ -1,5 +1,5 @@
-"""The byte plumbing both NBD cores share: a receive buffer, an output queue, and a
-payload that the driver receives in place.
+"""What both NBD cores share: a receive buffer, an output queue, a payload that the
+driver receives in place, and the negotiated flags.
 
 A WRITE payload (server) or read data (client) is never copied through the parser: once
 the core has announced ``payload_remaining`` bytes, the driver drains what is already
@@ -14,24 +14,53 @@ from __future__ import annotations
 import enum
 from typing import ClassVar
 
-from pynbd.protocol.errors import LocalProtocolError
+from pynbd.protocol.errors import LocalProtocolError, PeerProtocolError
 
 
 class ByteStream:
     """Base of :class:`~pynbd.protocol.server.ServerConnection` and
     :class:`~pynbd.protocol.client.ClientConnection`.
 
-    A subclass names the states its ``state`` takes for a pending payload, for the
-    phase that follows it and for a closed connection.
+    A subclass names its state enum (``states=``), whose PAYLOAD, TRANSMISSION,
+    CLOSED, TLS_PENDING and OPTIONS members are a pending payload, the phase that
+    follows it, the end, STARTTLS agreed and the option phase; what its payload is and
+    who its peer is (``payload=``, ``peer=``: for error messages).
     """
 
     _PAYLOAD: ClassVar[enum.Enum]
     _AFTER_PAYLOAD: ClassVar[enum.Enum]
     _CLOSED: ClassVar[enum.Enum]
-    #: what the payload is, in error messages
-    _PAYLOAD_NAME: ClassVar[str] = "payload"
+    _PAYLOAD_NAME: ClassVar[str]
+    _TLS_PENDING: ClassVar[enum.Enum]
+    _OPTIONS: ClassVar[enum.Enum]
+    #: who is at the other end, in error messages
+    _PEER: ClassVar[str]
 
     state: enum.Enum
+    # what was negotiated (both sides keep the same record)
+    no_zeroes: bool
+    tls_active: bool
+    structured_replies: bool
+    extended_headers: bool
+    #: pynbd's safe-close extension (NBD_OPT_X_CLOSE) was agreed
+    x_close: bool
+    #: selected metadata contexts: id -> name
+    meta_contexts: dict[int, str]
+    #: the export SET_META_CONTEXT named
+    _meta_export: str | None
+
+    def __init_subclass__(cls, states: type[enum.Enum] | None = None,
+                          payload: str = "payload", peer: str = "peer",
+                          **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if states is not None:
+            cls._PAYLOAD = states["PAYLOAD"]
+            cls._AFTER_PAYLOAD = states["TRANSMISSION"]
+            cls._CLOSED = states["CLOSED"]
+            cls._TLS_PENDING = states["TLS_PENDING"]
+            cls._OPTIONS = states["OPTIONS"]
+            cls._PAYLOAD_NAME = payload
+            cls._PEER = peer
 
     def __init__(self) -> None:
         self._buf = bytearray()
@@ -39,6 +68,33 @@ class ByteStream:
         #: payload bytes the driver still has to receive (state is ``_PAYLOAD``)
         self.payload_remaining = 0
         self._discard_left = 0
+
+    def _forget_options(self) -> None:
+        """What the options agreed is gone (at the start, and when TLS comes up: the
+        spec has both sides forget it)."""
+        self.structured_replies = False
+        self.extended_headers = False
+        self.x_close = False
+        self.meta_contexts = {}
+        self._meta_export = None
+
+    def tls_established(self) -> None:
+        """The TLS handshake completed: every option state is forgotten."""
+        if self.state is not self._TLS_PENDING:
+            raise LocalProtocolError(f"tls_established() in state {self.state.value}")
+        if self._buf:
+            # bytes sent in the clear after STARTTLS and before the TLS handshake
+            self.state = self._CLOSED
+            raise PeerProtocolError(f"{self._PEER} sent plaintext data after "
+                                    "NBD_OPT_STARTTLS")
+        self.tls_active = True
+        self._forget_options()
+        self.state = self._OPTIONS
+
+    @property
+    def chunked(self) -> bool:
+        """Replies are chunks (structured replies or extended headers negotiated)."""
+        return self.structured_replies or self.extended_headers
 
     # --- input ------------------------------------------------------------------------
 

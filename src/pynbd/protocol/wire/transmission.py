@@ -55,11 +55,15 @@ def encode_request(cmd: int, flags: int, cookie: int, offset: int, length: int) 
 
 
 def decode_request(data: bytes | bytearray | memoryview) -> RequestHeader:
-    _exact(data, REQUEST.size, "request header")
-    magic, flags, cmd, cookie, offset, length = REQUEST.unpack(data)
-    if magic != REQUEST_MAGIC:
-        raise PeerProtocolError(f"bad request magic 0x{magic:08x} "
-                                f"(expected 0x{REQUEST_MAGIC:08x})")
+    return _decode_request(data, REQUEST, REQUEST_MAGIC, "request")
+
+
+def _decode_request(data: bytes | bytearray | memoryview, layout: struct.Struct,
+                    expected: int, what: str) -> RequestHeader:
+    _exact(data, layout.size, f"{what} header")
+    magic, flags, cmd, cookie, offset, length = layout.unpack(data)
+    if magic != expected:
+        raise PeerProtocolError(f"bad {what} magic 0x{magic:08x} (expected 0x{expected:08x})")
     return RequestHeader(flags, cmd, cookie, offset, length)
 
 
@@ -70,12 +74,7 @@ def encode_ext_request(cmd: int, flags: int, cookie: int, offset: int, length: i
 
 
 def decode_ext_request(data: bytes | bytearray | memoryview) -> RequestHeader:
-    _exact(data, EXT_REQUEST.size, "extended request header")
-    magic, flags, cmd, cookie, offset, length = EXT_REQUEST.unpack(data)
-    if magic != EXTENDED_REQUEST_MAGIC:
-        raise PeerProtocolError(f"bad extended request magic 0x{magic:08x} "
-                                f"(expected 0x{EXTENDED_REQUEST_MAGIC:08x})")
-    return RequestHeader(flags, cmd, cookie, offset, length)
+    return _decode_request(data, EXT_REQUEST, EXTENDED_REQUEST_MAGIC, "extended request")
 
 
 def encode_block_status_payload(effect_length: int, context_ids: Sequence[int]) -> bytes:
