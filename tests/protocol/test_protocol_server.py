@@ -392,8 +392,9 @@ def test_info_then_go():
     evs = events(conn, opt(INFO, info_data("ro")) + opt(GO, info_data("ro")))
     assert evs[0] == OptionHandled(INFO, ACK)
     assert evs[1] == ExportSelected(RO, RO_FLAGS, False, {}, False)
-    assert conn.take_output() == (rep(INFO, REP_INFO, info_export(64 * KIB, RO_FLAGS)) + rep(INFO, ACK)
-                                  + rep(GO, REP_INFO, info_export(64 * KIB, RO_FLAGS)) + rep(GO, ACK))
+    export = info_export(64 * KIB, RO_FLAGS)
+    assert conn.take_output() == (rep(INFO, REP_INFO, export) + rep(INFO, ACK)
+                                  + rep(GO, REP_INFO, export) + rep(GO, ACK))
 
 
 @pytest.mark.parametrize("option", [INFO, GO])

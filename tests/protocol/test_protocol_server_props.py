@@ -273,7 +273,8 @@ option_frame = st.builds(opt, option_numbers, option_data)
 # an option header whose length disagrees with what follows (discard, drop, resync)
 option_header = st.builds(
     lambda o, n: IHAVEOPT + struct.pack(">II", o, n), option_numbers,
-    st.sampled_from([0, 1, 16, MAX_OPTION_DATA, MAX_OPTION_DATA + 1, MIB, MIB + 1, 2**32 - 1]) | u32)
+    st.sampled_from([0, 1, 16, MAX_OPTION_DATA, MAX_OPTION_DATA + 1, MIB, MIB + 1, 2**32 - 1])
+    | u32)
 good_names = st.sampled_from(["", "disk", "ro", "bare", "bitmap"])
 good_queries = st.lists(st.sampled_from(["base:allocation", "qemu:dirty-bitmap:b0", "base:"]),
                         max_size=2)

@@ -38,7 +38,8 @@ ENCODE_CASES = [
                  id="option-no-data"),
     pytest.param(lambda: wire.encode_option(0x4E42A001, b"ab"),
                  IHAVEOPT + H("4e42a001 00000002") + b"ab", id="option-x-close-with-data"),
-    pytest.param(lambda: wire.encode_option_reply(3, 1), OPT_REPLY_MAGIC + H("00000003 00000001 00000000"),
+    pytest.param(lambda: wire.encode_option_reply(3, 1),
+                 OPT_REPLY_MAGIC + H("00000003 00000001 00000000"),
                  id="option-reply-ack"),
     pytest.param(lambda: wire.encode_option_reply(9, 0x80000001, b"no"),
                  OPT_REPLY_MAGIC + H("00000009 80000001 00000002") + b"no",
@@ -321,3 +322,119 @@ def test_chunk_headers_parse_back(cookie, offset, length, done, extents, context
     assert (magic, f, rtype, c, n) == (0x668E33EF, flags, 5, cookie, 4 + 8 * len(extents))
     assert struct.unpack(">I", bs[20:24])[0] == context
     assert list(struct.iter_unpack(">II", bs[24:])) == extents
+
+
+# --- every encoder has its decoder ----------------------------------------------------
+
+#: (encoder, arguments, decoder, what the decoder gives back)
+ROUND_TRIPS = [
+    (wire.encode_greeting, (3,), wire.decode_greeting, 3),
+    (wire.encode_client_flags, (3,), wire.decode_client_flags, 3),
+    (wire.encode_option, (7, b"ab"), wire.decode_option, (7, b"ab")),
+    (wire.encode_option_reply, (9, 0x80000001, b"no"), wire.decode_option_reply,
+     (9, 0x80000001, b"no")),
+    (wire.encode_export_name_reply, (0x100000, 0x10D, True), wire.decode_export_name_reply,
+     (0x100000, 0x10D, True)),
+    (wire.encode_export_name_reply, (0x100000, 0x10D, False), wire.decode_export_name_reply,
+     (0x100000, 0x10D, False)),
+    (wire.encode_string, ("é",), wire.decode_string, "é"),
+    (wire.encode_info_request, ("ab", [1, 3]), wire.decode_info_request, ("ab", [1, 3])),
+    (wire.encode_meta_context_request, ("d", ["base:"]), wire.decode_meta_context_request,
+     ("d", ["base:"])),
+    (wire.encode_info_export, (2**40, 3), wire.decode_info_export, (2**40, 3)),
+    (wire.encode_info_name, ("disk",), wire.decode_info_name, "disk"),
+    (wire.encode_info_description, ("A disk",), wire.decode_info_description, "A disk"),
+    (wire.encode_info_block_size, (1, 4096, 1 << 25), wire.decode_info_block_size,
+     (1, 4096, 1 << 25)),
+    (wire.encode_rep_server, ("disk", "desc"), wire.decode_rep_server, ("disk", "desc")),
+    (wire.encode_rep_meta_context, (1, "base:allocation"), wire.decode_rep_meta_context,
+     (1, "base:allocation")),
+    (wire.encode_request, (1, 1, COOKIE, 4096, 512), wire.decode_request,
+     wire.RequestHeader(1, 1, COOKIE, 4096, 512)),
+    (wire.encode_ext_request, (4, 0, COOKIE, 4096, 1 << 40), wire.decode_ext_request,
+     wire.RequestHeader(0, 4, COOKIE, 4096, 1 << 40)),
+    (wire.encode_block_status_payload, (1 << 40, [1, 2]), wire.decode_block_status_payload,
+     (1 << 40, [1, 2])),
+    (wire.encode_simple_reply, (COOKIE, 28), wire.decode_simple_reply, (COOKIE, 28)),
+    (wire.encode_chunk_header, (COOKIE, 0, 1, 0), wire.decode_chunk_header, (COOKIE, 0, 1, 0)),
+    (wire.encode_ext_chunk_header, (COOKIE, 0, 1, 4096, 0), wire.decode_ext_chunk_header,
+     (COOKIE, 0, 1, 4096, 0)),
+    (wire.encode_offset_data_header, (COOKIE, 8192, 4096, 1), wire.decode_offset_data_header,
+     (COOKIE, 8192, 4096, 1)),
+    (wire.encode_ext_offset_data_header, (COOKIE, 0, 8192, 4096, 0),
+     wire.decode_ext_offset_data_header, (COOKIE, 0, 8192, 4096, 0)),
+    (wire.encode_offset_hole, (COOKIE, 8192, 4096, 1), wire.decode_offset_hole,
+     (COOKIE, 8192, 4096, 1)),
+    (wire.encode_ext_offset_hole, (COOKIE, 0, 8192, 4096, 1), wire.decode_ext_offset_hole,
+     (COOKIE, 0, 8192, 4096, 1)),
+    (wire.encode_error_chunk, (COOKIE, 22, "bad", 1), wire.decode_error_chunk,
+     (COOKIE, 22, "bad", 1, None)),
+    (wire.encode_error_chunk, (COOKIE, 5, "io", 0, 512), wire.decode_error_chunk,
+     (COOKIE, 5, "io", 0, 512)),
+    (wire.encode_ext_error_chunk, (COOKIE, 4096, 5, "io", 1, 4608),
+     wire.decode_ext_error_chunk, (COOKIE, 4096, 5, "io", 1, 4608)),
+    (wire.encode_block_status, (COOKIE, 1, [(4096, 0), (8192, 3)], 1),
+     wire.decode_block_status, (COOKIE, 1, [(4096, 0), (8192, 3)], 1)),
+    (wire.encode_block_status_ext, (COOKIE, 0, 2, [(1 << 40, 1)], 1),
+     wire.decode_block_status_ext, (COOKIE, 0, 2, [(1 << 40, 1)], 1)),
+]
+
+
+@pytest.mark.parametrize(("encode", "args", "decode", "expected"), ROUND_TRIPS,
+                         ids=[e.__name__ + f"-{i}" for i, (e, *_) in enumerate(ROUND_TRIPS)])
+def test_decoder_gives_back_what_the_encoder_took(encode, args, decode, expected):
+    raw = encode(*args)
+    assert decode(raw) == expected
+    assert decode(memoryview(bytearray(raw))) == expected
+
+
+def test_every_encoder_has_a_decoder_and_a_round_trip():
+    encoders = {n for n in dir(wire) if n.startswith("encode_")}
+    assert encoders, "the scan sees wire's names"
+    missing = {n for n in encoders if not hasattr(wire, "decode_" + n[len("encode_"):])}
+    assert not missing, f"encoders without a decoder: {sorted(missing)}"
+    tested = {e.__name__ for e, *_ in ROUND_TRIPS}
+    assert encoders <= tested, f"no round trip for {sorted(encoders - tested)}"
+
+
+@pytest.mark.parametrize(("decode", "raw"), [
+    pytest.param(wire.decode_greeting, NBDMAGIC + bytes(8) + H("0003"), id="greeting-oldstyle"),
+    pytest.param(wire.decode_greeting, NBDMAGIC + H("0000420281861253 0003"),
+                 id="greeting-oldstyle-magic"),
+    pytest.param(wire.decode_greeting, b"HTTP/1.1 200 OK\r\n\r\n", id="greeting-not-nbd"),
+    pytest.param(wire.decode_client_flags, H("000000"), id="client-flags-short"),
+    pytest.param(wire.decode_option, IHAVEOPT + H("00000007 00000004") + b"ab",
+                 id="option-short-data"),
+    pytest.param(wire.decode_option, H("0000000000000000 00000007 00000000"),
+                 id="option-bad-magic"),
+    pytest.param(wire.decode_option_reply, OPT_REPLY_MAGIC + H("00000003 00000001 00000001"),
+                 id="option-reply-short"),
+    pytest.param(wire.decode_export_name_reply, bytes(11), id="export-name-reply-length"),
+    pytest.param(wire.decode_info_export, H("0000 0000000000001000"), id="info-export-short"),
+    pytest.param(wire.decode_info_export, H("0003 0000000000001000 0000"),
+                 id="info-export-wrong-type"),
+    pytest.param(wire.decode_info_block_size, H("0003 00000001 00001000"),
+                 id="info-block-size-short"),
+    pytest.param(wire.decode_info_name, H("0002") + b"x", id="info-name-wrong-type"),
+    pytest.param(wire.decode_rep_server, H("00000009") + b"ab", id="rep-server-overrun"),
+    pytest.param(wire.decode_rep_meta_context, H("000001"), id="rep-meta-context-short"),
+    pytest.param(wire.decode_simple_reply, CHUNK_MAGIC + bytes(12), id="simple-wrong-magic"),
+    pytest.param(wire.decode_chunk_header, SIMPLE_MAGIC + bytes(16), id="chunk-wrong-magic"),
+    pytest.param(wire.decode_offset_hole, wire.encode_offset_hole(COOKIE, 0, 0, 1),
+                 id="hole-of-zero-bytes"),
+    pytest.param(wire.decode_offset_data_header,
+                 wire.encode_chunk_header(COOKIE, 1, 0, 8) + bytes(8), id="data-without-data"),
+    pytest.param(wire.decode_error_chunk, wire.encode_error_chunk(COOKIE, 0, "", 1),
+                 id="error-value-0"),
+    pytest.param(wire.decode_error_chunk,
+                 wire.encode_chunk_header(COOKIE, 0x8001, 1, 7) + H("00000005 0009 41"),
+                 id="error-message-overruns"),
+    pytest.param(wire.decode_block_status, wire.encode_chunk_header(COOKIE, 5, 1, 6)
+                 + bytes(6), id="block-status-bad-length"),
+    pytest.param(wire.decode_block_status_ext,
+                 wire.encode_ext_chunk_header(COOKIE, 6, 1, 0, 24) + H("00000001 00000002")
+                 + bytes(16), id="block-status-ext-count-mismatch"),
+])
+def test_decoders_refuse_malformed_input(decode, raw):
+    with pytest.raises(PeerProtocolError):
+        decode(raw)

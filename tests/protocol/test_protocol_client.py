@@ -56,13 +56,15 @@ def negotiated(structured: bool = True) -> ClientConnection:
         assert isinstance(done, OptionDone) and done.ok
         c.send_option(Opt.SET_META_CONTEXT,
                       wire.encode_meta_context_request("", ["base:allocation"]))
-        (done,) = feed_all(c, wire.encode_option_reply(Opt.SET_META_CONTEXT, Rep.META_CONTEXT,
-                                                        wire.encode_rep_meta_context(3, "base:allocation"))
+        ctx = wire.encode_rep_meta_context(3, "base:allocation")
+        (done,) = feed_all(c, wire.encode_option_reply(Opt.SET_META_CONTEXT, Rep.META_CONTEXT, ctx)
                            + wire.encode_option_reply(Opt.SET_META_CONTEXT, Rep.ACK))
         assert c.meta_contexts == {3: "base:allocation"}
     c.send_option(Opt.GO, wire.encode_info_request("", [Info.BLOCK_SIZE]))
-    evs = feed_all(c, wire.encode_option_reply(Opt.GO, Rep.INFO, wire.encode_info_export(1 << 20, 1 | 4))
-                   + wire.encode_option_reply(Opt.GO, Rep.INFO, wire.encode_info_block_size(1, 4096, 1 << 25))
+    export = wire.encode_info_export(1 << 20, 1 | 4)
+    block_size = wire.encode_info_block_size(1, 4096, 1 << 25)
+    evs = feed_all(c, wire.encode_option_reply(Opt.GO, Rep.INFO, export)
+                   + wire.encode_option_reply(Opt.GO, Rep.INFO, block_size)
                    + wire.encode_option_reply(Opt.GO, Rep.ACK), one_byte=True)
     (done,) = evs
     assert isinstance(done, OptionDone) and done.info is not None
@@ -145,7 +147,8 @@ def test_x_close_round_trip() -> None:
     feed_all(c, wire.encode_option_reply(Opt.X_CLOSE, Rep.ACK))
     assert c.x_close
     c.send_option(Opt.GO, wire.encode_info_request("", []))
-    feed_all(c, wire.encode_option_reply(Opt.GO, Rep.INFO, wire.encode_info_export(4096, 1 | 1 << 15))
+    export = wire.encode_info_export(4096, 1 | 1 << 15)
+    feed_all(c, wire.encode_option_reply(Opt.GO, Rep.INFO, export)
              + wire.encode_option_reply(Opt.GO, Rep.ACK))
     cookie, hdr = c.request(Cmd.X_CLOSE)
     assert struct.unpack(">IHHQQI", hdr)[2] == 0x7F01

@@ -27,7 +27,8 @@ def transmission(structured: bool) -> ClientConnection:
         c.send_option(Opt.STRUCTURED_REPLY)
         c.receive_data(wire.encode_option_reply(Opt.STRUCTURED_REPLY, Rep.ACK))
         c.next_event()
-        c.send_option(Opt.SET_META_CONTEXT, wire.encode_meta_context_request("", ["base:allocation"]))
+        c.send_option(Opt.SET_META_CONTEXT,
+                      wire.encode_meta_context_request("", ["base:allocation"]))
         c.receive_data(wire.encode_option_reply(Opt.SET_META_CONTEXT, Rep.META_CONTEXT,
                                                 wire.encode_rep_meta_context(1, "base:allocation"))
                        + wire.encode_option_reply(Opt.SET_META_CONTEXT, Rep.ACK))
