@@ -43,8 +43,8 @@ def test_aio_every_call(servers: Servers, kind: str, transport: str) -> None:
 
     async def main() -> None:
         c = await aio.AsyncClient.dial(srv.uri(), timeout=TIMEOUT)
-        await c.connect()
-        assert srv.export in [e.name for e in await c.list()]
+        await c.handshake()
+        assert srv.export in [e.name for e in await c.list_exports()]
         await c.info()
         structured = await c.structured_replies()
         if structured:
@@ -111,13 +111,13 @@ def test_aio_option_errors_and_abort(servers: Servers) -> None:
 
     async def main() -> None:
         c = await aio.AsyncClient.dial(srv.uri(), timeout=TIMEOUT)
-        await c.connect()
+        await c.handshake()
         with pytest.raises(OptionError):
             await c.go("nope")
         await c.abort()
         assert c.close_result is not None and c.close_result.method == "abort"
         c = await aio.AsyncClient.dial(srv.uri(), timeout=TIMEOUT)
-        await c.connect()
+        await c.handshake()
         info = await c.export_name("real")
         assert info.size == IMAGE_SIZE
         await c.disconnect()

@@ -66,7 +66,7 @@ def test_bad_greeting(raw: bytes, match: str) -> None:
     with FakeServer(greeting=_greet(raw)) as srv:
         c = Client.dial(srv.uri, timeout=T)
         with pytest.raises(PeerProtocolError, match=match):
-            c.connect()
+            c.handshake()
 
 
 def _options_then(reply: bytes):  # type: ignore[no-untyped-def]
@@ -94,11 +94,11 @@ def _options_then(reply: bytes):  # type: ignore[no-untyped-def]
 def test_bad_option_replies(reply: bytes, match: str) -> None:
     with FakeServer(greeting=_options_then(reply)) as srv:
         c = Client.dial(srv.uri, timeout=T)
-        c.connect()
+        c.handshake()
         with pytest.raises(PeerProtocolError, match=match):
-            c.list()
+            c.list_exports()
         with pytest.raises(PeerProtocolError, match="unusable"):
-            c.list()
+            c.list_exports()
 
 
 def test_go_ack_without_export_info() -> None:
@@ -111,7 +111,7 @@ def test_go_ack_without_export_info() -> None:
         return False
     with FakeServer(greeting=g) as srv:
         c = Client.dial(srv.uri, timeout=T)
-        c.connect()
+        c.handshake()
         with pytest.raises(PeerProtocolError, match="NBD_INFO_EXPORT"):
             c.go()
 

@@ -39,9 +39,9 @@ def test_every_call(servers: Servers, kind: str, transport: str) -> None:
     expected = expected_image()
     c = Client.dial(srv.uri(), timeout=TIMEOUT)
     assert c.state is State.GREETING
-    hs = c.connect()
+    hs = c.handshake()
     assert hs.handshake_flags & 1  # fixed newstyle
-    exports = c.list()
+    exports = c.list_exports()
     assert srv.export in [e.name for e in exports]
     info = c.info()
     if kind != "nbd-server":  # nbd-server 3.24 reports size 0 in NBD_OPT_INFO
@@ -158,7 +158,7 @@ def test_sparse_read_reports_holes(servers: Servers, kind: str) -> None:
 def test_export_name(servers: Servers, kind: str) -> None:
     srv = servers.start(kind)
     c = Client.dial(srv.uri(), timeout=TIMEOUT)
-    c.connect()
+    c.handshake()
     info = c.export_name()
     assert info.size == IMAGE_SIZE
     assert c.read(IMAGE_DATA[0][0], 6) == b"pynbd!"
@@ -233,7 +233,7 @@ def test_read_only_export(servers: Servers, kind: str) -> None:
 def test_unknown_export_is_option_error(servers: Servers, kind: str) -> None:
     srv = servers.start(kind, export="real")
     c = Client.dial(srv.uri(), timeout=TIMEOUT)
-    c.connect()
+    c.handshake()
     with pytest.raises(OptionError) as ei:
         c.go("no-such-export")
     assert ei.value.reply in (Rep.ERR_UNKNOWN, Rep.ERR_UNSUP, Rep.ERR_INVALID, Rep.ERR_POLICY)
@@ -245,7 +245,7 @@ def test_unknown_export_is_option_error(servers: Servers, kind: str) -> None:
 def test_export_name_refused_is_clear(servers: Servers) -> None:
     srv = servers.start("qemu-nbd", export="real")
     c = Client.dial(srv.uri(), timeout=TIMEOUT)
-    c.connect()
+    c.handshake()
     with pytest.raises(PeerProtocolError, match="refused"):
         c.export_name("no-such-export")
 
@@ -255,8 +255,8 @@ def test_context_manager_teardown(servers: Servers, kind: str) -> None:
     srv = servers.start(kind)
     # option phase only: abort
     with Client.dial(srv.uri(), timeout=TIMEOUT) as c:
-        c.connect()
-        c.list()
+        c.handshake()
+        c.list_exports()
     assert c.close_result is not None and c.close_result.method == "abort"
     # transmission with requests in flight: drained, then closed
     with connect(srv.uri(), timeout=TIMEOUT) as c:

@@ -64,7 +64,7 @@ def test_tls_untrusted_ca(servers: Servers, pki: Path, tmp_path: Path) -> None:
 def test_plaintext_client_refused_by_tls_server(servers: Servers, pki: Path) -> None:
     srv = servers.start("nbdkit", tls_dir=pki)
     c = Client.dial(srv.uri(tls=False), timeout=TIMEOUT)
-    c.connect()
+    c.handshake()
     with pytest.raises(OptionError) as ei:
         c.go()
     assert ei.value.reply == Rep.ERR_TLS_REQD

@@ -71,7 +71,7 @@ def register(subparsers: Any) -> None:
 
 def _open(uri: NBDURI, timeout: float) -> Client:
     c = Client.dial(uri, timeout=timeout)
-    c.connect()
+    c.handshake()
     return c
 
 
@@ -272,7 +272,7 @@ def _can(c: Client, can: str | None, is_: str | None, structured: bool) -> int:
 
 
 def _list(c: Client, uri: NBDURI, args: argparse.Namespace) -> int:
-    exports = c.list()
+    exports = c.list_exports()
     c.close()
     infos = []
     proto: dict[str, Any] | None = None

@@ -1,8 +1,14 @@
 """pynbd's NBD client: blocking (:mod:`.blocking`), asyncio (:mod:`.aio`), multi-connection
 pool (:mod:`.pool`), URIs (:mod:`.uri`) and TLS (:mod:`.tls`).
 
-``pynbd.client.connect(uri)`` dials, negotiates structured replies, ``base:allocation``
-and safe close where offered, and enters the transmission phase.
+Both drivers are thin: what a client decides (options, request checks, reply routing,
+how a connection ends) is one sans-I/O session (:mod:`.session`, with its plans in
+:mod:`.plans` and its rules in :mod:`.rules`).
+
+``pynbd.client.connect(uri)`` dials, negotiates extended headers (else structured
+replies), ``base:allocation`` and safe close where offered, and enters the transmission
+phase; the method ``Client.handshake()`` is only the greeting (its old name,
+``Client.connect()``, still works and warns).
 """
 
 from pynbd.client._common import Chunk, CloseResult, Extent

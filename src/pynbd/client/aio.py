@@ -1,4 +1,5 @@
-"""asyncio NBD client: many requests awaited concurrently on one connection.
+"""asyncio NBD client: the session (:mod:`pynbd.client.session`) on an asyncio transport;
+many requests awaited concurrently on one connection.
 
 Same shape as the blocking client::
 
@@ -7,89 +8,35 @@ Same shape as the blocking client::
 
 The transport is driven by an :class:`asyncio.BufferedProtocol`: read data is received
 straight into the caller's buffer (``get_buffer`` hands out the destination slice while
-a read payload is pending), never through ``StreamReader.readexactly``.
+a read payload is pending), never through ``StreamReader.readexactly``. With a
+``timeout``, every wait on the server is bounded by it, closing included.
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
-import errno
 import socket
 import ssl
+import warnings
 from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
-from pynbd.client._common import (
-    DEFAULT_INFOS,
-    Chunk,
-    CloseResult,
-    Extent,
-    FlagsMixin,
-    as_uri,
-    check_option,
-    effect_pieces,
-    extents_by_name,
-    info_data,
-    list_result,
-    max_request_for,
-    meta_data,
-    meta_result,
-    payload_contexts,
-    probe_ok,
-    request_error,
-)
+from pynbd.client import plans
+from pynbd.client._common import DEFAULT_INFOS, Chunk, CloseResult, Extent, Request
+from pynbd.client.rules import as_uri
+from pynbd.client.session import ClientSession, ExportEntry, ExportInfo, MetaContext
 from pynbd.client.tls import TLSConfig
 from pynbd.client.uri import NBDURI
-from pynbd.protocol.client import (
-    NEED_DATA,
-    BlockStatusChunk,
-    ClientConnection,
-    ExportEntry,
-    ExportInfo,
-    Handshake,
-    MetaContext,
-    OptionDone,
-    ReadData,
-    ReadHole,
-    ReplyDone,
-    ReplyError,
-    State,
-)
-from pynbd.protocol.constants import (
-    BASE_ALLOCATION,
-    MAX_PAYLOAD,
-    Cmd,
-    Opt,
-    TransmissionFlag,
-)
-from pynbd.protocol.errors import (
-    LocalProtocolError,
-    NBDRequestError,
-    OptionError,
-    PeerProtocolError,
-)
+from pynbd.protocol.client import NEED_DATA, Handshake, OptionDone, ReadData, State
+from pynbd.protocol.constants import BASE_ALLOCATION, Cmd, Opt
+from pynbd.protocol.errors import LocalProtocolError, NBDRequestError, PeerProtocolError
 
-_List = list
 _RECV_SIZE = 256 * 1024
-_ZEROES = bytes(1024 * 1024)
-_ESHUTDOWN = 108  # NBD_ESHUTDOWN
-
-
-class _Op:
-    __slots__ = ("chunks", "cmd", "extents", "fut", "length", "offset", "view", "zeroed")
-
-    def __init__(self, cmd: int, offset: int, length: int, fut: asyncio.Future[Any],
-                 view: memoryview | None, zeroed: bool, chunks: _List[Chunk] | None) -> None:
-        self.cmd = cmd
-        self.offset = offset
-        self.length = length
-        self.fut = fut
-        self.view = view
-        self.zeroed = zeroed
-        self.chunks = chunks
-        self.extents: dict[int, tuple[tuple[int, int], ...]] = {}
+_READ = Cmd.READ
+_WRITE = Cmd.WRITE
 
 
 class _Protocol(asyncio.BufferedProtocol):
@@ -97,21 +44,24 @@ class _Protocol(asyncio.BufferedProtocol):
         self.c = client
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.c._transport = transport  # type: ignore[assignment]
+        assert isinstance(transport, asyncio.Transport)
+        self.c._transport = transport
 
     def get_buffer(self, sizehint: int) -> memoryview:
         c = self.c
-        if c._payload is not None:
-            return c._payload[c._payload_pos:]
+        payload = c._payload
+        if payload is not None:
+            return payload
         return c._rview
 
     def buffer_updated(self, nbytes: int) -> None:
         c = self.c
         try:
-            if c._payload is not None:
+            payload = c._payload
+            if payload is not None:
                 c._conn.payload_received(nbytes)
-                c._payload_pos += nbytes
-                if c._payload_pos < len(c._payload):
+                if nbytes < len(payload):
+                    c._payload = payload[nbytes:]
                     return
                 c._payload = None
             else:
@@ -151,38 +101,21 @@ class _Protocol(asyncio.BufferedProtocol):
         self.c._can_write.set()
 
 
-class AsyncClient(FlagsMixin):
+class AsyncClient(ClientSession):
     """One NBD connection on asyncio."""
 
     def __init__(self, uri: NBDURI | None = None, *, tls: TLSConfig | None = None,
                  timeout: float | None = None, strict: bool = True) -> None:
-        self.uri = uri
+        super().__init__(uri, tls, strict)
         self.timeout = timeout
-        self.strict = strict
-        self._tls_config = tls
-        self._conn = ClientConnection()
         self._rbuf = bytearray(_RECV_SIZE)
         self._rview = memoryview(self._rbuf)
         self._transport: asyncio.Transport | None = None
-        self._ops: dict[int, _Op] = {}
         self._waiter: asyncio.Future[Any] | None = None
-        self._early: _List[Any] = []
-        self._payload: memoryview | None = None
-        self._payload_pos = 0
-        self._broken: BaseException | None = None
-        self._closed = False
-        self._tls = False
+        self._early: list[Handshake | OptionDone] = []
         self._can_write = asyncio.Event()
         self._can_write.set()
         self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.export: ExportInfo | None = None
-        self.handshake_flags = 0
-        self.max_request = MAX_PAYLOAD
-        #: an NBD_ESHUTDOWN reply arrived: the spec wants a soft disconnect now
-        self.server_shutting_down = False
-        self.close_result: CloseResult | None = None
-
-    # --- transport ------------------------------------------------------------------
 
     @classmethod
     async def dial(cls, uri: str | NBDURI, *, timeout: float | None = None,
@@ -207,43 +140,20 @@ class AsyncClient(FlagsMixin):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return self
 
-    @property
-    def state(self) -> State:
-        return self._conn.state
+    async def _run(self, plan: plans.Plan[Any]) -> Any:
+        return await plans.run_async(plan, self._perform)
 
-    @property
-    def structured(self) -> bool:
-        """Replies come in chunks: structured replies or extended headers negotiated."""
-        return self._conn.chunked
+    # --- transport --------------------------------------------------------------------
 
-    @property
-    def extended(self) -> bool:
-        """NBD_OPT_EXTENDED_HEADERS was negotiated (32-byte headers, 64-bit lengths)."""
-        return self._conn.extended_headers
-
-    @property
-    def meta_contexts(self) -> dict[int, str]:
-        return dict(self._conn.meta_contexts)
-
-    @property
-    def tls_active(self) -> bool:
-        return self._tls
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._ops)
-
-    def _fail(self, exc: BaseException) -> None:
-        if self._broken is None:
-            self._broken = exc
+    def _on_broken(self, exc: BaseException) -> None:
         ops, self._ops = self._ops, {}
-        for op in ops.values():
-            if not op.fut.done():
-                op.fut.set_exception(exc)
+        for req in ops.values():
+            fut = req.waiter
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_exception(exc)
         self._waiter = None
-        self._hard_close()
 
     def _hard_close(self) -> None:
         if self._transport is not None and not self._transport.is_closing():
@@ -254,10 +164,8 @@ class AsyncClient(FlagsMixin):
         self._hard_close()
 
     def _check_usable(self) -> None:
-        if self._broken is not None:
-            raise PeerProtocolError(f"connection is unusable after an earlier error: "
-                                    f"{self._broken}") from self._broken
-        if self._closed or self._transport is None:
+        super()._check_usable()
+        if self._transport is None:
             raise LocalProtocolError("connection is closed")
 
     async def _wait(self, fut: asyncio.Future[Any]) -> Any:
@@ -269,95 +177,143 @@ class AsyncClient(FlagsMixin):
             self._fail(TimeoutError("timed out waiting for the server"))
             raise
 
-    # --- event processing --------------------------------------------------------
+    async def _close_transport(self, timeout: float) -> None:
+        t = self._transport
+        if t is not None and not t.is_closing():
+            if t.can_write_eof():
+                with contextlib.suppress(OSError, RuntimeError):
+                    t.write_eof()
+            else:
+                t.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._lost), timeout)
+        self._hard_close()
+
+    # --- event processing -------------------------------------------------------------
 
     def _process(self) -> None:
-        conn = self._conn
-        ops = self._ops
+        route = self._route
         while True:
-            ev = conn.next_event()
-            t = type(ev)
-            if ev is NEED_DATA:
-                return
-            if t is ReplyDone:
-                assert isinstance(ev, ReplyDone)
-                op = ops.pop(ev.cookie)
-                if ev.error == _ESHUTDOWN:
-                    self.server_shutting_down = True
-                if not op.fut.done():
-                    if ev.error:
-                        op.fut.set_exception(request_error(ev.cmd, ev.error, ev.message,
-                                                           ev.error_offset))
+            r = route()
+            if type(r) is Request:
+                fut = r.waiter
+                if fut is not None and not fut.done():
+                    if r.error is not None:
+                        fut.set_exception(r.error)
                     else:
-                        op.fut.set_result(op)
-            elif t is ReadData:
-                assert isinstance(ev, ReadData)
-                op = ops[ev.cookie]
-                assert op.view is not None
-                start = ev.offset - op.offset
-                dest = op.view[start:start + ev.length]
-                if op.chunks is not None:
-                    op.chunks.append(Chunk(ev.offset, ev.length, dest))
-                n = conn.payload_into(dest)
-                if n < ev.length:
-                    self._payload = dest
-                    self._payload_pos = n
-                    return  # the rest arrives straight into dest (get_buffer)
-            elif t is ReadHole:
-                assert isinstance(ev, ReadHole)
-                op = ops[ev.cookie]
-                assert op.view is not None
-                if not op.zeroed:
-                    start = ev.offset - op.offset
-                    v = op.view[start:start + ev.length]
-                    for pos in range(0, len(v), len(_ZEROES)):
-                        k = min(len(v) - pos, len(_ZEROES))
-                        v[pos:pos + k] = _ZEROES[:k]
-                if op.chunks is not None:
-                    op.chunks.append(Chunk(ev.offset, ev.length, None))
-            elif t is BlockStatusChunk:
-                assert isinstance(ev, BlockStatusChunk)
-                ops[ev.cookie].extents[ev.context_id] = ev.extents
-            elif t is ReplyError:
-                pass
-            elif t is Handshake or t is OptionDone:
+                        fut.set_result(r)
+            elif r is NEED_DATA:
+                return
+            elif isinstance(r, ReadData):
+                return  # the rest arrives straight into self._payload (get_buffer)
+            else:
+                assert isinstance(r, Handshake | OptionDone)
                 w = self._waiter
                 self._waiter = None
                 if w is not None and not w.done():
-                    w.set_result(ev)
+                    w.set_result(r)
                 else:  # arrived before anyone asked (e.g. the greeting)
-                    self._early.append(ev)
-                if conn.state is not State.OPTION_REPLY:
+                    self._early.append(r)
+                if self._conn.state is not State.OPTION_REPLY:
                     return  # one negotiation event at a time
-            else:  # pragma: no cover
-                raise PeerProtocolError(f"unexpected event {ev!r}")
 
-    async def _negotiation_event(self) -> Any:
+    async def _negotiation_event(self) -> Handshake | OptionDone:
         if self._early:
             return self._early.pop(0)
         self._check_usable()
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiter = fut
         try:
             self._process()  # it may already be buffered
         except PeerProtocolError as exc:
             self._fail(exc)
-        return await self._wait(fut)
-
-    # --- handshake and options ------------------------------------------------------
-
-    async def connect(self) -> Handshake:
-        ev = await self._negotiation_event()
-        assert isinstance(ev, Handshake)
-        self.handshake_flags = ev.handshake_flags
-        assert self._transport is not None
-        self._transport.write(self._conn.take_output())
-        if self._tls_config is not None and (self.uri is None or self.uri.tls):
-            await self.starttls(self._tls_config)
+        ev: Handshake | OptionDone = await self._wait(fut)
         return ev
 
+    # --- steps of the session's plans -------------------------------------------------
+
+    async def _do_greet(self, step: plans.Greet) -> Handshake:
+        ev = await self._negotiation_event()
+        assert isinstance(ev, Handshake) and self._transport is not None
+        self._transport.write(self._conn.take_output())
+        return ev
+
+    async def _do_negotiate(self, step: plans.Negotiate) -> OptionDone:
+        return await self.option(step.option, step.data)
+
+    async def _do_upgrade_tls(self, step: plans.UpgradeTLS) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._transport is not None
+        proto = self._transport.get_protocol()
+        try:
+            new = await asyncio.wait_for(loop.start_tls(
+                self._transport, proto, step.config.context(),
+                server_hostname=step.config.server_hostname), self.timeout)
+        except (ssl.SSLError, OSError) as exc:
+            self._fail(exc)
+            raise
+        assert new is not None
+        self._transport = new
+
+    async def _do_submit(self, step: plans.Submit) -> Request:
+        req = self._submit(step.cmd, step.offset, step.length, step.flags, step.view,
+                           step.payload, step.zeroed, step.chunks, step.contexts)
+        req.want = step.want
+        if step.payload is not None:
+            await self._drain_writes()
+        return req
+
+    async def _do_wait(self, step: plans.Wait) -> Request:
+        req: Request = await self._wait(step.req.waiter)
+        return req
+
+    async def _do_wait_any(self, step: plans.WaitAny) -> Request:
+        for req in step.reqs:
+            if req.done:
+                return req
+        futs = {req.waiter: req for req in step.reqs}
+        done, _ = await asyncio.wait(futs, timeout=self.timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            self._fail(TimeoutError("timed out waiting for the server"))
+            raise TimeoutError("timed out waiting for the server")
+        return futs[next(iter(done))]
+
+    async def _do_wait_all(self, step: plans.WaitAll) -> None:
+        results = await asyncio.gather(*(self._wait(r.waiter) for r in step.reqs),
+                                       return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+
+    async def _do_drain(self, step: plans.Drain) -> str:
+        err = ""
+        futs = [req.waiter for req in self._ops.values()]
+        results = await asyncio.gather(*(self._wait(f) for f in futs),
+                                       return_exceptions=True)
+        for r in results:
+            if isinstance(r, NBDRequestError):
+                err = err or str(r)
+            elif isinstance(r, BaseException):
+                raise r
+        return err
+
+    async def _do_send(self, step: plans.Send) -> None:
+        assert self._transport is not None
+        self._transport.write(step.data)
+
+    async def _do_goodbye(self, step: plans.Goodbye) -> None:
+        await self._close_transport(step.timeout)
+
+    # --- handshake and options --------------------------------------------------------
+
+    async def handshake(self) -> Handshake:
+        """Receive the greeting, send client flags; STARTTLS first if the URI says so."""
+        hs: Handshake = await self._run(self._handshake_plan())
+        return hs
+
     async def option(self, option: int, data: bytes = b"") -> OptionDone:
+        """Send one option and collect every reply (no error check)."""
         self._check_usable()
         assert self._transport is not None
         self._transport.write(self._conn.send_option(option, data))
@@ -366,122 +322,68 @@ class AsyncClient(FlagsMixin):
         return ev
 
     async def starttls(self, config: TLSConfig | None = None) -> None:
-        config = config or self._tls_config or (
-            TLSConfig.from_uri(self.uri) if self.uri else TLSConfig())
-        check_option(await self.option(Opt.STARTTLS))
-        loop = asyncio.get_running_loop()
-        assert self._transport is not None
-        proto = self._transport.get_protocol()
-        try:
-            new = await asyncio.wait_for(loop.start_tls(
-                self._transport, proto, config.context(),
-                server_hostname=config.server_hostname), self.timeout)
-        except (ssl.SSLError, OSError) as exc:
-            self._fail(exc)
-            raise
-        assert new is not None
-        self._transport = new
-        self._tls = True
-        self._conn.tls_established()
+        await self._run(self._starttls_plan(config))
 
-    def _name(self, name: str | None) -> str:
-        if name is not None:
-            return name
-        return self.uri.export if self.uri is not None else ""
-
-    async def list(self) -> _List[ExportEntry]:
-        return list_result(await self.option(Opt.LIST))
+    async def list_exports(self) -> list[ExportEntry]:
+        exports: list[ExportEntry] = await self._run(self._list_plan())
+        return exports
 
     async def info(self, name: str | None = None,
                    infos: tuple[int, ...] = DEFAULT_INFOS) -> ExportInfo:
-        done = check_option(await self.option(Opt.INFO, info_data(self._name(name), infos)))
-        assert done.info is not None
-        return done.info
+        info: ExportInfo = await self._run(self._info_plan(Opt.INFO, name, infos))
+        return info
 
     async def go(self, name: str | None = None,
                  infos: tuple[int, ...] = DEFAULT_INFOS) -> ExportInfo:
-        done = check_option(await self.option(Opt.GO, info_data(self._name(name), infos)))
-        assert done.info is not None
-        self._enter(done.info)
-        return done.info
+        info: ExportInfo = await self._run(self._info_plan(Opt.GO, name, infos))
+        return info
 
     async def export_name(self, name: str | None = None) -> ExportInfo:
-        done = await self.option(Opt.EXPORT_NAME, self._name(name).encode("utf-8"))
-        assert done.info is not None
-        self._enter(done.info)
-        return done.info
-
-    def _enter(self, info: ExportInfo) -> None:
-        self.export = info
-        self.max_request = max_request_for(info)
+        info: ExportInfo = await self._run(self._export_name_plan(name))
+        return info
 
     async def structured_replies(self) -> bool:
-        return probe_ok(await self.option(Opt.STRUCTURED_REPLY))
+        return bool(await self._run(self._probe_plan(Opt.STRUCTURED_REPLY)))
 
     async def extended_headers(self) -> bool:
         """NBD_OPT_EXTENDED_HEADERS; False if the server does not speak them."""
-        return probe_ok(await self.option(Opt.EXTENDED_HEADERS))
+        return bool(await self._run(self._probe_plan(Opt.EXTENDED_HEADERS)))
 
     async def negotiate_safe_close(self) -> bool:
-        return probe_ok(await self.option(Opt.X_CLOSE))
+        return bool(await self._run(self._probe_plan(Opt.X_CLOSE)))
 
     async def list_meta_context(self, *queries: str,
-                                export: str | None = None) -> _List[MetaContext]:
-        return meta_result(await self.option(Opt.LIST_META_CONTEXT,
-                                             meta_data(self._name(export), queries)))
+                                export: str | None = None) -> list[MetaContext]:
+        return await self._contexts(Opt.LIST_META_CONTEXT, queries, export)
 
     async def set_meta_context(self, *queries: str,
-                               export: str | None = None) -> _List[MetaContext]:
-        return meta_result(await self.option(Opt.SET_META_CONTEXT,
-                                             meta_data(self._name(export), queries)))
+                               export: str | None = None) -> list[MetaContext]:
+        return await self._contexts(Opt.SET_META_CONTEXT, queries, export)
+
+    async def _contexts(self, option: Opt, queries: Sequence[str],
+                        export: str | None) -> list[MetaContext]:
+        contexts: list[MetaContext] = await self._run(self._meta_plan(option, queries,
+                                                                      export))
+        return contexts
 
     async def abort(self) -> None:
-        if self._closed or self._conn.state is not State.OPTIONS:
-            return
-        assert self._transport is not None
-        self._transport.write(self._conn.send_option(Opt.ABORT))
-        await self._close_transport()
-        self.close_result = CloseResult(False, False, "abort")
+        await self._run(self._abort_plan())
 
-    async def _close_transport(self) -> None:
-        t = self._transport
-        if t is not None and not t.is_closing():
-            if t.can_write_eof():
-                with contextlib.suppress(OSError, RuntimeError):
-                    t.write_eof()
-            else:
-                t.close()
-            try:
-                await asyncio.wait_for(asyncio.shield(self._lost), 5.0)
-            except TimeoutError:
-                pass
-        self._hard_close()
-
-    # --- transmission ------------------------------------------------------------
+    # --- transmission -----------------------------------------------------------------
 
     def _submit(self, cmd: int, offset: int, length: int, flags: int,
                 view: memoryview | None = None, payload: memoryview | None = None,
-                zeroed: bool = False, chunks: _List[Chunk] | None = None,
-                contexts: tuple[int, ...] | None = None) -> asyncio.Future[Any]:
-        if self._broken is not None or self._closed:
-            self._check_usable()
-        if self.server_shutting_down and cmd != Cmd.X_CLOSE:
-            raise LocalProtocolError("the server is shutting down (NBD_ESHUTDOWN): "
-                                     "only close() or disconnect() remain")
-        if self.strict:
-            self._validate(cmd, offset, length, flags)
-        cookie, header = self._conn.request(cmd, offset, length, flags, contexts)
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._ops[cookie] = _Op(cmd, offset, length, fut, view, zeroed, chunks)
-        assert self._transport is not None
-        self._transport.write(header)
+                zeroed: bool = False, chunks: list[Chunk] | None = None,
+                contexts: tuple[int, ...] | None = None) -> Request:
+        req, header = self._start(cmd, offset, length, flags, view, zeroed, chunks, None,
+                                  contexts)
+        req.waiter = asyncio.get_running_loop().create_future()
+        transport = self._transport
+        assert transport is not None
+        transport.write(header)
         if payload is not None:
-            self._transport.write(payload)
-        return fut
-
-    def _validate(self, cmd: int, offset: int, length: int, flags: int) -> None:
-        from pynbd.client.blocking import validate_request
-        validate_request(self.export, self._conn, self.max_request, cmd, offset, length, flags)
+            transport.write(payload)
+        return req
 
     async def _drain_writes(self) -> None:
         if not self._can_write.is_set():
@@ -490,187 +392,70 @@ class AsyncClient(FlagsMixin):
     async def read(self, offset: int, length: int, flags: int = 0) -> bytearray:
         buf = bytearray(length)
         if length > self.max_request:
-            await self._split(Cmd.READ, offset, memoryview(buf), flags, True)
+            await self._run(self._split_plan(_READ, offset, memoryview(buf), flags, True))
         elif length:
-            await self._wait(self._submit(Cmd.READ, offset, length, flags, memoryview(buf),
-                                          None, True))
+            await self._wait(self._submit(_READ, offset, length, flags, memoryview(buf),
+                                          None, True).waiter)
         return buf
 
     async def read_into(self, offset: int, buf: bytearray | memoryview, flags: int = 0) -> None:
         view = memoryview(buf).cast("B")
         if len(view) > self.max_request:
-            await self._split(Cmd.READ, offset, view, flags, False)
+            await self._run(self._split_plan(_READ, offset, view, flags, False))
         elif view:
-            await self._wait(self._submit(Cmd.READ, offset, len(view), flags, view))
-
-    async def _split(self, cmd: int, offset: int, view: memoryview, flags: int,
-                     zeroed: bool) -> None:
-        """Requests larger than the maximum payload, as several in flight at once."""
-        step = self.max_request
-        futs = []
-        for pos in range(0, len(view), step):
-            part = view[pos:pos + step]
-            if cmd == Cmd.READ:
-                futs.append(self._submit(cmd, offset + pos, len(part), flags, part, None,
-                                         zeroed))
-            else:
-                futs.append(self._submit(cmd, offset + pos, len(part), flags, None, part))
-                await self._drain_writes()
-        results = await asyncio.gather(*(self._wait(f) for f in futs), return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
+            await self._wait(self._submit(_READ, offset, len(view), flags, view).waiter)
 
     async def read_chunks(self, offset: int, length: int,
-                          flags: int = 0) -> tuple[bytearray, _List[Chunk]]:
-        buf = bytearray(length)
-        chunks: _List[Chunk] = []
-        await self._wait(self._submit(Cmd.READ, offset, length, flags, memoryview(buf), None,
-                                      True, chunks))
-        return buf, chunks
+                          flags: int = 0) -> tuple[bytearray, list[Chunk]]:
+        got: tuple[bytearray, list[Chunk]] = await self._run(
+            self._read_chunks_plan(offset, length, flags))
+        return got
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview,
                     flags: int = 0) -> None:
         view = memoryview(data).cast("B")
         if len(view) > self.max_request:
-            await self._split(Cmd.WRITE, offset, view, flags, False)
-            return
-        if not view:
-            return
-        fut = self._submit(Cmd.WRITE, offset, len(view), flags, None, view)
-        await self._drain_writes()
-        await self._wait(fut)
+            await self._run(self._split_plan(_WRITE, offset, view, flags, False))
+        elif view:
+            fut = self._submit(_WRITE, offset, len(view), flags, None, view).waiter
+            await self._drain_writes()
+            await self._wait(fut)
 
     async def flush(self, flags: int = 0) -> None:
-        await self._wait(self._submit(Cmd.FLUSH, 0, 0, flags))
+        await self._wait(self._submit(Cmd.FLUSH, 0, 0, flags).waiter)
 
     async def trim(self, offset: int, length: int, flags: int = 0) -> None:
         """One request under extended headers (64-bit length), else as many as 32-bit
         lengths need."""
-        await self._effect(Cmd.TRIM, offset, length, flags)
+        await self._run(self._effect_plan(Cmd.TRIM, offset, length, flags))
 
     async def cache(self, offset: int, length: int, flags: int = 0) -> None:
-        await self._effect(Cmd.CACHE, offset, length, flags)
+        await self._run(self._effect_plan(Cmd.CACHE, offset, length, flags))
 
     async def write_zeroes(self, offset: int, length: int, flags: int = 0) -> None:
-        await self._effect(Cmd.WRITE_ZEROES, offset, length, flags)
-
-    async def _effect(self, cmd: int, offset: int, length: int, flags: int) -> None:
-        """See the blocking client's ``_effect``: one request where possible."""
-        if length <= 0xFFFFFFFF or self.extended:
-            try:
-                await self._wait(self._submit(cmd, offset, length, flags))
-                return
-            except NBDRequestError as exc:
-                if length <= self.max_request or \
-                        exc.errno not in (errno.EINVAL, errno.EOVERFLOW):
-                    raise
-            pieces = [(pos, min(self.max_request, offset + length - pos))
-                      for pos in range(offset, offset + length, self.max_request)]
-        else:
-            pieces = effect_pieces(offset, length)
-        futs = [self._submit(cmd, pos, n, flags) for pos, n in pieces]
-        results = await asyncio.gather(*(self._wait(f) for f in futs), return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
+        await self._run(self._effect_plan(Cmd.WRITE_ZEROES, offset, length, flags))
 
     async def block_status(self, offset: int, length: int, flags: int = 0,
-                           contexts: Sequence[str] | None = None) -> dict[str, _List[Extent]]:
+                           contexts: Sequence[str] | None = None) -> dict[str, list[Extent]]:
         """Extents per context name (every negotiated one, or ``contexts``: the payload
         form where the server offers it, else filtered here)."""
-        ids = payload_contexts(self._conn, contexts)
-        op: _Op = await self._wait(self._submit(Cmd.BLOCK_STATUS, offset, length, flags,
-                                                contexts=ids))
-        return extents_by_name(self._conn.meta_contexts, offset, op.extents,
-                               None if contexts is None else tuple(contexts))
+        got: dict[str, list[Extent]] = await self._run(
+            self._block_status_plan(offset, length, flags, contexts))
+        return got
 
-    async def gather(self, coros: Iterable[Any]) -> _List[Any]:
+    async def gather(self, coros: Iterable[Any]) -> list[Any]:
         """Run request coroutines concurrently; convenience for ``asyncio.gather``."""
-        return _List(await asyncio.gather(*coros))
+        return list(await asyncio.gather(*coros))
 
-    # --- teardown ----------------------------------------------------------------
-
-    async def _drain(self) -> str:
-        err = ""
-        futs = [op.fut for op in self._ops.values()]
-        if futs:
-            results = await asyncio.gather(*futs, return_exceptions=True)
-            for r in results:
-                if isinstance(r, NBDRequestError) and not err:
-                    err = str(r)
-                elif isinstance(r, BaseException) and not isinstance(r, NBDRequestError):
-                    raise r
-        return err
+    # --- teardown ---------------------------------------------------------------------
 
     async def disconnect(self) -> None:
-        if self._closed or self._broken is not None:
-            self._hard_close()
-            return
-        if self._conn.state in (State.TRANSMISSION, State.PAYLOAD):
-            try:
-                await self._drain()
-                _, header = self._conn.request(Cmd.DISC)
-                assert self._transport is not None
-                self._transport.write(header)
-                await self._close_transport()
-            finally:
-                self._hard_close()
-            self.close_result = CloseResult(False, False, "disc")
-        elif self._conn.state is State.OPTIONS:
-            await self.abort()
+        await self._run(self._disconnect_plan())
 
     async def close(self) -> CloseResult:
         """Safe close (NBD_CMD_X_CLOSE) where negotiated, else FLUSH + DISC; see the
         blocking client's :meth:`~pynbd.client.blocking.Client.close`."""
-        if self.close_result is not None:
-            return self.close_result
-        if self._closed or self._broken is not None:
-            self._hard_close()
-            self.close_result = CloseResult(False, False, "none", str(self._broken or ""))
-            return self.close_result
-        st = self._conn.state
-        if st is State.OPTIONS:
-            await self.abort()
-            assert self.close_result is not None
-            return self.close_result
-        if st not in (State.TRANSMISSION, State.PAYLOAD):
-            self._hard_close()
-            self.close_result = CloseResult(False, False, "none")
-            return self.close_result
-        try:
-            err = await self._drain()
-            assert self._transport is not None
-            if self._conn.x_close and self.export is not None and \
-                    self.export.flags & TransmissionFlag.X_SEND_CLOSE:
-                cookie, header = self._conn.request(Cmd.X_CLOSE)
-                fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-                self._ops[cookie] = _Op(Cmd.X_CLOSE, 0, 0, fut, None, False, None)
-                self._transport.write(header)
-                try:
-                    await self._wait(fut)
-                    result = CloseResult(True, True, "x_close", err)
-                except NBDRequestError as exc:
-                    result = CloseResult(False, False, "x_close", str(exc))
-                await self._close_transport()
-            else:
-                flushed = False
-                if self.export is not None and self.export.flags & \
-                        TransmissionFlag.SEND_FLUSH and not self.server_shutting_down:
-                    try:
-                        await self.flush()
-                        flushed = True
-                    except NBDRequestError as exc:
-                        err = err or str(exc)
-                _, header = self._conn.request(Cmd.DISC)
-                self._transport.write(header)
-                await self._close_transport()
-                result = CloseResult(False, flushed, "flush+disc" if flushed else "disc", err)
-        except (PeerProtocolError, OSError, LocalProtocolError) as exc:
-            result = CloseResult(False, False, "none", str(exc))
-        finally:
-            self._hard_close()
-        self.close_result = result
+        result: CloseResult = await self._run(self._close_plan())
         return result
 
     async def __aenter__(self) -> AsyncClient:
@@ -678,10 +463,22 @@ class AsyncClient(FlagsMixin):
 
     async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
                         tb: TracebackType | None) -> None:
-        if et is not None and self._broken is not None:
-            self._hard_close()
-            return
-        await self.close()
+        if not self._drop_on_exit(et):
+            await self.close()
+
+    # --- deprecated names (last: ``list`` would shadow the builtin in the class) -------
+
+    async def connect(self) -> Handshake:
+        """Deprecated: :meth:`handshake` (``connect`` is the module's dial-and-negotiate)."""
+        warnings.warn("AsyncClient.connect() is now AsyncClient.handshake()",
+                      DeprecationWarning, stacklevel=2)
+        return await self.handshake()
+
+    async def list(self) -> builtins.list[ExportEntry]:
+        """Deprecated: :meth:`list_exports`."""
+        warnings.warn("AsyncClient.list() is now AsyncClient.list_exports()",
+                      DeprecationWarning, stacklevel=2)
+        return await self.list_exports()
 
 
 async def dial(uri: str | NBDURI, *, timeout: float | None = None,
@@ -697,15 +494,8 @@ async def connect(uri: str | NBDURI, *, export: str | None = None, structured: b
     """asyncio twin of :func:`pynbd.client.connect`."""
     c = await AsyncClient.dial(uri, timeout=timeout, tls=tls, strict=strict)
     try:
-        await c.connect()
-        chunked = structured and ((extended_headers and await c.extended_headers())
-                                  or await c.structured_replies())
-        if chunked and meta_contexts:
-            with contextlib.suppress(OptionError):
-                await c.set_meta_context(*meta_contexts, export=export)
-        if safe_close:
-            await c.negotiate_safe_close()
-        await c.go(export)
+        await c._run(c._connect_plan(export, structured, meta_contexts, safe_close,
+                                     extended_headers))
     except BaseException:
         c.hard_close()
         raise

@@ -1,9 +1,9 @@
-"""Blocking NBD client with its own fast path on blocking sockets.
+"""Blocking NBD client: the session (:mod:`pynbd.client.session`) on a blocking socket.
 
 go-nbd's shape::
 
     c = Client.dial("nbd://127.0.0.1/disk")    # transport
-    c.connect()                                 # handshake (+ STARTTLS for nbds://)
+    c.handshake()                               # greeting (+ STARTTLS for nbds://)
     c.extended_headers() or c.structured_replies()
     c.set_meta_context("base:allocation")
     c.go()                                      # transmission phase
@@ -27,177 +27,72 @@ replies while a large write payload is being sent could otherwise stall both sid
 
 from __future__ import annotations
 
+import builtins
 import contextlib
-import errno
 import socket
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from pynbd.client._common import (
-    DEFAULT_INFOS,
-    Chunk,
-    CloseResult,
-    Extent,
-    FlagsMixin,
-    as_uri,
-    check_option,
-    dial_socket,
-    effect_pieces,
-    extents_by_name,
-    info_data,
-    list_result,
-    max_request_for,
-    meta_data,
-    meta_result,
-    payload_contexts,
-    probe_ok,
-    request_error,
-)
+from pynbd.client import plans
+from pynbd.client._common import DEFAULT_INFOS, Chunk, CloseResult, Extent, ReadSink, Request
 from pynbd.client._splice import Mover
+from pynbd.client.rules import as_uri, validate_request
+from pynbd.client.session import ClientSession, ExportEntry, ExportInfo, MetaContext
 from pynbd.client.tls import TLSConfig
 from pynbd.client.uri import NBDURI
-from pynbd.protocol.client import (
-    NEED_DATA,
-    BlockStatusChunk,
-    ClientConnection,
-    ExportEntry,
-    ExportInfo,
-    Handshake,
-    MetaContext,
-    OptionDone,
-    ReadData,
-    ReadHole,
-    ReplyDone,
-    ReplyError,
-    State,
-)
-from pynbd.protocol.constants import (
-    BASE_ALLOCATION,
-    MAX_PAYLOAD,
-    Cmd,
-    CmdFlag,
-    Opt,
-    TransmissionFlag,
-)
+from pynbd.protocol.client import NEED_DATA, Handshake, OptionDone, ReadData
+from pynbd.protocol.constants import BASE_ALLOCATION, Cmd, Opt
 from pynbd.protocol.errors import LocalProtocolError, NBDRequestError, PeerProtocolError
 
 if TYPE_CHECKING:  # ssl is imported only when TLS is used (start-up time)
     import ssl
 
-_List = list  # Client.list() shadows the builtin inside the class
+__all__ = ["Client", "ReadSink", "Request", "connect", "dial", "validate_request"]
+
 _RECV_SIZE = 256 * 1024
-_ZEROES = bytes(1024 * 1024)
-_ESHUTDOWN = 108  # NBD_ESHUTDOWN
-_EINVAL, _EOVERFLOW = errno.EINVAL, errno.EOVERFLOW  # host errno of NBDRequestError
 _WAITALL = socket.MSG_WAITALL
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
 #: receive size while sink reads are in flight: small, so that little payload is pulled
 #: into user space ahead of the sink (what is, reaches it as ``head``), yet large enough
 #: for a block status reply or a run of small replies in one call
 _SINK_RECV = 4096
-
-# plain ints: IntFlag arithmetic is a Python-level call on the hot path
-_CMD_NEEDS: dict[int, int] = {
-    int(Cmd.FLUSH): int(TransmissionFlag.SEND_FLUSH),
-    int(Cmd.TRIM): int(TransmissionFlag.SEND_TRIM),
-    int(Cmd.WRITE_ZEROES): int(TransmissionFlag.SEND_WRITE_ZEROES),
-    int(Cmd.CACHE): int(TransmissionFlag.SEND_CACHE),
-}
-_FLAG_NEEDS: dict[int, tuple[int, str]] = {
-    int(CmdFlag.FUA): (int(TransmissionFlag.SEND_FUA), "FUA"),
-    int(CmdFlag.DF): (int(TransmissionFlag.SEND_DF), "DF"),
-    int(CmdFlag.FAST_ZERO): (int(TransmissionFlag.SEND_FAST_ZERO), "FAST_ZERO"),
-}
-_WRITES = (int(Cmd.WRITE), int(Cmd.TRIM), int(Cmd.WRITE_ZEROES))
-_READ_ONLY = int(TransmissionFlag.READ_ONLY)
-_RW = (int(Cmd.READ), int(Cmd.WRITE))
-_BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
-_FLUSH = int(Cmd.FLUSH)
+_READ = Cmd.READ
+_WRITE = Cmd.WRITE
 
 
-def _zero_fill(view: memoryview) -> None:
-    n = len(view)
-    pos = 0
-    while pos < n:
-        k = min(n - pos, len(_ZEROES))
-        view[pos:pos + k] = _ZEROES[:k]
-        pos += k
+def dial_socket(uri: NBDURI, timeout: float | None) -> socket.socket:
+    if uri.is_unix:
+        assert uri.socket is not None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        path = uri.socket
+        try:
+            sock.connect("\0" + path[1:] if path.startswith("\0") else path)
+        except BaseException:
+            sock.close()
+            raise
+    else:
+        assert uri.host is not None
+        sock = socket.create_connection((uri.host, uri.port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(timeout)
+    return sock
 
 
-class ReadSink(Protocol):
-    """Receives a read reply's payload without a buffer (``submit_read(..., sink=)``).
-
-    ``data`` is called for each data chunk: ``head`` holds the first bytes of the chunk
-    that the client had already received; the remaining ``length - len(head)`` bytes
-    are waiting on the descriptor ``fd`` (the connection's socket) and ``data`` must
-    consume exactly that many bytes from it before returning (for example with
-    :meth:`Client.submit_write_from` on another connection). Over TLS, ``head`` is the
-    whole chunk and ``fd`` is -1. ``hole`` is called for each chunk that reads as zeroes.
-    An exception from either breaks the connection (the stream position is unknown).
-    """
-
-    def data(self, offset: int, length: int, head: memoryview, fd: int) -> None: ...
-
-    def hole(self, offset: int, length: int) -> None: ...
-
-
-class Request:
-    """A request in flight (or completed) on a :class:`Client`."""
-
-    __slots__ = ("chunks", "cmd", "cookie", "done", "error", "extents", "length", "offset",
-                 "sink", "view", "want", "zeroed")
-
-    def __init__(self, cookie: int, cmd: int, offset: int, length: int,
-                 view: memoryview | None = None, zeroed: bool = False,
-                 chunks: list[Chunk] | None = None, sink: ReadSink | None = None) -> None:
-        self.cookie = cookie
-        self.cmd = cmd
-        self.offset = offset
-        self.length = length
-        self.view = view
-        self.zeroed = zeroed
-        self.chunks = chunks
-        self.sink = sink
-        self.extents: dict[int, tuple[tuple[int, int], ...]] | None = None
-        #: context names a block status asked for (None: all)
-        self.want: tuple[str, ...] | None = None
-        self.done = False
-        self.error: NBDRequestError | None = None
-
-    def __repr__(self) -> str:
-        state = "error" if self.error else ("done" if self.done else "pending")
-        return f"<Request {self.cookie} cmd={self.cmd} {self.offset}+{self.length} {state}>"
-
-
-class Client(FlagsMixin):
+class Client(ClientSession):
     """One NBD connection driven with blocking sockets."""
 
     def __init__(self, sock: socket.socket, uri: NBDURI | None = None, *,
                  tls: TLSConfig | None = None, strict: bool = True) -> None:
-        # an ssl.SSLSocket after STARTTLS (self._tls)
+        super().__init__(uri, tls, strict)
+        # an ssl.SSLSocket after STARTTLS
         self._sock: socket.socket = sock
-        self.uri = uri
-        self._tls_config = tls
-        self.strict = strict
-        self._conn = ClientConnection()
         self._rbuf = bytearray(_RECV_SIZE)
         self._rview = memoryview(self._rbuf)
-        self._ops: dict[int, Request] = {}
-        self._sinks = 0  # sink reads in flight
         self._mover: Mover | None = None
-        self._tls = False
-        self._broken: BaseException | None = None
-        self._closed = False
-        self.close_result: CloseResult | None = None
-        self.export: ExportInfo | None = None
-        self.handshake_flags = 0
-        self.max_request = MAX_PAYLOAD
-        #: an NBD_ESHUTDOWN reply arrived: the spec wants a soft disconnect now
-        self.server_shutting_down = False
-
-    # --- transport ------------------------------------------------------------------
 
     @classmethod
     def dial(cls, uri: str | NBDURI, *, timeout: float | None = None,
@@ -213,31 +108,10 @@ class Client(FlagsMixin):
     def socket(self) -> socket.socket:
         return self._sock
 
-    @property
-    def state(self) -> State:
-        return self._conn.state
+    def _run(self, plan: plans.Plan[Any]) -> Any:
+        return plans.run(plan, self._perform)
 
-    @property
-    def tls_active(self) -> bool:
-        return self._tls
-
-    @property
-    def structured(self) -> bool:
-        """Replies come in chunks: structured replies or extended headers negotiated."""
-        return self._conn.chunked
-
-    @property
-    def extended(self) -> bool:
-        """NBD_OPT_EXTENDED_HEADERS was negotiated (32-byte headers, 64-bit lengths)."""
-        return self._conn.extended_headers
-
-    @property
-    def meta_contexts(self) -> dict[int, str]:
-        return dict(self._conn.meta_contexts)
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._ops)
+    # --- transport --------------------------------------------------------------------
 
     def _fill(self) -> None:
         # with sink reads in flight, take little more than a reply header at a time so
@@ -279,18 +153,6 @@ class Client(FlagsMixin):
                 sent = len(header)
             self._sock.sendall(payload[sent - len(header):])
 
-    def _fail(self, exc: BaseException) -> None:
-        if self._broken is None:
-            self._broken = exc
-        self._hard_close()
-
-    def _check_usable(self) -> None:
-        if self._broken is not None:
-            raise PeerProtocolError(f"connection is unusable after an earlier error: "
-                                    f"{self._broken}") from self._broken
-        if self._closed:
-            raise LocalProtocolError("connection is closed")
-
     def _hard_close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -303,31 +165,101 @@ class Client(FlagsMixin):
         """Close the transport now (go-nbd's Conn.Close): no goodbye to the server."""
         self._hard_close()
 
+    def _await_eof(self, timeout: float) -> None:
+        """Stop sending and wait (bounded) for the server to close, for TLS too."""
+        with contextlib.suppress(OSError):  # ssl.SSLError is an OSError
+            if self._tls:
+                self._sock.settimeout(timeout)
+                with contextlib.suppress(OSError, ValueError):
+                    cast("ssl.SSLSocket", self._sock).unwrap()
+                return
+            self._sock.shutdown(socket.SHUT_WR)
+            self._sock.settimeout(timeout)
+            deadline = time.monotonic() + timeout
+            for _ in range(1024):
+                if time.monotonic() > deadline or not self._sock.recv(65536):
+                    break
+
+    # --- steps of the session's plans -------------------------------------------------
+
+    def _do_greet(self, step: plans.Greet) -> Handshake:
+        ev = self._event()
+        assert isinstance(ev, Handshake)
+        self._sendall(self._conn.take_output())
+        return ev
+
+    def _do_negotiate(self, step: plans.Negotiate) -> OptionDone:
+        return self.option(step.option, step.data)
+
+    def _do_upgrade_tls(self, step: plans.UpgradeTLS) -> None:
+        ctx = step.config.context()
+        try:
+            self._sock = ctx.wrap_socket(self._sock, server_hostname=step.config.server_hostname)
+        except OSError as exc:  # ssl.SSLError is an OSError
+            self._fail(exc)
+            raise
+
+    def _do_submit(self, step: plans.Submit) -> Request:
+        req = self._submit(step.cmd, step.offset, step.length, step.flags, step.view,
+                           step.payload, step.zeroed, step.chunks, None, step.contexts)
+        req.want = step.want
+        return req
+
+    def _do_wait(self, step: plans.Wait) -> Request:
+        return self.wait(step.req)
+
+    def _do_wait_any(self, step: plans.WaitAny) -> Request:
+        while True:
+            for req in step.reqs:
+                if req.done:
+                    return req
+            self._check_usable()
+            self._pump(None)
+
+    def _do_wait_all(self, step: plans.WaitAll) -> None:
+        for req in step.reqs:
+            if not req.done:
+                self._check_usable()
+                self._pump(req)
+        for req in step.reqs:
+            if req.error is not None:
+                raise req.error
+
+    def _do_drain(self, step: plans.Drain) -> str:
+        err = ""
+        for _ in range(len(self._ops)):
+            if not self._ops:
+                break
+            req = self.wait_any()
+            if req.error is not None and not err:
+                err = str(req.error)
+        return err
+
+    def _do_send(self, step: plans.Send) -> None:
+        self._sock.sendall(step.data)
+
+    def _do_goodbye(self, step: plans.Goodbye) -> None:
+        self._await_eof(step.timeout)
+
     # --- handshake and options --------------------------------------------------------
 
-    def _event(self) -> object:
-        conn = self._conn
+    def _event(self) -> Handshake | OptionDone:
         try:
             while True:
-                ev = conn.next_event()
+                ev = self._route()
                 if ev is NEED_DATA:
                     self._fill()
                     continue
+                assert isinstance(ev, Handshake | OptionDone)
                 return ev
         except (PeerProtocolError, OSError) as exc:
             self._fail(exc)
             raise
 
-    def connect(self) -> Handshake:
+    def handshake(self) -> Handshake:
         """Receive the greeting, send client flags; STARTTLS first if the URI says so."""
-        self._check_usable()
-        ev = self._event()
-        assert isinstance(ev, Handshake)
-        self.handshake_flags = ev.handshake_flags
-        self._sendall(self._conn.take_output())
-        if self._tls_config is not None and (self.uri is None or self.uri.tls):
-            self.starttls(self._tls_config)
-        return ev
+        hs: Handshake = self._run(self._handshake_plan())
+        return hs
 
     def option(self, option: int, data: bytes = b"") -> OptionDone:
         """Send one option and collect every reply (no error check)."""
@@ -338,109 +270,67 @@ class Client(FlagsMixin):
         return ev
 
     def starttls(self, config: TLSConfig | None = None) -> None:
-        config = config or self._tls_config or (
-            TLSConfig.from_uri(self.uri) if self.uri else TLSConfig())
-        check_option(self.option(Opt.STARTTLS))
-        ctx = config.context()
-        sock = self._sock
-        assert isinstance(sock, socket.socket)
-        try:
-            self._sock = ctx.wrap_socket(sock, server_hostname=config.server_hostname)
-        except OSError as exc:  # ssl.SSLError is an OSError
-            self._fail(exc)
-            raise
-        self._tls = True
-        self._conn.tls_established()
+        self._run(self._starttls_plan(config))
 
-    def _name(self, name: str | None) -> str:
-        if name is not None:
-            return name
-        return self.uri.export if self.uri is not None else ""
-
-    def list(self) -> _List[ExportEntry]:
+    def list_exports(self) -> list[ExportEntry]:
         """NBD_OPT_LIST: the exports the server is willing to list."""
-        return list_result(self.option(Opt.LIST))
+        exports: list[ExportEntry] = self._run(self._list_plan())
+        return exports
 
     def info(self, name: str | None = None,
              infos: tuple[int, ...] = DEFAULT_INFOS) -> ExportInfo:
         """NBD_OPT_INFO: describe an export without entering transmission."""
-        done = check_option(self.option(Opt.INFO, info_data(self._name(name), infos)))
-        assert done.info is not None
-        return done.info
+        info: ExportInfo = self._run(self._info_plan(Opt.INFO, name, infos))
+        return info
 
     def go(self, name: str | None = None, infos: tuple[int, ...] = DEFAULT_INFOS) -> ExportInfo:
         """NBD_OPT_GO: select the export and enter the transmission phase."""
-        done = check_option(self.option(Opt.GO, info_data(self._name(name), infos)))
-        assert done.info is not None
-        self._enter(done.info)
-        return done.info
+        info: ExportInfo = self._run(self._info_plan(Opt.GO, name, infos))
+        return info
 
     def export_name(self, name: str | None = None) -> ExportInfo:
         """NBD_OPT_EXPORT_NAME (old way to select an export; the server closes on error)."""
-        done = self.option(Opt.EXPORT_NAME, self._name(name).encode("utf-8"))
-        assert done.info is not None
-        self._enter(done.info)
-        return done.info
-
-    def _enter(self, info: ExportInfo) -> None:
-        self.export = info
-        self.max_request = max_request_for(info)
+        info: ExportInfo = self._run(self._export_name_plan(name))
+        return info
 
     def structured_replies(self) -> bool:
         """NBD_OPT_STRUCTURED_REPLY; False if the server does not support them."""
-        return probe_ok(self.option(Opt.STRUCTURED_REPLY))
+        return bool(self._run(self._probe_plan(Opt.STRUCTURED_REPLY)))
 
     def extended_headers(self) -> bool:
         """NBD_OPT_EXTENDED_HEADERS (64-bit requests and extents); False if the server
         does not speak them (then negotiate structured replies instead)."""
-        return probe_ok(self.option(Opt.EXTENDED_HEADERS))
+        return bool(self._run(self._probe_plan(Opt.EXTENDED_HEADERS)))
 
     def negotiate_safe_close(self) -> bool:
         """Probe pynbd's safe-close extension (NBD_OPT_X_CLOSE); safe with any server."""
-        return probe_ok(self.option(Opt.X_CLOSE))
+        return bool(self._run(self._probe_plan(Opt.X_CLOSE)))
 
-    def list_meta_context(self, *queries: str, export: str | None = None) -> _List[MetaContext]:
-        return meta_result(self.option(Opt.LIST_META_CONTEXT,
-                                       meta_data(self._name(export), queries)))
+    def list_meta_context(self, *queries: str, export: str | None = None
+                          ) -> list[MetaContext]:
+        contexts: list[MetaContext] = self._run(
+            self._meta_plan(Opt.LIST_META_CONTEXT, queries, export))
+        return contexts
 
-    def set_meta_context(self, *queries: str, export: str | None = None) -> _List[MetaContext]:
-        return meta_result(self.option(Opt.SET_META_CONTEXT,
-                                       meta_data(self._name(export), queries)))
+    def set_meta_context(self, *queries: str, export: str | None = None
+                         ) -> list[MetaContext]:
+        contexts: list[MetaContext] = self._run(
+            self._meta_plan(Opt.SET_META_CONTEXT, queries, export))
+        return contexts
 
     def abort(self) -> None:
         """NBD_OPT_ABORT: end negotiation politely (no-op outside the option phase)."""
-        if self._closed or self._conn.state is not State.OPTIONS:
-            return
-        from pynbd.protocol import wire
-        with contextlib.suppress(OSError):
-            self._sendall(self._conn.send_option(Opt.ABORT))
-            # the server may ACK; read (bounded) and ignore whatever comes
-            self._sock.settimeout(1.0)
-            with contextlib.suppress(OSError):
-                self._sock.recv(wire.OPTION_REPLY.size)
-        self._hard_close()
-        self.close_result = CloseResult(False, False, "abort")
+        self._run(self._abort_plan())
 
-    # --- transmission: submit -----------------------------------------------------------
+    # --- transmission: submit ---------------------------------------------------------
 
     def _submit(self, cmd: int, offset: int, length: int, flags: int,
                 view: memoryview | None = None, payload: memoryview | None = None,
-                zeroed: bool = False, chunks: _List[Chunk] | None = None,
+                zeroed: bool = False, chunks: list[Chunk] | None = None,
                 sink: ReadSink | None = None, contexts: tuple[int, ...] | None = None
                 ) -> Request:
-        if self._broken is not None or self._closed:
-            self._check_usable()
-        if self.server_shutting_down and cmd != Cmd.X_CLOSE:
-            raise LocalProtocolError("the server is shutting down (NBD_ESHUTDOWN): "
-                                     "only close() or disconnect() remain")
-        if self.strict:
-            self._validate(cmd, offset, length, flags)
-        conn = self._conn
-        cookie, header = conn.request(cmd, offset, length, flags, contexts)
-        req = Request(cookie, cmd, offset, length, view, zeroed, chunks, sink)
-        self._ops[cookie] = req
-        if sink is not None:
-            self._sinks += 1
+        req, header = self._start(cmd, offset, length, flags, view, zeroed, chunks, sink,
+                                  contexts)
         try:
             if payload is None:
                 self._sock.sendall(header)
@@ -450,9 +340,6 @@ class Client(FlagsMixin):
             self._fail(exc)
             raise
         return req
-
-    def _validate(self, cmd: int, offset: int, length: int, flags: int) -> None:
-        validate_request(self.export, self._conn, self.max_request, cmd, offset, length, flags)
 
     def submit_read(self, offset: int, buf: int | bytearray | memoryview, flags: int = 0, *,
                     chunks: bool = False, sink: ReadSink | None = None) -> Request:
@@ -464,20 +351,20 @@ class Client(FlagsMixin):
         if sink is not None:
             if not isinstance(buf, int) or chunks:
                 raise TypeError("a read with a sink takes a length and no chunks")
-            return self._submit(Cmd.READ, offset, buf, flags, None, None, False, None, sink)
+            return self._submit(_READ, offset, buf, flags, None, None, False, None, sink)
         if isinstance(buf, int):
             view = memoryview(bytearray(buf))
             zeroed = True
         else:
             view = memoryview(buf).cast("B")
             zeroed = False
-        return self._submit(Cmd.READ, offset, len(view), flags, view, None, zeroed,
+        return self._submit(_READ, offset, len(view), flags, view, None, zeroed,
                             [] if chunks else None)
 
     def submit_write(self, offset: int, data: bytes | bytearray | memoryview,
                      flags: int = 0) -> Request:
         view = memoryview(data).cast("B")
-        return self._submit(Cmd.WRITE, offset, len(view), flags, None, view)
+        return self._submit(_WRITE, offset, len(view), flags, None, view)
 
     def submit_write_from(self, offset: int, length: int, fd: int,
                           head: bytes | bytearray | memoryview = b"", flags: int = 0, *,
@@ -496,16 +383,7 @@ class Client(FlagsMixin):
         hv = memoryview(head).cast("B")
         if len(hv) > length:
             raise ValueError("head is longer than the write")
-        if self._broken is not None or self._closed:
-            self._check_usable()
-        if self.server_shutting_down:
-            raise LocalProtocolError("the server is shutting down (NBD_ESHUTDOWN): "
-                                     "only close() or disconnect() remain")
-        if self.strict:
-            self._validate(Cmd.WRITE, offset, length, flags)
-        cookie, header = self._conn.request(Cmd.WRITE, offset, length, flags)
-        req = Request(cookie, Cmd.WRITE, offset, length)
-        self._ops[cookie] = req
+        req, header = self._start(_WRITE, offset, length, flags)
         rest = length - len(hv)
         try:
             sock = self._sock
@@ -558,80 +436,39 @@ class Client(FlagsMixin):
         contexts with the payload form where the server offers it
         (NBD_FLAG_BLOCK_STATUS_PAYLOAD), otherwise the reply covers every negotiated
         context and :meth:`extents_of` filters it."""
-        ids = payload_contexts(self._conn, contexts)
-        req = self._submit(Cmd.BLOCK_STATUS, offset, length, flags, contexts=ids)
-        req.want = None if contexts is None else tuple(contexts)
-        return req
+        return self._do_submit(self._status_submit(offset, length, flags, contexts))
 
-    # --- transmission: replies -----------------------------------------------------------
+    # --- transmission: replies --------------------------------------------------------
 
     def _pump(self, until: Request | None) -> Request:
         """Process replies until ``until`` completes (or any request, if None)."""
-        conn = self._conn
-        ops = self._ops
+        route = self._route
         try:
             while True:
-                ev = conn.next_event()
-                t = type(ev)
-                if t is ReplyDone:
-                    assert isinstance(ev, ReplyDone)
-                    req = ops.pop(ev.cookie)
-                    req.done = True
-                    if req.sink is not None:
-                        self._sinks -= 1
-                    if ev.error:
-                        if ev.error == _ESHUTDOWN:
-                            self.server_shutting_down = True
-                        req.error = request_error(ev.cmd, ev.error, ev.message,
-                                                  ev.error_offset)
-                    if until is None or req is until:
-                        return req
-                elif t is ReadData:
-                    assert isinstance(ev, ReadData)
-                    req = ops[ev.cookie]
-                    if req.sink is not None:
-                        self._to_sink(req.sink, ev)
-                        continue
-                    assert req.view is not None
-                    start = ev.offset - req.offset
-                    dest = req.view[start:start + ev.length]
-                    n = conn.payload_into(dest)
-                    if n < ev.length:
-                        self._recv_exact(dest[n:])
-                        conn.payload_received(ev.length - n)
-                    if req.chunks is not None:
-                        req.chunks.append(Chunk(ev.offset, ev.length, dest))
-                elif ev is NEED_DATA:
+                r = route()
+                if type(r) is Request:
+                    if until is None or r is until:
+                        return r
+                elif r is NEED_DATA:
                     self._fill()
-                elif t is ReadHole:
-                    assert isinstance(ev, ReadHole)
-                    req = ops[ev.cookie]
-                    if req.sink is not None:
-                        try:
-                            req.sink.hole(ev.offset, ev.length)
-                        except BaseException as exc:
-                            self._fail(exc)
-                            raise
-                        continue
-                    assert req.view is not None
-                    if not req.zeroed:
-                        start = ev.offset - req.offset
-                        _zero_fill(req.view[start:start + ev.length])
-                    if req.chunks is not None:
-                        req.chunks.append(Chunk(ev.offset, ev.length, None))
-                elif t is BlockStatusChunk:
-                    assert isinstance(ev, BlockStatusChunk)
-                    req = ops[ev.cookie]
-                    if req.extents is None:
-                        req.extents = {}
-                    req.extents[ev.context_id] = ev.extents
-                elif t is ReplyError:
-                    pass  # recorded by the state machine; reported with ReplyDone
-                else:  # pragma: no cover
-                    raise PeerProtocolError(f"unexpected event {ev!r}")
+                else:
+                    assert isinstance(r, ReadData)
+                    self._receive_payload(r)
         except (PeerProtocolError, OSError) as exc:
             self._fail(exc)
             raise
+
+    def _receive_payload(self, ev: ReadData) -> None:
+        """The rest of a read chunk, straight into its place (or to the sink)."""
+        sink = self._ops[ev.cookie].sink
+        if sink is not None:
+            self._to_sink(sink, ev)
+            return
+        dest = self._payload
+        assert dest is not None
+        self._payload = None
+        self._recv_exact(dest)
+        self._conn.payload_received(len(dest))
 
     def _to_sink(self, sink: ReadSink, ev: ReadData) -> None:
         conn = self._conn
@@ -658,7 +495,7 @@ class Client(FlagsMixin):
     def wait(self, req: Request) -> Request:
         """Wait for ``req``; raises its NBDRequestError if the server refused it."""
         if not req.done:
-            if req.cookie not in self._ops:
+            if self._ops.get(req.cookie) is not req:
                 raise LocalProtocolError(f"{req!r} does not belong to this client")
             self._check_usable()
             self._pump(req)
@@ -673,12 +510,11 @@ class Client(FlagsMixin):
         self._check_usable()
         return self._pump(None)
 
-    def wait_all(self) -> _List[Request]:
+    def wait_all(self) -> list[Request]:
         """Complete every request in flight; raise the first error after draining."""
-        done: _List[Request] = []
+        done: list[Request] = []
         first: NBDRequestError | None = None
-        n = len(self._ops)
-        for _ in range(n):
+        for _ in range(len(self._ops)):
             if not self._ops:
                 break
             req = self.wait_any()
@@ -701,61 +537,38 @@ class Client(FlagsMixin):
             raise
         self.wait_all()
 
-    # --- transmission: synchronous calls ---------------------------------------------
+    # --- transmission: synchronous calls ----------------------------------------------
 
     def read(self, offset: int, length: int, flags: int = 0) -> bytearray:
         """Read ``length`` bytes (holes read as zeroes)."""
         buf = bytearray(length)
-        if length == 0:  # zero-length requests are discouraged by the spec
-            return buf
-        if length <= self.max_request:
-            self.wait(self._submit(Cmd.READ, offset, length, flags, memoryview(buf), None,
-                                   True))
-        else:
-            self._read_split(offset, memoryview(buf), flags, True)
+        if length > self.max_request:
+            self._run(self._split_plan(_READ, offset, memoryview(buf), flags, True))
+        elif length:  # zero-length requests are discouraged by the spec
+            self.wait(self._submit(_READ, offset, length, flags, memoryview(buf), None, True))
         return buf
 
     def read_into(self, offset: int, buf: bytearray | memoryview, flags: int = 0) -> None:
         view = memoryview(buf).cast("B")
-        if not view:
-            return
-        if len(view) <= self.max_request:
-            self.wait(self._submit(Cmd.READ, offset, len(view), flags, view))
-        else:
-            self._read_split(offset, view, flags, False)
+        if len(view) > self.max_request:
+            self._run(self._split_plan(_READ, offset, view, flags, False))
+        elif view:
+            self.wait(self._submit(_READ, offset, len(view), flags, view))
 
-    def _read_split(self, offset: int, view: memoryview, flags: int, zeroed: bool) -> None:
-        step = self.max_request
-        for pos in range(0, len(view), step):
-            part = view[pos:pos + step]
-            self._submit(Cmd.READ, offset + pos, len(part), flags, part, None, zeroed)
-            if len(self._ops) >= 8:
-                self.wait_any()
-        self.wait_all()
-
-    def read_chunks(self, offset: int, length: int, flags: int = 0) -> tuple[bytearray,
-                                                                              _List[Chunk]]:
+    def read_chunks(self, offset: int, length: int, flags: int = 0
+                    ) -> tuple[bytearray, list[Chunk]]:
         """Read and also return the reply's chunks in arrival order (holes have
         ``data=None``; with simple replies there is one data chunk)."""
-        req = self.submit_read(offset, length, flags, chunks=True)
-        self.wait(req)
-        assert req.view is not None and req.chunks is not None
-        return req.view.obj, req.chunks  # type: ignore[return-value]
+        got: tuple[bytearray, list[Chunk]] = self._run(
+            self._read_chunks_plan(offset, length, flags))
+        return got
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, flags: int = 0) -> None:
         view = memoryview(data).cast("B")
-        if not view:
-            return
-        if len(view) <= self.max_request:
-            self.wait(self._submit(Cmd.WRITE, offset, len(view), flags, None, view))
-            return
-        step = self.max_request
-        for pos in range(0, len(view), step):
-            part = view[pos:pos + step]
-            self._submit(Cmd.WRITE, offset + pos, len(part), flags, None, part)
-            if len(self._ops) >= 8:
-                self.wait_any()
-        self.wait_all()
+        if len(view) > self.max_request:
+            self._run(self._split_plan(_WRITE, offset, view, flags, False))
+        elif view:
+            self.wait(self._submit(_WRITE, offset, len(view), flags, None, view))
 
     def flush(self, flags: int = 0) -> None:
         self.wait(self._submit(Cmd.FLUSH, 0, 0, flags))
@@ -763,46 +576,21 @@ class Client(FlagsMixin):
     def trim(self, offset: int, length: int, flags: int = 0) -> None:
         """NBD_CMD_TRIM: one request under extended headers (64-bit length), else as
         many as 32-bit lengths need."""
-        self._effect(Cmd.TRIM, offset, length, flags)
+        self._run(self._effect_plan(Cmd.TRIM, offset, length, flags))
 
     def cache(self, offset: int, length: int, flags: int = 0) -> None:
-        self._effect(Cmd.CACHE, offset, length, flags)
+        self._run(self._effect_plan(Cmd.CACHE, offset, length, flags))
 
     def write_zeroes(self, offset: int, length: int, flags: int = 0) -> None:
-        self._effect(Cmd.WRITE_ZEROES, offset, length, flags)
-
-    def _effect(self, cmd: int, offset: int, length: int, flags: int) -> None:
-        """A command without payload over a range of any size: one request where the
-        protocol allows it; in pieces without extended headers, or when the server
-        refuses an effect length above its maximum payload (qemu-nbd does for CACHE;
-        the spec allows EINVAL/EOVERFLOW there)."""
-        if length <= 0xFFFFFFFF or self.extended:
-            try:
-                self.wait(self._submit(cmd, offset, length, flags))
-                return
-            except NBDRequestError as exc:
-                if length <= self.max_request or exc.errno not in (_EINVAL, _EOVERFLOW):
-                    raise
-            pieces = [(pos, min(self.max_request, offset + length - pos))
-                      for pos in range(offset, offset + length, self.max_request)]
-        else:
-            pieces = effect_pieces(offset, length)
-        for pos, n in pieces:
-            self._submit(cmd, pos, n, flags)
-            if len(self._ops) >= 8:
-                self.wait_any()
-        self.wait_all()
+        self._run(self._effect_plan(Cmd.WRITE_ZEROES, offset, length, flags))
 
     def block_status(self, offset: int, length: int, flags: int = 0,
-                     contexts: Sequence[str] | None = None) -> dict[str, _List[Extent]]:
+                     contexts: Sequence[str] | None = None) -> dict[str, list[Extent]]:
         """NBD_CMD_BLOCK_STATUS: extents per context name (every negotiated one, or
         ``contexts``). Under extended headers ``length`` may exceed 32 bits."""
-        req = self.wait(self.submit_block_status(offset, length, flags, contexts))
-        return self.extents_of(req)
-
-    def extents_of(self, req: Request) -> dict[str, _List[Extent]]:
-        return extents_by_name(self._conn.meta_contexts, req.offset, req.extents or {},
-                               req.want)
+        got: dict[str, list[Extent]] = self._run(
+            self._block_status_plan(offset, length, flags, contexts))
+        return got
 
     def iter_extents(self, offset: int = 0, length: int | None = None,
                      context: str = BASE_ALLOCATION,
@@ -829,105 +617,14 @@ class Client(FlagsMixin):
 
     # --- teardown ---------------------------------------------------------------------
 
-    def _drain(self) -> None:
-        for _ in range(len(self._ops)):
-            if not self._ops:
-                break
-            self.wait_any()
-
     def disconnect(self) -> None:
         """Finish requests in flight, send NBD_CMD_DISC and close the transport."""
-        if self._closed or self._broken is not None:
-            self._hard_close()
-            return
-        if self._conn.state in (State.TRANSMISSION, State.PAYLOAD):
-            try:
-                self._drain()
-                _, header = self._conn.request(Cmd.DISC)
-                self._sock.sendall(header)
-                self._await_eof()
-            finally:
-                self._hard_close()
-            self.close_result = CloseResult(False, False, "disc")
-        elif self._conn.state is State.OPTIONS:
-            self.abort()
-
-    def _await_eof(self) -> None:
-        """After DISC/X_CLOSE: wait (bounded) for the server to close, for TLS too."""
-        with contextlib.suppress(OSError):  # ssl.SSLError is an OSError
-            if self._tls:
-                self._sock.settimeout(5.0)
-                with contextlib.suppress(OSError, ValueError):
-                    cast("ssl.SSLSocket", self._sock).unwrap()
-                return
-            self._sock.shutdown(socket.SHUT_WR)
-            self._sock.settimeout(5.0)
-            deadline = time.monotonic() + 5.0
-            for _ in range(1024):
-                if time.monotonic() > deadline or not self._sock.recv(65536):
-                    break
+        self._run(self._disconnect_plan())
 
     def close(self) -> CloseResult:
-        """End the connection the safest way available and say how safe it was.
-
-        In transmission: finish requests in flight, then NBD_CMD_X_CLOSE if it was
-        negotiated (safe = the server's reply carried no error), else FLUSH (if the
-        export has it and is writable) and NBD_CMD_DISC. In negotiation: NBD_OPT_ABORT.
-        """
-        if self.close_result is not None:
-            return self.close_result
-        if self._closed or self._broken is not None:
-            self._hard_close()
-            self.close_result = CloseResult(False, False, "none",
-                                            str(self._broken or ""))
-            return self.close_result
-        st = self._conn.state
-        if st in (State.GREETING, State.OPTION_REPLY, State.EXPORT_NAME_REPLY,
-                  State.TLS_PENDING, State.CLOSED, State.CLOSING):
-            self._hard_close()
-            self.close_result = CloseResult(False, False, "none")
-            return self.close_result
-        if st is State.OPTIONS:
-            self.abort()
-            assert self.close_result is not None
-            return self.close_result
-        result: CloseResult
-        try:
-            err = ""
-            try:
-                self._drain()
-            except NBDRequestError as exc:
-                err = str(exc)
-            if self._conn.x_close and self.export is not None and \
-                    self.export.flags & TransmissionFlag.X_SEND_CLOSE:
-                cookie, header = self._conn.request(Cmd.X_CLOSE)
-                req = Request(cookie, Cmd.X_CLOSE, 0, 0)
-                self._ops[cookie] = req
-                self._sock.sendall(header)
-                self._pump(req)
-                self._await_eof()
-                if req.error is not None:
-                    result = CloseResult(False, False, "x_close", str(req.error))
-                else:
-                    result = CloseResult(True, True, "x_close", err)
-            else:
-                flushed = False
-                if self.export is not None and self.export.flags & \
-                        TransmissionFlag.SEND_FLUSH and not self.server_shutting_down:
-                    try:
-                        self.flush()
-                        flushed = True
-                    except NBDRequestError as exc:
-                        err = err or str(exc)
-                _, header = self._conn.request(Cmd.DISC)
-                self._sock.sendall(header)
-                self._await_eof()
-                result = CloseResult(False, flushed, "flush+disc" if flushed else "disc", err)
-        except (PeerProtocolError, OSError, LocalProtocolError) as exc:
-            result = CloseResult(False, False, "none", str(exc))
-        finally:
-            self._hard_close()
-        self.close_result = result
+        """End the connection the safest way available and say how safe it was (see
+        :meth:`ClientSession._close_plan`)."""
+        result: CloseResult = self._run(self._close_plan())
         return result
 
     def __enter__(self) -> Client:
@@ -935,42 +632,27 @@ class Client(FlagsMixin):
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if et is not None and (self._broken is not None or self._ops):
-            self._hard_close()
-            return
-        self.close()
+        if not self._drop_on_exit(et):
+            self.close()
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
             with contextlib.suppress(Exception):
                 self._sock.close()
 
+    # --- deprecated names (last: ``list`` would shadow the builtin in the class) -------
 
-def validate_request(ex: ExportInfo | None, conn: ClientConnection, max_request: int,
-                     cmd: int, offset: int, length: int, flags: int) -> None:
-    """The spec's client-side MUST NOTs, checked before a request is sent."""
-    if ex is None or conn.state not in (State.TRANSMISSION, State.PAYLOAD):
-        raise LocalProtocolError("not in the transmission phase")
-    xf = ex.flags
-    need = _CMD_NEEDS.get(cmd)
-    if need is not None and not xf & need:
-        raise LocalProtocolError(f"server does not support {Cmd(cmd).name}")
-    if flags:
-        for f, (fneed, fname) in _FLAG_NEEDS.items():
-            if flags & f and not xf & fneed:
-                raise LocalProtocolError(f"server does not support NBD_CMD_FLAG_{fname}")
-    if cmd in _WRITES and xf & _READ_ONLY:
-        raise LocalProtocolError("export is read-only")
-    if cmd == _BLOCK_STATUS and not conn.meta_contexts:
-        raise LocalProtocolError("block status needs a negotiated meta context")
-    if length > 0xFFFFFFFF and not conn.extended_headers:
-        raise LocalProtocolError(f"a length of {length} bytes needs extended headers")
-    if offset + length > ex.size and cmd != _FLUSH:
-        raise LocalProtocolError(
-            f"request [{offset}, {offset + length}) beyond the export size {ex.size}")
-    if length > max_request and cmd in _RW:
-        raise LocalProtocolError(
-            f"request of {length} bytes exceeds the maximum {max_request}")
+    def connect(self) -> Handshake:
+        """Deprecated: :meth:`handshake` (``connect`` is the module's dial-and-negotiate)."""
+        warnings.warn("Client.connect() is now Client.handshake()", DeprecationWarning,
+                      stacklevel=2)
+        return self.handshake()
+
+    def list(self) -> builtins.list[ExportEntry]:
+        """Deprecated: :meth:`list_exports`."""
+        warnings.warn("Client.list() is now Client.list_exports()", DeprecationWarning,
+                      stacklevel=2)
+        return self.list_exports()
 
 
 def dial(uri: str | NBDURI, *, timeout: float | None = None,
@@ -987,19 +669,8 @@ def connect(uri: str | NBDURI, *, export: str | None = None, structured: bool = 
     close where offered, then NBD_OPT_GO. Returns a client in transmission."""
     c = Client.dial(uri, timeout=timeout, tls=tls, strict=strict)
     try:
-        c.connect()
-        chunked = structured and ((extended_headers and c.extended_headers())
-                                  or c.structured_replies())
-        if chunked and meta_contexts:
-            try:
-                c.set_meta_context(*meta_contexts, export=export)
-            except Exception as exc:
-                from pynbd.protocol.errors import OptionError
-                if not isinstance(exc, OptionError):
-                    raise
-        if safe_close:
-            c.negotiate_safe_close()
-        c.go(export)
+        c._run(c._connect_plan(export, structured, meta_contexts, safe_close,
+                               extended_headers))
     except BaseException:
         c.hard_close()
         raise
