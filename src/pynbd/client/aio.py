@@ -174,8 +174,13 @@ class AsyncClient(ClientSession):
         try:
             return await asyncio.wait_for(asyncio.shield(fut), self.timeout)
         except TimeoutError:
-            self._fail(TimeoutError("timed out waiting for the server"))
-            raise
+            raise self._timed_out() from None
+
+    def _timed_out(self) -> TimeoutError:
+        """The server did not answer within the timeout: the connection is unusable."""
+        err = TimeoutError(f"timed out waiting for the server ({self.timeout:g} s)")
+        self._fail(err)
+        return err
 
     async def _close_transport(self, timeout: float) -> None:
         t = self._transport
@@ -275,8 +280,7 @@ class AsyncClient(ClientSession):
         done, _ = await asyncio.wait(futs, timeout=self.timeout,
                                      return_when=asyncio.FIRST_COMPLETED)
         if not done:
-            self._fail(TimeoutError("timed out waiting for the server"))
-            raise TimeoutError("timed out waiting for the server")
+            raise self._timed_out()
         return futs[next(iter(done))]
 
     async def _do_wait_all(self, step: plans.WaitAll) -> None:
