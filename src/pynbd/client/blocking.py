@@ -18,7 +18,8 @@ one per thread (see :mod:`pynbd.client.pool`).
 
 A read with a :class:`ReadSink` has no buffer: each chunk is handed to the sink while
 its payload is still in the socket, and :meth:`Client.submit_write_from` on another
-connection can take it from there with ``splice(2)`` (the data never enters Python).
+connection can take it from there with ``splice(2)`` (the data never enters Python;
+:mod:`pynbd.client.forward`).
 
 Pipelining note: the client sends from the calling thread and only reads replies while
 waiting, so keep the bytes in flight bounded (a server that blocks writing large read
@@ -39,8 +40,9 @@ from typing import TYPE_CHECKING, Any, cast
 from pynbd.client import plans
 from pynbd.client._common import DEFAULT_INFOS, Chunk, CloseResult, Extent, ReadSink, Request
 from pynbd.client._splice import Mover
+from pynbd.client.forward import Forwarding
 from pynbd.client.rules import as_uri, validate_request
-from pynbd.client.session import ClientSession, ExportEntry, ExportInfo, MetaContext
+from pynbd.client.session import ExportEntry, ExportInfo, MetaContext
 from pynbd.client.tls import TLSConfig
 from pynbd.client.uri import NBDURI
 from pynbd.protocol.client import NEED_DATA, Handshake, OptionDone, ReadData
@@ -54,7 +56,6 @@ __all__ = ["Client", "ReadSink", "Request", "connect", "dial", "validate_request
 
 _RECV_SIZE = 256 * 1024
 _WAITALL = socket.MSG_WAITALL
-_MSG_MORE = getattr(socket, "MSG_MORE", 0)
 #: receive size while sink reads are in flight: small, so that little payload is pulled
 #: into user space ahead of the sink (what is, reaches it as ``head``), yet large enough
 #: for a block status reply or a run of small replies in one call
@@ -82,7 +83,7 @@ def dial_socket(uri: NBDURI, timeout: float | None) -> socket.socket:
     return sock
 
 
-class Client(ClientSession):
+class Client(Forwarding):
     """One NBD connection driven with blocking sockets."""
 
     def __init__(self, sock: socket.socket, uri: NBDURI | None = None, *,
@@ -366,58 +367,6 @@ class Client(ClientSession):
         view = memoryview(data).cast("B")
         return self._submit(_WRITE, offset, len(view), flags, None, view)
 
-    def submit_write_from(self, offset: int, length: int, fd: int,
-                          head: bytes | bytearray | memoryview = b"", flags: int = 0, *,
-                          fd_offset: int | None = None) -> Request:
-        """Queue a WRITE of ``length`` bytes whose payload is ``head`` followed by
-        ``length - len(head)`` bytes taken from the descriptor ``fd``: from its current
-        position (a socket or pipe, e.g. the socket handed to a :class:`ReadSink`), or
-        with ``fd_offset`` from that offset of a regular file.
-
-        The kernel moves the bytes (``splice(2)`` through a pipe for sockets,
-        ``sendfile(2)`` for files) without copying them through Python; where it cannot
-        (TLS on this connection, another OS) they are read into a buffer and sent.
-        Blocks until the whole payload is sent (waits on ``fd`` are bounded by this
-        connection's timeout). If taking the payload fails midway the connection is
-        unusable afterwards (the server got a partial request)."""
-        hv = memoryview(head).cast("B")
-        if len(hv) > length:
-            raise ValueError("head is longer than the write")
-        req, header = self._start(_WRITE, offset, length, flags)
-        rest = length - len(hv)
-        try:
-            sock = self._sock
-            if self._tls:
-                sock.sendall(header)
-                if hv:
-                    sock.sendall(hv)
-            else:
-                self._send_head(header, hv, _MSG_MORE if rest else 0)
-            if rest:
-                mover = self._mover
-                if mover is None:
-                    mover = self._mover = Mover()
-                if self._tls:
-                    mover.splice_ok = mover.sendfile_ok = False
-                if fd_offset is None:
-                    mover.stream(fd, sock.fileno(), rest, sock.gettimeout(), sock.sendall)
-                else:
-                    mover.file(fd, fd_offset, sock.fileno(), rest, sock.gettimeout(),
-                               sock.sendall)
-        except BaseException as exc:
-            self._fail(exc)
-            raise
-        return req
-
-    def _send_head(self, header: bytes, head: memoryview, flags: int) -> None:
-        sock = self._sock
-        total = len(header) + len(head)
-        sent = sock.sendmsg([header, head] if head else [header], (), flags)
-        if sent < total:
-            rest = memoryview(header + bytes(head))[sent:]
-            while rest:
-                rest = rest[sock.send(rest, flags):]
-
     def submit_flush(self, flags: int = 0) -> Request:
         return self._submit(Cmd.FLUSH, 0, 0, flags)
 
@@ -469,28 +418,6 @@ class Client(ClientSession):
         self._payload = None
         self._recv_exact(dest)
         self._conn.payload_received(len(dest))
-
-    def _to_sink(self, sink: ReadSink, ev: ReadData) -> None:
-        conn = self._conn
-        length = ev.length
-        k = min(conn.buffered, length)
-        head = memoryview(bytearray(length if self._tls else k))
-        if k:
-            conn.payload_into(head[:k])
-        rest = length - k
-        try:
-            if self._tls:
-                if rest:
-                    self._recv_exact(head[k:])
-                    conn.payload_received(rest)
-                sink.data(ev.offset, length, head, -1)
-                return
-            sink.data(ev.offset, length, head, self._sock.fileno())
-        except BaseException as exc:
-            self._fail(exc)
-            raise
-        if rest:
-            conn.payload_received(rest)
 
     def wait(self, req: Request) -> Request:
         """Wait for ``req``; raises its NBDRequestError if the server refused it."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import SplitResult, quote, unquote, urlsplit
 
 from pynbd.protocol.constants import NBD_DEFAULT_PORT
 
@@ -74,49 +74,63 @@ def parse_uri(text: str) -> NBDURI:
     if scheme not in SCHEMES:
         raise URIError(f"{text!r}: unknown scheme {parts.scheme!r} "
                        f"(expected one of {', '.join(SCHEMES)})")
-    tls, unix = SCHEMES[scheme]
     path = parts.path
     if path and not path.startswith("/"):
         raise URIError(f"{text!r}: export path must start with '/'")
     export = unquote(path[1:], errors="strict") if path else ""
     if "\0" in export:
         raise URIError(f"{text!r}: export name contains NUL")
+    params = _query(text, parts.query)
+    kw: dict[str, object] = {"scheme": scheme, "export": export}
+    if parts.username:
+        kw["username"] = unquote(parts.username)
+    kw.update(_where(text, parts, scheme, params))
+    kw.update(_tls(text, params))
+    return NBDURI(**kw)  # type: ignore[arg-type]
+
+
+def _query(text: str, query: str) -> dict[str, str]:
     params: dict[str, str] = {}
-    if parts.query:
-        for item in parts.query.split("&"):
-            if not item:
-                continue
-            key, sep, value = item.partition("=")
-            key = unquote(key)
-            if not sep:
-                raise URIError(f"{text!r}: query parameter {key!r} has no value")
-            if key in params:
-                raise URIError(f"{text!r}: query parameter {key!r} given twice")
-            if key not in _KNOWN_PARAMS and not key.startswith("x-"):
-                raise URIError(f"{text!r}: unknown query parameter {key!r}")
-            params[key] = unquote(value)
+    for item in query.split("&") if query else ():
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        key = unquote(key)
+        if not sep:
+            raise URIError(f"{text!r}: query parameter {key!r} has no value")
+        if key in params:
+            raise URIError(f"{text!r}: query parameter {key!r} given twice")
+        if key not in _KNOWN_PARAMS and not key.startswith("x-"):
+            raise URIError(f"{text!r}: unknown query parameter {key!r}")
+        params[key] = unquote(value)
+    return params
+
+
+def _where(text: str, parts: SplitResult, scheme: str,
+           params: dict[str, str]) -> dict[str, object]:
+    """The socket, or the host and port."""
     try:
         host = parts.hostname
         port = parts.port
     except ValueError as exc:
         raise URIError(f"{text!r}: {exc}") from exc
-    kw: dict[str, object] = {"scheme": scheme, "export": export}
-    if parts.username:
-        kw["username"] = unquote(parts.username)
-    if unix:
+    if SCHEMES[scheme][1]:
         sock = params.get("socket")
         if not sock:
             raise URIError(f"{text!r}: {scheme} URIs need a socket= query parameter")
         if host or port:
             raise URIError(f"{text!r}: {scheme} URIs take no host or port")
-        kw["socket"] = sock
-    else:
-        if "socket" in params:
-            raise URIError(f"{text!r}: socket= is only valid with nbd+unix/nbds+unix")
-        if not host:
-            raise URIError(f"{text!r}: missing host")
-        kw["host"] = host
-        kw["port"] = port if port is not None else NBD_DEFAULT_PORT
+        return {"socket": sock}
+    if "socket" in params:
+        raise URIError(f"{text!r}: socket= is only valid with nbd+unix/nbds+unix")
+    if not host:
+        raise URIError(f"{text!r}: missing host")
+    return {"host": host, "port": port if port is not None else NBD_DEFAULT_PORT}
+
+
+def _tls(text: str, params: dict[str, str]) -> dict[str, object]:
+    """The ``tls-*`` parameters (a scheme without TLS ignores them)."""
+    kw: dict[str, object] = {}
     tls_type = params.get("tls-type")
     if tls_type is not None:
         if tls_type not in ("anon", "x509", "psk"):
@@ -136,10 +150,7 @@ def parse_uri(text: str) -> NBDURI:
                       ("x-tls-key-file", "tls_key_file")):
         if key in params:
             kw[attr] = params[key]
-    if not tls and any(k.startswith("tls-") for k in params):
-        # harmless, but almost always a mistake: the scheme does not ask for TLS
-        pass
-    return NBDURI(**kw)  # type: ignore[arg-type]
+    return kw
 
 
 def format_uri(uri: NBDURI) -> str:
