@@ -45,7 +45,7 @@ from pynbd.client.rules import as_uri, validate_request
 from pynbd.client.session import ExportEntry, ExportInfo, MetaContext
 from pynbd.client.tls import TLSConfig
 from pynbd.client.uri import NBDURI
-from pynbd.protocol.client import NEED_DATA, Handshake, OptionDone, ReadData
+from pynbd.protocol.client import Handshake, OptionDone, ReadData
 from pynbd.protocol.constants import BASE_ALLOCATION, Cmd, Opt
 from pynbd.protocol.errors import LocalProtocolError, NBDRequestError, PeerProtocolError
 
@@ -246,13 +246,9 @@ class Client(Forwarding):
 
     def _event(self) -> Handshake | OptionDone:
         try:
-            while True:
-                ev = self._route()
-                if ev is NEED_DATA:
-                    self._fill()
-                    continue
-                assert isinstance(ev, Handshake | OptionDone)
-                return ev
+            ev = self._route(self._fill)
+            assert isinstance(ev, Handshake | OptionDone)
+            return ev
         except (PeerProtocolError, OSError) as exc:
             self._fail(exc)
             raise
@@ -392,14 +388,13 @@ class Client(Forwarding):
     def _pump(self, until: Request | None) -> Request:
         """Process replies until ``until`` completes (or any request, if None)."""
         route = self._route
+        fill = self._fill
         try:
             while True:
-                r = route()
+                r = route(fill)
                 if type(r) is Request:
                     if until is None or r is until:
                         return r
-                elif r is NEED_DATA:
-                    self._fill()
                 else:
                     assert isinstance(r, ReadData)
                     self._receive_payload(r)
@@ -422,7 +417,7 @@ class Client(Forwarding):
     def wait(self, req: Request) -> Request:
         """Wait for ``req``; raises its NBDRequestError if the server refused it."""
         if not req.done:
-            if self._ops.get(req.cookie) is not req:
+            if req.cookie not in self._ops:
                 raise LocalProtocolError(f"{req!r} does not belong to this client")
             self._check_usable()
             self._pump(req)

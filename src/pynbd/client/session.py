@@ -17,7 +17,7 @@ hot path (read, write, flush) does not go through plans: the drivers call
 from __future__ import annotations
 
 import errno
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pynbd.client._common import (
@@ -58,6 +58,7 @@ from pynbd.client.tls import TLSConfig
 from pynbd.client.uri import NBDURI
 from pynbd.protocol import wire
 from pynbd.protocol.client import (
+    NEED_DATA,
     BlockStatusChunk,
     ClientConnection,
     ExportEntry,
@@ -433,17 +434,28 @@ class ClientSession:
 
     # --- replies ----------------------------------------------------------------------
 
-    def _route(self) -> Request | ReadData | Handshake | OptionDone | _NeedData:
+    def _route(self, fill: Callable[[], None] | None = None
+               ) -> Request | ReadData | Handshake | OptionDone | _NeedData:
         """Apply buffered reply events to their requests until the driver is needed:
-        returns a completed Request, a negotiation event, NEED_DATA, or a ReadData
-        whose payload the driver receives (into ``_payload``, or for a sink read into
-        the sink; then ``_conn.payload_received``)."""
+        returns a completed Request, a negotiation event, NEED_DATA (unless ``fill``
+        receives more), or a ReadData whose payload the driver receives (into
+        ``_payload``, or for a sink read into the sink; then
+        ``_conn.payload_received``)."""
         conn = self._conn
         ops = self._ops
         while True:
             ev = conn.next_event()
-            if isinstance(ev, ReplyDone):
-                return self._complete(ev)
+            if ev is NEED_DATA:
+                if fill is None:
+                    return ev
+                fill()
+                continue
+            if isinstance(ev, ReplyDone):  # (inline: the hot path)
+                req = ops.pop(ev.cookie)
+                req.done = True
+                if ev.error or req.sink is not None:
+                    self._completed_badly(req, ev)
+                return req
             if isinstance(ev, ReadData):
                 req = ops[ev.cookie]
                 if req.sink is not None:
@@ -466,18 +478,16 @@ class ClientSession:
                     req.extents = {}
                 req.extents[ev.context_id] = ev.extents
             elif not isinstance(ev, ReplyError):  # errors are reported with ReplyDone
-                return ev  # NEED_DATA or a negotiation event
+                return ev  # a negotiation event
 
-    def _complete(self, ev: ReplyDone) -> Request:
-        req = self._ops.pop(ev.cookie)
-        req.done = True
+    def _completed_badly(self, req: Request, ev: ReplyDone) -> None:
+        """The rarer ends of a request: a sink read, an error reply."""
         if req.sink is not None:
             self._sinks -= 1
         if ev.error:
             if ev.error == _ESHUTDOWN:
                 self.server_shutting_down = True
             req.error = request_error(ev.cmd, ev.error, ev.message, ev.error_offset)
-        return req
 
     def _hole(self, ev: ReadHole) -> None:
         req = self._ops[ev.cookie]

@@ -56,6 +56,9 @@ _DF = int(CmdFlag.DF)
 _REQ_ONE = int(CmdFlag.REQ_ONE)
 _READ = int(Cmd.READ)
 _BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
+_OFFSET = wire.OFFSET
+_T_DATA = int(ReplyType.OFFSET_DATA)
+_OFFSET_DATA_MIN = wire.OFFSET_DATA_MIN
 
 
 class _StatusForm(NamedTuple):
@@ -106,7 +109,12 @@ class ReplyPhase(ClientState):
         if len(buf) < wire.CHUNK_SIZE:
             return NEED_DATA
         _, cflags, ctype, cookie, length = wire.CHUNK.unpack_from(buf)
-        op = self._op(cookie, "reply chunk")
+        op = self._inflight.get(cookie)
+        if op is None:
+            raise _unknown(cookie, "reply chunk")
+        if ctype == _T_DATA:  # the hot path: no table lookup
+            return self._data_chunk(op, cookie, ctype, cflags & _DONE, length,
+                                    wire.CHUNK_SIZE)
         return _CHUNKS.get(ctype, ReplyPhase._other_chunk)(
             self, op, cookie, ctype, cflags & _DONE, length, wire.CHUNK_SIZE)
 
@@ -123,10 +131,14 @@ class ReplyPhase(ClientState):
         magic, cflags, ctype, cookie, roff, length = wire.EXT_REPLY.unpack_from(buf)
         if magic != EXTENDED_REPLY_MAGIC:
             raise self._bad_ext_magic(magic)
-        op = self._op(cookie, "reply chunk")
+        op = self._inflight.get(cookie)
+        if op is None:
+            raise _unknown(cookie, "reply chunk")
         if roff != op.offset:
             raise PeerProtocolError(f"extended reply for cookie {cookie} carries offset "
                                     f"{roff}, the request's is {op.offset}")
+        if ctype == _T_DATA:  # the hot path: no table lookup
+            return self._data_chunk(op, cookie, ctype, cflags & _DONE, length, size)
         return _CHUNKS.get(ctype, ReplyPhase._other_chunk)(
             self, op, cookie, ctype, cflags & _DONE, length, size)
 
@@ -136,18 +148,15 @@ class ReplyPhase(ClientState):
                                      "headers were negotiated")
         return PeerProtocolError(f"bad extended reply magic 0x{magic:08x}")
 
-    def _op(self, cookie: int, what: str) -> _Inflight:
-        op = self._inflight.get(cookie)
-        if op is None:
-            raise PeerProtocolError(f"{what} with unknown cookie {cookie}")
-        return op
 
     def _simple_reply(self) -> Event | _NeedData:
         buf = self._buf
         if len(buf) < wire.SIMPLE_REPLY_SIZE:
             return NEED_DATA
         _, error, cookie = wire.SIMPLE_REPLY.unpack_from(buf)
-        op = self._op(cookie, "simple reply")
+        op = self._inflight.get(cookie)
+        if op is None:
+            raise _unknown(cookie, "simple reply")
         del buf[:wire.SIMPLE_REPLY_SIZE]
         if error:
             op.error, op.message = error, ""
@@ -171,16 +180,19 @@ class ReplyPhase(ClientState):
                     hsize: int) -> Event | _NeedData:
         if op.cmd != _READ:
             raise PeerProtocolError(f"OFFSET_DATA chunk in reply to {cmd_name(op.cmd)}")
-        dlen = wire.decode_offset_data_length(length)
+        if length < _OFFSET_DATA_MIN:
+            wire.decode_offset_data_length(length)  # says what is wrong with it
         buf = self._buf
         if len(buf) < hsize + 8:
             return NEED_DATA
-        (offset,) = wire.OFFSET.unpack_from(buf, hsize)
+        (offset,) = _OFFSET.unpack_from(buf, hsize)
+        dlen = length - 8
         self._claim(op, offset, dlen, "OFFSET_DATA")
         del buf[:hsize + 8]
         self._payload_cookie = cookie
         self._payload_done = bool(done)
-        self._expect_payload(dlen)
+        self.payload_remaining = dlen  # (ByteStream._expect_payload, inline: hot path)
+        self.state = State.PAYLOAD
         return ReadData(cookie, offset, dlen)
 
     def _hole_chunk(self, op: _Inflight, cookie: int, ctype: int, done: int, length: int,
@@ -325,6 +337,10 @@ class ReplyPhase(ClientState):
             if op.cmd == _BLOCK_STATUS and not op.status_contexts:
                 raise PeerProtocolError("block status reply without any BLOCK_STATUS chunk")
         return ReplyDone(cookie, op.cmd, op.error, op.message, op.error_offset)
+
+
+def _unknown(cookie: int, what: str) -> PeerProtocolError:
+    return PeerProtocolError(f"{what} with unknown cookie {cookie}")
 
 
 _Handler = Callable[[ReplyPhase, _Inflight, int, int, int, int, int], Event | _NeedData]
