@@ -253,7 +253,7 @@ def test_disconnect_mid_write(procs: Procs, tmp_path: Path,
 
 
 def _image_digest(data: bytes) -> str:
-    from pynbd.migration.mirror import image_digest
+    from pynbd.migration.digests import image_digest
 
     chunks = b"".join(hashlib.sha256(data[i:i + DEFAULT_CHUNK]).digest()
                       for i in range(0, len(data), DEFAULT_CHUNK))

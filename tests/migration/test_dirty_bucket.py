@@ -5,8 +5,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pynbd.migration.digests import image_digest
 from pynbd.migration.dirty import DirtyMap
-from pynbd.migration.mirror import TokenBucket, image_digest
+from pynbd.migration.throttle import TokenBucket
 
 CHUNK = 4096
 

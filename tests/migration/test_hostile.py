@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from pynbd.migration import wire
+from pynbd.migration.digests import image_digest
 from pynbd.migration.dirty import DEFAULT_CHUNK
-from pynbd.migration.mirror import image_digest
 from pynbd.migration.msgr2_transport import BusyError, Lease, Msgr2Transport
 from pynbd.migration.transport import ConnectFailed, TransportError
 from pynbd.msgr2.events import MessageReceived, SessionEstablished

@@ -11,27 +11,17 @@ import time
 from typing import Any
 
 from pynbd.cli.control import add_control_argument, call
-from pynbd.migration.mirror import (
-    EXIT_BROKEN,
-    EXIT_COMPLETED,
-    EXIT_CONNECT_FAILED,
-    EXIT_CONTROL_ERROR,
-    EXIT_CONTROL_UNREACHABLE,
-    EXIT_FAILED,
-    EXIT_IN_DOUBT,
-    EXIT_REJECTED,
-    RESULT_EXIT,
-)
+from pynbd.migration.states import RESULT_EXIT, ExitCode, MirrorResult
 
 EXIT_CODES_HELP = f"""exit codes:
-  {EXIT_COMPLETED}   migration completed (with --wait) / started (without)
-  {EXIT_CONTROL_ERROR}   the control command was refused (bad arguments, already running)
-  {EXIT_CONTROL_UNREACHABLE}   the control socket is unreachable
-  {EXIT_CONNECT_FAILED}  cannot connect to the destination
-  {EXIT_REJECTED}  the destination rejected the migration (size mismatch, read-only, ...)
-  {EXIT_BROKEN}  broken by the operator (pynbd break)
-  {EXIT_FAILED}  failed after --max-attempts attempts
-  {EXIT_IN_DOUBT}  in doubt: COMMIT sent, outcome unknown; clients stay paused and the
+  {ExitCode.COMPLETED:d}   migration completed (with --wait) / started (without)
+  {ExitCode.CONTROL_ERROR:d}   the control command was refused (bad arguments, already running)
+  {ExitCode.CONTROL_UNREACHABLE:d}   the control socket is unreachable
+  {ExitCode.CONNECT_FAILED:d}  cannot connect to the destination
+  {ExitCode.REJECTED:d}  the destination rejected the migration (size mismatch, read-only, ...)
+  {ExitCode.BROKEN:d}  broken by the operator (pynbd break)
+  {ExitCode.FAILED:d}  failed after --max-attempts attempts
+  {ExitCode.IN_DOUBT:d}  in doubt: COMMIT sent, outcome unknown; clients stay paused and the
       source keeps asking the destination (see pynbd status)"""
 
 
@@ -58,17 +48,22 @@ def run_mirror(args: argparse.Namespace) -> int:
         req["psk_file"] = os.path.abspath(args.psk_file)
     reply = call(args.control, req, timeout=60.0)
     if reply is None:
-        return EXIT_CONTROL_UNREACHABLE
+        return ExitCode.CONTROL_UNREACHABLE
     if not reply.get("ok"):
         err = str(reply.get("error"))
         print(f"pynbd mirror: {err}", file=sys.stderr)
         for result, code in RESULT_EXIT.items():
             if err.startswith(f"mirror {result}:"):
                 return code
-        return EXIT_CONTROL_ERROR
+        return ExitCode.CONTROL_ERROR
     print(f"pynbd mirror: started to {args.to}", file=sys.stderr)
     if not args.wait:
-        return EXIT_COMPLETED
+        return ExitCode.COMPLETED
+    return _wait_for_result(args)
+
+
+def _wait_for_result(args: argparse.Namespace) -> int:
+    """``--wait``: poll the status until the migration ends; its result's exit code."""
     status_req: dict[str, Any] = {"cmd": "migration-status"}
     if args.export is not None:
         status_req["export"] = args.export
@@ -77,10 +72,10 @@ def run_mirror(args: argparse.Namespace) -> int:
         time.sleep(0.2)
         st = call(args.control, status_req)
         if st is None:
-            return EXIT_CONTROL_UNREACHABLE
+            return ExitCode.CONTROL_UNREACHABLE
         if not st.get("ok"):
             print(f"pynbd mirror: {st.get('error')}", file=sys.stderr)
-            return EXIT_CONTROL_ERROR
+            return ExitCode.CONTROL_ERROR
         m = st["migration"]
         if args.verbose and time.monotonic() - last > 1.0:
             last = time.monotonic()
@@ -90,7 +85,7 @@ def run_mirror(args: argparse.Namespace) -> int:
             if args.json:
                 json.dump(m, sys.stdout, indent=2, sort_keys=True)
                 sys.stdout.write("\n")
-            if result == "completed":
+            if result == MirrorResult.COMPLETED:
                 print(f"pynbd mirror: completed (epoch {m.get('epoch')}, pause "
                       f"{m.get('pause_ms')} ms)", file=sys.stderr)
             else:
@@ -101,20 +96,20 @@ def run_mirror(args: argparse.Namespace) -> int:
 def run_speed(args: argparse.Namespace) -> int:
     reply = call(args.control, {"cmd": "mirror-speed", "bps": args.bps})
     if reply is None:
-        return EXIT_CONTROL_UNREACHABLE
+        return ExitCode.CONTROL_UNREACHABLE
     if not reply.get("ok"):
         print(f"pynbd mirror-speed: {reply.get('error')}", file=sys.stderr)
-        return EXIT_CONTROL_ERROR
+        return ExitCode.CONTROL_ERROR
     return 0
 
 
 def run_break(args: argparse.Namespace) -> int:
     reply = call(args.control, {"cmd": "break"}, timeout=60.0)
     if reply is None:
-        return EXIT_CONTROL_UNREACHABLE
+        return ExitCode.CONTROL_UNREACHABLE
     if not reply.get("ok"):
         print(f"pynbd break: {reply.get('error')}", file=sys.stderr)
-        return EXIT_CONTROL_ERROR
+        return ExitCode.CONTROL_ERROR
     return 0
 
 

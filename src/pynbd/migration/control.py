@@ -12,10 +12,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-from pynbd.migration.mirror import Mirror, MirrorOptions, resolve_in_doubt, step_down_export
-from pynbd.migration.records import read_record, record_path, write_record
+from pynbd.migration.handover import Completed, Handover, Retry
+from pynbd.migration.indoubt import resolve_in_doubt
+from pynbd.migration.mirror import Mirror, MirrorOptions, step_down_export
+from pynbd.migration.records import read_record, record_path
+from pynbd.migration.states import MirrorResult, MirrorState, SourceRecord
 from pynbd.migration.transport import NBDTransport, Transport, TransportError
 from pynbd.server.control import ControlError, ControlServer
 from pynbd.server.exports import Export, IOGate
@@ -81,7 +85,7 @@ def check_destination(opts: MirrorOptions) -> None:
                          "verified) or --insecure")
 
 
-def make_factory(opts: MirrorOptions):  # type: ignore[no-untyped-def]
+def make_factory(opts: MirrorOptions) -> Callable[[], Transport]:
     to = opts.to
     if not to.startswith(("msgr2://", "nbd://", "nbd+unix://", "nbds://", "nbds+unix://")):
         raise ValueError(f"--to must be msgr2://HOST:PORT or an NBD URI, not {to!r}")
@@ -113,7 +117,7 @@ class _Unusable(Transport):
         raise TransportError(self.why)
 
 
-def _unusable(why: str):  # type: ignore[no-untyped-def]
+def _unusable(why: str) -> Callable[[], Transport]:
     def make() -> Transport:
         return _Unusable(why)
 
@@ -147,25 +151,27 @@ class _Restored:
         self.mirror = Mirror(export, opts, factory, mgr.records[export.name],
                              epoch_base=int(rec.get("epoch", 0)), image_path=_image_path(export),
                              on_step_down=mgr._disconnect_later)
-        self.mirror.epoch = int(rec.get("epoch", 0))
-        self.mirror.state = "in-doubt"
+        epoch = int(rec.get("epoch", 0))
+        self.mirror.epoch = epoch
+        self.mirror.state = MirrorState.IN_DOUBT
         self.mirror.authoritative = False
+        self.handover = Handover.recovered(opts.to, export.info.size, epoch, transport="")
 
     def run(self) -> None:
         m = self.mirror
-        epoch = m.epoch
+        h = self.handover
         try:
-            committed = resolve_in_doubt(m, epoch)
-            if committed:
-                m._step_down(None)
-            else:
-                write_record(m.record, {"role": "source", "state": "resumed", "epoch": epoch,
-                                        "to": m.opts.to})
-                m.state = "idle"
-                m.result = "aborted"
-                m.authoritative = True
-                assert self.export.gate is not None
-                self.export.gate.resume()
+            committed = resolve_in_doubt(m, h.epoch)
+            for effect in h.outcome(committed, time.monotonic()):
+                if isinstance(effect, Completed):
+                    m._completed()
+                elif isinstance(effect, Retry):
+                    # nothing to copy on with: the migration is over, this copy serves
+                    m.state = MirrorState.IDLE
+                    m.result = MirrorResult.ABORTED
+                    m.authoritative = h.authoritative
+                else:
+                    m._do(effect)
         finally:
             m.finished = time.monotonic()
             m.done.set()
@@ -194,12 +200,12 @@ class MigrationSource:
             epoch = int(rec.get("epoch", 0))
             self.epochs[name] = epoch
             state = rec.get("state")
-            if state == "stepped-down":
+            if state == SourceRecord.STEPPED_DOWN:
                 log.warning("export %r: stepped down at epoch %d (migrated to %s): refusing I/O",
                             name, epoch, rec.get("to"))
                 step_down_export(export, f"migrated to {rec.get('to')} (epoch {epoch})")
                 self.stepped_down[name] = rec
-            elif state == "committing":
+            elif state == SourceRecord.COMMITTING:
                 log.warning("export %r: handover of epoch %d to %s in doubt: clients stay "
                             "paused until the destination says what happened",
                             name, epoch, rec.get("to"))
@@ -318,7 +324,8 @@ class MigrationSource:
         rec = self.stepped_down.get(export.name)
         out = idle_status()
         if rec is not None:
-            out.update({"role": "source", "state": "stepped-down", "result": "completed",
+            out.update({"role": "source", "state": MirrorState.STEPPED_DOWN,
+                        "result": MirrorResult.COMPLETED,
                         "epoch": int(rec.get("epoch", 0)), "to": rec.get("to"),
                         "authoritative": False})
             return out

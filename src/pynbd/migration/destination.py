@@ -10,7 +10,7 @@ import logging
 import os
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -18,10 +18,11 @@ from typing import Any
 from pynbd.backends.base import STATE_ZERO
 from pynbd.backends.file import FileBackend
 from pynbd.migration import wire
+from pynbd.migration.digests import DIGEST_SIZE, ChunkDigests, image_digest, zero_digest
 from pynbd.migration.dirty import DEFAULT_CHUNK
 from pynbd.migration.faults import halt_point
-from pynbd.migration.mirror import DIGEST_SIZE, chunk_digest, image_digest, zero_digest
 from pynbd.migration.records import read_record, record_path, write_record
+from pynbd.migration.states import DestinationState
 from pynbd.msgr2.aio import ReceivedMessage, ServerSession
 from pynbd.msgr2.errors import Msgr2Error
 
@@ -76,17 +77,18 @@ class Destination:
         self.backend = FileBackend(path)
         self.size = self.backend.size
         self.chunk = chunk
-        self.nchunks = (self.size + chunk - 1) // chunk
-        self.digests = bytearray(self.nchunks * DIGEST_SIZE)
-        self.valid = bytearray(self.nchunks)
+        #: the digest of every chunk as it is on disk (where known)
+        self.chunks = ChunkDigests(self.size, chunk)
+        self.nchunks = self.chunks.nchunks
         rec = read_record(self.record) or {}
         if rec and rec.get("role") != "destination":
             raise ValueError(f"{self.record} is a {rec.get('role')} record: this image is a "
                              "migration source")
         self.epoch = int(rec.get("epoch", 0))
         self.aborted: set[int] = {int(x) for x in rec.get("aborted", [])}
-        self.state = "authoritative" if rec.get("state") == "authoritative" else (
-            "receiving" if rec else "idle")
+        self.state = DestinationState.AUTHORITATIVE \
+            if rec.get("state") == DestinationState.AUTHORITATIVE else (
+                DestinationState.RECEIVING if rec else DestinationState.IDLE)
         self.bytes_received = 0
         self.writes = 0
         self.zeroes = 0
@@ -108,7 +110,7 @@ class Destination:
 
     @property
     def authoritative(self) -> bool:
-        return self.state == "authoritative"
+        return self.state is DestinationState.AUTHORITATIVE
 
     def status(self) -> dict[str, Any]:
         return {
@@ -146,57 +148,27 @@ class Destination:
                     a = (pos + c - 1) // c
                     b = end // c if end < self.size else self.nchunks
                     for i in range(a, b):
-                        d = zero_digest(min(c, self.size - i * c))
-                        self.digests[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE] = d
-                        self.valid[i] = 1
+                        self.chunks.set(i, zero_digest(min(c, self.size - i * c)))
                 pos = end
                 if pos >= self.size:
                     break
-        for i in range(self.nchunks):
-            if not self.valid[i]:
-                self._rehash(i)
+        self._all_digests()
 
-    def _rehash(self, i: int) -> None:
-        a = i * self.chunk
-        n = min(self.chunk, self.size - a)
-        buf = bytearray(n)
-        self.backend.pread_into(memoryview(buf), a)
-        self.digests[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE] = chunk_digest(buf)
-        self.valid[i] = 1
+    def _read(self, offset: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        self.backend.pread_into(memoryview(buf), offset)
+        return buf
 
     def _apply_write(self, offset: int, data: bytes | memoryview) -> None:
-        mv = memoryview(data)
-        self.backend.pwrite(mv, offset)
-        c = self.chunk
-        first = offset // c
-        last = (offset + len(data) + c - 1) // c
-        for i in range(first, last):
-            a = i * c
-            b = min(a + c, self.size)
-            if a >= offset and b <= offset + len(data):
-                self.digests[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE] = chunk_digest(
-                    mv[a - offset:b - offset])
-                self.valid[i] = 1
-            else:
-                self.valid[i] = 0
+        self.backend.pwrite(memoryview(data), offset)
+        self.chunks.wrote(offset, data)
 
     def _apply_zero(self, offset: int, length: int) -> None:
         self.backend.zero(offset, length, may_trim=True)
-        c = self.chunk
-        for i in range(offset // c, (offset + length + c - 1) // c):
-            a = i * c
-            b = min(a + c, self.size)
-            if a >= offset and b <= offset + length:
-                self.digests[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE] = zero_digest(b - a)
-                self.valid[i] = 1
-            else:
-                self.valid[i] = 0
+        self.chunks.zeroed(offset, length)
 
     def _all_digests(self) -> bytes:
-        for i in range(self.nchunks):
-            if not self.valid[i]:
-                self._rehash(i)
-        return bytes(self.digests)
+        return self.chunks.complete(self._read)
 
     def _flush(self) -> int:
         try:
@@ -207,7 +179,7 @@ class Destination:
 
     def _commit(self, size: int, epoch: int, digest: str) -> tuple[bool, str]:
         halt_point("dest:commit-received")
-        if self.state == "authoritative":
+        if self.state is DestinationState.AUTHORITATIVE:
             if epoch == self.epoch:
                 return True, ""
             return False, f"already authoritative at epoch {self.epoch}"
@@ -221,22 +193,24 @@ class Destination:
         if mine != digest:
             return False, "image digest mismatch: the copy is incomplete or corrupt"
         self.backend.flush()
-        write_record(self.record, {"role": "destination", "state": "authoritative",
-                                   "epoch": epoch, "aborted": sorted(self.aborted),
-                                   "digest": digest, "size": size})
-        self.state = "authoritative"
+        write_record(self.record, {"role": "destination",
+                                   "state": DestinationState.AUTHORITATIVE, "epoch": epoch,
+                                   "aborted": sorted(self.aborted), "digest": digest,
+                                   "size": size})
+        self.state = DestinationState.AUTHORITATIVE
         self.epoch = epoch
         log.info("COMMIT %d verified and durable: this copy is authoritative now", epoch)
         halt_point("dest:durable")
         return True, ""
 
     def _outcome(self, epoch: int) -> bool:
-        if self.state == "authoritative" and self.epoch == epoch:
+        if self.state is DestinationState.AUTHORITATIVE and self.epoch == epoch:
             return True
         if epoch not in self.aborted:
             self.aborted.add(epoch)
-            write_record(self.record, {"role": "destination", "state": self.state
-                                       if self.state != "idle" else "receiving",
+            state = self.state if self.state is not DestinationState.IDLE \
+                else DestinationState.RECEIVING
+            write_record(self.record, {"role": "destination", "state": state,
                                        "epoch": self.epoch, "aborted": sorted(self.aborted)})
             log.warning("epoch %d declared not committed; a late COMMIT %d will be refused",
                         epoch, epoch)
@@ -247,10 +221,11 @@ class Destination:
                 "state": self.state, "authoritative": self.authoritative}
 
     def _mark_receiving(self) -> None:
-        if self.state == "idle":
-            write_record(self.record, {"role": "destination", "state": "receiving",
+        if self.state is DestinationState.IDLE:
+            write_record(self.record, {"role": "destination",
+                                       "state": DestinationState.RECEIVING,
                                        "epoch": self.epoch, "aborted": sorted(self.aborted)})
-            self.state = "receiving"
+            self.state = DestinationState.RECEIVING
 
     # --- who owns the copy (on the event loop) ------------------------------------------
 
@@ -340,140 +315,7 @@ class Destination:
     # --- the session handler -----------------------------------------------------------
 
     async def handle(self, ss: ServerSession) -> None:
-        loop = asyncio.get_running_loop()
-        ex = self.executor
-        pending: collections.deque[asyncio.Future[Any]] = collections.deque()
-        greeted = False
-        # this session owned the copy at some point (so a copy message after it lost
-        # ownership means it was replaced, not that it never asked)
-        was_owner = False
-        self.sessions += 1
-
-        async def io(fn: Callable[..., Any], *args: Any) -> Any:
-            fut = loop.run_in_executor(ex, fn, *args)
-            return await fut
-
-        def owns() -> bool:
-            o = self.owner
-            return o is not None and o.ss is ss
-
-        try:
-            while True:
-                msg = await ss.recv()
-                t = msg.type
-                if t in _COPY_MESSAGES and not owns():
-                    # only the owner writes, flushes, reads digests and commits: not a
-                    # session that never said HELLO, asked a query, was refused, was
-                    # replaced by the same source on a new session, or released
-                    name = _NAMES[t]
-                    if self.authoritative and t in (wire.WRITE, wire.ZERO):
-                        raise ValueError(f"{name} to an authoritative image")
-                    if was_owner:
-                        raise ValueError(f"{name} from a session that no longer owns the "
-                                         "copy (released, or replaced by a newer one)")
-                    raise ValueError(f"{name} before HELLO" if not greeted else
-                                     f"{name} in a session that does not own the copy")
-                if t in (wire.WRITE, wire.ZERO) and self.authoritative:
-                    raise ValueError(f"{_NAMES[t]} to an authoritative image")
-                if t == wire.WRITE:
-                    (off,) = wire.OFFSET.unpack_from(msg.front)
-                    data = msg.data
-                    if off + len(data) > self.size:
-                        raise ValueError("WRITE beyond the end of the image")
-                    self.bytes_received += len(data)
-                    self.writes += 1
-                    # written straight from the receive buffer, which goes back to the
-                    # session's pool (on this loop's thread) once the write is done
-                    wfut = loop.run_in_executor(ex, self._apply_write, off, data)
-                    wfut.add_done_callback(_releaser(msg))
-                    pending.append(wfut)
-                elif t == wire.ZERO:
-                    off, n = wire.RANGE.unpack_from(msg.front)
-                    if off + n > self.size:
-                        raise ValueError("ZERO beyond the end of the image")
-                    self.zeroes += 1
-                    pending.append(loop.run_in_executor(ex, self._apply_zero, off, n))
-                elif t != wire.HELLO and not greeted:
-                    raise ValueError(f"message {t:#x} before a successful HELLO")
-                elif t == wire.FLUSH:
-                    (token,) = wire.OFFSET.unpack_from(msg.front)
-                    err = await io(self._flush)
-                    await ss.send(wire.FLUSHED, wire.FLUSHED_S.pack(token, err))
-                elif t == wire.RELEASE:
-                    # everything it sent before is applied (same I/O thread, in order)
-                    assert self.owner is not None
-                    log.info("the source (%s) released the copy session", self.owner.peer)
-                    self.owner = None
-                else:
-                    req = wire.dec(msg.front)
-                    token = req.get("token")
-                    if t == wire.HELLO:
-                        reply = await self._on_hello(ss, req, io)
-                        ok = bool(reply.get("ok"))
-                        greeted = greeted or ok
-                        if ok and owns():
-                            was_owner = True
-                        await ss.send(wire.HELLO_REPLY, wire.enc(dict(reply, token=token)))
-                    elif t == wire.DIGESTS:
-                        self.digest_requests += 1
-                        data = await io(self._all_digests)
-                        chunk = self.chunk if int(req.get("chunk", 0)) == self.chunk else 0
-                        first = max(0, int(req.get("first", 0)))
-                        count = min(int(req.get("count", self.nchunks)),
-                                    wire.DIGESTS_PER_REPLY, max(0, self.nchunks - first))
-                        part = data[first * DIGEST_SIZE:(first + count) * DIGEST_SIZE]
-                        await ss.send(wire.DIGEST_LIST, wire.enc(
-                            {"token": token, "chunk": chunk, "first": first, "count": count,
-                             "total": self.nchunks}), part if chunk else b"")
-                    elif t == wire.COMMIT:
-                        ok, err = await io(self._commit, int(req["size"]), int(req["epoch"]),
-                                           str(req["digest"]))
-                        if not ok:
-                            self.commits_refused += 1
-                            log.warning("COMMIT %s refused: %s", req.get("epoch"), err)
-                        await ss.send(wire.COMMIT_REPLY, wire.enc(
-                            {"token": token, "epoch": req["epoch"], "committed": ok,
-                             "error": err}))
-                        if ok:
-                            halt_point("dest:replied")
-                            self._committed()
-                    elif t == wire.OUTCOME:
-                        epoch = int(req["epoch"])
-                        o = self.owner
-                        if o is not None and o.ss is not ss and \
-                                self._owner_gone_for(o, time.monotonic()) is None:
-                            # the owner is connected, so it is not in doubt: nobody else
-                            # gets to declare its epochs not committed
-                            await ss.send(wire.OUTCOME_REPLY, wire.enc(
-                                {"token": token, "epoch": epoch, "committed": None,
-                                 "busy": True, "error": "the source that owns the copy is "
-                                 f"connected (from {o.peer}); ask again once it is gone"}))
-                        else:
-                            ok = await io(self._outcome, epoch)
-                            await ss.send(wire.OUTCOME_REPLY, wire.enc(
-                                {"token": token, "epoch": epoch, "committed": ok}))
-                    else:
-                        raise ValueError(f"unknown message type {t:#x}")
-                while pending and (pending[0].done() or len(pending) > MAX_PENDING):
-                    await pending.popleft()
-        except (Msgr2Error, OSError, ConnectionError) as exc:
-            log.info("source session ended: %s", exc)
-            o = self.owner
-            if o is not None and o.ss is ss and o.ended is None:
-                # not released: nobody else may take over before --takeover-after
-                link = ss.link
-                o.ended = link.last_rx if link is not None else time.monotonic()
-        except (ValueError, KeyError, TypeError, struct.error) as exc:
-            log.warning("protocol error from %s: %s; closing the session", _peer(ss), exc)
-            if owns():
-                # the owner broke the rules: it loses the copy
-                self.owner = None
-        finally:
-            for f in pending:
-                try:
-                    await f
-                except OSError as exc:
-                    log.warning("write failed: %s", exc)
+        await _SourceSession(self, ss).run()
 
     def _committed(self) -> None:
         if self.on_commit is not None:
@@ -495,3 +337,180 @@ def create_image(path: str, size: int) -> None:
         return
     with open(path, "wb") as f:
         f.truncate(size)
+
+
+class _SourceSession:
+    """One source's msgr2 session on the destination: what it may send when, and what
+    each message does. Writes and zeroes go to the single I/O thread in arrival order;
+    at most MAX_PENDING of them are in flight."""
+
+    def __init__(self, dest: Destination, ss: ServerSession) -> None:
+        self.dest = dest
+        self.ss = ss
+        self.loop = asyncio.get_running_loop()
+        self.pending: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.greeted = False
+        # this session owned the copy at some point (so a copy message after it lost
+        # ownership means it was replaced, not that it never asked)
+        self.was_owner = False
+        self.handlers: dict[int, Callable[[ReceivedMessage], Awaitable[None]]] = {
+            wire.WRITE: self._write, wire.ZERO: self._zero, wire.FLUSH: self._flush,
+            wire.RELEASE: self._release, wire.HELLO: self._hello,
+            wire.DIGESTS: self._digests, wire.COMMIT: self._commit,
+            wire.OUTCOME: self._outcome,
+        }
+
+    def owns(self) -> bool:
+        o = self.dest.owner
+        return o is not None and o.ss is self.ss
+
+    async def io(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await self.loop.run_in_executor(self.dest.executor, fn, *args)
+
+    async def run(self) -> None:
+        dest, ss = self.dest, self.ss
+        dest.sessions += 1
+        try:
+            while True:
+                msg = await ss.recv()
+                self._check(msg.type)
+                handler = self.handlers.get(msg.type)
+                if handler is None:
+                    raise ValueError(f"unknown message type {msg.type:#x}")
+                await handler(msg)
+                pending = self.pending
+                while pending and (pending[0].done() or len(pending) > MAX_PENDING):
+                    await pending.popleft()
+        except (Msgr2Error, OSError, ConnectionError) as exc:
+            log.info("source session ended: %s", exc)
+            o = dest.owner
+            if o is not None and o.ss is ss and o.ended is None:
+                # not released: nobody else may take over before --takeover-after
+                link = ss.link
+                o.ended = link.last_rx if link is not None else time.monotonic()
+        except (ValueError, KeyError, TypeError, struct.error) as exc:
+            log.warning("protocol error from %s: %s; closing the session", _peer(ss), exc)
+            if self.owns():
+                # the owner broke the rules: it loses the copy
+                dest.owner = None
+        finally:
+            for f in self.pending:
+                try:
+                    await f
+                except OSError as exc:
+                    log.warning("write failed: %s", exc)
+
+    def _check(self, t: int) -> None:
+        """Only the owner writes, flushes, reads digests and commits: not a session that
+        never said HELLO, asked a query, was refused, was replaced by the same source on
+        a new session, or released. Nothing but HELLO comes before a HELLO."""
+        authoritative = self.dest.authoritative
+        if t in _COPY_MESSAGES and not self.owns():
+            name = _NAMES[t]
+            if authoritative and t in (wire.WRITE, wire.ZERO):
+                raise ValueError(f"{name} to an authoritative image")
+            if self.was_owner:
+                raise ValueError(f"{name} from a session that no longer owns the "
+                                 "copy (released, or replaced by a newer one)")
+            raise ValueError(f"{name} before HELLO" if not self.greeted else
+                             f"{name} in a session that does not own the copy")
+        if t in (wire.WRITE, wire.ZERO):
+            if authoritative:
+                raise ValueError(f"{_NAMES[t]} to an authoritative image")
+        elif t != wire.HELLO and not self.greeted:
+            raise ValueError(f"message {t:#x} before a successful HELLO")
+
+    # --- the copy (the owner only) ------------------------------------------------
+
+    async def _write(self, msg: ReceivedMessage) -> None:
+        dest = self.dest
+        (off,) = wire.OFFSET.unpack_from(msg.front)
+        data = msg.data
+        if off + len(data) > dest.size:
+            raise ValueError("WRITE beyond the end of the image")
+        dest.bytes_received += len(data)
+        dest.writes += 1
+        # written straight from the receive buffer, which goes back to the session's
+        # pool (on this loop's thread) once the write is done
+        wfut = self.loop.run_in_executor(dest.executor, dest._apply_write, off, data)
+        wfut.add_done_callback(_releaser(msg))
+        self.pending.append(wfut)
+
+    async def _zero(self, msg: ReceivedMessage) -> None:
+        dest = self.dest
+        off, n = wire.RANGE.unpack_from(msg.front)
+        if off + n > dest.size:
+            raise ValueError("ZERO beyond the end of the image")
+        dest.zeroes += 1
+        self.pending.append(self.loop.run_in_executor(dest.executor, dest._apply_zero, off, n))
+
+    async def _flush(self, msg: ReceivedMessage) -> None:
+        (token,) = wire.OFFSET.unpack_from(msg.front)
+        err = await self.io(self.dest._flush)
+        await self.ss.send(wire.FLUSHED, wire.FLUSHED_S.pack(token, err))
+
+    async def _release(self, msg: ReceivedMessage) -> None:
+        # everything it sent before is applied (same I/O thread, in order)
+        owner = self.dest.owner
+        assert owner is not None
+        log.info("the source (%s) released the copy session", owner.peer)
+        self.dest.owner = None
+
+    # --- requests and their replies ---------------------------------------------------
+
+    async def _hello(self, msg: ReceivedMessage) -> None:
+        req = wire.dec(msg.front)
+        reply = await self.dest._on_hello(self.ss, req, self.io)
+        ok = bool(reply.get("ok"))
+        self.greeted = self.greeted or ok
+        if ok and self.owns():
+            self.was_owner = True
+        await self.ss.send(wire.HELLO_REPLY, wire.enc(dict(reply, token=req.get("token"))))
+
+    async def _digests(self, msg: ReceivedMessage) -> None:
+        dest = self.dest
+        req = wire.dec(msg.front)
+        dest.digest_requests += 1
+        data = await self.io(dest._all_digests)
+        chunk = dest.chunk if int(req.get("chunk", 0)) == dest.chunk else 0
+        first = max(0, int(req.get("first", 0)))
+        count = min(int(req.get("count", dest.nchunks)), wire.DIGESTS_PER_REPLY,
+                    max(0, dest.nchunks - first))
+        part = data[first * DIGEST_SIZE:(first + count) * DIGEST_SIZE]
+        await self.ss.send(wire.DIGEST_LIST, wire.enc(
+            {"token": req.get("token"), "chunk": chunk, "first": first, "count": count,
+             "total": dest.nchunks}), part if chunk else b"")
+
+    async def _commit(self, msg: ReceivedMessage) -> None:
+        dest = self.dest
+        req = wire.dec(msg.front)
+        ok, err = await self.io(dest._commit, int(req["size"]), int(req["epoch"]),
+                                str(req["digest"]))
+        if not ok:
+            dest.commits_refused += 1
+            log.warning("COMMIT %s refused: %s", req.get("epoch"), err)
+        await self.ss.send(wire.COMMIT_REPLY, wire.enc(
+            {"token": req.get("token"), "epoch": req["epoch"], "committed": ok,
+             "error": err}))
+        if ok:
+            halt_point("dest:replied")
+            dest._committed()
+
+    async def _outcome(self, msg: ReceivedMessage) -> None:
+        dest = self.dest
+        req = wire.dec(msg.front)
+        token = req.get("token")
+        epoch = int(req["epoch"])
+        o = dest.owner
+        if o is not None and o.ss is not self.ss and \
+                dest._owner_gone_for(o, time.monotonic()) is None:
+            # the owner is connected, so it is not in doubt: nobody else gets to
+            # declare its epochs not committed
+            await self.ss.send(wire.OUTCOME_REPLY, wire.enc(
+                {"token": token, "epoch": epoch, "committed": None, "busy": True,
+                 "error": "the source that owns the copy is connected (from "
+                          f"{o.peer}); ask again once it is gone"}))
+            return
+        ok = await self.io(dest._outcome, epoch)
+        await self.ss.send(wire.OUTCOME_REPLY, wire.enc(
+            {"token": token, "epoch": epoch, "committed": ok}))

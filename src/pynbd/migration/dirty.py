@@ -9,9 +9,12 @@ copied marks it dirty again and it is copied again later.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from collections.abc import Iterator
 
+from pynbd.server.exports import WriteTracker
 from pynbd.server.sharedmap import shared_bytes
 
 DEFAULT_CHUNK = 64 * 1024
@@ -103,3 +106,44 @@ class DirtyMap:
             length = min(j << self._shift, self.size) - offset
             pos = j
             yield offset, length
+
+
+class DirtyTracker(WriteTracker):
+    """Told about every client write: marks it dirty and forgets it was a hole.
+
+    Its maps live in shared memory: worker processes mark them through a
+    ``TrackerView`` (``share()``), with the same effect as :meth:`mark`.
+    """
+
+    def __init__(self, dirty: DirtyMap) -> None:
+        self.dirty = dirty
+        self.lock = threading.Lock()
+        n = dirty.nchunks
+        self.known_zero, self._kz_fd = shared_bytes(n)
+        self.touched, self._t_fd = shared_bytes(n)
+
+    def share(self) -> tuple[dict[str, object], list[int]]:
+        # the order of mark(): forget "hole" (touched = 1, known-zero = 0), then dirty
+        meta = {"shift": self.dirty.chunk.bit_length() - 1, "nchunks": self.dirty.nchunks,
+                "regions": [{"fill": 1}, {"fill": 0}, {"fill": 1}]}
+        return meta, [self._t_fd, self._kz_fd, self.dirty.fd]
+
+    def mark(self, offset: int, length: int) -> None:
+        # forget "hole" before marking dirty: whoever saw the hole flag and sent ZERO
+        # will see this range dirty again afterwards (see Mirror._zero_pass)
+        a, b = self.dirty.chunk_range(offset, length)
+        if b > a:
+            self.touched[a:b] = b"\x01" * (b - a)
+            self.known_zero[a:b] = bytes(b - a)
+        self.dirty.mark(offset, length)
+
+    def set_holes(self, holes: bytearray) -> None:
+        with self.lock:
+            for i in range(len(holes)):
+                if holes[i] and not self.touched[i]:
+                    self.known_zero[i] = 1
+
+    def __del__(self) -> None:
+        for fd in (self._kz_fd, self._t_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)

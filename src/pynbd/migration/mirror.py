@@ -1,10 +1,13 @@
 """The mirror: copy a served export to a destination while clients keep writing, then
-hand over (see docs/migration.md for the whole protocol)."""
+hand over (see docs/migration.md for the whole protocol).
+
+The copy loop lives here; the handover's decisions are a pure state machine
+(:mod:`pynbd.migration.handover`) whose effects :meth:`Mirror._handover` carries out.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import threading
@@ -15,9 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from pynbd.backends.base import STATE_ZERO
-from pynbd.migration.dirty import DEFAULT_CHUNK, DirtyMap
+from pynbd.migration import handover as ho
+from pynbd.migration.digests import ChunkDigests, is_zero
+from pynbd.migration.dirty import DEFAULT_CHUNK, DirtyMap, DirtyTracker
 from pynbd.migration.faults import halt_point
+from pynbd.migration.indoubt import resolve_in_doubt
 from pynbd.migration.records import write_record
+from pynbd.migration.states import MirrorResult, MirrorState
+from pynbd.migration.throttle import TokenBucket
 from pynbd.migration.transport import (
     ConnectFailed,
     InDoubtError,
@@ -25,43 +33,9 @@ from pynbd.migration.transport import (
     Transport,
     TransportError,
 )
-from pynbd.server.exports import Export, IOGate, WriteTracker
-from pynbd.server.sharedmap import shared_bytes
+from pynbd.server.exports import Export, IOGate
 
 log = logging.getLogger("pynbd.migration")
-
-# Exit codes of ``pynbd mirror --wait`` (and the ``result`` field of the status).
-EXIT_COMPLETED = 0
-EXIT_CONTROL_ERROR = 1
-EXIT_CONTROL_UNREACHABLE = 3
-EXIT_CONNECT_FAILED = 10
-EXIT_REJECTED = 11
-EXIT_BROKEN = 12
-EXIT_FAILED = 13
-EXIT_IN_DOUBT = 14
-
-RESULT_EXIT = {
-    "completed": EXIT_COMPLETED,
-    "connect-failed": EXIT_CONNECT_FAILED,
-    "rejected": EXIT_REJECTED,
-    "broken": EXIT_BROKEN,
-    "failed": EXIT_FAILED,
-    "in-doubt": EXIT_IN_DOUBT,
-}
-
-DIGEST = hashlib.sha256
-DIGEST_SIZE = 32
-
-
-def chunk_digest(data: bytes | bytearray | memoryview) -> bytes:
-    return DIGEST(data).digest()
-
-
-def image_digest(chunk_digests: bytes | bytearray | memoryview, size: int, chunk: int) -> str:
-    """The whole-image digest: sha256 over (size, chunk size, every per-chunk sha256)."""
-    h = hashlib.sha256(f"pynbd-image:{size}:{chunk}:".encode())
-    h.update(chunk_digests)
-    return h.hexdigest()
 
 
 @dataclass
@@ -94,82 +68,6 @@ class Failed(Exception):
     pass
 
 
-class TokenBucket:
-    """Bytes/s limit; the rate can change at any time; 0 = unlimited."""
-
-    def __init__(self, rate: int, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
-        self.rate = rate
-        self.tokens = 0.0
-        self._clock = clock
-        self._sleep = sleep
-        self.last = clock()
-        self.lifted = False
-
-    def consume(self, n: int, cancelled: Callable[[], bool]) -> float:
-        """Take n bytes' worth of tokens, sleeping as needed; returns seconds slept."""
-        slept = 0.0
-        while True:
-            rate = self.rate
-            now = self._clock()
-            if rate <= 0 or self.lifted:
-                self.last = now
-                self.tokens = 0.0
-                return slept
-            burst = max(rate * 0.1, 65536.0)
-            self.tokens = min(self.tokens + (now - self.last) * rate, burst)
-            self.last = now
-            if self.tokens >= 0:
-                self.tokens -= n
-                return slept
-            if cancelled():
-                return slept
-            d = min(0.05, -self.tokens / rate)
-            self._sleep(d)
-            slept += d
-
-
-class _Tracker(WriteTracker):
-    """Told about every client write: marks it dirty and forgets it was a hole.
-
-    Its maps live in shared memory: worker processes mark them through a
-    ``TrackerView`` (``share()``), with the same effect as :meth:`mark`.
-    """
-
-    def __init__(self, dirty: DirtyMap) -> None:
-        self.dirty = dirty
-        self.lock = threading.Lock()
-        n = dirty.nchunks
-        self.known_zero, self._kz_fd = shared_bytes(n)
-        self.touched, self._t_fd = shared_bytes(n)
-
-    def share(self) -> tuple[dict[str, object], list[int]]:
-        # the order of mark(): forget "hole" (touched = 1, known-zero = 0), then dirty
-        meta = {"shift": self.dirty.chunk.bit_length() - 1, "nchunks": self.dirty.nchunks,
-                "regions": [{"fill": 1}, {"fill": 0}, {"fill": 1}]}
-        return meta, [self._t_fd, self._kz_fd, self.dirty.fd]
-
-    def mark(self, offset: int, length: int) -> None:
-        # forget "hole" before marking dirty: whoever saw the hole flag and sent ZERO
-        # will see this range dirty again afterwards (see Mirror._zero_pass)
-        a, b = self.dirty.chunk_range(offset, length)
-        if b > a:
-            self.touched[a:b] = b"\x01" * (b - a)
-            self.known_zero[a:b] = bytes(b - a)
-        self.dirty.mark(offset, length)
-
-    def set_holes(self, holes: bytearray) -> None:
-        with self.lock:
-            for i in range(len(holes)):
-                if holes[i] and not self.touched[i]:
-                    self.known_zero[i] = 1
-
-    def __del__(self) -> None:
-        for fd in (self._kz_fd, self._t_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
 class Mirror:
     """One migration of one export. ``run`` is the whole job (on its own thread)."""
 
@@ -191,12 +89,12 @@ class Mirror:
         self.gate: IOGate = gate
         self.bucket = TokenBucket(opts.max_speed)
         self.dirty = DirtyMap(self.size, opts.chunk, all_dirty=True)
-        self.tracker = _Tracker(self.dirty)
-        self.sent: bytearray | None = None
-        self._sent_valid = bytearray()
+        self.tracker = DirtyTracker(self.dirty)
+        #: digest of each chunk as sent (transports that verify: msgr2)
+        self.sent: ChunkDigests | None = None
         self._zeroed = False
-        self.state = "starting"
-        self.result: str | None = None
+        self.state = MirrorState.STARTING
+        self.result: MirrorResult | None = None
         self.error = ""
         self.epoch = epoch_base
         self.authoritative = True
@@ -240,7 +138,7 @@ class Mirror:
         self.bucket.rate = bps
 
     def request_break(self) -> None:
-        if self.state in ("committing", "in-doubt"):
+        if self.state in (MirrorState.COMMITTING, MirrorState.IN_DOUBT):
             raise RuntimeError(f"cannot break a migration that is {self.state}: the outcome "
                                "is being decided by the destination")
         self._break.set()
@@ -280,7 +178,7 @@ class Mirror:
             rate = min(rate or self.bucket.rate, self.bucket.rate)
         eta = round(dirty / rate, 3) if rate > 0 else None
         if self.result is not None:
-            eta = 0.0 if self.result == "completed" else None
+            eta = 0.0 if self.result is MirrorResult.COMPLETED else None
         return {
             "role": "source",
             "state": self.state,
@@ -317,33 +215,34 @@ class Mirror:
             self._find_holes()
             self._attempts()
         except Broken as exc:
-            self._finish("broken", str(exc))
+            self._finish(MirrorResult.BROKEN, str(exc))
         except RejectedError as exc:
-            self._finish("rejected", str(exc))
+            self._finish(MirrorResult.REJECTED, str(exc))
         except ConnectFailed as exc:
-            self._finish("connect-failed", str(exc))
+            self._finish(MirrorResult.CONNECT_FAILED, str(exc))
         except Failed as exc:
-            self._finish("failed", str(exc))
+            self._finish(MirrorResult.FAILED, str(exc))
         except Exception as exc:
             log.exception("mirror failed")
-            self._finish("failed", f"internal error: {exc}")
+            self._finish(MirrorResult.FAILED, f"internal error: {exc}")
         finally:
             if self.transport is not None:
                 with contextlib.suppress(Exception):
                     self.transport.close()
             if export.tracker is self.tracker:
                 export.tracker = None
-            if self._paused_by_us and self.result != "completed" and self.state != "in-doubt":
+            if self._paused_by_us and self.result is not MirrorResult.COMPLETED and \
+                    self.state is not MirrorState.IN_DOUBT:
                 self.gate.resume()
                 self._paused_by_us = False
             self.finished = time.monotonic()
             self.done.set()
 
-    def _finish(self, result: str, error: str = "") -> None:
+    def _finish(self, result: MirrorResult, error: str = "") -> None:
         self.result = result
         self.error = error
-        if result != "completed":
-            self.state = result
+        if result is not MirrorResult.COMPLETED:
+            self.state = MirrorState(result.value)
             log.warning("migration to %s ended: %s%s", self.opts.to, result,
                         f": {error}" if error else "")
 
@@ -377,20 +276,19 @@ class Mirror:
         while True:
             self._check_break()
             self.attempts += 1
-            self.state = "connecting"
+            self.state = MirrorState.CONNECTING
             t = self.factory()
             self.description = t.description
             try:
                 t.connect(self.size)
                 if t.wants_digests and self.sent is None:
-                    self.sent = bytearray(self.dirty.nchunks * DIGEST_SIZE)
-                    self._sent_valid = bytearray(self.dirty.nchunks)
+                    self.sent = ChunkDigests(self.size, self.opts.chunk)
                 if self._connected.is_set():
                     self._resume_from(t)
                 self.transport = t
                 self._connected.set()
                 if not self._zeroed:
-                    self.state = "zeroing"
+                    self.state = MirrorState.ZEROING
                     self._zero_pass(t)
                     self._zeroed = True
                 if self._copy(t):
@@ -414,7 +312,7 @@ class Mirror:
                             self.opts.max_attempts, exc)
                 if self.attempts >= self.opts.max_attempts:
                     raise Failed(f"gave up after {self.attempts} attempts: {exc}") from exc
-                self.state = "retrying"
+                self.state = MirrorState.RETRYING
                 if self._break.wait(backoff):
                     self._check_break()
                 backoff = min(backoff * 2, 5.0)
@@ -429,20 +327,11 @@ class Mirror:
         theirs = t.chunk_digests(self.opts.chunk)
         if theirs is None or self.sent is None:
             return
-        ours = self.sent
-        valid = self._sent_valid
-        n = self.dirty.nchunks
-        again = 0
-        for i in range(n):
-            if not valid[i]:
-                continue
-            a = i * DIGEST_SIZE
-            if theirs[a:a + DIGEST_SIZE] != ours[a:a + DIGEST_SIZE]:
-                valid[i] = 0
-                self.dirty.mark(i * self.opts.chunk, self.opts.chunk)
-                again += 1
+        again = self.sent.differing(theirs)
+        for i in again:
+            self.dirty.mark(i * self.opts.chunk, self.opts.chunk)
         log.info("resumed: %d chunks must be sent again, %d verified on the destination",
-                 again, sum(valid))
+                 len(again), sum(self.sent.valid))
 
     def _zero_pass(self, t: Transport) -> None:
         """First, every known hole: WRITE_ZEROES/ZERO on the destination, no reading."""
@@ -465,7 +354,7 @@ class Mirror:
         try:
             for i, j in runs:
                 a, b = i * chunk, min(j * chunk, self.size)
-                self._zero(t, a, b - a, i, j)
+                self._zero(t, a, b - a)
                 done += 1
         except BaseException:
             for i, j in runs[done:]:
@@ -501,14 +390,14 @@ class Mirror:
         patience = 0  # bytes to copy after the pre-flush before settling for "fits"
         while True:
             self._check_break()
-            self.state = "copying"
+            self.state = MirrorState.COPYING
             left = self.dirty.dirty_bytes
             fits = left <= self._rate_estimate() * budget
             if left == 0 or fits:
                 if not prflushed:
                     # make what was copied durable while clients still run, so the final
                     # flush inside the pause only covers the remainder
-                    self.state = "pre-flush"
+                    self.state = MirrorState.PRE_FLUSH
                     t.flush()
                     prflushed = True
                     patience = self.bytes_done + 2 * self.dirty.dirty_bytes + (8 << 20)
@@ -546,8 +435,6 @@ class Mirror:
         first = off // chunk
         last = (off + n + chunk - 1) // chunk
         i = first
-        backend = self.export.backend
-        sent = self.sent
         while i < last:
             j = i
             zero = bool(kz[i])
@@ -556,66 +443,113 @@ class Mirror:
             a = i * chunk
             b = min(j * chunk, self.size)
             if zero:
-                self._zero(t, a, b - a, i, j)
+                self._zero(t, a, b - a)
             else:
-                buf = bytearray(b - a)
-                mv = memoryview(buf)
-                backend.pread_into(mv, a)
-                # split into data and all-zero pieces, chunk by chunk
-                k = i
-                while k < j:
-                    ca = (k - i) * chunk
-                    is_zero = _is_zero(mv[ca:ca + chunk])
-                    m = k + 1
-                    while m < j and _is_zero(mv[(m - i) * chunk:(m - i + 1) * chunk]) == is_zero:
-                        m += 1
-                    pa = (k - i) * chunk
-                    pb = min((m - i) * chunk, len(buf))
-                    if is_zero:
-                        self._zero(t, a + pa, pb - pa, k, m)
-                    else:
-                        if throttle:
-                            self.bucket.consume(pb - pa, self._break.is_set)
-                        t0 = time.monotonic()
-                        piece = mv[pa:pb]
-                        if sent is not None:
-                            for c in range(k, m):
-                                s = (c - i) * chunk
-                                d = chunk_digest(mv[s:min(s + chunk, len(buf))])
-                                sent[c * DIGEST_SIZE:(c + 1) * DIGEST_SIZE] = d
-                                self._sent_valid[c] = 1
-                        t.write(a + pa, bytes(piece) if t.wants_digests else piece)
-                        self._busy += time.monotonic() - t0
-                        self._busy_bytes += pb - pa
-                        self._note(pb - pa)
-                    k = m
+                self._send_data(t, a, b, throttle)
             i = j
 
-    def _zero(self, t: Transport, off: int, length: int, ci: int, cj: int) -> None:
+    def _send_data(self, t: Transport, a: int, b: int, throttle: bool) -> None:
+        """Read [a, b) (chunk aligned) and send it: all-zero chunks as ZERO, the rest
+        as data, in runs."""
+        chunk = self.opts.chunk
+        buf = bytearray(b - a)
+        mv = memoryview(buf)
+        self.export.backend.pread_into(mv, a)
+        pos = 0
+        while pos < len(buf):
+            zero = is_zero(mv[pos:pos + chunk])
+            end = pos + chunk
+            while end < len(buf) and is_zero(mv[end:end + chunk]) == zero:
+                end += chunk
+            end = min(end, len(buf))
+            if zero:
+                self._zero(t, a + pos, end - pos)
+            else:
+                if throttle:
+                    self.bucket.consume(end - pos, self._break.is_set)
+                t0 = time.monotonic()
+                piece = mv[pos:end]
+                if self.sent is not None:
+                    self.sent.wrote(a + pos, piece)
+                t.write(a + pos, bytes(piece) if t.wants_digests else piece)
+                self._busy += time.monotonic() - t0
+                self._busy_bytes += end - pos
+                self._note(end - pos)
+            pos = end
+
+    def _zero(self, t: Transport, off: int, length: int) -> None:
         t.zero(off, length)
         self.bytes_zeroed += length
         if self.sent is not None:
-            chunk = self.opts.chunk
-            for c in range(ci, cj):
-                clen = min(chunk, self.size - c * chunk)
-                self.sent[c * DIGEST_SIZE:(c + 1) * DIGEST_SIZE] = zero_digest(clen)
-                self._sent_valid[c] = 1
+            self.sent.zeroed(off, length)
 
     # --- handover ----------------------------------------------------------------------
 
     def _handover(self, t: Transport) -> bool:
-        self.state = "pausing"
-        if not self.gate.pause(self.opts.pause_timeout):
+        """Hand over (True), or go back to copying (False); TransportError: this
+        attempt failed. The decisions are the state machine's; this carries them out."""
+        h = ho.Handover(self.opts.to, self.size, self.epoch_base, t.description,
+                        verified=t.supports_commit, pause_timeout=self.opts.pause_timeout,
+                        commit_fields={"psk_file": self.opts.psk_file,
+                                       "secure": self.opts.secure,
+                                       "insecure": self.opts.insecure})
+        self.handover_ms = h.phases
+        effects = deque(h.start(time.monotonic()))
+        while effects:
+            effect = effects.popleft()
+            self.state, self.epoch, self.authoritative = h.state, h.epoch, h.authoritative
+            if isinstance(effect, ho.Completed | ho.CopyOn | ho.Retry):
+                return self._handover_ends(h, effect)
+            effects.extend(self._carry_out(h, t, effect))
+        raise AssertionError("the handover ended without an outcome")  # pragma: no cover
+
+    def _carry_out(self, h: ho.Handover, t: Transport, effect: ho.Effect) -> list[ho.Effect]:
+        """One effect; the events it leads to, as more effects."""
+        now = time.monotonic
+        if isinstance(effect, ho.Pause):
+            ok = self.gate.pause(effect.timeout)
+            self._paused_by_us = ok
+            return h.paused(ok, now(), self.dirty.dirty_bytes)
+        if isinstance(effect, ho.FinalCopy):
+            self._final_copy(t)
+            return h.final_copied(now())
+        if isinstance(effect, ho.Flush):
+            t.flush()
+            digest = self.sent.digest() if self.sent is not None else ""
+            last = t.last_epoch() if t.supports_commit else 0
+            return h.flushed(now(), last, digest)
+        if isinstance(effect, ho.Commit):
+            return self._commit(h, t, effect)
+        if isinstance(effect, ho.AskOutcome):
+            return h.outcome(resolve_in_doubt(self, effect.epoch), now())
+        self._do(effect)
+        return []
+
+    def _do(self, effect: ho.Effect) -> None:
+        """An effect that needs no answer."""
+        if isinstance(effect, ho.Record):
+            write_record(self.record, dict(effect.fields))
+        elif isinstance(effect, ho.Halt):
+            halt_point(effect.point)
+        elif isinstance(effect, ho.Resume):
             self.gate.resume()
-            log.info("clients did not go idle within %.1f s; copying on", self.opts.pause_timeout)
-            return False
-        self._paused_by_us = True
-        paused_at = time.monotonic()
+            self._paused_by_us = False
+        elif isinstance(effect, ho.StepDown):
+            step_down_export(self.export, effect.reason, self.on_step_down, self)
+            self._paused_by_us = False
+        elif isinstance(effect, ho.MarkAllDirty):
+            self.dirty.mark_all()
+        elif isinstance(effect, ho.CloseTransport):
+            t, self.transport = self.transport, None
+            if t is not None:
+                with contextlib.suppress(Exception):
+                    t.close(release=effect.release)
+        else:  # pragma: no cover
+            raise AssertionError(f"unknown effect {effect!r}")
+
+    def _final_copy(self, t: Transport) -> None:
+        """Everything still dirty, unthrottled (the clients are paused)."""
         self.bucket.lifted = True
-        self.state = "final-copy"
-        phases: dict[str, float] = {}
-        self.handover_ms = phases
-        final_bytes = self.dirty.dirty_bytes
         try:
             pos = 0
             while True:
@@ -625,83 +559,42 @@ class Mirror:
                     break
                 self._send_run(t, run[0], run[1], throttle=False)
                 pos = run[0] + run[1]
-            t1 = time.monotonic()
-            phases["final_copy"] = round((t1 - paused_at) * 1000, 1)
-            phases["final_bytes"] = final_bytes
-            t.flush()
-            phases["flush"] = round((time.monotonic() - t1) * 1000, 1)
         finally:
             self.bucket.lifted = False
-        if not t.supports_commit:
-            self.epoch = self.epoch_base + 1
-            write_record(self.record, {"role": "source", "state": "stepped-down",
-                                       "epoch": self.epoch, "to": self.opts.to,
-                                       "transport": t.description, "verified": False})
-            self._step_down(paused_at, record=False)
-            return True
-        assert self.sent is not None
-        digest = image_digest(self.sent, self.size, self.opts.chunk)
-        epoch = max(self.epoch_base, t.last_epoch()) + 1
-        halt_point("source:before-commit")
-        write_record(self.record, {"role": "source", "state": "committing", "epoch": epoch,
-                                   "to": self.opts.to, "psk_file": self.opts.psk_file,
-                                   "secure": self.opts.secure,
-                                   "insecure": self.opts.insecure, "size": self.size,
-                                   "digest": digest})
-        self.epoch = epoch
-        self.state = "committing"
-        t2 = time.monotonic()
+
+    def _commit(self, h: ho.Handover, t: Transport, c: ho.Commit) -> list[ho.Effect]:
         try:
-            t.commit(self.size, epoch, digest, lambda: halt_point("source:commit-sent"))
+            t.commit(c.size, c.epoch, c.digest, lambda: halt_point("source:commit-sent"))
         except RejectedError as exc:
             # the destination definitely did not take over: we stay authoritative
-            log.error("destination refused COMMIT %d: %s; sending everything again", epoch, exc)
-            write_record(self.record, {"role": "source", "state": "resumed", "epoch": epoch,
-                                       "to": self.opts.to})
-            self.epoch_base = epoch
-            self.dirty.mark_all()
-            raise TransportError(f"commit refused: {exc}") from exc
+            log.error("destination refused COMMIT %d: %s; sending everything again",
+                      c.epoch, exc)
+            return h.refused(str(exc))
         except InDoubtError as exc:
-            log.warning("COMMIT %d: outcome unknown (%s): asking the destination", epoch, exc)
-            with contextlib.suppress(Exception):
-                t.close(release=False)
-            self.transport = None
-            committed = resolve_in_doubt(self, epoch)
-            if not committed:
-                write_record(self.record, {"role": "source", "state": "resumed",
-                                           "epoch": epoch, "to": self.opts.to})
-                self.epoch_base = epoch
-                self.gate.resume()
-                self._paused_by_us = False
-                raise TransportError("destination did not commit; copying on") from exc
-            self._step_down(paused_at)
-            return True
-        phases["commit"] = round((time.monotonic() - t2) * 1000, 1)
-        halt_point("source:acked")
-        self._step_down(paused_at)
+            log.warning("COMMIT %d: outcome unknown (%s): asking the destination",
+                        c.epoch, exc)
+            return h.in_doubt(str(exc))
+        return h.committed(time.monotonic())
+
+    def _handover_ends(self, h: ho.Handover, end: ho.Completed | ho.CopyOn | ho.Retry
+                       ) -> bool:
+        self.epoch_base = h.epoch_base
+        if isinstance(end, ho.CopyOn):
+            log.info("%s; copying on", end.reason)
+            return False
+        if isinstance(end, ho.Retry):
+            raise TransportError(end.reason)
+        self.pause_ms = h.pause_ms
+        self._completed()
         return True
 
-    def _step_down(self, paused_at: float | None, record: bool = True) -> None:
-        # Step down first (clients waiting in the pause get ESHUTDOWN now), record it
-        # after: a crash in between leaves "committing", which a restart resolves by
-        # asking the destination, so nothing is lost by the order.
-        step_down_export(self.export, f"migrated to {self.opts.to} (epoch {self.epoch})",
-                         self.on_step_down, self)
-        if paused_at is not None:
-            self.pause_ms = round((time.monotonic() - paused_at) * 1000, 1)
-        if record and self.record is not None:
-            write_record(self.record, {"role": "source", "state": "stepped-down",
-                                       "epoch": self.epoch, "to": self.opts.to,
-                                       "transport": self.description,
-                                       "verified": self.description != "nbd"})
-        self.authoritative = False
-        self._paused_by_us = False
+    def _completed(self) -> None:
         if self.opts.unlink and self.image_path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.image_path)
             log.info("unlinked %s", self.image_path)
-        self.state = "completed"
-        self.result = "completed"
+        self.state = MirrorState.COMPLETED
+        self.result = MirrorResult.COMPLETED
         log.info("migration to %s completed (epoch %d%s)", self.opts.to, self.epoch,
                  "" if self.pause_ms is None else f", pause {self.pause_ms} ms")
 
@@ -713,59 +606,3 @@ def step_down_export(export: Export, reason: str,
     export.gate.step_down(reason)
     if callback is not None and mirror is not None:
         callback(mirror)
-
-
-def resolve_in_doubt(m: Mirror, epoch: int) -> bool:
-    """Ask the destination whether epoch N committed; never returns before it knows.
-
-    Clients stay paused throughout. After ``max_attempts`` failed queries the result is
-    ``in-doubt`` (``mirror --wait`` exits with EXIT_IN_DOUBT) but the queries go on."""
-    m.state = "in-doubt"
-    m.authoritative = False
-    delay = 0.2
-    while True:
-        m.outcome_queries += 1
-        t = m.factory()
-        try:
-            t.connect_for_query(m.size)
-            committed = t.query_outcome(epoch)
-        except (TransportError, RejectedError, OSError) as exc:
-            m.error = f"outcome of epoch {epoch} unknown: {exc}"
-            if m.outcome_queries >= m.opts.max_attempts and m.result is None:
-                m.result = "in-doubt"
-                log.error("migration in doubt after %d queries: clients stay paused; "
-                          "still asking %s", m.outcome_queries, m.opts.to)
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
-            continue
-        finally:
-            with contextlib.suppress(Exception):
-                t.close()
-        m.result = None
-        m.error = ""
-        if committed:
-            log.info("destination says epoch %d committed: stepping down", epoch)
-            return True
-        log.warning("destination says epoch %d did not commit: this copy stays authoritative",
-                    epoch)
-        m.authoritative = True
-        return False
-
-
-_ZERO_DIGESTS: dict[int, bytes] = {}
-_ZEROS = bytes(DEFAULT_CHUNK * 16)
-
-
-def zero_digest(n: int) -> bytes:
-    d = _ZERO_DIGESTS.get(n)
-    if d is None:
-        d = chunk_digest(bytes(n))
-        _ZERO_DIGESTS[n] = d
-    return d
-
-
-def _is_zero(mv: memoryview) -> bool:
-    n = len(mv)
-    if n <= len(_ZEROS):
-        return mv == memoryview(_ZEROS)[:n]
-    return bytes(mv).count(0) == n
