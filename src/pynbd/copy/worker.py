@@ -159,44 +159,14 @@ class Worker:
         """A reader thread (this one) and a writer thread per connection pair, so that
         receiving from the source and sending to the destination overlap (both release
         the GIL in their system calls). Items reach the writer in offset order."""
-        import queue
-        depth = self.depth
-        free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
-        for b in self.free:
-            free.put(b)
-        handoff: queue.Queue[_Item | None] = queue.Queue(maxsize=2 * depth)
-        failed = threading.Event()
-        writer_error: list[BaseException] = []
-
-        def take(block: bool) -> memoryview:
-            try:
-                return free.get_nowait()
-            except queue.Empty:
-                b = self._new_buffer()
-                if b is not None:
-                    return b
-                if not block:
-                    raise
-            return free.get(timeout=0.5)
-
-        def put(item: _Item | None) -> None:
-            deadline = time.monotonic() + STALL_LIMIT
-            while True:
-                if failed.is_set():
-                    raise CopyError("copy aborted")
-                try:
-                    handoff.put(item, timeout=0.5)
-                    return
-                except queue.Full:
-                    if time.monotonic() > deadline:
-                        raise CopyError("destination stalled") from None
+        h = _Handoff(self.free, self.depth, self._new_buffer)
 
         def writer() -> None:
             try:
-                self._write_items(handoff, free, failed)
+                self._write_items(h.items, h.free, h.failed)
             except BaseException as exc:
-                writer_error.append(exc)
-                failed.set()
+                h.error.append(exc)
+                h.failed.set()
 
         wt = threading.Thread(target=writer, daemon=True, name="pynbd-copy-writer")
         wt.start()
@@ -206,27 +176,8 @@ class Worker:
             sh = self.sh
             exhausted = False
             while True:
-                while not exhausted and len(reads) < depth:
-                    try:
-                        buf = take(not reads)
-                    except queue.Empty:
-                        if failed.is_set():
-                            raise CopyError("copy aborted") from None
-                        if reads:
-                            break
-                        continue
-                    item = self.queue.next()
-                    if item is None:
-                        free.put(buf)
-                        exhausted = True
-                        break
-                    off, ln, zero = item
-                    if zero:
-                        free.put(buf)
-                        reads.append((off, ln, True, None, None))
-                    else:
-                        rview = buf[:ln]
-                        reads.append((off, ln, False, sh.submit_read(off, rview), rview))
+                if not exhausted:
+                    exhausted = self._fill_reads(reads, h)
                 if not reads:
                     break
                 off, ln, zero, token, view = reads.popleft()
@@ -234,17 +185,42 @@ class Worker:
                     sh.wait(token)
                 if hasher is not None:
                     hasher.update(off, view, ln)
-                put((off, ln, zero, view))
-            put(None)
+                h.put((off, ln, zero, view))
+            h.put(None)
         except BaseException:
-            failed.set()
+            h.failed.set()
             wt.join(STALL_LIMIT)
-            if writer_error:  # the writer failed first: "copy aborted" hides why
-                raise writer_error[0] from None
+            if h.error:  # the writer failed first: "copy aborted" hides why
+                raise h.error[0] from None
             raise
         wt.join(STALL_LIMIT)
-        if writer_error:
-            raise writer_error[0]
+        if h.error:
+            raise h.error[0]
+
+    def _fill_reads(self, reads: collections.deque[_Read], h: _Handoff) -> bool:
+        """Submit reads until ``depth`` are in flight; True once the queue is empty."""
+        import queue
+        while len(reads) < self.depth:
+            try:
+                buf = h.take(not reads)
+            except queue.Empty:
+                if h.failed.is_set():
+                    raise CopyError("copy aborted") from None
+                if reads:
+                    return False
+                continue
+            item = self.queue.next()
+            if item is None:
+                h.free.put(buf)
+                return True
+            off, ln, zero = item
+            if zero:
+                h.free.put(buf)
+                reads.append((off, ln, True, None, None))
+            else:
+                rview = buf[:ln]
+                reads.append((off, ln, False, self.sh.submit_read(off, rview), rview))
+        return False
 
     def _write_items(self, handoff: queue.Queue[_Item | None],
                      free: queue.SimpleQueue[memoryview], failed: threading.Event) -> None:
@@ -327,6 +303,47 @@ class Worker:
         wt, wl = writes.popleft()
         self.dh.wait(wt)
         self.progress.add(wl)
+
+
+class _Handoff:
+    """Between the reader (the worker's thread) and the writer thread of
+    :meth:`Worker._run_split`: free buffers, items in offset order, and failure."""
+
+    def __init__(self, buffers: list[memoryview], depth: int,
+                 new_buffer: Callable[[], memoryview | None]) -> None:
+        import queue
+        self.free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
+        for b in buffers:
+            self.free.put(b)
+        self.items: queue.Queue[_Item | None] = queue.Queue(maxsize=2 * depth)
+        self.failed = threading.Event()
+        self.error: list[BaseException] = []
+        self._new_buffer = new_buffer
+
+    def take(self, block: bool) -> memoryview:
+        import queue
+        try:
+            return self.free.get_nowait()
+        except queue.Empty:
+            b = self._new_buffer()
+            if b is not None:
+                return b
+            if not block:
+                raise
+        return self.free.get(timeout=0.5)
+
+    def put(self, item: _Item | None) -> None:
+        import queue
+        deadline = time.monotonic() + STALL_LIMIT
+        while True:
+            if self.failed.is_set():
+                raise CopyError("copy aborted")
+            try:
+                self.items.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                if time.monotonic() > deadline:
+                    raise CopyError("destination stalled") from None
 
 
 class _Forward:
