@@ -23,6 +23,7 @@ Life cycle, run in the foreground:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -315,76 +316,14 @@ def serve(export: ExportFile, opts: MountOptions,
         raise MountError("pynbd fuse must run in the main thread (signals)")
     mfusepy = load_binding()
     naked = file_mode(opts.mountpoint)
-    path = opts.mountpoint if naked else os.path.join(opts.mountpoint, opts.filename)
     if not naked and ("/" in opts.filename or opts.filename in ("", ".", "..")):
         raise MountError(f"invalid file name {opts.filename!r}")
-
-    # resolved now: in on_init (before libfuse answers the kernel's INIT) anything that
-    # looks at the mount itself would wait for INIT, i.e. for itself
-    real_mountpoint = os.path.realpath(opts.mountpoint)
-    stop = threading.Event()  # the loop has ended
-    running = threading.Event()  # the loop runs (INIT arrived)
-    wake = threading.Event()  # for the watch thread: the export is gone
-    pid = os.getpid()
-    main_thread = threading.main_thread().ident or 0
-    libfuse = mfusepy._libfuse
-    fuse_ptr: list[int] = []
-
-    export.on_gone = lambda reason: wake.set()
-
-    def end_loop() -> None:
-        # fuse_exit() marks the session as ended; libfuse's main thread notices when a
-        # signal interrupts its wait: SIGUSR1, whose Python handler does nothing (a
-        # SIGTERM would kill the process if it came after libfuse removed its handlers).
-        # Repeated, in case the first one came just before the main thread waited.
-        libfuse.fuse_exit(ctypes.c_void_p(fuse_ptr[0]))
-        for _ in range(3000):
-            if stop.is_set():
-                return
-            signal.pthread_kill(main_thread, signal.SIGUSR1)
-            stop.wait(0.2)
-
-    def after_init() -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)  # they are the main thread's
-        # the kernel holds every request until INIT's reply: once this stat returns,
-        # the mount is usable (and the kernel has set its defaults, readahead too)
-        try:
-            os.stat(path)
-        except OSError as exc:
-            log.debug("stat %s after mounting: %s", path, exc)
-        if stop.is_set():
-            return
-        if opts.readahead is not None:
-            set_readahead(real_mountpoint, opts.readahead)
-        if opts.pidfile:
-            with open(opts.pidfile, "w") as f:
-                f.write(f"{pid}\n")
-        if ready is not None:
-            ready(path)
-        while not stop.is_set():
-            if export.gone is not None:
-                end_loop()
-                return
-            reason = export.conns.check_idle()
-            if reason is not None:
-                export._lost(ConnectionError(reason))
-                continue
-            wake.wait(WATCH_INTERVAL)
-
-    def on_init() -> None:
-        # runs on a libfuse thread before the kernel has INIT's reply: nothing here may
-        # touch the mount (it would wait for this very callback)
-        fuse_ptr.append(libfuse.fuse_get_context().contents.fuse)
-        running.set()
-        threading.Thread(target=after_init, name="pynbd-fuse-watch", daemon=True).start()
-
-    ops = Operations(export, None if naked else opts.filename, on_init)
+    run = _MountRun(export, opts, ready, naked, mfusepy._libfuse)
+    ops = Operations(export, None if naked else opts.filename, run.on_init)
     # libfuse installs its SIGINT/SIGTERM/SIGHUP handlers only over the default action
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     old_usr1 = signal.signal(signal.SIGUSR1, _ignore_signal)
-    libfuse.fuse_exit.argtypes = [ctypes.c_void_p]
-    libfuse.fuse_exit.restype = None
     fuse_cls = _fuse_class(mfusepy)
     try:
         fuse_cls(ops, opts.mountpoint, **_mount_kwargs(
@@ -393,15 +332,92 @@ def serve(export: ExportFile, opts: MountOptions,
         # fuse_main's status: 1-6 before the loop ran (bad option, mount failed: libfuse
         # printed why), 7 when the loop ended on a signal or error
         code = exc.args[0] if exc.args else None
-        if not running.is_set():
+        if not run.running.is_set():
             raise MountError(f"could not mount {opts.mountpoint} (libfuse status {code}; "
                              "see the message above)") from None
     finally:
-        stop.set()
+        run.stop.set()
         signal.signal(signal.SIGUSR1, old_usr1)
         if opts.pidfile:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(opts.pidfile)
-            except OSError:
-                pass
     return export.gone
+
+
+class _MountRun:
+    """One run of libfuse's loop for :func:`serve`: the callbacks it makes, and the
+    watch thread that ends it when the export is gone."""
+
+    def __init__(self, export: ExportFile, opts: MountOptions,
+                 ready: Callable[[str], None] | None, naked: bool, libfuse: Any) -> None:
+        self.export = export
+        self.opts = opts
+        self.ready = ready
+        self.path = opts.mountpoint if naked else os.path.join(opts.mountpoint,
+                                                               opts.filename)
+        # resolved now: in on_init (before libfuse answers the kernel's INIT) anything
+        # that looks at the mount itself would wait for INIT, i.e. for itself
+        self.real_mountpoint = os.path.realpath(opts.mountpoint)
+        self.stop = threading.Event()  # the loop has ended
+        self.running = threading.Event()  # the loop runs (INIT arrived)
+        self.wake = threading.Event()  # for the watch thread: the export is gone
+        self.pid = os.getpid()
+        self.main_thread = threading.main_thread().ident or 0
+        self.libfuse = libfuse
+        libfuse.fuse_exit.argtypes = [ctypes.c_void_p]
+        libfuse.fuse_exit.restype = None
+        self.fuse_ptr: list[int] = []
+        export.on_gone = lambda reason: self.wake.set()
+
+    def end_loop(self) -> None:
+        # fuse_exit() marks the session as ended; libfuse's main thread notices when a
+        # signal interrupts its wait: SIGUSR1, whose Python handler does nothing (a
+        # SIGTERM would kill the process if it came after libfuse removed its handlers).
+        # Repeated, in case the first one came just before the main thread waited.
+        self.libfuse.fuse_exit(ctypes.c_void_p(self.fuse_ptr[0]))
+        for _ in range(3000):
+            if self.stop.is_set():
+                return
+            signal.pthread_kill(self.main_thread, signal.SIGUSR1)
+            self.stop.wait(0.2)
+
+    def on_init(self) -> None:
+        # runs on a libfuse thread before the kernel has INIT's reply: nothing here may
+        # touch the mount (it would wait for this very callback)
+        self.fuse_ptr.append(self.libfuse.fuse_get_context().contents.fuse)
+        self.running.set()
+        threading.Thread(target=self.after_init, name="pynbd-fuse-watch",
+                         daemon=True).start()
+
+    def after_init(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)  # they are the main thread's
+        # the kernel holds every request until INIT's reply: once this stat returns,
+        # the mount is usable (and the kernel has set its defaults, readahead too)
+        try:
+            os.stat(self.path)
+        except OSError as exc:
+            log.debug("stat %s after mounting: %s", self.path, exc)
+        if self.stop.is_set():
+            return
+        opts = self.opts
+        if opts.readahead is not None:
+            set_readahead(self.real_mountpoint, opts.readahead)
+        if opts.pidfile:
+            with open(opts.pidfile, "w") as f:
+                f.write(f"{self.pid}\n")
+        if self.ready is not None:
+            self.ready(self.path)
+        self.watch()
+
+    def watch(self) -> None:
+        """Until the loop ends: end it once the export is gone, drop idle connections."""
+        export = self.export
+        while not self.stop.is_set():
+            if export.gone is not None:
+                self.end_loop()
+                return
+            reason = export.conns.check_idle()
+            if reason is not None:
+                export._lost(ConnectionError(reason))
+                continue
+            self.wake.wait(WATCH_INTERVAL)
