@@ -134,101 +134,95 @@ def run(args: argparse.Namespace) -> int:
         return 130
 
 
-async def _main(args: argparse.Namespace) -> int:
+def _auth(args: argparse.Namespace) -> Any:
+    """The msgr2 authentication ``args`` ask for (ValueError: an unusable key)."""
     from pynbd.migration.control import read_psk
-    from pynbd.migration.destination import Destination, create_image
-    from pynbd.migration.listener import PeerGuard, listen_guarded
-    from pynbd.msgr2.aio import SessionOptions
     from pynbd.msgr2.auth import AuthNone, PskAuth
     from pynbd.msgr2.constants import ConMode
-    from pynbd.server.acl import AccessList
-    from pynbd.server.control import ControlServer
-    from pynbd.server.server import Server
 
-    auth: AuthNone | PskAuth = AuthNone()
-    if args.psk_file:
-        try:
-            key = read_psk(args.psk_file)
-        except ValueError as exc:
-            print(f"pynbd listen: {exc}", file=sys.stderr)
-            return 2
-        modes = (ConMode.SECURE,) if args.secure else (ConMode.SECURE, ConMode.CRC)
-        auth = PskAuth(key, modes=modes)
-        import os
+    if not args.psk_file:
+        return AuthNone()
+    key = read_psk(args.psk_file)
+    modes = (ConMode.SECURE,) if args.secure else (ConMode.SECURE, ConMode.CRC)
+    import os
 
-        with contextlib.suppress(OSError):
-            if os.stat(args.psk_file).st_mode & 0o077:
-                log.warning("the key file %s is readable by other users (chmod 600 it)",
-                            args.psk_file)
-    if args.size is not None:
-        create_image(args.file, args.size)
-    try:
-        dest = Destination(args.file, takeover_after=args.takeover_after)
-    except (BackendError, OSError, ValueError) as exc:
-        print(f"pynbd listen: {exc}", file=sys.stderr)
-        return 2
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(dest.executor, dest.scan)
-    acl = AccessList(args.allow, default_deny=args.default_deny) \
-        if args.allow or args.default_deny else None
-    guard = PeerGuard(acl)
-    server_box: list[Server] = []
-    control = ControlServer(args.control) if args.control else None
+    with contextlib.suppress(OSError):
+        if os.stat(args.psk_file).st_mode & 0o077:
+            log.warning("the key file %s is readable by other users (chmod 600 it)",
+                        args.psk_file)
+    return PskAuth(key, modes=modes)
 
-    def serve_nbd() -> None:
-        if server_box or not (args.serve_socket or args.serve_port is not None):
+
+class _Destination:
+    """What ``pynbd listen`` runs around the migration destination: the NBD server it
+    starts after the commit, and the control socket's verbs."""
+
+    def __init__(self, args: argparse.Namespace, dest: Any, guard: Any) -> None:
+        from pynbd.server.control import ControlServer
+        from pynbd.server.server import Server
+
+        self.args = args
+        self.dest = dest
+        self.guard = guard
+        self.servers: list[Server] = []
+        self.control = ControlServer(args.control) if args.control else None
+
+    def serve_nbd(self) -> None:
+        """After the commit (or at start, when already authoritative), if asked for."""
+        args = self.args
+        if self.servers or not (args.serve_socket or args.serve_port is not None):
             return
         from pynbd.backends.file import FileBackend
         from pynbd.server.exports import Export, ExportRegistry
+        from pynbd.server.server import Server
 
-        reg = ExportRegistry([Export("", FileBackend(args.file))])
-        srv = Server(reg)
+        srv = Server(ExportRegistry([Export("", FileBackend(args.file))]))
         if args.allow or args.default_deny:
             srv.set_acl(args.allow, default_deny=args.default_deny)
         if args.serve_socket:
             srv.listen_unix(args.serve_socket)
         if args.serve_port is not None:
             srv.listen_tcp(args.serve_bind, args.serve_port)
-        if control is not None:
-            srv.attach_control(control)
-            register_status(srv)
+        if self.control is not None:
+            srv.attach_control(self.control)
+            self.register_status(srv)
         srv.start()
-        server_box.append(srv)
-        dest.serving = srv.uris()[0]
+        self.servers.append(srv)
+        self.dest.serving = srv.uris()[0]
         log.info("serving the migrated image on %s", ", ".join(srv.uris()))
 
-    def status_only(req: dict[str, Any]) -> dict[str, Any]:
-        import os
-
-        return {"status": {"pid": os.getpid(), "migration": dest.status()}}
-
-    def listen_status() -> dict[str, Any]:
-        return dict(guard.status(), authentication="psk" if args.psk_file else "none",
+    def listen_status(self) -> dict[str, Any]:
+        args = self.args
+        return dict(self.guard.status(), authentication="psk" if args.psk_file else "none",
                     secure_only=bool(args.secure), bind=args.bind)
 
-    def register_status(srv: Server | None) -> None:
+    def register_status(self, srv: Any) -> None:
+        control = self.control
         if control is None:
             return
+        dest = self.dest
 
         def status(req: dict[str, Any]) -> dict[str, Any]:
-            st = srv.status() if srv is not None else status_only(req)["status"]
+            import os
+
+            st = srv.status() if srv is not None else {"pid": os.getpid()}
             st["migration"] = dest.status()
-            st["listen"] = listen_status()
+            st["listen"] = self.listen_status()
             return {"status": st}
 
         control.register("status", status)
         control.register("migration-status", lambda req: {"migration": dest.status()})
 
-    committed = asyncio.Event()
-    dest.committed_event = committed
-    dest.on_commit = serve_nbd
-    opts = SessionOptions(keepalive_interval=1.0, keepalive_timeout=10.0, session_linger=60.0)
-    try:
-        m2 = await listen_guarded(args.bind, args.port, auth=auth, handler=dest.handle,
-                                  options=opts, guard=guard)
-    except OSError as exc:
-        print(f"pynbd listen: cannot listen: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+    async def close(self) -> None:
+        if self.control is not None:
+            self.control.stop()
+        loop = asyncio.get_running_loop()
+        for srv in self.servers:
+            await loop.run_in_executor(None, srv.shutdown)
+
+
+def _announce(args: argparse.Namespace, m2: Any) -> None:
+    """Log who may write into the image."""
     if not args.psk_file:
         if is_loopback(args.bind):
             log.warning("no authentication (--insecure): any local process that reaches "
@@ -243,24 +237,18 @@ async def _main(args: argparse.Namespace) -> int:
                  args.bind, m2.port, args.psk_file,
                  " (secure mode only)" if args.secure else "")
 
-    async def summarize() -> None:
-        from pynbd.migration.listener import REFUSAL_LOG_INTERVAL
 
-        while True:
-            await asyncio.sleep(REFUSAL_LOG_INTERVAL)
-            guard.summarize()
-
-    summarizer = asyncio.ensure_future(summarize())
-    if control is not None:
-        register_status(None)
-        control.start()
-    if dest.authoritative:
-        log.info("%s is authoritative (epoch %d)", args.file, dest.epoch)
-        serve_nbd()
+def _print_uri(m2: Any) -> None:
+    """The URI sources use, on stdout."""
     host = m2.host if ":" not in m2.host else f"[{m2.host}]"
     if host in ("0.0.0.0", "[::]"):
         host = "127.0.0.1" if host == "0.0.0.0" else "[::1]"
     print(f"msgr2://{host}:{m2.port}", flush=True)
+
+
+async def _until_stopped(args: argparse.Namespace, committed: asyncio.Event) -> None:
+    """Until SIGINT/SIGTERM, or the commit with --exit-after-commit."""
+    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -272,12 +260,63 @@ async def _main(args: argparse.Namespace) -> int:
         w.cancel()
     if args.exit_after_commit and committed.is_set():
         await asyncio.sleep(0.2)  # let the ACK leave
+
+
+async def _summarize(guard: Any) -> None:
+    from pynbd.migration.listener import REFUSAL_LOG_INTERVAL
+
+    while True:
+        await asyncio.sleep(REFUSAL_LOG_INTERVAL)
+        guard.summarize()
+
+
+async def _main(args: argparse.Namespace) -> int:
+    from pynbd.migration.destination import Destination, create_image
+    from pynbd.migration.listener import PeerGuard, listen_guarded
+    from pynbd.msgr2.aio import SessionOptions
+    from pynbd.server.acl import AccessList
+
+    try:
+        auth = _auth(args)
+    except ValueError as exc:
+        print(f"pynbd listen: {exc}", file=sys.stderr)
+        return 2
+    if args.size is not None:
+        create_image(args.file, args.size)
+    try:
+        dest = Destination(args.file, takeover_after=args.takeover_after)
+    except (BackendError, OSError, ValueError) as exc:
+        print(f"pynbd listen: {exc}", file=sys.stderr)
+        return 2
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(dest.executor, dest.scan)
+    acl = AccessList(args.allow, default_deny=args.default_deny) \
+        if args.allow or args.default_deny else None
+    guard = PeerGuard(acl)
+    around = _Destination(args, dest, guard)
+    committed = asyncio.Event()
+    dest.committed_event = committed
+    dest.on_commit = around.serve_nbd
+    opts = SessionOptions(keepalive_interval=1.0, keepalive_timeout=10.0, session_linger=60.0)
+    try:
+        m2 = await listen_guarded(args.bind, args.port, auth=auth, handler=dest.handle,
+                                  options=opts, guard=guard)
+    except OSError as exc:
+        print(f"pynbd listen: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    _announce(args, m2)
+    summarizer = asyncio.ensure_future(_summarize(guard))
+    if around.control is not None:
+        around.register_status(None)
+        around.control.start()
+    if dest.authoritative:
+        log.info("%s is authoritative (epoch %d)", args.file, dest.epoch)
+        around.serve_nbd()
+    _print_uri(m2)
+    await _until_stopped(args, committed)
     summarizer.cancel()
     guard.summarize()
     await m2.close()
-    if control is not None:
-        control.stop()
-    for srv in server_box:
-        await loop.run_in_executor(None, srv.shutdown)
+    await around.close()
     dest.close()
     return 0

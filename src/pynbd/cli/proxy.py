@@ -102,7 +102,6 @@ def run(args: argparse.Namespace) -> int:
     from pynbd.client import ProtocolError
     from pynbd.protocol.server import TLSMode
     from pynbd.proxy.upstream import ProxyBackend, UpstreamPool
-    from pynbd.server.control import ControlError, ControlServer
     from pynbd.server.exports import Export, ExportRegistry
     from pynbd.server.server import Server, ServerOptions
     from pynbd.server.tls import TLSConfigError, server_tls_context
@@ -143,36 +142,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"pynbd proxy: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1
     if args.tcp and not is_loopback(args.bind):
-        if tls is TLSMode.REQUIRE and args.tls_verify_peer:
-            log.info("TCP on %s: clients must present a certificate signed by the CA",
-                     args.bind or "every address")
-        else:
-            log.warning("UNAUTHENTICATED (--insecure) on %s: ANYONE WHO CAN REACH THIS PORT "
-                        "can read and write the upstream's image; use --tls require "
-                        "--tls-verify-peer, --allow, or a loopback --bind",
-                        args.bind or "every address")
+        _log_exposure(args, tls is TLSMode.REQUIRE and args.tls_verify_peer)
     if args.control:
-        control = ControlServer(args.control)
-        server.attach_control(control)
-
-        def status(req: dict[str, Any]) -> dict[str, Any]:
-            st = server.status()
-            st["proxy"] = pool.status()
-            return {"status": st}
-
-        def upstream(req: dict[str, Any]) -> dict[str, Any]:
-            uri = req.get("uri")
-            if not isinstance(uri, str) or not uri:
-                return {"proxy": pool.status()}
-            try:
-                pool.switch(uri)
-            except (OSError, ProtocolError, ValueError) as exc:
-                raise ControlError(f"cannot switch to {uri}: {exc}") from exc
-            return {"proxy": pool.status()}
-
-        control.register("status", status)
-        control.register("upstream", upstream)
-        control.start()
+        _control(args.control, server, pool)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -188,3 +160,42 @@ def run(args: argparse.Namespace) -> int:
         pass
     server.shutdown()
     return 0
+
+
+def _log_exposure(args: argparse.Namespace, verified: bool) -> None:
+    """TCP beyond loopback: say who can reach the upstream's image."""
+    where = args.bind or "every address"
+    if verified:
+        log.info("TCP on %s: clients must present a certificate signed by the CA", where)
+    else:
+        log.warning("UNAUTHENTICATED (--insecure) on %s: ANYONE WHO CAN REACH THIS PORT "
+                    "can read and write the upstream's image; use --tls require "
+                    "--tls-verify-peer, --allow, or a loopback --bind", where)
+
+
+def _control(path: str, server: Any, pool: Any) -> None:
+    """The control socket: ``status`` (with the upstreams), ``upstream`` (switch)."""
+    from pynbd.client import ProtocolError
+    from pynbd.server.control import ControlError, ControlServer
+
+    control = ControlServer(path)
+    server.attach_control(control)
+
+    def status(req: dict[str, Any]) -> dict[str, Any]:
+        st = server.status()
+        st["proxy"] = pool.status()
+        return {"status": st}
+
+    def upstream(req: dict[str, Any]) -> dict[str, Any]:
+        uri = req.get("uri")
+        if not isinstance(uri, str) or not uri:
+            return {"proxy": pool.status()}
+        try:
+            pool.switch(uri)
+        except (OSError, ProtocolError, ValueError) as exc:
+            raise ControlError(f"cannot switch to {uri}: {exc}") from exc
+        return {"proxy": pool.status()}
+
+    control.register("status", status)
+    control.register("upstream", upstream)
+    control.start()

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from pynbd.backends import BackendError, CephOptions, open_backend, parse_filter, parse_kv
 from pynbd.protocol.constants import DEFAULT_MAX_REQUEST
@@ -20,6 +21,9 @@ from pynbd.server.exports import Export, ExportRegistry
 from pynbd.server.server import Limits, Server, ServerOptions
 from pynbd.server.service import ActivationError, PidFile, listen_fds, sd_notify
 from pynbd.server.tls import TLSConfigError, server_tls_context
+
+if TYPE_CHECKING:
+    from pynbd.migration.control import MigrationSource
 
 log = logging.getLogger("pynbd.serve")
 
@@ -231,8 +235,8 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
     return cfg
 
 
-def build_server(args: argparse.Namespace) -> Server:
-    cfg = build_config(args)
+def open_exports(cfg: ServeConfig, args: argparse.Namespace) -> ExportRegistry:
+    """Every export that opens (one unreachable target does not take the others down)."""
     ceph = CephOptions(conf=args.ceph_conf, name=args.ceph_name, keyring=args.ceph_keyring)
     exports = []
     failed = []
@@ -253,7 +257,12 @@ def build_server(args: argparse.Namespace) -> Server:
     if default is not None and default not in {x.name for x in exports}:
         log.error("default export %r is unavailable; using %r", default, exports[0].name)
         default = exports[0].name
-    registry = ExportRegistry(exports, default=default)
+    return ExportRegistry(exports, default=default)
+
+
+def build_server(args: argparse.Namespace) -> Server:
+    cfg = build_config(args)
+    registry = open_exports(cfg, args)
     tls = TLSMode(args.tls)
     ctx = None
     if tls is not TLSMode.OFF:
@@ -348,18 +357,7 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    from pynbd.migration.control import attach_migration
-
-    control = None
-    if args.control:
-        from pynbd.server.control import ControlServer
-
-        control = ControlServer(args.control)
-        server.attach_control(control)
-    migration = attach_migration(server, control)  # gates, crash recovery, mirror verbs
-    server.start()  # the workers start here, before any other thread
-    if control is not None:
-        control.start()
+    migration = _start(args, server)
     if not args.run:
         for uri in server.uris():
             print(uri, flush=True)
@@ -383,23 +381,10 @@ def run(args: argparse.Namespace) -> int:
     status = 0
     child = start_captive(args, server) if args.run else None
     try:
-        while not stop.wait(0.2):
-            if child is not None and child.poll() is not None:
-                status = child.returncode if child.returncode >= 0 else 128 - child.returncode
-                log.info("--run command exited with status %d: stopping", status)
-                break
-            if args.exit_when_idle and server.idle_seconds() >= args.exit_when_idle:
-                log.info("no client for %.0f s (--exit-when-idle): stopping",
-                         args.exit_when_idle)
-                break
+        status = _serve_until_stopped(args, server, stop, child)
     finally:
         sd_notify("STOPPING=1")
-        if child is not None and child.poll() is None:
-            child.terminate()
-            try:
-                child.wait(10)
-            except Exception:
-                child.kill()
+        if _stop_captive(child):
             status = status or 1
         migration.shutdown()
         server.shutdown()
@@ -412,6 +397,51 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(private, ignore_errors=True)
     log.info("stopped")
     return status
+
+
+def _start(args: argparse.Namespace, server: Server) -> MigrationSource:
+    """The control socket and the migration verbs, then the server itself."""
+    from pynbd.migration.control import attach_migration
+
+    control = None
+    if args.control:
+        from pynbd.server.control import ControlServer
+
+        control = ControlServer(args.control)
+        server.attach_control(control)
+    migration = attach_migration(server, control)  # gates, crash recovery, mirror verbs
+    server.start()  # the workers start here, before any other thread
+    if control is not None:
+        control.start()
+    return migration
+
+
+def _stop_captive(child: subprocess.Popen[bytes] | None) -> bool:
+    """Stop the --run command if it still runs; whether it had to be stopped."""
+    if child is None or child.poll() is not None:
+        return False
+    child.terminate()
+    try:
+        child.wait(10)
+    except Exception:
+        child.kill()
+    return True
+
+
+def _serve_until_stopped(args: argparse.Namespace, server: Server, stop: threading.Event,
+                         child: subprocess.Popen[bytes] | None) -> int:
+    """Until a signal, the end of the --run command, or --exit-when-idle; the exit
+    status (the command's)."""
+    while not stop.wait(0.2):
+        if child is not None and child.poll() is not None:
+            status = child.returncode if child.returncode >= 0 else 128 - child.returncode
+            log.info("--run command exited with status %d: stopping", status)
+            return status
+        if args.exit_when_idle and server.idle_seconds() >= args.exit_when_idle:
+            log.info("no client for %.0f s (--exit-when-idle): stopping",
+                     args.exit_when_idle)
+            return 0
+    return 0
 
 
 def start_captive(args: argparse.Namespace, server: Server) -> subprocess.Popen[bytes]:

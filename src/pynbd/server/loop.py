@@ -118,7 +118,7 @@ class Loop:
 
     # --- running ----------------------------------------------------------------------
 
-    def run(self) -> None:
+    def run(self) -> None:  # noqa: C901 - the event loop: one frame, its locals hoisted for speed
         self.thread = threading.current_thread()
         poll = self._ep.poll
         handlers = self._handlers

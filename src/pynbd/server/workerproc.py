@@ -70,7 +70,7 @@ class ChannelEvents:
         self._send({"op": "reply", "req": req_id, "payload": payload})
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str]) -> int:  # noqa: C901 - a worker process: one dispatch table of supervisor messages
     # the supervisor decides when workers stop (a terminal's ^C reaches the whole group)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
