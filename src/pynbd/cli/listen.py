@@ -223,9 +223,22 @@ async def _main(args: argparse.Namespace) -> int:
     dest.committed_event = committed
     dest.on_commit = serve_nbd
     opts = SessionOptions(keepalive_interval=1.0, keepalive_timeout=10.0, session_linger=60.0)
+    from pynbd.server.service import ActivationError, listen_fds, sd_notify
+
     try:
+        activated = listen_fds()
+        if len(activated) > 1 or any(a.kind != "tcp" for a in activated):
+            raise ActivationError("pynbd listen takes exactly one TCP socket (msgr2)")
+    except ActivationError as exc:
+        print(f"pynbd listen: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if activated:
+            args.bind = str(activated[0].sock.getsockname()[0])
+            log.info("socket-activated msgr2 listener (%s)", activated[0].name)
         m2 = await listen_guarded(args.bind, args.port, auth=auth, handler=dest.handle,
-                                  options=opts, guard=guard)
+                                  options=opts, guard=guard,
+                                  sock=activated[0].sock if activated else None)
     except OSError as exc:
         print(f"pynbd listen: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1
@@ -261,6 +274,7 @@ async def _main(args: argparse.Namespace) -> int:
     if host in ("0.0.0.0", "[::]"):
         host = "127.0.0.1" if host == "0.0.0.0" else "[::1]"
     print(f"msgr2://{host}:{m2.port}", flush=True)
+    sd_notify(f"READY=1\nSTATUS=waiting for a source on msgr2://{host}:{m2.port}")
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -272,6 +286,7 @@ async def _main(args: argparse.Namespace) -> int:
         w.cancel()
     if args.exit_after_commit and committed.is_set():
         await asyncio.sleep(0.2)  # let the ACK leave
+    sd_notify("STOPPING=1")
     summarizer.cancel()
     guard.summarize()
     await m2.close()

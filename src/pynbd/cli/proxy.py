@@ -108,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from pynbd.server.tls import TLSConfigError, server_tls_context
 
     setup_logging(args.verbose, args.quiet)
+    explicit_listen = bool(args.socket or args.bind is not None or args.port is not None)
     err = check_security(args)
     if err is not None:
         print(f"pynbd proxy: {err}", file=sys.stderr)
@@ -134,6 +135,26 @@ def run(args: argparse.Namespace) -> int:
                     ServerOptions(tls=tls, tls_context=ctx))
     if args.allow or args.default_deny:
         server.set_acl(args.allow, default_deny=args.default_deny)
+    from pynbd.cli.serve import check_exposure
+    from pynbd.server.config import ConfigError
+    from pynbd.server.service import ActivationError, listen_fds
+
+    try:
+        activated = listen_fds()
+        if activated and explicit_listen:
+            raise ConfigError("socket-activated (LISTEN_FDS): do not give --bind/--port/"
+                              "--socket; the .socket unit says where to listen")
+        for a in activated:
+            if a.kind == "tcp":
+                check_exposure(str(a.sock.getsockname()[0]), True, tls,
+                               args.tls_verify_peer, args.insecure)
+            server.adopt_listener(a.sock)
+    except (ActivationError, ConfigError) as exc:
+        print(f"pynbd proxy: {exc}", file=sys.stderr)
+        return 2
+    if activated:
+        args.tcp = False
+        args.socket = None
     try:
         if args.socket:
             server.listen_unix(args.socket)
@@ -184,7 +205,11 @@ def run(args: argparse.Namespace) -> int:
     for uri in server.uris():
         print(uri, flush=True)
     log.info("proxying to %s", args.upstream)
+    from pynbd.server.service import sd_notify
+
+    sd_notify(f"READY=1\nSTATUS=proxying {', '.join(server.uris())} to {args.upstream}")
     while not stop.wait(0.5):
         pass
+    sd_notify("STOPPING=1")
     server.shutdown()
     return 0
