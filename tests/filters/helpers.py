@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import nbd
 
 from tests.support.pynbd_server import REPO
+
+KiB = 1024
+MiB = 1024 * KiB
 
 
 def sha256(path: str | os.PathLike[str]) -> str:
@@ -102,3 +107,63 @@ def flags_at(extents: list[tuple[int, int]], offset: int, start: int = 0) -> int
             return flags
         pos += n
     raise AssertionError(f"offset {offset} not covered by {extents}")
+
+
+def make_base(path: Path, size: int, seed: int = 1) -> bytes:
+    data = random.Random(seed).randbytes(size)
+    path.write_bytes(data)
+    return data
+
+
+def read_all(h: nbd.NBD, size: int) -> bytes:
+    out = bytearray()
+    step = 4 * MiB
+    for off in range(0, size, step):
+        out += h.pread(min(step, size - off), off)
+    return bytes(out)
+
+
+def concurrent_partial_writes(uri: str, model: bytearray, nconn: int, first_block: int,
+                               nblocks: int, bs: int, seed: int) -> None:
+    """``nconn`` connections write disjoint, unaligned slices of the same new blocks at
+    once (asynchronously, every block in flight): each block is copied up by whichever
+    write comes first, and no other write may be lost to that copy."""
+    handles = [strict(uri) for _ in range(nconn)]
+    rng = random.Random(seed)
+    part = bs // nconn
+    plans: list[list[tuple[int, bytes]]] = []
+    for i in range(nconn):
+        plan = []
+        for b in range(first_block, first_block + nblocks):
+            off = b * bs + i * part + 1  # leave a base byte either side of each slice
+            data = rng.randbytes(part - 2)
+            plan.append((off, data))
+            model[off:off + len(data)] = data
+        rng.shuffle(plan)
+        plans.append(plan)
+    barrier = threading.Barrier(nconn)
+    errors: list[BaseException] = []
+
+    def run(h: nbd.NBD, plan: list[tuple[int, bytes]]) -> None:
+        try:
+            barrier.wait(30)
+            cookies = [h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)), off)
+                       for off, data in plan]
+            for _ in range(100000):
+                if h.aio_in_flight() == 0:
+                    break
+                h.poll(1000)
+            for cookie in cookies:  # raises if the write failed
+                assert h.aio_command_completed(cookie)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(h, p)) for h, p in zip(handles, plans,
+                                                                          strict=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for h in handles:
+        h.shutdown()

@@ -11,7 +11,6 @@ import os
 import random
 import signal
 import struct
-import threading
 from pathlib import Path
 
 import nbd
@@ -20,9 +19,12 @@ import pytest
 from pynbd.server.control import control_request
 from tests.filters.helpers import (
     block_status,
+    concurrent_partial_writes,
     flags_at,
+    make_base,
     nbdcopy_to,
     qemu_io,
+    read_all,
     serve_fails,
     sha256,
     strict,
@@ -33,20 +35,6 @@ from tests.support.pynbd_server import ServerFactory, wait_until
 KiB = 1024
 MiB = 1024 * KiB
 HOLE, ZERO = nbd.STATE_HOLE, nbd.STATE_ZERO
-
-
-def make_base(path: Path, size: int, seed: int = 1) -> bytes:
-    data = random.Random(seed).randbytes(size)
-    path.write_bytes(data)
-    return data
-
-
-def read_all(h: nbd.NBD, size: int) -> bytes:
-    out = bytearray()
-    step = 4 * MiB
-    for off in range(0, size, step):
-        out += h.pread(min(step, size - off), off)
-    return bytes(out)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -189,52 +177,6 @@ def test_trim_zero_and_block_status(serve: ServerFactory, tmp_path: Path) -> Non
     assert sha256(base) == before
 
 
-def _concurrent_partial_writes(uri: str, model: bytearray, nconn: int, first_block: int,
-                               nblocks: int, bs: int, seed: int) -> None:
-    """``nconn`` connections write disjoint, unaligned slices of the same new blocks at
-    once (asynchronously, every block in flight): each block is copied up by whichever
-    write comes first, and no other write may be lost to that copy."""
-    handles = [strict(uri) for _ in range(nconn)]
-    rng = random.Random(seed)
-    part = bs // nconn
-    plans: list[list[tuple[int, bytes]]] = []
-    for i in range(nconn):
-        plan = []
-        for b in range(first_block, first_block + nblocks):
-            off = b * bs + i * part + 1  # leave a base byte either side of each slice
-            data = rng.randbytes(part - 2)
-            plan.append((off, data))
-            model[off:off + len(data)] = data
-        rng.shuffle(plan)
-        plans.append(plan)
-    barrier = threading.Barrier(nconn)
-    errors: list[BaseException] = []
-
-    def run(h: nbd.NBD, plan: list[tuple[int, bytes]]) -> None:
-        try:
-            barrier.wait(30)
-            cookies = [h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)), off)
-                       for off, data in plan]
-            for _ in range(100000):
-                if h.aio_in_flight() == 0:
-                    break
-                h.poll(1000)
-            for cookie in cookies:  # raises if the write failed
-                assert h.aio_command_completed(cookie)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(h, p)) for h, p in zip(handles, plans,
-                                                                          strict=True)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
-    for h in handles:
-        h.shutdown()
-
-
 def _status(ctl: str) -> dict:
     reply = control_request(ctl, {"cmd": "status"})
     assert reply["ok"], reply
@@ -274,7 +216,7 @@ def test_two_workers_share_one_overlay(serve: ServerFactory, tmp_path: Path) -> 
         c.disc()
 
     for rnd in range(4):
-        _concurrent_partial_writes(srv.uri, model, 4, 16 + rnd * 32, 32, bs, seed=rnd)
+        concurrent_partial_writes(srv.uri, model, 4, 16 + rnd * 32, 32, bs, seed=rnd)
     h = strict(srv.uri)
     assert read_all(h, size) == model
     h.shutdown()
@@ -328,7 +270,7 @@ def test_concurrent_partial_writes_threads(serve: ServerFactory, tmp_path: Path)
     srv = serve(f"python:{plugin}", f"path={base}", "--workers", "1",
                 "--filter", "cow:blocksize=4K")
     for rnd in range(3):
-        _concurrent_partial_writes(srv.uri, model, 4, rnd * 256, 256, bs, seed=10 + rnd)
+        concurrent_partial_writes(srv.uri, model, 4, rnd * 256, 256, bs, seed=10 + rnd)
     h = strict(srv.uri)
     assert read_all(h, size) == model
     h.shutdown()
