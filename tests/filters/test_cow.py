@@ -466,3 +466,54 @@ def test_server_keeps_serving_after_bad_requests(serve: ServerFactory, tmp_path:
     h = strict(srv.uri)
     assert h.pread(5, 0) == b"hello"
     h.shutdown()
+
+
+def test_config_file(serve: ServerFactory, tmp_path: Path) -> None:
+    """The TOML spelling: a cow export (table form, named overlay) and a readonly export
+    (string form) of the same base; writes through the first never reach the second."""
+    base = tmp_path / "base.img"
+    data = make_base(base, MiB, seed=12)
+    before = sha256(base)
+    ov = tmp_path / "scratch.img"
+    cfg = tmp_path / "pynbd.toml"
+    cfg.write_text(f"""
+[[export]]
+name = "scratch"
+target = "{base}"
+filters = [{{name = "cow", file = "{ov}", blocksize = "16K"}}]
+
+[[export]]
+name = "pristine"
+target = "{base}"
+filters = ["readonly"]
+""")
+    srv = serve("--workers", "2", "--config", str(cfg))
+    root = srv.uri.rsplit("/", 1)[0]
+    qemu_io(f"{root}/scratch", "write -P 0x42 1000 100000", "read -P 0x42 1000 100000")
+    h = strict(f"{root}/pristine")
+    assert h.is_read_only() and h.pread(MiB, 0) == data
+    h.shutdown()
+    srv.stop()
+    assert sha256(base) == before
+    assert struct.unpack("<8sIIQQ", Path(f"{ov}.map").read_bytes()[:32])[2] == 16 * KiB
+
+
+def test_named_overlay_after_an_interrupted_first_start(serve: ServerFactory,
+                                                        tmp_path: Path) -> None:
+    """What a crash during the first start can leave: an empty PATH and a PATH.map.tmp
+    (a fresh start), or a map with a PATH not grown yet (grown)."""
+    base = tmp_path / "base.img"
+    data = make_base(base, MiB, seed=13)
+    ov = tmp_path / "ov.img"
+    ov.write_bytes(b"")
+    Path(f"{ov}.map.tmp").write_bytes(b"half a map")
+    srv = serve(str(base), "--workers", "1", "--filter", f"cow:file={ov}")
+    qemu_io(srv.uri, "write -P 0x61 0 70000")
+    srv.stop()
+    assert not Path(f"{ov}.map.tmp").exists()
+    os.truncate(ov, 0)  # as if the crash came before the overlay got its size
+    Path(f"{ov}.map").write_bytes(Path(f"{ov}.map").read_bytes()[:4096] + bytes(16))
+    srv = serve(str(base), "--workers", "1", "--filter", f"cow:file={ov}")
+    h = strict(srv.uri)
+    assert h.pread(MiB, 0) == data  # an empty map: the base
+    h.shutdown()

@@ -133,9 +133,16 @@ class BlocksizeFilter(Filter):
         return True
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
-        self._read(buf, offset, False)
+        n = len(buf)
+        if not (offset | n) & (self.minblock - 1) and n <= self.maxdata:
+            self.next.pread_into(buf, offset)  # aligned and small enough already
+        else:
+            self._read(buf, offset, False)
 
     def pread_nowait(self, buf: memoryview, offset: int) -> bool:
+        n = len(buf)
+        if not (offset | n) & (self.minblock - 1) and n <= self.maxdata:
+            return self.next.pread_nowait(buf, offset)
         return self._read(buf, offset, True)
 
     def resident(self, offset: int, length: int) -> bool:
@@ -203,8 +210,11 @@ class BlocksizeFilter(Filter):
         return head, a, b, tail
 
     def pwrite(self, buf: memoryview | bytes, offset: int, fua: bool = False) -> None:
+        n = len(buf)
+        if n and not (offset | n) & (self.minblock - 1) and n <= self.maxdata:
+            self.next.pwrite(buf, offset, fua)  # aligned and small enough already
+            return
         mv = memoryview(buf)
-        n = len(mv)
         if n == 0:
             if fua:
                 self.next.flush()

@@ -203,8 +203,9 @@ def _open_named(path: str, size: int, blocksize: int | None) -> tuple[int, int, 
         bs = blocksize or DEFAULT_BLOCKSIZE
         nblocks = (size + bs - 1) // bs
         try:
+            # the overlay gets its size only once the map exists: a crash in between
+            # leaves an empty PATH (a fresh start) or a map and a short PATH (grown)
             ofd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            os.ftruncate(ofd, size)
             tmp = map_path + ".tmp"
             tfd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
@@ -221,10 +222,12 @@ def _open_named(path: str, size: int, blocksize: int | None) -> tuple[int, int, 
             finally:
                 os.close(dfd)
             mfd = os.open(map_path, os.O_RDWR | os.O_CLOEXEC)
+            os.ftruncate(ofd, size)
         except OSError as exc:
             raise ConfigError(f"{what}: cannot create the overlay: "
                               f"{exc.strerror or exc}") from None
     else:
+        _lock_map(mfd, what)
         try:
             bs = _check_map(mfd, map_path, what, size, blocksize)
             ofd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -240,13 +243,22 @@ def _open_named(path: str, size: int, blocksize: int | None) -> tuple[int, int, 
             raise
         if os.fstat(ofd).st_size < size:
             os.ftruncate(ofd, size)
+        return ofd, mfd, bs
+    try:
+        _lock_map(mfd, what)
+    except ConfigError:
+        os.close(ofd)
+        raise
+    return ofd, mfd, bs
+
+
+def _lock_map(mfd: int, what: str) -> None:
+    """One server per overlay: an exclusive flock on PATH.map (workers inherit it)."""
     try:
         fcntl.flock(mfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(mfd)
-        os.close(ofd)
         raise ConfigError(f"{what}: the overlay is in use by another process") from None
-    return ofd, mfd, bs
 
 
 def _check_map(mfd: int, map_path: str, what: str, size: int,
@@ -389,11 +401,6 @@ class CowFilter(Filter):
         where = self.ov.path or "ephemeral"
         return f"cow({where}) over {self.next.name}"
 
-    @property
-    def block_size(self) -> tuple[int, int, int]:  # type: ignore[override]
-        lo, pref, hi = self.next.block_size
-        return lo, pref, hi
-
     # --- reading ----------------------------------------------------------------------
 
     def _runs(self, offset: int, length: int) -> list[tuple[int, int, int]]:
@@ -444,9 +451,30 @@ class CowFilter(Filter):
         return True
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
+        n = len(buf)
+        b = offset // self.bs
+        if n and (offset + n - 1) // self.bs == b:  # one block: the common case
+            st = self.ov.map[b]
+            if st == BASE:
+                self.next.pread_into(buf, offset)
+            elif st == DATA:
+                self.ov.file.pread_into(buf, offset)
+            else:
+                buf[:] = bytes(n)
+            return
         self._read(buf, offset, False)
 
     def pread_nowait(self, buf: memoryview, offset: int) -> bool:
+        n = len(buf)
+        b = offset // self.bs
+        if n and (offset + n - 1) // self.bs == b:
+            st = self.ov.map[b]
+            if st == BASE:
+                return self.next.pread_nowait(buf, offset)
+            if st == DATA:
+                return self.ov.file.pread_nowait(buf, offset)
+            buf[:] = bytes(n)
+            return True
         return self._read(buf, offset, True)
 
     def resident(self, offset: int, length: int) -> bool:
@@ -571,8 +599,12 @@ class CowFilter(Filter):
         return head, fs, fe, tail
 
     def pwrite(self, buf: memoryview | bytes, offset: int, fua: bool = False) -> None:
+        n = len(buf)
+        b = offset // self.bs
+        if n and not fua and (offset + n - 1) // self.bs == b and self.ov.map[b] == DATA:
+            self.ov.file.pwrite(buf, offset)  # the common case: a block already copied
+            return
         mv = memoryview(buf)
-        n = len(mv)
         if n:
             head, fs, fe, tail = self._split(offset, n)
             if head is not None:
