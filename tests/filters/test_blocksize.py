@@ -16,6 +16,7 @@ from pathlib import Path
 import nbd
 import pytest
 
+from pynbd.server.control import control_request
 from tests.filters.helpers import (
     block_status,
     concurrent_partial_writes,
@@ -249,13 +250,20 @@ def test_concurrent_unaligned_writes_to_one_block(serve: ServerFactory, tmp_path
     size = 4 * MiB
     disk = tmp_path / "disk.img"
     model = bytearray(make_base(disk, size, seed=27))
-    srv = serve(f"python:{plugin}", f"path={disk}", "--workers", "2",
+    ctl = str(tmp_path / "ctl")
+    srv = serve(f"python:{plugin}", f"path={disk}", "--workers", "2", "--control", ctl,
                 "--filter", "blocksize:maxlen=1M")
     for rnd in range(3):
         concurrent_partial_writes(srv.uri, model, 4, rnd * 256, 256, 4096, seed=30 + rnd)
     h = strict(srv.uri)
     assert read_all(h, size) == model
     h.shutdown()
+    reply = control_request(ctl, {"cmd": "status"})
+    assert reply["ok"], reply
+    export = reply["status"]["exports"][0]
+    assert export["stack"][0] == "blocksize:maxlen=1M"
+    # one read-modify-write per slice, summed over both workers
+    assert export["filters"]["blocksize"]["rmw"] == 3 * 4 * 256
 
 
 def test_size_rounded_down(serve: ServerFactory, tmp_path: Path, plugin: Path) -> None:

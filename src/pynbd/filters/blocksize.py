@@ -76,8 +76,9 @@ class BlocksizeFilter(Filter):
                         "minblock=%d (the plugin's size is %d)", self._size, mb, below)
         self.locks = BlockLocks(lock_fd)
         self._owner = lock_fd is None
-        #: read-modify-write cycles done by this process (status)
-        self.rmw = 0
+        #: read-modify-write cycles done by this process (status; a dict, so that the
+        #: per-connection copies of the filter count into the same one)
+        self.counts = {"rmw": 0}
 
     # --- workers ------------------------------------------------------------------------
 
@@ -194,7 +195,7 @@ class BlocksizeFilter(Filter):
             else:
                 mv[pos - bstart:end - bstart] = data
             self.next.pwrite(mv, bstart, fua)
-            self.rmw += 1
+            self.counts["rmw"] += 1
 
     def _parts(self, offset: int, length: int) -> tuple[tuple[int, int] | None, int, int,
                                                      tuple[int, int] | None]:
@@ -263,7 +264,7 @@ class BlocksizeFilter(Filter):
     # --- status and lifetime ----------------------------------------------------------
 
     def stats(self) -> dict[str, Any] | None:
-        return {"rmw": self.rmw}
+        return dict(self.counts)
 
     def close(self) -> None:
         try:

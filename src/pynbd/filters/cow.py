@@ -114,6 +114,9 @@ class _Overlay:
         #: the lock (a block number no block has) that serializes persisting the map
         self.persist_block = 1 << 62
         self.mapfile_fd = mapfile_fd
+        #: blocks this process copied up from the base (status; shared by the
+        #: per-connection copies of the filter)
+        self.copy_ups = 0
 
     def fds(self) -> list[int]:
         out = [self.file.fd, self.map_fd, self.locks.fd]
@@ -334,8 +337,6 @@ class CowFilter(Filter):
         self.bs = self.ov.bs
         self._size = size
         self._base_extents = bool(next.can_extents)
-        #: blocks this process copied up from the base (status)
-        self.copy_ups = 0
 
     @staticmethod
     def _ephemeral(directory: str, size: int, bs: int) -> _Overlay:
@@ -562,7 +563,7 @@ class CowFilter(Filter):
                 mv[s - bstart:e - bstart] = piece
             ov.file.pwrite(mv, bstart)
             ov.mark(block, block, DATA)
-            self.copy_ups += 1
+            ov.copy_ups += 1
 
     def _patch(self, piece: memoryview | None, s: int, e: int) -> None:
         """Bytes of a block that is in the overlay: written in place."""
@@ -651,7 +652,7 @@ class CowFilter(Filter):
     # --- status and lifetime ----------------------------------------------------------
 
     def stats(self) -> dict[str, Any] | None:
-        return {"copy_ups": self.copy_ups}
+        return {"copy_ups": self.ov.copy_ups}
 
     def close(self) -> None:
         ov = self.ov
