@@ -68,6 +68,7 @@ def open_worker_backend(spec: dict[str, object]) -> Backend:
         top = open_worker_backend(spec["base"])  # type: ignore[arg-type]
         filters: list[dict[str, Any]] = list(spec["filters"])  # type: ignore[call-overload]
         for f in reversed(filters):
-            top = open_filter(FilterSpec(str(f["name"]), dict(f["params"])), top)
+            top = open_filter(FilterSpec(str(f["name"]), dict(f["params"])), top,
+                              f.get("state"))
         return top
     raise ValueError(f"cannot reopen a backend of kind {kind!r} in a worker process")

@@ -230,7 +230,10 @@ def open_target(target: str, params: dict[str, str] | None = None,
     return backend
 
 
-def open_filter(spec: FilterSpec, below: Backend) -> Backend:
+def open_filter(spec: FilterSpec, below: Backend,
+                state: dict[str, Any] | None = None) -> Backend:
+    """Put filter ``spec`` on ``below``; in a worker process ``state`` is what the
+    supervisor's instance passed on (``Filter.worker_state``)."""
     obj = _entry(FILTER_GROUP, spec.name, BUILTIN_FILTERS)
     if obj is None:
         raise ConfigError(f"unknown filter {spec.name!r} (known: {', '.join(known_filters())})")
@@ -241,7 +244,8 @@ def open_filter(spec: FilterSpec, below: Backend) -> Backend:
     _check_api(obj, f"filter {spec.name}")
     values = parse_params(f"filter {spec.name}", obj.params, spec.params)
     try:
-        f = obj(below, **values)
+        f = obj(below, **values) if state is None else \
+            obj.from_worker_state(below, state, **values)
     except (ConfigError, BackendError):
         raise
     except Exception as exc:
