@@ -63,6 +63,7 @@ LANES: list[tuple[str, tuple[str, ...]]] = [
     ("security/", ("interop",)),  # libnbd's Python bindings (import nbd)
     ("server/test_workers.py", ("interop",)),  # import nbd
     ("service/", ("interop",)),
+    ("cli/test_copy_extended.py", ("interop",)),  # import nbd
     ("fuse/", ("interop",)),  # /dev/fuse, fusermount3, nbdkit, qemu-nbd, e2fsprogs  # systemd-socket-activate, nbdinfo, qemu-io
     ("migration/test_nbd_targets.py", ("interop",)),  # qemu-nbd and nbdkit as targets
     ("migration/test_msgr2.py::test_msgr2_migration_with_qemu_io_writer", ("interop",)),
