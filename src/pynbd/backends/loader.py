@@ -276,7 +276,7 @@ def open_rbd(target: str, params: dict[str, str], read_only: bool) -> Backend:
     from pynbd.backends.rbd import RbdBackend
 
     values = parse_params("rbd", RBD_PARAMS, params)
-    return RbdBackend.from_target(target, conf=values["conf"], name=values["name"],
+    return RbdBackend.from_target("rbd:" + target, conf=values["conf"], name=values["name"],
                                   keyring=values["keyring"], read_only=read_only)
 
 
