@@ -19,9 +19,14 @@ Workloads (fio's nbd engine: one NBD connection per fio job; time based, no ramp
     and seq write (each job on its own quarter of the image), nbdcopy to null: with
     ``--connections 4 --threads 4`` (nbdcopy caps connections at its thread count, which
     defaults to the CPU count), connections/s with 4 client processes.
+The clients (fio, nbdcopy, the connection loop) run in sessions of their own: with the
+kernel's autogroup scheduling each session is one CPU-share group, so the server under
+test and its 4-16 client processes get separate shares (as on separate machines)
+instead of the server's share depending on how many threads it has against the clients'.
 Prints IOPS / MiB/s / connections/s, the server's CPU time per operation (user + system
-time of the server process and every descendant, e.g. pynbd's worker processes), and
-pynbd/peer ratios; ``--markdown`` writes the tables between the markers in FILE.
+time of the server process and every descendant, e.g. pynbd's worker processes),
+how many CPUs the server kept busy and how long its threads waited for a CPU (a loaded
+machine starves single-threaded event loops first), and pynbd/peer ratios; ``--markdown`` writes the tables between the markers in FILE.
 Needs: fio, nbdcopy + nbdinfo (libnbd-bin), nbdkit + nbdkit-plugin-python, qemu-nbd.
 This is a script, not a test: numbers depend on the machine and its load.
 """
@@ -35,12 +40,14 @@ import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import statistics
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -156,6 +163,49 @@ def tree_cpu_seconds(pid: int) -> float:
     return sum(_stat_cpu(p) for p in process_tree(pid))
 
 
+def _task_waits(pid: int) -> dict[int, int]:
+    """Run-queue wait (ns) of every thread of ``pid`` and its descendants."""
+    out: dict[int, int] = {}
+    for p in process_tree(pid):
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{p}/task/{tid}/schedstat") as f:
+                    out[int(tid)] = int(f.read().split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+class WaitSampler:
+    """Seconds a server's threads spent runnable but waiting for a CPU during a cell
+    (schedstat's run_delay). Threads are sampled every ``interval`` seconds so that
+    threads that start and end within the cell (nbdkit's per-connection threads) are
+    counted up to their last sample."""
+
+    def __init__(self, pid: int, interval: float = 0.25) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.base = _task_waits(pid)
+        self.last = dict(self.base)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.last.update(_task_waits(self.pid))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        self.last.update(_task_waits(self.pid))
+        return sum(v - self.base.get(t, 0) for t, v in self.last.items()) / 1e9
+
+
 # --- servers ------------------------------------------------------------------------
 
 @dataclass
@@ -267,6 +317,18 @@ SCALING = [("rand read 4K 4x QD16", "rand read 4K QD32"),
            ("rand write 4K 16x QD4", "rand write 4K QD32")]
 
 
+def autogroup() -> str:
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
+            return "on" if f.read().strip() == "1" else "off"
+    except OSError:
+        return "unknown"
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # run the cleanup: stop the servers
+
+
 def run_fio(uri: str, w: Workload, runtime: float, size: int) -> tuple[float, float]:
     """(value in w.unit, operations completed)."""
     argv = ["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--rw={w.rw}",
@@ -282,7 +344,7 @@ def run_fio(uri: str, w: Workload, runtime: float, size: int) -> tuple[float, fl
     else:
         argv.append(f"--size={size}")
     p = subprocess.run(argv, capture_output=True, text=True, timeout=runtime + 120,
-                       check=False)
+                       check=False, start_new_session=True)
     if p.returncode != 0:
         raise RuntimeError(f"fio failed: {p.stderr.strip()[-500:]}")
     jobs = json.loads(p.stdout[p.stdout.index("{"):])["jobs"]
@@ -301,7 +363,8 @@ def run_nbdcopy(uri: str, w: Workload, size: int, runtime: float) -> tuple[float
     deadline = time.monotonic() + runtime
     for _ in range(50):
         t0 = time.perf_counter()
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False,
+                           start_new_session=True)
         dt = time.perf_counter() - t0
         if p.returncode != 0:
             raise RuntimeError(f"nbdcopy failed: {p.stderr.strip()[-500:]}")
@@ -349,20 +412,18 @@ def _conns_loop(port: int, runtime: float) -> int:
 
 
 def run_conns(port: int, w: Workload, runtime: float) -> tuple[float, float]:
-    t0 = time.perf_counter()
-    if w.jobs == 1:
-        n = _conns_loop(port, runtime)
-    else:
-        with multiprocessing.get_context("fork").Pool(w.jobs) as pool:
-            n = sum(pool.starmap(_conns_loop, [(port, runtime)] * w.jobs))
-    return n / (time.perf_counter() - t0), n
+    with multiprocessing.get_context("fork").Pool(w.jobs, initializer=os.setsid) as pool:
+        t0 = time.perf_counter()
+        n = sum(pool.starmap(_conns_loop, [(port, runtime)] * w.jobs))
+        return n / (time.perf_counter() - t0), n
 
 
 # --- results and tables ---------------------------------------------------------------
 
 @dataclass
 class Cell:
-    samples: list[tuple[float, float]] = field(default_factory=list)  # (value, us/op)
+    #: (value, CPU us/op, CPUs busy, CPUs' worth of run-queue wait)
+    samples: list[tuple[float, float, float, float]] = field(default_factory=list)
 
     @property
     def value(self) -> float:
@@ -371,6 +432,14 @@ class Cell:
     @property
     def us_per_op(self) -> float:
         return statistics.median(s[1] for s in self.samples)
+
+    @property
+    def busy(self) -> float:
+        return statistics.median(s[2] for s in self.samples)
+
+    @property
+    def waiting(self) -> float:
+        return statistics.median(s[3] for s in self.samples)
 
 
 def parse_size(text: str) -> int:
@@ -424,6 +493,17 @@ def render(group: str, selected: list[Workload], names: list[str],
         cpu = {n: (c.us_per_op if (c := get(w.name, n)) else None) for n in names}
         out.append(_row([w.name, w.op, *[_fmt(cpu[n], 1) for n in names],
                          *[_ratio(cpu[a], cpu[b]) for a, b in pairs]]))
+    out += ["", "Server CPUs busy (CPU seconds / wall seconds of the cell) / CPUs' worth of "
+            "time its threads spent runnable but waiting for a CPU (run-queue wait from "
+            "schedstat, threads sampled every 0.25 s). A server that is not busy and not waiting is waiting for its "
+            "clients:", ""]
+    out += ["| workload | " + " | ".join(names) + " |", "|" + "---|" * (1 + len(names))]
+    for w in rows:
+        cells = []
+        for n in names:
+            c = get(w.name, n)
+            cells.append(f"{c.busy:.2f} / {c.waiting:.2f}" if c else "-")
+        out.append(_row([w.name, *cells]))
     if group == "multi":
         scal = [(m, s) for m, s in SCALING
                 if any(get(m, n) and get(s, n) for n in names)]
@@ -483,6 +563,7 @@ def main() -> int:
     ap.add_argument("--markdown", metavar="FILE",
                     help="also write the tables between the bench_server markers in FILE")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, _interrupt)
     size = parse_size(args.size)
     for tool in ("fio", "nbdcopy", "nbdinfo", "nbdkit", "qemu-nbd"):
         require(tool)
@@ -516,7 +597,8 @@ def main() -> int:
                 for p in order:
                     load = os.getloadavg()[0]
                     loads.append(load)
-                    cpu0 = tree_cpu_seconds(p.pid)
+                    cpu0, sampler = tree_cpu_seconds(p.pid), WaitSampler(p.pid)
+                    t0 = time.perf_counter()
                     try:
                         if w.kind == "fio":
                             value, ops = run_fio(p.uri, w, args.runtime, size)
@@ -528,10 +610,15 @@ def main() -> int:
                         print(f"{w.name} / {p.name}: {exc}", file=sys.stderr)
                         value, ops = float("nan"), float("nan")
                     cpu = tree_cpu_seconds(p.pid) - cpu0
+                    wall = time.perf_counter() - t0
+                    wait = sampler.stop()
                     us = cpu / ops * 1e6 if ops > 0 else float("nan")
-                    results.setdefault((w.name, p.name), Cell()).samples.append((value, us))
+                    results.setdefault((w.name, p.name), Cell()).samples.append(
+                        (value, us, cpu / wall, wait / wall))
                     print(f"  [{rnd + 1}/{args.repeat} load {load:4.1f}] {w.name:28} "
-                          f"{p.name:14} {value:10,.0f} {w.unit:6} {us:9.1f} us/{w.op}",
+                          f"{p.name:14} {value:10,.0f} {w.unit:6} {us:9.1f} us/{w.op}  "
+                          f"server busy {cpu / wall:4.2f} CPUs, waiting for a CPU "
+                          f"{wait / wall:4.2f}",
                           file=sys.stderr, flush=True)
     finally:
         for p in peers:
@@ -543,7 +630,8 @@ def main() -> int:
             f"{platform.python_version()}; {args.runtime:g} s per cell, image {args.size}, "
             f"{args.repeat} round(s), median; 1-min load average at the start of each cell "
             f"(includes the benchmark itself) {min(loads):.1f}-{statistics.median(loads):.1f}"
-            f"-{max(loads):.1f} (min-median-max); {time.strftime('%Y-%m-%d')}. pynbd: "
+            f"-{max(loads):.1f} (min-median-max); scheduler autogroup {autogroup()}, clients in "
+            f"their own sessions; {time.strftime('%Y-%m-%d')}. pynbd: "
             f"default workers (one per CPU); pynbd-wN: --workers N. Advertises multi-conn: "
             f"{mc}. nbdcopy: MiB/s of a whole-export copy to null:. connections/s: open + "
             "greeting + GO + DISC + close, raw-socket Python client(s).")
