@@ -402,20 +402,43 @@ def handshake_once(port: int) -> None:
         s.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, 2, 0, 0, 0))  # NBD_CMD_DISC
 
 
-def _conns_loop(port: int, runtime: float) -> int:
-    n = 0
+def _conns_loop(port: int, runtime: float) -> tuple[int, int, str]:
+    """(handshakes completed, handshakes that failed, the first failure)."""
+    ok = failed = 0
+    first = ""
     end = time.perf_counter() + runtime
-    while time.perf_counter() < end:
-        handshake_once(port)
-        n += 1
-    return n
+    while time.perf_counter() < end and failed < 1000:
+        try:
+            handshake_once(port)
+            ok += 1
+        except (OSError, RuntimeError) as exc:  # refused or dropped: count it, go on
+            failed += 1
+            first = first or str(exc)
+    return ok, failed, first
 
 
-def run_conns(port: int, w: Workload, runtime: float) -> tuple[float, float]:
-    with multiprocessing.get_context("fork").Pool(w.jobs, initializer=os.setsid) as pool:
+def _client_init() -> None:
+    os.setsid()  # a CPU-share group of its own (see the module docstring)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent cleans up
+
+
+def run_conns(port: int, w: Workload, runtime: float) -> tuple[float, float, str]:
+    pool = multiprocessing.get_context("fork").Pool(w.jobs, initializer=_client_init)
+    try:
         t0 = time.perf_counter()
-        n = sum(pool.starmap(_conns_loop, [(port, runtime)] * w.jobs))
-        return n / (time.perf_counter() - t0), n
+        res = pool.starmap(_conns_loop, [(port, runtime)] * w.jobs)
+        dt = time.perf_counter() - t0
+    finally:
+        pool.close()
+        pool.join()
+    ok = sum(r[0] for r in res)
+    failed = sum(r[1] for r in res)
+    note = ""
+    if failed:
+        first = next(r[2] for r in res if r[2])
+        note = f"{failed} of {ok + failed} handshakes failed ({first})"
+    return ok / dt, ok, note
 
 
 # --- results and tables ---------------------------------------------------------------
@@ -425,21 +448,25 @@ class Cell:
     #: (value, CPU us/op, CPUs busy, CPUs' worth of run-queue wait)
     samples: list[tuple[float, float, float, float]] = field(default_factory=list)
 
+    def _median(self, i: int) -> float:
+        ok = [s[i] for s in self.samples if s[0] == s[0] and s[i] == s[i]]  # not NaN
+        return statistics.median(ok) if ok else float("nan")
+
     @property
     def value(self) -> float:
-        return statistics.median(s[0] for s in self.samples)
+        return self._median(0)
 
     @property
     def us_per_op(self) -> float:
-        return statistics.median(s[1] for s in self.samples)
+        return self._median(1)
 
     @property
     def busy(self) -> float:
-        return statistics.median(s[2] for s in self.samples)
+        return self._median(2)
 
     @property
     def waiting(self) -> float:
-        return statistics.median(s[3] for s in self.samples)
+        return self._median(3)
 
 
 def parse_size(text: str) -> int:
@@ -582,6 +609,7 @@ def main() -> int:
         ap.error(str(exc))
     results: dict[tuple[str, str], Cell] = {}
     loads: list[float] = []
+    notes: list[str] = []
     try:
         block = os.urandom(MiB)
         with open(img, "wb") as f:
@@ -599,16 +627,23 @@ def main() -> int:
                     loads.append(load)
                     cpu0, sampler = tree_cpu_seconds(p.pid), WaitSampler(p.pid)
                     t0 = time.perf_counter()
+                    note = ""
                     try:
                         if w.kind == "fio":
                             value, ops = run_fio(p.uri, w, args.runtime, size)
                         elif w.kind == "nbdcopy":
                             value, ops = run_nbdcopy(p.uri, w, size, args.runtime)
                         else:
-                            value, ops = run_conns(p.port, w, args.runtime)
+                            value, ops, note = run_conns(p.port, w, args.runtime)
                     except Exception as exc:  # keep the other cells
-                        print(f"{w.name} / {p.name}: {exc}", file=sys.stderr)
+                        note = f"failed: {exc}"
                         value, ops = float("nan"), float("nan")
+                    if note:
+                        notes.append(f"round {rnd + 1}, {w.name}, {p.name}: {note}")
+                        print(f"  {notes[-1]}", file=sys.stderr)
+                        assert p.srv is not None
+                        for line in p.srv.logs().splitlines()[-3:]:
+                            print(f"    {p.name} log: {line}", file=sys.stderr)
                     cpu = tree_cpu_seconds(p.pid) - cpu0
                     wall = time.perf_counter() - t0
                     wait = sampler.stop()
@@ -634,7 +669,10 @@ def main() -> int:
             f"their own sessions; {time.strftime('%Y-%m-%d')}. pynbd: "
             f"default workers (one per CPU); pynbd-wN: --workers N. Advertises multi-conn: "
             f"{mc}. nbdcopy: MiB/s of a whole-export copy to null:. connections/s: open + "
-            "greeting + GO + DISC + close, raw-socket Python client(s).")
+            "greeting + GO + DISC + close, raw-socket Python client(s); failed cells are "
+            "left out of the medians.")
+    if notes:
+        info += " Problems: " + "; ".join(notes) + "."
     tables = {g: render(g, selected, names, results, info)
               for g in MARKERS if any(w.group == g for w in selected)}
     for g, t in tables.items():
