@@ -58,7 +58,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO))
 
-from pynbd.util.sizes import parse_size  # noqa: E402
 from tests.support.nbd_magic import IHAVEOPT, REQUEST_MAGIC  # noqa: E402
 from tests.support.nbd_servers import (  # noqa: E402
     Server,
@@ -67,6 +66,8 @@ from tests.support.nbd_servers import (  # noqa: E402
     start_pynbd,
     start_qemu_nbd,
 )
+
+from pynbd.util.sizes import parse_size  # noqa: E402
 
 MiB = 1024 * 1024
 CLK_TCK = os.sysconf("SC_CLK_TCK")
