@@ -63,6 +63,12 @@ MAX_IOV = 512
 HIGH_WATER = 8 * 1024 * 1024
 
 _MODIFYING = frozenset((Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES))
+# plain ints on the request path: ``int & IntFlag`` builds a new flag object (~2 us)
+_FUA = int(CmdFlag.FUA)
+_NO_HOLE = int(CmdFlag.NO_HOLE)
+_FAST_ZERO = int(CmdFlag.FAST_ZERO)
+_REQ_ONE = int(CmdFlag.REQ_ONE)
+_DF = int(CmdFlag.DF)
 _ZEROS = bytes(1024 * 1024)
 _AIO_COMMANDS = frozenset((Cmd.READ, Cmd.WRITE, Cmd.FLUSH, Cmd.TRIM, Cmd.WRITE_ZEROES))
 
@@ -811,7 +817,7 @@ class Connection:
                 self.counters.errors += 1
                 out.append(self.proto.error_reply(ev.cookie, a.errno, a.message, ev.offset))
                 return True
-        if rt.blocking or (rt.slow_sync and (ev.cmd is Cmd.FLUSH or ev.flags & CmdFlag.FUA)):
+        if rt.blocking or (rt.slow_sync and (ev.cmd is Cmd.FLUSH or ev.flags & _FUA)):
             self._submit(ev, buf, mv)
         elif mv is not None:
             try:
@@ -851,7 +857,7 @@ class Connection:
 
     def _do_write(self, ev: Command, mv: memoryview, out: list[OutItem]) -> None:
         try:
-            self.backend.pwrite(mv, ev.offset, bool(ev.flags & CmdFlag.FUA))
+            self.backend.pwrite(mv, ev.offset, bool(ev.flags & _FUA))
             self.counters.bytes_written += ev.length
             out.append(self.proto.ok_reply(ev.cookie, ev.offset))
         except OSError as exc:
@@ -871,19 +877,19 @@ class Connection:
             if cmd is Cmd.FLUSH:
                 backend.flush()
             elif cmd is Cmd.TRIM:
-                backend.trim(ev.offset, ev.length, bool(ev.flags & CmdFlag.FUA))
+                backend.trim(ev.offset, ev.length, bool(ev.flags & _FUA))
             elif cmd is Cmd.WRITE_ZEROES:
                 backend.zero(ev.offset, ev.length,
-                             may_trim=not ev.flags & CmdFlag.NO_HOLE,
-                             fast=bool(ev.flags & CmdFlag.FAST_ZERO),
-                             fua=bool(ev.flags & CmdFlag.FUA))
+                             may_trim=not ev.flags & _NO_HOLE,
+                             fast=bool(ev.flags & _FAST_ZERO),
+                             fua=bool(ev.flags & _FUA))
             elif cmd is Cmd.CACHE:
                 backend.cache(ev.offset, ev.length)
             elif cmd is Cmd.BLOCK_STATUS:
                 out.extend(self._block_status_chunks(ev))
                 return
             elif cmd is Cmd.WRITE:  # zero-length write
-                backend.pwrite(memoryview(b""), ev.offset, bool(ev.flags & CmdFlag.FUA))
+                backend.pwrite(memoryview(b""), ev.offset, bool(ev.flags & _FUA))
             else:  # pragma: no cover - the core validated the command
                 out.append(proto.error_reply(ev.cookie, Errno.EINVAL, "unsupported", ev.offset))
                 return
@@ -916,7 +922,7 @@ class Connection:
     def _error(self, ev: Command, exc: OSError) -> bytes:
         self.counters.errors += 1
         err = errno_to_nbd(exc.errno)
-        if ev.cmd is Cmd.WRITE_ZEROES and ev.flags & CmdFlag.FAST_ZERO and err == Errno.ENOTSUP:
+        if ev.cmd is Cmd.WRITE_ZEROES and ev.flags & _FAST_ZERO and err == Errno.ENOTSUP:
             log.debug("%s: fast zero refused", self.peer)
         else:
             log.warning("%s: %s offset %d length %d failed: %s", self.peer, ev.cmd.name,
@@ -956,7 +962,7 @@ class Connection:
                 break
             out.append((n, e.flags))
             left -= n
-            if ev.flags & CmdFlag.REQ_ONE:
+            if ev.flags & _REQ_ONE:
                 break
         if not out:
             raise OSError(errno.EIO, "backend returned no extents")
@@ -975,7 +981,7 @@ class Connection:
         proto = self.proto
         length, offset, cookie = ev.length, ev.offset, ev.cookie
         if (length >= SPARSE_READ_MIN and self.structured and rt.can_extents
-                and not ev.flags & CmdFlag.DF):
+                and not ev.flags & _DF):
             try:
                 extents = backend.extents(offset, length)
             except OSError:
@@ -1097,7 +1103,7 @@ class Connection:
         if cmd is Cmd.READ:
             buf = self.worker.buffers.get(ev.length)
             mv = memoryview(buf)[:ev.length]
-        fua = bool(ev.flags & CmdFlag.FUA)
+        fua = bool(ev.flags & _FUA)
 
         def done(err: OSError | None) -> None:  # any thread
             loop.call_soon_threadsafe(lambda: self._aio_done(ev, buf, mv, err))
@@ -1114,8 +1120,8 @@ class Connection:
             elif cmd is Cmd.TRIM:
                 backend.aio_trim(ev.offset, ev.length, fua, done)
             else:
-                backend.aio_zero(ev.offset, ev.length, not ev.flags & CmdFlag.NO_HOLE,
-                                 bool(ev.flags & CmdFlag.FAST_ZERO), fua, done)
+                backend.aio_zero(ev.offset, ev.length, not ev.flags & _NO_HOLE,
+                                 bool(ev.flags & _FAST_ZERO), fua, done)
         except OSError as exc:
             done(exc)
 

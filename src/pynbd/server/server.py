@@ -705,6 +705,11 @@ class Server:
             self._refuse(sock, "not allowed by the access list", host)
             return
         lim = self.limits
+        if self._established >= lim.max_connections or (
+                tcp and self._est_by_host[host] >= lim.max_connections_per_address):
+            # a client that disconnected and reconnected at once may still be counted:
+            # take what the workers have already said before refusing
+            self._drain_workers()
         if self._established >= lim.max_connections:
             self._refuse(sock, f"connection limit reached ({lim.max_connections} in total)",
                          host)
@@ -797,6 +802,11 @@ class Server:
             self._on_closed(rec.id)
             with contextlib.suppress(OSError):
                 sock.close()
+
+    def _drain_workers(self) -> None:
+        for h in self.workers:
+            if isinstance(h, RemoteWorker) and h.alive:
+                h.channel.poll()
 
     def _evict(self, host: str | None) -> None:
         """Drop the oldest silent connection (of ``host``), else the oldest negotiating."""
