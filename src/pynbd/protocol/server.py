@@ -881,6 +881,8 @@ class ServerConnection:
         if cmd is Cmd.FLUSH:
             if not tf & TransmissionFlag.SEND_FLUSH:
                 return Errno.EINVAL, "FLUSH not supported on this export"
+            if offset or length:  # spec: reserved, MUST be all-zero
+                return Errno.EINVAL, "FLUSH needs offset and length 0"
             return None
         if flags & CmdFlag.DF and not self.chunked:
             return Errno.EINVAL, "DF flag needs structured replies"

@@ -1088,6 +1088,7 @@ class Connection:
         assert rt is not None
         self.inflight += 1
         rt.active += 1
+        rt.begin(self, ev.cookie)
         self.busy[ev.cookie] = time.monotonic()
         if rt.aio and ev.cmd in _AIO_COMMANDS:
             self._submit_aio(ev, buf, mv)
@@ -1193,6 +1194,7 @@ class Connection:
         assert rt is not None
         self.inflight -= 1
         rt.active -= 1
+        rt.end(self, ev.cookie)
         self.busy.pop(ev.cookie, None)
         if mv is not None:
             mv.release()

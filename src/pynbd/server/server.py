@@ -195,7 +195,9 @@ class WorkerHandle:
     def step_down(self, name: str, reason: str) -> None:
         raise NotImplementedError
 
-    def set_tracker(self, name: str, tracker: Any) -> None:
+    def set_tracker(self, name: str, tracker: Any,
+                    done: Callable[[Any], None] | None = None) -> None:
+        """Attach (or with None detach) a write tracker; ``done`` once it is in place."""
         raise NotImplementedError
 
     def stats(self, done: Callable[[dict[str, Any] | None], None]) -> None:
@@ -299,8 +301,10 @@ class LocalWorker(WorkerHandle):
     def step_down(self, name: str, reason: str) -> None:
         self.worker.step_down(name, reason)
 
-    def set_tracker(self, name: str, tracker: Any) -> None:
-        self.worker.set_tracker(name, tracker)
+    def set_tracker(self, name: str, tracker: Any,
+                    done: Callable[[Any], None] | None = None) -> None:
+        self.worker.set_tracker(name, tracker,
+                                None if done is None else (lambda: done(None)))
 
     def stats(self, done: Callable[[dict[str, Any] | None], None]) -> None:
         done(self.worker.stats())
@@ -359,16 +363,18 @@ class RemoteWorker(WorkerHandle):
     def step_down(self, name: str, reason: str) -> None:
         self.channel.send({"op": "step_down", "name": name, "reason": reason})
 
-    def set_tracker(self, name: str, tracker: Any) -> None:
+    def set_tracker(self, name: str, tracker: Any,
+                    done: Callable[[Any], None] | None = None) -> None:
+        cb = done if done is not None else (lambda _r: None)
         if tracker is None:
-            self.channel.send({"op": "track", "name": name})
+            self._request({"op": "track", "name": name}, cb)
             return
         share = getattr(tracker, "share", None)
         if share is None:
             raise RuntimeError(f"tracker {type(tracker).__name__} cannot be shared with "
                                "worker processes")
         meta, fds = share()
-        self.channel.send({"op": "track", "name": name, "tracker": meta}, fds)
+        self._request({"op": "track", "name": name, "tracker": meta}, cb, fds)
 
     def stats(self, done: Callable[[dict[str, Any] | None], None]) -> None:
         self._request({"op": "stats"}, done)
@@ -948,16 +954,17 @@ class Server:
         ev = threading.Event()
 
         def apply() -> None:
+            # returns once every worker marks with it: the mirror clears nothing before
             try:
-                for h in self.workers:
-                    if h.alive:
-                        h.set_tracker(export, tracker)
-            finally:
+                self._gather(lambda h, cb: h.set_tracker(export, tracker, cb),
+                             lambda _r: ev.set())
+            except BaseException:
                 ev.set()
+                raise
 
         self._in_loop(apply)
-        if not self.loop.in_loop_thread():
-            ev.wait(10)
+        if not self.loop.in_loop_thread() and not ev.wait(30):
+            log.warning("a worker did not confirm the write tracker of %r in 30 s", export)
 
     def _in_loop(self, fn: Callable[[], Any]) -> None:
         if self.loop.in_loop_thread() or self._loop_thread is None \

@@ -85,6 +85,9 @@ class ExportRuntime:
         self.connections: set[Connection] = set()
         self.bugs_logged: set[tuple[object, type]] = set()
         self._quiesce_waiters: list[Callable[[], None]] = []
+        self._epoch = 0
+        self._started: dict[tuple[int, int], int] = {}
+        self._epoch_waiters: list[tuple[int, Callable[[], None]]] = []
         self._refresh()
 
     def wrap(self, own: Backend) -> Backend:
@@ -128,6 +131,30 @@ class ExportRuntime:
         for conn in self.connections:
             c.add(conn.counters)
         return c
+
+    # requests on threads started before a change of the stack, so the change can wait
+    # for exactly those (a new write tracker must see every write that completes after
+    # it was confirmed; new requests already use the new stack)
+    def begin(self, conn: Connection, cookie: int) -> None:
+        self._started[(id(conn), cookie)] = self._epoch
+
+    def end(self, conn: Connection, cookie: int) -> None:
+        epoch = self._started.pop((id(conn), cookie), None)
+        if epoch is not None and self._epoch_waiters:
+            self._check_epochs()
+
+    def when_started_before_done(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once every request started so far has completed."""
+        self._epoch += 1
+        self._epoch_waiters.append((self._epoch, callback))
+        self._check_epochs()
+
+    def _check_epochs(self) -> None:
+        oldest = min(self._started.values(), default=self._epoch)
+        ready = [cb for e, cb in self._epoch_waiters if oldest >= e]
+        self._epoch_waiters = [(e, cb) for e, cb in self._epoch_waiters if oldest < e]
+        for cb in ready:
+            cb()
 
     def when_quiesced(self, callback: Callable[[], None]) -> None:
         if self.active == 0:
@@ -321,11 +348,19 @@ class Worker:
             rt.rebind()
         rt.wake()
 
-    def set_tracker(self, name: str, tracker: Tracker | None) -> None:
+    def set_tracker(self, name: str, tracker: Tracker | None,
+                    done: Callable[[], None] | None = None) -> None:
+        """Attach a write tracker; ``done`` once every write that can still complete
+        is marked (requests already running on threads used the old stack)."""
         rt = self.runtimes.get(name)
         if rt is not None:
             rt.tracker = tracker
             rt.rebind()
+            if done is not None:
+                rt.when_started_before_done(done)
+                return
+        if done is not None:
+            done()
 
     def configure_filter(self, export: str, name: str, params: dict[str, str]) -> int:
         """Apply run-time parameters to every ``name`` filter of ``export``; how many."""

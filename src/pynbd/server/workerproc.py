@@ -134,12 +134,18 @@ def main(argv: list[str]) -> int:
             worker.step_down(str(msg["name"]), str(msg.get("reason") or ""))
         elif op == "track":
             meta = msg.get("tracker")
+            r = req
+
+            def tracked() -> None:
+                if r:
+                    events.reply(r, {"tracking": meta is not None})
+
             if meta is None:
-                worker.set_tracker(str(msg["name"]), None)
+                worker.set_tracker(str(msg["name"]), None, tracked)
             else:
                 from pynbd.server.sharedmap import attach_tracker
 
-                worker.set_tracker(str(msg["name"]), attach_tracker(meta, fds))
+                worker.set_tracker(str(msg["name"]), attach_tracker(meta, fds), tracked)
                 fds = []
         elif op == "stats":
             events.reply(req, worker.stats())
