@@ -560,16 +560,17 @@ class RbdBackend(Backend):
             _pin_thread_state()
             err: OSError | None = None
             whole: bytes | None = None
+            # The bindings pass None on an error and otherwise the bytes read, cut to the
+            # length librbd returned. librbd returns at least one byte for a non-empty read
+            # (a read starting at or past the end fails with EINVAL), so ``len(data)`` is the
+            # count and no second get_return_value() (a GIL release and reacquire) is needed.
             try:
-                rv = comp.get_return_value()
-                if data is None or rv < 0:
-                    err = self._rv_error("read", offset, n, rv)
-                elif rv == n:
+                if data is None:
+                    err = self._rv_error("read", offset, n, comp.get_return_value())
+                elif len(data) == n:
                     whole = data  # the server sends the bindings' own buffer: no copy
-                else:
-                    # short (rv 0 leaves ``data`` uninitialised): the image shrank under
-                    # the export; what lies past its end reads as zeros
-                    got = max(0, min(rv, n))
+                else:  # short: the image shrank under the export; past its end is zeros
+                    got = min(len(data), n)
                     buf[:got] = data[:got]
                     buf[got:] = bytes(n - got)
             except Exception as exc:
