@@ -556,3 +556,22 @@ def test_sigterm_with_requests_in_flight(serve_rbd: Callable[..., PynbdServer], 
     with rbd.Image(admin, image, read_only=True) as img:
         for off, data in acked:
             assert img.read(off, len(data)) == data, off
+
+
+def test_workers_2_serves_rbd_from_one_process(serve_rbd: Callable[..., PynbdServer],
+                                               image: str, ceph_cephx: CephCluster,
+                                               tmp_path: Path) -> None:
+    """``--workers 2``: an RBD export is served from one process (one librbd client:
+    several would take the exclusive lock in turns); multi-conn clients work."""
+    srv = serve_rbd(f"rbd/{image}", "--workers", "2")
+    src = tmp_path / "src.img"
+    src.write_bytes(randbytes(SIZE, 77))
+    run("nbdcopy", "--flush", "--connections=4", str(src), srv.uri)
+    back = tmp_path / "back.img"
+    run("nbdcopy", "--connections=4", srv.uri, str(back))
+    assert back.read_bytes() == src.read_bytes()
+    watchers = re.findall(r"watcher=(\S+)", ceph_cephx.run("rbd", "status",
+                                                          f"rbd/{image}").stdout)
+    assert len(watchers) == 1, watchers
+    assert "serving with one worker" in srv.stderr and "keeps its state in one process" \
+        in srv.stderr
