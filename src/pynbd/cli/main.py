@@ -23,6 +23,7 @@ SUBCOMMAND_MODULES = [
     "listen",
     "rw",
     "proxy",
+    "filterctl",
 ]
 
 # Which module defines each command, so a command imports only what it needs (start-up
@@ -31,7 +32,7 @@ COMMANDS = {
     "serve": "serve", "status": "control", "acl": "control", "info": "info",
     "copy": "copy", "ceph": "ceph", "mirror": "mirror", "mirror-speed": "mirror",
     "break": "mirror", "listen": "listen", "read": "rw", "write": "rw", "proxy": "proxy",
-    "proxy-upstream": "proxy",
+    "proxy-upstream": "proxy", "filter": "filterctl",
 }
 
 
