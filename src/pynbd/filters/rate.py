@@ -69,16 +69,23 @@ def _fd(text: str) -> int:
 class TokenBucket:
     """``rate`` bytes per second, at most ``burst`` saved; may go into debt.
 
-    The state is four doubles in ``v`` (rate, burst, tokens, stamp), a memoryview of
-    a bytearray or of shared memory: the same code serves one process or many. Time is
-    whatever clock the caller passes as ``now`` (seconds, monotonic).
+    A request charges its bytes at once (:meth:`take`) and gets a ticket; it may go
+    when the bucket has earned that far (:meth:`wait_for`). Later charges do not move
+    an earlier ticket, so requests go in the order they were charged (no connection
+    starves another), and a rate changed while requests wait applies to them at once.
+
+    The state is five doubles in ``v`` (rate, burst, tokens, stamp, spent), a
+    memoryview of a bytearray or of shared memory: the same code serves one process or
+    many. Time is whatever clock the caller passes as ``now`` (seconds, monotonic).
     """
 
     __slots__ = ("v",)
 
+    NDOUBLES = 5
+
     def __init__(self, v: memoryview[float] | None = None) -> None:
         self.v: memoryview[float] = (v if v is not None
-                                     else memoryview(bytearray(32)).cast("d"))
+                                     else memoryview(bytearray(8 * self.NDOUBLES)).cast("d"))
 
     @property
     def rate(self) -> float:
@@ -94,7 +101,7 @@ class TokenBucket:
 
     def set_limit(self, rate: float, burst: float, now: float) -> None:
         """A new rate (0: unlimited) and capacity; tokens earned so far are kept (up
-        to the new capacity), debt stays to be paid at the new rate."""
+        to the new capacity), debt stays, to be paid at the new rate."""
         v = self.v
         was = v[0]
         if was > 0:
@@ -114,26 +121,34 @@ class TokenBucket:
             v[2] = t if t < v[1] else v[1]
             v[3] = now
 
-    def take(self, n: int, now: float) -> None:
-        """Charge ``n`` bytes (going into debt if there are fewer tokens)."""
+    def take(self, n: int, now: float) -> float:
+        """Charge ``n`` bytes (going into debt if there are fewer tokens); the ticket
+        to pass to :meth:`wait_for`."""
         v = self.v
         if v[0] > 0:
             self._refill(now)
             v[2] -= n
+        v[4] += n
+        return v[4]
+
+    def wait_for(self, ticket: float, now: float) -> float:
+        """Seconds until the bucket has earned up to ``ticket`` (0: it has)."""
+        v = self.v
+        rate = v[0]
+        if rate <= 0:
+            return 0.0
+        self._refill(now)
+        short = ticket - (v[4] + v[2])  # earned so far = spent + tokens
+        return 0.0 if short <= 0 else short / rate
 
     def wait(self, now: float) -> float:
         """Seconds until the bucket is out of debt (0: it is)."""
-        v = self.v
-        if v[0] <= 0:
-            return 0.0
-        self._refill(now)
-        t = v[2]
-        return 0.0 if t >= 0 else -t / v[0]
+        return self.wait_for(self.v[4], now)
 
 
 # --- limits and the total buckets, in one block (shared memory with several workers) --
 
-# doubles: magic, generation, the six rates, burstiness, burst, then 3 buckets of 4
+# doubles: magic, generation, the six rates, burstiness, burst, then 3 buckets
 _KEYS = ("rate", "connection-rate", "read-rate", "write-rate", "connection-read-rate",
          "connection-write-rate")
 _I_GEN = 1
@@ -141,7 +156,8 @@ _I_RATES = 2
 _I_BURSTINESS = 8
 _I_BURST = 9
 _I_BUCKETS = 10
-_NDOUBLES = _I_BUCKETS + 3 * 4
+_NB = TokenBucket.NDOUBLES
+_NDOUBLES = _I_BUCKETS + 3 * _NB
 _SIZE = 4096
 
 
@@ -167,8 +183,12 @@ class RateState:
         else:
             self.v = memoryview(bytearray(_NDOUBLES * 8)).cast("d")
             self.v[0] = _MAGIC
-        self.totals = [TokenBucket(self.v[_I_BUCKETS + 4 * i:_I_BUCKETS + 4 * i + 4])
-                       for i in range(3)]
+        self.totals = self._buckets(self.v)
+
+    @staticmethod
+    def _buckets(v: memoryview[float]) -> list[TokenBucket]:
+        return [TokenBucket(v[_I_BUCKETS + _NB * i:_I_BUCKETS + _NB * (i + 1)])
+                for i in range(3)]
 
     @property
     def shared(self) -> bool:
@@ -192,8 +212,7 @@ class RateState:
             v = memoryview(mm).cast("d")
             v[:_NDOUBLES] = self.v[:_NDOUBLES]
             self.fd, self.mm, self.v = fd, mm, v
-            self.totals = [TokenBucket(v[_I_BUCKETS + 4 * i:_I_BUCKETS + 4 * i + 4])
-                           for i in range(3)]
+            self.totals = self._buckets(v)
         return self.fd
 
     @property
@@ -288,6 +307,7 @@ class RateFilter(HoldingFilter):
         self._active = True
         self._locked = False
         self._held_since: float | None = None
+        self._tickets: list[float] = []
 
     # --- admission ------------------------------------------------------------------
 
@@ -327,6 +347,10 @@ class RateFilter(HoldingFilter):
         c = self.counters
         if not self._active or not length:
             c.requests += 1
+            if d == 1:
+                c.bytes_read += length
+            else:
+                c.bytes_written += length
             return 0.0
         conn = self._conn
         tot = st.totals
@@ -335,11 +359,12 @@ class RateFilter(HoldingFilter):
         if locked:
             st.lock()
         try:
+            buckets = (tot[0], tot[d], conn[0], conn[d])
             if first:
-                for b in (tot[0], tot[d], conn[0], conn[d]):
-                    b.take(length, now)
-            wait = max(tot[0].wait(now), tot[d].wait(now), conn[0].wait(now),
-                       conn[d].wait(now))
+                self._tickets = tickets = [b.take(length, now) for b in buckets]
+            else:
+                tickets = self._tickets
+            wait = max(b.wait_for(t, now) for b, t in zip(buckets, tickets, strict=True))
         finally:
             if locked:
                 st.unlock()
