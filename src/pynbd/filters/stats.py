@@ -26,6 +26,13 @@ from pynbd.filters.opsfilter import OPS
 NBUCKETS = 30
 
 
+def bucket_of(ns: int) -> int:
+    """The histogram bucket of a call that took ``ns`` nanoseconds: ``k`` counts calls
+    of at least ``2**(k-1)`` and less than ``2**k`` us (bucket 0: under 1 us)."""
+    k = (ns // 1000).bit_length()
+    return k if k < NBUCKETS else NBUCKETS - 1
+
+
 class OpStats:
     __slots__ = ("bytes", "errors", "hist", "ns", "requests")
 
@@ -51,9 +58,7 @@ class StatsTable:
 
     def record(self, s: OpStats, nbytes: int, t0: int, failed: bool) -> None:
         ns = perf_counter_ns() - t0
-        k = (ns // 1000).bit_length()
-        if k >= NBUCKETS:
-            k = NBUCKETS - 1
+        k = bucket_of(ns)
         with self.lock:
             s.requests += 1
             s.bytes += nbytes
