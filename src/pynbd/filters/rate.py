@@ -131,6 +131,25 @@ class TokenBucket:
         v[4] += n
         return v[4]
 
+    def charge(self, n: int, now: float) -> tuple[float, float]:
+        """:meth:`take` and :meth:`wait_for` its ticket in one step (the common case,
+        for a limited bucket): (ticket, seconds to wait)."""
+        v = self.v
+        rate = v[0]
+        tokens = v[2]
+        stamp = v[3]
+        if now > stamp:
+            tokens += (now - stamp) * rate
+            burst = v[1]
+            if tokens > burst:
+                tokens = burst
+            v[3] = now
+        tokens -= n
+        v[2] = tokens
+        spent = v[4] + n
+        v[4] = spent
+        return spent, (0.0 if tokens >= 0 or rate <= 0 else -tokens / rate)
+
     def wait_for(self, ticket: float, now: float) -> float:
         """Seconds until the bucket has earned up to ``ticket`` (0: it has)."""
         v = self.v
@@ -304,7 +323,7 @@ class RateFilter(HoldingFilter):
         # per connection (set again on each connection's copy)
         self._conn = [TokenBucket() for _ in range(3)]
         self._gen = -1.0
-        self._active = True
+        self._limits: dict[int, list[TokenBucket]] = {1: [], 2: []}
         self._locked = False
         self._held_since: float | None = None
         self._tickets: list[float] = []
@@ -314,13 +333,13 @@ class RateFilter(HoldingFilter):
     def connection_opened(self) -> None:
         self._conn = [TokenBucket() for _ in range(3)]
         self._gen = -1.0
-        self._active = True
+        self._limits = {1: [], 2: []}
         self._locked = False
         self._held_since = None
 
     def _sync(self, now: float) -> None:
         """The limits changed (or this connection is new): the connection's buckets
-        take the new rates."""
+        take the new rates; which buckets limit reads and writes."""
         st = self.state
         rates = st.rates()
         for bucket, key in zip(self._conn, ("connection-rate", "connection-read-rate",
@@ -328,8 +347,10 @@ class RateFilter(HoldingFilter):
             r = rates[key]
             bucket.set_limit(r, st.burst_for(r), now)
         self._gen = st.generation
-        #: some limit applies: otherwise requests pass without touching a bucket
-        self._active = any(v > 0 for v in rates.values())
+        tot, conn = st.totals, self._conn
+        #: the limited buckets a read (1) or a write (2) is charged to
+        self._limits = {d: [b for b in (tot[0], tot[d], conn[0], conn[d]) if b.rate > 0]
+                        for d in (1, 2)}
         #: a total limit in shared memory: take the lock around the buckets
         self._locked = st.shared and any(rates[k] > 0 for k in ("rate", "read-rate",
                                                                 "write-rate"))
@@ -345,38 +366,39 @@ class RateFilter(HoldingFilter):
         if st.v[_I_GEN] != self._gen:
             self._sync(now)
         c = self.counters
-        if not self._active or not length:
-            c.requests += 1
-            if d == 1:
-                c.bytes_read += length
-            else:
-                c.bytes_written += length
-            return 0.0
-        conn = self._conn
-        tot = st.totals
-        first = self._held_since is None
-        locked = self._locked
-        if locked:
-            st.lock()
-        try:
-            buckets = (tot[0], tot[d], conn[0], conn[d])
-            if first:
-                self._tickets = tickets = [b.take(length, now) for b in buckets]
-            else:
-                tickets = self._tickets
-            wait = max(b.wait_for(t, now) for b, t in zip(buckets, tickets, strict=True))
-        finally:
+        buckets = self._limits[d]
+        if buckets and length:
+            first = self._held_since is None
+            locked = self._locked
             if locked:
-                st.unlock()
-        if wait > 0:
-            if first:
-                self._held_since = now
-                c.held_requests += 1
-            return wait if wait < MAX_HOLD else MAX_HOLD
-        if not first:
-            assert self._held_since is not None
-            c.held_seconds += now - self._held_since
-            self._held_since = None
+                st.lock()
+            try:
+                wait = 0.0
+                if first:
+                    tickets = []
+                    for b in buckets:
+                        t, w = b.charge(length, now)
+                        tickets.append(t)
+                        if w > wait:
+                            wait = w
+                    self._tickets = tickets
+                else:
+                    for b, t in zip(buckets, self._tickets, strict=True):
+                        w = b.wait_for(t, now)
+                        if w > wait:
+                            wait = w
+            finally:
+                if locked:
+                    st.unlock()
+            if wait > 0:
+                if first:
+                    self._held_since = now
+                    c.held_requests += 1
+                return wait if wait < MAX_HOLD else MAX_HOLD
+            if not first:
+                assert self._held_since is not None
+                c.held_seconds += now - self._held_since
+                self._held_since = None
         c.requests += 1
         if d == 1:
             c.bytes_read += length
