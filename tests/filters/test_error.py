@@ -316,3 +316,30 @@ def test_unknown_filter_refused() -> None:
     assert p.returncode == 2
     assert "unknown filter 'eror'" in p.stderr and "error" in p.stderr
     assert no_traceback(p.stderr), p.stderr
+
+
+def test_toml_config_lists_operations_with_commas(ops_serve, tmp_path: Path) -> None:
+    """In --filter, commas separate parameters (ops=read+write); a TOML table takes the
+    list as written. Two exports, one filtered, over one server."""
+    cfg = tmp_path / "pynbd.toml"
+    cfg.write_text(
+        '[[export]]\nname = "bad"\ntarget = "memory:1M"\n'
+        'filters = [{name = "error", ops = "read,write", error = "EPERM"}, "stats"]\n'
+        '[[export]]\nname = "good"\ntarget = "memory:1M"\n')
+    s = ops_serve("--workers", "2", "--config", str(cfg))
+    base = s.uri.rsplit("/", 1)[0]
+    bad = connect(base + "/bad")
+    good = connect(base + "/good")
+    for h, fails in ((bad, True), (good, False)):
+        for call in (lambda h=h: h.pread(512, 0), lambda h=h: h.pwrite(b"g" * 512, 0)):
+            if fails:
+                with pytest.raises(nbd.Error) as exc:
+                    call()
+                assert errno_of(exc.value) == "EPERM"
+            else:
+                call()
+    bad.flush()  # not chosen
+    assert s.export("bad")["stack"][:2] == ["error:ops=read,write,error=EPERM", "stats"]
+    assert s.export("bad")["filters"]["stats"]["ops"]["read"]["requests"] == 0  # below error
+    bad.shutdown()
+    good.shutdown()
