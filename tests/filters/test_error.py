@@ -343,3 +343,27 @@ def test_toml_config_lists_operations_with_commas(ops_serve, tmp_path: Path) -> 
     assert s.export("bad")["filters"]["stats"]["ops"]["read"]["requests"] == 0  # below error
     bad.shutdown()
     good.shutdown()
+
+
+def test_run_time_change_reaches_every_worker(ops_serve) -> None:
+    s = ops_serve("--workers", "2", "memory:1M", "--filter", "error:ops=write,error=ENOSPC")
+    hs = [connect(s.uri), connect(s.uri)]
+    assert {c["worker"] for c in s.status()["client_list"]} == {0, 1}
+    for h in hs:
+        with pytest.raises(nbd.Error):
+            h.pwrite(b"e" * 512, 0)
+    r = s.configure("error", "ops=read+flush", "error=EPERM")
+    assert r.returncode == 0, r.stderr
+    for h in hs:
+        h.pwrite(b"e" * 512, 0)
+        with pytest.raises(nbd.Error) as exc:
+            h.pread(512, 0)
+        assert errno_of(exc.value) == "EPERM"
+    r = s.configure("error", "error=EBADF")
+    assert r.returncode == 2 and "not an errno NBD can carry" in r.stderr
+    assert s.filter_stats("error")["error"] == "EPERM"
+    r = s.configure("error", "rate=0")
+    assert r.returncode == 0
+    for h in hs:
+        assert h.pread(512, 0) == b"e" * 512
+        h.shutdown()

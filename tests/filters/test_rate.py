@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -396,6 +397,34 @@ def test_total_rate_holds_requests_across_workers(ops_serve, workers: str) -> No
     assert b.pread(4 * KiB, 64 * KiB) == b"b" * 4 * KiB
     a.shutdown()
     b.shutdown()
+
+
+def test_restarted_worker_gets_the_limits_set_at_run_time(ops_serve) -> None:
+    """The limits live in the shared page: a worker process that dies and is started
+    again (from the command line's parameters) applies the limits changed since."""
+    s = ops_serve("--workers", "2", "memory:16M", "--filter", "rate:rate=0,burst=64K")
+    assert s.configure("rate", "connection-write-rate=1").returncode == 0
+    victim = s.status()["worker_pids"][0]
+    os.kill(victim, signal.SIGKILL)
+    s.wait_for(lambda: s.status()["worker_restarts"] == 1
+               and victim not in s.status()["worker_pids"], "the worker to restart")
+    hs = [connect(s.uri), connect(s.uri)]  # one on each worker, the new one included
+    s.wait_for(lambda: {c["worker"] for c in s.status()["client_list"]} == {0, 1},
+               "a connection on each worker")
+    for h in hs:
+        h.pwrite(b"r" * 64 * KiB, 0)  # the burst
+    cookies = [h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(4 * KiB)), 0) for h in hs]
+    s.wait_for(lambda: s.filter_stats("rate")["held_requests"] == 2,
+               "both connections' writes held")
+    assert s.configure("rate", "connection-write-rate=0").returncode == 0
+    for h, cookie in zip(hs, cookies, strict=True):
+        for _ in range(600):
+            if h.aio_command_completed(cookie):
+                break
+            h.poll(100)
+        else:
+            raise AssertionError("a held write never completed")
+        h.shutdown()
 
 
 def test_connection_rate_holds_only_that_connection(ops_serve) -> None:
