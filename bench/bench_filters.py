@@ -10,7 +10,8 @@ TCP loopback connection. For every cell: IOPS and the server's CPU time per requ
 cost of a filter is its CPU time per request minus the no-filter stack's, per layer.
 Because the server's CPU time on a shared machine is noisy, the same stacks are also
 timed in this process without network or client ("stack calls"): admission (when a
-layer asks for it) plus the read or write call, best of 5 runs of --calls requests.
+layer asks for it) plus the read or write call; the stacks take turns in short runs
+and the best run of each is reported.
 "No filter" is the plugin itself: ``pynbd status`` shows the stack, and with no
 ``--filter`` it is the memory backend alone (no wrapper, no admission).
 
@@ -132,23 +133,26 @@ def fio(uri: str, rw: str, runtime: float) -> float:
 def micro(n: int, repeat: int) -> dict[tuple[str, str], float]:
     """In this process, without a network or a client: the stack's calls for one 4 KiB
     request as the server makes them (admission when a layer asks for it, then the
-    data call), best of ``repeat`` runs of ``n`` requests; label -> us per request."""
+    data call). Short runs of ``n`` requests, the stacks taking turns, ``repeat``
+    rounds; the best run of each (the least disturbed by other processes) in us per
+    request."""
     sys.path.insert(0, str(REPO / "src"))
     from pynbd.backends.loader import open_stack, parse_filter
     from pynbd.filters.base import Filter
 
-    out: dict[tuple[str, str], float] = {}
+    stacks = []
     for label, filters in CONFIGS:
         top = open_stack("memory:64M", {}, [parse_filter(f) for f in filters])
         conn = top.open_connection("", False)
         layers = conn.layers if isinstance(conn, Filter) else [conn]
-        admits = any(getattr(b, "admits", False) for b in layers)
-        buf = memoryview(bytearray(4096))
-        data = bytes(4096)
+        stacks.append((label, top, conn, any(getattr(b, "admits", False) for b in layers)))
+    buf = memoryview(bytearray(4096))
+    data = bytes(4096)
+    out: dict[tuple[str, str], float] = {}
+    for _ in range(repeat):
         for wname, rw in WORKLOADS:
             cmd = "READ" if "read" in rw else "WRITE"
-            best = float("inf")
-            for _ in range(repeat):
+            for label, _top, conn, admits in stacks:
                 now = time.monotonic()
                 t0 = time.perf_counter()
                 for i in range(n):
@@ -159,8 +163,10 @@ def micro(n: int, repeat: int) -> dict[tuple[str, str], float]:
                         conn.pread_nowait(buf, off)
                     else:
                         conn.pwrite(data, off)
-                best = min(best, (time.perf_counter() - t0) / n * 1e6)
-            out[(wname, label)] = best
+                us = (time.perf_counter() - t0) / n * 1e6
+                key = (wname, label)
+                out[key] = min(out.get(key, us), us)
+    for _label, top, conn, _admits in stacks:
         conn.close_connection()
         top.close()
     return out
@@ -174,10 +180,12 @@ def main() -> int:
                     help="pynbd serve --workers (default 1: one process, one core)")
     ap.add_argument("--python", default=str(REPO / ".venv" / "bin" / "python"),
                     help="interpreter that runs pynbd")
-    ap.add_argument("--calls", type=int, default=100_000,
-                    help="requests per in-process measurement (default 100000)")
+    ap.add_argument("--calls", type=int, default=10_000,
+                    help="requests per in-process run (default 10000)")
+    ap.add_argument("--call-rounds", type=int, default=30,
+                    help="in-process rounds; the best is reported (default 30)")
     args = ap.parse_args()
-    calls = micro(args.calls, 5)
+    calls = micro(args.calls, args.call_rounds)
     if shutil.which("fio") is None:
         print("missing tool: fio", file=sys.stderr)
         return 2
