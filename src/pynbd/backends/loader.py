@@ -163,8 +163,11 @@ def load_plugin_class(spec: str) -> type[Backend]:
             raise ConfigError(f"python plugin {where}: {cls_name} is not a "
                               "pynbd.backends.Backend subclass")
         return cls
+    # the module's own public Backend subclasses (``_Helper`` classes, e.g. the objects
+    # open_connection returns, and imported ones do not count)
     found = [c for c in vars(module).values()
-             if inspect.isclass(c) and issubclass(c, Backend) and c.__module__ == module.__name__]
+             if inspect.isclass(c) and issubclass(c, Backend) and c.__module__ == module.__name__
+             and not c.__name__.startswith("_")]
     if not found:
         raise ConfigError(f"python plugin {where}: defines no pynbd.backends.Backend subclass")
     if len(found) > 1:
