@@ -178,6 +178,8 @@ class Connection:
         self._final_flush_done = False
         #: the plugin's object for this connection, and the stack that serves it
         self._own: Any = None
+        #: open_connection returned and close_connection has not finished yet
+        self.own_open = False
         self.backend: Any = None
         self._sendfile_fd = -1
         self._serial: Any = None
@@ -288,18 +290,30 @@ class Connection:
             return
         self._own = None
         rt = self.runtime
+        assert rt is not None
+        lock = rt.serial_lock
 
         def close() -> None:
+            if lock is not None:
+                lock.acquire()
             try:
                 own.close_connection()
             except Exception as exc:
                 log.error("%s: the backend's close_connection raised %s: %s", self.peer,
                           type(exc).__name__, safe(exc), exc_info=exc)
+            finally:
+                if lock is not None:
+                    lock.release()
 
-        if rt is not None and rt.blocking:
-            self.worker.run_in_thread(close, lambda _r: None)
+        def closed(_result: object = None) -> None:
+            self.own_open = False
+            self.worker.turn_done(rt, self)  # SERIALIZE_CONNECTIONS: the next one's turn
+
+        if rt.blocking:
+            self.worker.run_in_thread(close, closed)
         else:
             close()
+            closed()
 
     # --- events ---------------------------------------------------------------------
 
@@ -506,16 +520,6 @@ class Connection:
         self._rmv.release()
         self._rbuf = bytearray(RECV_SIZE)
         self._rmv = memoryview(self._rbuf)
-        # the plugin's object for this connection (the shared one unless it keeps state
-        # per connection), wrapped in the runtime's own layers
-        self._own = rt.base.open_connection(rt.name, rt.read_only)
-        self.rebind()
-        if rt.thread_model is ThreadModel.SERIALIZE_CONNECTIONS:
-            if rt.turn is None:
-                rt.turn = self
-            else:  # served when the connections before it have closed
-                self.waiting_turn = True
-                rt.turn_queue.append(self)
         self.phase = Phase.TRANSMISSION
         if self._timer is not None:
             self._timer.cancel()
@@ -523,12 +527,50 @@ class Connection:
         self.worker.connection_negotiated(self)
         log.info("%s: export %s selected (structured replies %s, flags 0x%x)",
                  self.peer, safe(rt.name), ev.structured_replies, ev.flags)
+        if rt.thread_model is ThreadModel.SERIALIZE_CONNECTIONS:
+            if rt.turn is not None:
+                # served (and opened in the plugin) once the connections before it
+                # have closed
+                self.waiting_turn = True
+                rt.turn_queue.append(self)
+                return
+            rt.turn = self
+        self._open_own()
+
+    def _open_own(self) -> None:
+        """The plugin's object for this connection (the shared one unless it keeps state
+        per connection), wrapped in the runtime's own layers."""
+        rt = self.runtime
+        assert rt is not None
+        try:
+            self._own = rt.base.open_connection(rt.name, rt.read_only)
+        except Exception as exc:
+            log.error("%s: the backend's open_connection raised %s: %s; dropping the "
+                      "connection", self.peer, type(exc).__name__, safe(exc), exc_info=exc)
+            self.close()
+            return
+        self.own_open = True
+        self.rebind()
+
+    def take_turn(self) -> None:
+        """SERIALIZE_CONNECTIONS: the connections before this one have closed."""
+        self._guarded(self._take_turn)
+
+    def _take_turn(self) -> None:
+        if self.closed:
+            return
+        self.waiting_turn = False
+        self._open_own()
+        if not self.closed:
+            self._unpark()
 
     def rebind(self) -> None:
         """(Re)build this connection's stack: the runtime's layers (pause, write tracking,
         serialization) around the plugin's per-connection object."""
         rt = self.runtime
-        assert rt is not None and self._own is not None
+        assert rt is not None
+        if self._own is None:  # not opened yet (waiting for its turn) or closed
+            return
         self.backend = rt.wrap(self._own)
         fd = getattr(self.backend, "sendfile_fd", None)
         self._sendfile_fd = fd if isinstance(fd, int) else -1
@@ -1204,7 +1246,15 @@ class Connection:
                 self._final_flushing = True
                 self.inflight += 1
                 backend = self.backend
-                self.worker.run_in_thread(lambda: _flush(backend), self._final_flushed)
+                lock = rt.serial_lock
+
+                def flush() -> OSError | None:
+                    if lock is None:
+                        return _flush(backend)
+                    with lock:  # serializing thread models: one call at a time
+                        return _flush(backend)
+
+                self.worker.run_in_thread(flush, self._final_flushed)
                 return
             else:
                 self._final_flush_error = _flush(self.backend)
@@ -1257,6 +1307,9 @@ class Connection:
         self._final_flushing = False
         self._final_flush_done = True
         self._final_flush_error = err
+        if self.closed:  # dropped while flushing: the plugin still hears of the close
+            self._close_own()
+            return
         self._maybe_finish()
 
     # --- status ------------------------------------------------------------------------

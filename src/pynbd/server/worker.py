@@ -205,15 +205,20 @@ class Worker:
         if rt is not None and rt.thread_model is ThreadModel.SERIALIZE_CONNECTIONS:
             if conn in rt.turn_queue:
                 rt.turn_queue.remove(conn)
-            if rt.turn is conn:
-                rt.turn = rt.turn_queue.pop(0) if rt.turn_queue else None
-                if rt.turn is not None:
-                    nxt = rt.turn
-                    nxt.waiting_turn = False
-                    self.loop.call_soon(nxt.unpark)
+            if not conn.own_open:  # else once its close_connection has returned
+                self.turn_done(rt, conn)
         self.events.closed(conn.id)
         if self._stopping and not self.connections:
             self._stopped()
+
+    def turn_done(self, rt: ExportRuntime, conn: Connection) -> None:
+        """SERIALIZE_CONNECTIONS: ``conn`` is closed, in the plugin too: the next
+        waiting connection is opened and served."""
+        if rt.turn is not conn:
+            return
+        rt.turn = rt.turn_queue.pop(0) if rt.turn_queue else None
+        if rt.turn is not None:
+            self.loop.call_soon(rt.turn.take_turn)
 
     def drop(self, conn_id: int, reason: str) -> None:
         conn = self.connections.get(conn_id)
