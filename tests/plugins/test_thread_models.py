@@ -188,3 +188,26 @@ def test_a_slow_call_does_not_hold_up_other_connections(serve: ServerFactory,
     assert slow.response(4096)[:2] == (9, 0)
     for c in [slow, *others]:
         c.disc()
+
+
+def test_a_client_with_many_slow_calls_does_not_starve_the_others(
+        serve: ServerFactory, tmp_path: Path) -> None:
+    """One client fills the server's thread pool with calls that do not return (here:
+    until the test says so): the other clients are still served."""
+    trigger = tmp_path / "go"
+    srv = serve("--workers", "1", f"python:{TESTPLUGINS / 'broken.py'}:Sleepy",
+                f"trigger={trigger}")
+    addr = ("127.0.0.1", srv.port)
+    slow = Raw(addr).connect()
+    for cookie in range(64):  # every one waits for the trigger file
+        slow.request(CMD_READ, 0, 4096, cookie=cookie)
+    assert wait_until(lambda: Path(f"{trigger}.waiting").exists()
+                      and len(Path(f"{trigger}.waiting").read_text()) >= 8, timeout=20)
+    other = Raw(addr).connect()
+    for i in range(1, 10):
+        assert other.call(CMD_WRITE, i * 4096, 4096, payload=b"o" * 4096)[0] == 0
+        assert other.call(CMD_READ, i * 4096, 4096) == (0, b"o" * 4096)
+    trigger.write_text("go")
+    assert sorted(slow.response(4096)[0] for _ in range(64)) == list(range(64))
+    other.disc()
+    slow.disc()

@@ -30,6 +30,7 @@ from pynbd.backends.base import (
     BackendError,
     ConfigError,
     Param,
+    ThreadModel,
     parse_params,
 )
 
@@ -197,7 +198,21 @@ def _open_with(obj: Any, rest: str, params: dict[str, str], read_only: bool,
         raise ConfigError(f"{what} is neither a Backend subclass nor a factory")
     if not isinstance(backend, Backend):
         raise ConfigError(f"{what} returned {type(backend).__name__}, not a Backend")
+    _check_backend(backend, what)
     return backend
+
+
+def _check_backend(backend: Backend, what: str) -> None:
+    """What the server takes from a plugin's attributes must make sense."""
+    size = backend.size
+    if type(size) is not int or size < 0:
+        backend.close()
+        raise ConfigError(f"{what}: size must be a whole number of bytes >= 0, "
+                          f"not {size!r}")
+    if not isinstance(backend.thread_model, ThreadModel):
+        backend.close()
+        raise ConfigError(f"{what}: thread_model must be a pynbd.backends.ThreadModel, "
+                          f"not {backend.thread_model!r}")
 
 
 def open_target(target: str, params: dict[str, str] | None = None,

@@ -298,7 +298,7 @@ class Connection:
                 lock.acquire()
             try:
                 own.close_connection()
-            except Exception as exc:
+            except BaseException as exc:
                 log.error("%s: the backend's close_connection raised %s: %s", self.peer,
                           type(exc).__name__, safe(exc), exc_info=exc)
             finally:
@@ -544,7 +544,7 @@ class Connection:
         assert rt is not None
         try:
             self._own = rt.base.open_connection(rt.name, rt.read_only)
-        except Exception as exc:
+        except BaseException as exc:
             log.error("%s: the backend's open_connection raised %s: %s; dropping the "
                       "connection", self.peer, type(exc).__name__, safe(exc), exc_info=exc)
             self.close()
@@ -887,7 +887,7 @@ class Connection:
             out.append(self.proto.ok_reply(ev.cookie))
         except OSError as exc:
             out.append(self._error(ev, exc))
-        except Exception as exc:
+        except BaseException as exc:
             out.append(self._bug(ev, exc))
 
     def _execute(self, ev: Command, out: list[OutItem]) -> None:
@@ -922,27 +922,33 @@ class Connection:
         except OSError as exc:
             out.append(self._error(ev, exc))
             return
-        except Exception as exc:
+        except BaseException as exc:
             out.append(self._bug(ev, exc))
             return
         out.append(proto.ok_reply(ev.cookie))
 
-    def _bug(self, ev: Command, exc: Exception) -> bytes:
-        """The backend raised something other than OSError: EIO for this request; the
-        connection and the server carry on. The traceback is logged once per kind."""
+    def _bug(self, ev: Command, exc: BaseException) -> bytes:
+        """The backend raised something other than OSError (even SystemExit): EIO for
+        this request; the connection and the server carry on. The traceback is logged
+        once per kind."""
         self.counters.errors += 1
+        self._log_bug(ev.cmd, exc)
+        return self.proto.error_reply(ev.cookie, Errno.EIO,
+                                      f"{ev.cmd.name} failed: internal error in the backend")
+
+    def _log_bug(self, cmd: Cmd, exc: BaseException) -> None:
+        """Log a backend bug: with its traceback the first time this kind (command,
+        exception class) happens on the export, in one debug line afterwards."""
         rt = self.runtime
-        key = (ev.cmd, type(exc))
+        key = (cmd, type(exc))
         if rt is not None and key not in rt.bugs_logged:
             rt.bugs_logged.add(key)
             log.error("%s: the backend raised %s in %s: %s (a bug in the backend; the "
-                      "client gets EIO)", self.peer, type(exc).__name__, ev.cmd.name,
+                      "client gets EIO)", self.peer, type(exc).__name__, cmd.name,
                       safe(exc), exc_info=exc)
         else:
             log.debug("%s: backend raised %s in %s: %s", self.peer, type(exc).__name__,
-                      ev.cmd.name, safe(exc))
-        return self.proto.error_reply(ev.cookie, Errno.EIO,
-                                      f"{ev.cmd.name} failed: internal error in the backend")
+                      cmd.name, safe(exc))
 
     def _error(self, ev: Command, exc: OSError) -> bytes:
         self.counters.errors += 1
@@ -976,7 +982,7 @@ class Connection:
     def _read(self, ev: Command, out: list[OutItem]) -> None:
         try:
             self._read_inline(ev, out)
-        except Exception as exc:
+        except BaseException as exc:
             out.append(self._bug(ev, exc))
 
     def _read_inline(self, ev: Command, out: list[OutItem]) -> None:
@@ -987,11 +993,8 @@ class Connection:
         length, offset, cookie = ev.length, ev.offset, ev.cookie
         if (length >= SPARSE_READ_MIN and self.structured and rt.can_extents
                 and not ev.flags & CmdFlag.DF):
-            try:
-                extents = backend.extents(offset, length)
-            except OSError:
-                extents = [Extent(length, 0)]
-            if any(e.flags & STATE_HOLE for e in extents):
+            extents = self._read_extents(ev)
+            if extents is not None:
                 self._sparse_read(ev, extents, out)
                 return
         if length >= BIG_REPLY:
@@ -1008,10 +1011,11 @@ class Connection:
             mv = memoryview(buf)[:length]
             try:
                 backend.pread_into(mv, offset)
-            except OSError as exc:
+            except BaseException as exc:
                 mv.release()
                 pool.put(buf)
-                out.append(self._error(ev, exc))
+                out.append(self._error(ev, exc) if isinstance(exc, OSError)
+                           else self._bug(ev, exc))
                 return
             out.append(proto.read_reply_header(cookie, offset, length))
             out.append(mv)
@@ -1029,6 +1033,26 @@ class Connection:
         out.append(proto.read_reply_header(cookie, offset, length))
         out.append(data)
         self.counters.bytes_read += length
+
+    def _read_extents(self, ev: Command) -> list[Extent] | None:
+        """The extents of a large READ if some of it is a hole (sent as hole chunks),
+        else None. Extents are only a hint here: if the backend fails or answers
+        nonsense, the whole range is read."""
+        try:
+            extents = self.backend.extents(ev.offset, ev.length)
+            if not isinstance(extents, list) or not all(
+                    type(e) is Extent and type(e.length) is int and e.length > 0
+                    and type(e.flags) is int for e in extents):
+                raise TypeError(f"extents() returned {safe(repr(extents)[:100])}, not a "
+                                "list of Extent with lengths > 0")
+        except OSError:
+            return None
+        except BaseException as exc:
+            self._log_bug(Cmd.BLOCK_STATUS, exc)
+            return None
+        if any(e.flags & STATE_HOLE for e in extents):
+            return extents
+        return None
 
     def _sparse_read(self, ev: Command, extents: list[Extent], out: list[OutItem]) -> None:
         rt = self.runtime
@@ -1069,14 +1093,15 @@ class Connection:
             mv = memoryview(buf)[:n]
             try:
                 self.backend.pread_into(mv, off)
-            except OSError as exc:
+            except BaseException as exc:
                 mv.release()
                 pool.put(buf)
                 # the chunks built so far are dropped: one error reply for the request
                 for c in chunks:
                     if callable(c):
                         c()
-                out.append(self._error(ev, exc))
+                out.append(self._error(ev, exc) if isinstance(exc, OSError)
+                           else self._bug(ev, exc))
                 return
             chunks.append(proto.read_reply_header(ev.cookie, off, n, done=last))
             chunks.append(mv)
@@ -1127,6 +1152,9 @@ class Connection:
                                  bool(ev.flags & CmdFlag.FAST_ZERO), fua, done)
         except OSError as exc:
             done(exc)
+        except BaseException as exc:
+            self._log_bug(cmd, exc)
+            done(OSError(errno.EIO, "internal error in the backend"))
 
     def _aio_done(self, ev: Command, buf: Buffer | None, mv: memoryview | None,
                   err: OSError | None) -> None:
@@ -1164,7 +1192,7 @@ class Connection:
                 self._read_threaded(ev, out)
             else:
                 self._execute(ev, out)
-        except Exception as exc:
+        except BaseException as exc:
             out = [self._bug(ev, exc)]
         finally:
             if lock is not None:
@@ -1178,7 +1206,7 @@ class Connection:
         except OSError as exc:
             out.append(self._error(ev, exc))
             return
-        except Exception as exc:
+        except BaseException as exc:
             out.append(self._bug(ev, exc))
             return
         out.append(self.proto.read_reply_header(ev.cookie, ev.offset, ev.length))
@@ -1250,14 +1278,14 @@ class Connection:
 
                 def flush() -> OSError | None:
                     if lock is None:
-                        return _flush(backend)
+                        return _flush(backend, self._log_bug)
                     with lock:  # serializing thread models: one call at a time
-                        return _flush(backend)
+                        return _flush(backend, self._log_bug)
 
                 self.worker.run_in_thread(flush, self._final_flushed)
                 return
             else:
-                self._final_flush_error = _flush(self.backend)
+                self._final_flush_error = _flush(self.backend, self._log_bug)
                 self._final_flush_done = True
         err = self._final_flush_error
         out: list[OutItem] = []
@@ -1324,14 +1352,14 @@ class Connection:
                 "connected_seconds": round(now - self.started, 3)}
 
 
-def _flush(backend: Any) -> OSError | None:
+def _flush(backend: Any, bug: Callable[[Cmd, BaseException], None]) -> OSError | None:
+    """The FLUSH when a client leaves; a backend bug (``bug`` logs it) is EIO."""
     try:
         backend.flush()
     except OSError as exc:
         return exc
-    except Exception as exc:
-        log.error("the backend raised %s in flush: %s", type(exc).__name__, safe(exc),
-                  exc_info=exc)
+    except BaseException as exc:
+        bug(Cmd.FLUSH, exc)
         return OSError(errno.EIO, f"internal error in the backend: {safe(exc)}")
     return None
 

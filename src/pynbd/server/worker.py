@@ -36,6 +36,11 @@ from pynbd.server.loop import Loop
 
 log = logging.getLogger("pynbd.server")
 
+#: calls of a blocking backend one connection may have on worker threads at once
+#: (nbdkit's default threads per connection); the pool keeps this many free for every
+#: connection, so a client whose calls hang holds up only itself
+THREADS_PER_CONNECTION = 16
+
 
 from pynbd.filters.track import Tracker  # noqa: E402
 
@@ -67,8 +72,7 @@ class ExportRuntime:
                                   ThreadModel.SERIALIZE_CONNECTIONS)
         #: one request at a time across connections: every call on a thread, in turn
         self.serial_lock: threading.Lock | None = threading.Lock() if serialize_all else None
-        self.max_inflight = (1 if model is not ThreadModel.PARALLEL
-                             else limits.max_inflight)
+        self.limits = limits
         #: SERIALIZE_CONNECTIONS: the connection being served, and those waiting
         self.turn: Connection | None = None
         self.turn_queue: list[Connection] = []
@@ -95,6 +99,14 @@ class ExportRuntime:
         self.blocking = bool(top.blocking) or self.serial_lock is not None
         #: asynchronous interface (aio_*): requests are started and complete later
         self.aio = bool(getattr(top, "aio", False)) and self.serial_lock is None
+        #: requests of one connection in flight: one for the serializing models; for
+        #: calls on threads, no more than a connection's share of the pool
+        if self.thread_model is not ThreadModel.PARALLEL:
+            self.max_inflight = 1
+        elif self.blocking and not self.aio:
+            self.max_inflight = min(self.limits.max_inflight, THREADS_PER_CONNECTION)
+        else:
+            self.max_inflight = self.limits.max_inflight
         #: FLUSH and FUA may take long (fdatasync): they run on worker threads
         self.slow_sync = bool(getattr(top, "slow_sync", False))
         self.can_extents = bool(top.can_extents)
@@ -231,9 +243,7 @@ class Worker:
                      buf: Buffer | None, mv: memoryview | None,
                      done: Callable[[Any, Buffer | None, memoryview | None, list[Any]], None],
                      ) -> None:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=self.limits.blocking_threads,
-                                                thread_name_prefix=f"nbd-io-{self.index}")
+        pool = self._pool()
         loop = self.loop
 
         def run() -> None:
@@ -244,13 +254,22 @@ class Worker:
                 out = []
             loop.call_soon_threadsafe(lambda: done(ev, buf, mv, out))
 
-        self._executor.submit(run)
+        pool.submit(run)
 
-    def run_in_thread(self, fn: Callable[[], Any], done: Callable[[Any], None]) -> None:
-        """Run ``fn`` on the worker's thread pool; ``done(result)`` back on the loop."""
+    def _pool(self) -> ThreadPoolExecutor:
+        """The worker threads: at least ``blocking_threads``, and room for every
+        connection's share (threads start only when a call finds none idle)."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=self.limits.blocking_threads,
                                                 thread_name_prefix=f"nbd-io-{self.index}")
+        want = THREADS_PER_CONNECTION * (len(self.connections) + 1)
+        if self._executor._max_workers < want:
+            self._executor._max_workers = want
+        return self._executor
+
+    def run_in_thread(self, fn: Callable[[], Any], done: Callable[[Any], None]) -> None:
+        """Run ``fn`` on the worker's thread pool; ``done(result)`` back on the loop."""
+        pool = self._pool()
         loop = self.loop
 
         def run() -> None:
@@ -261,7 +280,7 @@ class Worker:
                 result = exc
             loop.call_soon_threadsafe(lambda: done(result))
 
-        self._executor.submit(run)
+        pool.submit(run)
 
     # --- pause / step down (migration, checkpoints) --------------------------------
 

@@ -82,7 +82,8 @@ class Raises(_Ram):
             raise BackendError(code, f"{method} failed on purpose")
         raise {"ValueError": ValueError, "KeyError": KeyError, "TypeError": TypeError,
                "AssertionError": AssertionError, "ZeroDivisionError": ZeroDivisionError,
-               "RecursionError": RecursionError}[self.exc](f"bug in {method}")
+               "RecursionError": RecursionError, "SystemExit": SystemExit,
+               "KeyboardInterrupt": KeyboardInterrupt}[self.exc](f"bug in {method}")
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
         self._maybe("pread_into", offset)
@@ -114,11 +115,13 @@ class Raises(_Ram):
 class BadExtents(_Ram):
     """extents() returns something that is not a list of extents."""
 
-    params = {"kind": Param("none, garbage, empty, zero, negative, tuples, float, flags")}
+    params = {"kind": Param("none, garbage, empty, zero, negative, tuples, float, flags"),
+              "blocking": Param("call on threads", lambda t: t == "true", True)}
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, blocking: bool) -> None:
         super().__init__()
         self.kind = kind
+        self.blocking = blocking
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         k = self.kind
