@@ -16,7 +16,7 @@ from pathlib import Path
 import nbd
 import pytest
 
-from tests.plugins.conftest import TESTPLUGINS, serve_fails
+from tests.plugins.conftest import EXAMPLES, TESTPLUGINS, serve_fails
 from tests.plugins.testplugins.broken import BAD
 from tests.server.rawnbd import (
     CMD_BS,
@@ -230,3 +230,13 @@ def test_close_connection_raising_is_logged(serve: ServerFactory) -> None:
     assert wait_until(lambda: len(error_lines(srv, "close_connection")) == 3, timeout=10)
     assert "RuntimeError: cannot close" in error_lines(srv, "close_connection")[0]
     assert srv.alive()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--filter", "nosuchfilter"], ["unknown filter 'nosuchfilter' (known: "]),
+    (["--filter", "bad filter spec"], ["expected NAME[:KEY=VALUE,...]"]),
+])
+def test_unknown_filter_is_a_startup_error(args: list[str], expected: list[str]) -> None:
+    p = serve_fails(f"python:{EXAMPLES / 'ramdisk.py'}",
+                    "size=1M", *args)
+    startup_error(p.stderr, p.returncode, *expected)
