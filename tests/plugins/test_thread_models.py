@@ -211,3 +211,30 @@ def test_a_client_with_many_slow_calls_does_not_starve_the_others(
     assert sorted(slow.response(4096)[0] for _ in range(64)) == list(range(64))
     other.disc()
     slow.disc()
+
+
+def test_a_slow_open_connection_holds_up_only_its_client(serve: ServerFactory,
+                                                         tmp_path: Path) -> None:
+    """A blocking plugin's open_connection runs on a thread: while one client's open
+    takes long, other clients connect and are served; the slow client's requests wait
+    for its open and then run."""
+    trigger = tmp_path / "go"
+    srv = serve("--workers", "1", f"python:{TESTPLUGINS / 'broken.py'}:SlowOpen",
+                f"trigger={trigger}")
+    addr = ("127.0.0.1", srv.port)
+    slow = Raw(addr).connect()  # the handshake completes; the plugin is still opening
+    assert wait_until(lambda: Path(f"{trigger}.waiting").exists(), timeout=20)
+    slow.request(CMD_WRITE, 0, 4096, cookie=5, payload=b"s" * 4096)
+    for k in range(3):
+        c = Raw(addr).connect()
+        assert c.call(CMD_WRITE, 4096, 4096, payload=bytes([k]) * 4096)[0] == 0
+        assert c.call(CMD_READ, 4096, 4096) == (0, bytes([k]) * 4096)
+        c.disc()
+    slow.sock.settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        slow.sock.recv(1)  # not served before its open finished
+    slow.sock.settimeout(15)
+    trigger.write_text("go")
+    assert slow.response()[:2] == (5, 0)
+    assert slow.call(CMD_READ, 0, 4096) == (0, b"s" * 4096)
+    slow.disc()

@@ -178,12 +178,13 @@ class Connection:
         self._final_flush_done = False
         #: the plugin's object for this connection, and the stack that serves it
         self._own: Any = None
-        #: open_connection returned and close_connection has not finished yet
+        #: open_connection was called and close_connection has not finished yet
         self.own_open = False
         self.backend: Any = None
         self._sendfile_fd = -1
         self._serial: Any = None
-        #: SERIALIZE_CONNECTIONS: another connection is being served first
+        #: not served yet: its open_connection is running, or (SERIALIZE_CONNECTIONS)
+        #: another connection is being served first
         self.waiting_turn = False
         self._final_flush_error: OSError | None = None
 
@@ -535,34 +536,51 @@ class Connection:
                 rt.turn_queue.append(self)
                 return
             rt.turn = self
-        self._open_own()
+        self._open_own(resume=False)
 
-    def _open_own(self) -> None:
+    def _open_own(self, resume: bool) -> None:
         """The plugin's object for this connection (the shared one unless it keeps state
-        per connection), wrapped in the runtime's own layers."""
+        per connection), wrapped in the runtime's own layers. A blocking plugin's
+        open_connection runs on a thread (it may take long); requests wait for it."""
         rt = self.runtime
         assert rt is not None
-        try:
-            self._own = rt.base.open_connection(rt.name, rt.read_only)
-        except BaseException as exc:
+        self.own_open = True
+        self.waiting_turn = True
+
+        def open_() -> tuple[Any, BaseException | None]:
+            try:
+                return rt.base.open_connection(rt.name, rt.read_only), None
+            except BaseException as exc:
+                return None, exc
+
+        if rt.blocking:
+            self.worker.run_in_thread(open_, lambda r: self._guarded(self._opened, *r, True))
+        else:
+            self._opened(*open_(), resume)
+
+    def _opened(self, own: Any, exc: BaseException | None, resume: bool) -> None:
+        if exc is not None:
             log.error("%s: the backend's open_connection raised %s: %s; dropping the "
                       "connection", self.peer, type(exc).__name__, safe(exc), exc_info=exc)
+            self.own_open = False
             self.close()
             return
-        self.own_open = True
+        self._own = own
+        if self.closed:  # the client left while it was being opened
+            self._close_own()
+            return
+        self.waiting_turn = False
         self.rebind()
+        if resume:  # requests that arrived meanwhile
+            self._unpark()
 
     def take_turn(self) -> None:
         """SERIALIZE_CONNECTIONS: the connections before this one have closed."""
         self._guarded(self._take_turn)
 
     def _take_turn(self) -> None:
-        if self.closed:
-            return
-        self.waiting_turn = False
-        self._open_own()
         if not self.closed:
-            self._unpark()
+            self._open_own(resume=True)
 
     def rebind(self) -> None:
         """(Re)build this connection's stack: the runtime's layers (pause, write tracking,

@@ -168,3 +168,26 @@ class OpenConnectionRaises(_Ram):
 class CloseConnectionRaises(_Ram):
     def close_connection(self) -> None:
         raise RuntimeError("cannot close")
+
+
+class SlowOpen(_Ram):
+    """Blocking; the first connection's open_connection waits (at most 60 s) until the
+    file ``trigger`` exists, creating ``trigger.waiting`` when it starts waiting."""
+
+    params = {"trigger": Param("file whose existence lets the first open finish")}
+    blocking = True
+
+    def __init__(self, trigger: str) -> None:
+        super().__init__()
+        self.trigger = trigger
+        self.opened = 0
+
+    def open_connection(self, export: str, read_only: bool) -> Backend:
+        self.opened += 1
+        if self.opened == 1:
+            with open(self.trigger + ".waiting", "a") as f:
+                f.write("x")
+            deadline = time.monotonic() + 60
+            while not os.path.exists(self.trigger) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return self
