@@ -547,11 +547,18 @@ class Connection:
         self.own_open = True
         self.waiting_turn = True
 
+        lock = rt.serial_lock
+
         def open_() -> tuple[Any, BaseException | None]:
+            if lock is not None:
+                lock.acquire()
             try:
                 return rt.base.open_connection(rt.name, rt.read_only), None
             except BaseException as exc:
                 return None, exc
+            finally:
+                if lock is not None:
+                    lock.release()
 
         if rt.blocking:
             self.worker.run_in_thread(open_, lambda r: self._guarded(self._opened, *r, True))

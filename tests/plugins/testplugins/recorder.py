@@ -6,7 +6,8 @@ every call), ``size=``, ``sleep=SECONDS`` (each data call lasts at least this lo
 calls the server lets overlap do overlap), ``wait_for=N`` (each data call waits, at most
 10 s, until N calls have been running at once: proves that calls can overlap).
 
-Recorded: ``max_active`` (data calls running at once in the process),
+Recorded: ``max_active`` (calls running at once in the process, open_connection and
+close_connection included),
 ``max_per_conn`` (at once on one connection), ``opens``/``closes`` (open_connection /
 close_connection calls), ``max_open`` (connections open at once), ``calls``.
 """
@@ -30,6 +31,12 @@ def _dump(record: str) -> None:
     with open(tmp, "w") as f:
         json.dump(_state, f)
     os.replace(tmp, f"{record}.{os.getpid()}")
+
+
+def _busy(delta: int) -> None:
+    """open_connection / close_connection count as calls too (not per connection)."""
+    _state["active"] += delta
+    _state["max_active"] = max(_state["max_active"], _state["active"])
 
 
 class _Conn(Backend):
@@ -95,6 +102,11 @@ class _Conn(Backend):
             if self.closed or self.active:
                 _state["close_errors"] += 1  # closed twice, or with calls running
             self.closed = True
+            _busy(+1)
+        if self.p.sleep:
+            time.sleep(self.p.sleep)
+        with _lock:
+            _busy(-1)
             _state["closes"] += 1
             _state["open_now"] -= 1
             _dump(self.p.record)
@@ -124,9 +136,14 @@ class Recorder(Backend):
 
     def open_connection(self, export: str, read_only: bool) -> Backend:
         with _lock:
+            _busy(+1)
             _state["opens"] += 1
             _state["open_now"] += 1
             _state["max_open"] = max(_state["max_open"], _state["open_now"])
+        if self.sleep:
+            time.sleep(self.sleep)
+        with _lock:
+            _busy(-1)
             _dump(self.record)
         return _Conn(self)
 
