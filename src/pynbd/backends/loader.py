@@ -290,7 +290,8 @@ def open_rbd(target: str, params: dict[str, str], read_only: bool) -> Backend:
     from pynbd.backends.rbd import RbdBackend
 
     values = parse_params("rbd", RBD_PARAMS, params)
-    return RbdBackend.from_target(target, conf=values["conf"], name=values["name"],
+    # ``target`` is what follows the scheme; RbdBackend parses the whole rbd: TARGET
+    return RbdBackend.from_target(f"rbd:{target}", conf=values["conf"], name=values["name"],
                                   keyring=values["keyring"], read_only=read_only)
 
 
