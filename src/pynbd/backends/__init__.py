@@ -7,6 +7,8 @@ from typing import Any
 
 from pynbd.backends.base import (
     API_VERSION,
+    STATE_HOLE,
+    STATE_ZERO,
     Backend,
     BackendError,
     ConfigError,
@@ -19,9 +21,9 @@ from pynbd.backends.base import (
 from pynbd.backends.loader import FilterSpec, open_stack, open_target, parse_filter, parse_kv
 from pynbd.util.sizes import parse_size
 
-__all__ = ["API_VERSION", "Backend", "BackendError", "CephOptions", "ConfigError", "Extent",
-           "FilterSpec", "Param", "ThreadModel", "open_backend", "open_target",
-           "open_worker_backend", "parse_bool", "parse_filter", "parse_kv", "parse_params",
+__all__ = ["API_VERSION", "STATE_HOLE", "STATE_ZERO", "Backend", "BackendError", "CephOptions",
+           "ConfigError", "Extent", "FilterSpec", "Param", "ThreadModel", "open_backend",
+           "open_target", "open_worker_backend", "parse_bool", "parse_filter", "parse_kv", "parse_params",
            "parse_size"]
 
 

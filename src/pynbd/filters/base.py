@@ -122,6 +122,11 @@ class Filter(Backend):
         self.next.pread_into(buf, offset)
 
     def pread_nowait(self, buf: memoryview, offset: int) -> bool:
+        """Read through this filter without waiting, or say no: the server then reads on
+        a thread. A filter cannot know what its own read will touch, so it reads only
+        when the next layer has the range in memory."""
+        if not self.next.resident(offset, len(buf)):
+            return False
         self.pread_into(buf, offset)
         return True
 

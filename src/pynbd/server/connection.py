@@ -184,10 +184,13 @@ class Connection:
         self._final_flush_done = False
         #: the plugin's object for this connection, and the stack that serves it
         self._own: Any = None
+        #: open_connection was called and close_connection has not finished yet
+        self.own_open = False
         self.backend: Any = None
         self._sendfile_fd = -1
         self._serial: Any = None
-        #: SERIALIZE_CONNECTIONS: another connection is being served first
+        #: not served yet: its open_connection is running, or (SERIALIZE_CONNECTIONS)
+        #: another connection is being served first
         self.waiting_turn = False
         #: why the connection ended, for the access log
         self.end_reason = ""
@@ -298,18 +301,30 @@ class Connection:
             return
         self._own = None
         rt = self.runtime
+        assert rt is not None
+        lock = rt.serial_lock
 
         def close() -> None:
+            if lock is not None:
+                lock.acquire()
             try:
                 own.close_connection()
-            except Exception as exc:
+            except BaseException as exc:
                 log.error("%s: the backend's close_connection raised %s: %s", self.peer,
                           type(exc).__name__, safe(exc), exc_info=exc)
+            finally:
+                if lock is not None:
+                    lock.release()
 
-        if rt is not None and rt.blocking:
-            self.worker.run_in_thread(close, lambda _r: None)
+        def closed(_result: object = None) -> None:
+            self.own_open = False
+            self.worker.turn_done(rt, self)  # SERIALIZE_CONNECTIONS: the next one's turn
+
+        if rt.blocking:
+            self.worker.run_in_thread(close, closed)
         else:
             close()
+            closed()
 
     # --- events ---------------------------------------------------------------------
 
@@ -518,16 +533,6 @@ class Connection:
         self._rmv.release()
         self._rbuf = bytearray(RECV_SIZE)
         self._rmv = memoryview(self._rbuf)
-        # the plugin's object for this connection (the shared one unless it keeps state
-        # per connection), wrapped in the runtime's own layers
-        self._own = rt.base.open_connection(rt.name, rt.read_only)
-        self.rebind()
-        if rt.thread_model is ThreadModel.SERIALIZE_CONNECTIONS:
-            if rt.turn is None:
-                rt.turn = self
-            else:  # served when the connections before it have closed
-                self.waiting_turn = True
-                rt.turn_queue.append(self)
         self.phase = Phase.TRANSMISSION
         if self._timer is not None:
             self._timer.cancel()
@@ -537,12 +542,74 @@ class Connection:
         log.info("%s: export %s selected (structured replies %s, extended headers %s, "
                  "flags 0x%x)", self.peer, safe(rt.name), ev.structured_replies,
                  ev.extended_headers, ev.flags)
+        if rt.thread_model is ThreadModel.SERIALIZE_CONNECTIONS:
+            if rt.turn is not None:
+                # served (and opened in the plugin) once the connections before it
+                # have closed
+                self.waiting_turn = True
+                rt.turn_queue.append(self)
+                return
+            rt.turn = self
+        self._open_own(resume=False)
+
+    def _open_own(self, resume: bool) -> None:
+        """The plugin's object for this connection (the shared one unless it keeps state
+        per connection), wrapped in the runtime's own layers. A blocking plugin's
+        open_connection runs on a thread (it may take long); requests wait for it."""
+        rt = self.runtime
+        assert rt is not None
+        self.own_open = True
+        self.waiting_turn = True
+
+        lock = rt.serial_lock
+
+        def open_() -> tuple[Any, BaseException | None]:
+            if lock is not None:
+                lock.acquire()
+            try:
+                return rt.base.open_connection(rt.name, rt.read_only), None
+            except BaseException as exc:
+                return None, exc
+            finally:
+                if lock is not None:
+                    lock.release()
+
+        if rt.blocking:
+            self.worker.run_in_thread(open_, lambda r: self._guarded(self._opened, *r, True))
+        else:
+            self._opened(*open_(), resume)
+
+    def _opened(self, own: Any, exc: BaseException | None, resume: bool) -> None:
+        if exc is not None:
+            log.error("%s: the backend's open_connection raised %s: %s; dropping the "
+                      "connection", self.peer, type(exc).__name__, safe(exc), exc_info=exc)
+            self.own_open = False
+            self.close()
+            return
+        self._own = own
+        if self.closed:  # the client left while it was being opened
+            self._close_own()
+            return
+        self.waiting_turn = False
+        self.rebind()
+        if resume:  # requests that arrived meanwhile
+            self._unpark()
+
+    def take_turn(self) -> None:
+        """SERIALIZE_CONNECTIONS: the connections before this one have closed."""
+        self._guarded(self._take_turn)
+
+    def _take_turn(self) -> None:
+        if not self.closed:
+            self._open_own(resume=True)
 
     def rebind(self) -> None:
         """(Re)build this connection's stack: the runtime's layers (pause, write tracking,
         serialization) around the plugin's per-connection object."""
         rt = self.runtime
-        assert rt is not None and self._own is not None
+        assert rt is not None
+        if self._own is None:  # not opened yet (waiting for its turn) or closed
+            return
         self.backend = rt.wrap(self._own)
         fd = getattr(self.backend, "sendfile_fd", None)
         self._sendfile_fd = fd if isinstance(fd, int) else -1
@@ -862,7 +929,7 @@ class Connection:
             out.append(self.proto.ok_reply(ev.cookie, ev.offset))
         except OSError as exc:
             out.append(self._error(ev, exc))
-        except Exception as exc:
+        except BaseException as exc:
             out.append(self._bug(ev, exc))
 
     def _execute(self, ev: Command, out: list[OutItem]) -> None:
@@ -896,28 +963,34 @@ class Connection:
         except OSError as exc:
             out.append(self._error(ev, exc))
             return
-        except Exception as exc:
+        except BaseException as exc:
             out.append(self._bug(ev, exc))
             return
         out.append(proto.ok_reply(ev.cookie, ev.offset))
 
-    def _bug(self, ev: Command, exc: Exception) -> bytes:
-        """The backend raised something other than OSError: EIO for this request; the
-        connection and the server carry on. The traceback is logged once per kind."""
+    def _bug(self, ev: Command, exc: BaseException) -> bytes:
+        """The backend raised something other than OSError (even SystemExit): EIO for
+        this request; the connection and the server carry on. The traceback is logged
+        once per kind."""
         self.counters.errors += 1
-        rt = self.runtime
-        key = (ev.cmd, type(exc))
-        if rt is not None and key not in rt.bugs_logged:
-            rt.bugs_logged.add(key)
-            log.error("%s: the backend raised %s in %s: %s (a bug in the backend; the "
-                      "client gets EIO)", self.peer, type(exc).__name__, ev.cmd.name,
-                      safe(exc), exc_info=exc)
-        else:
-            log.debug("%s: backend raised %s in %s: %s", self.peer, type(exc).__name__,
-                      ev.cmd.name, safe(exc))
+        self._log_bug(ev.cmd, exc)
         return self.proto.error_reply(ev.cookie, Errno.EIO,
                                       f"{ev.cmd.name} failed: internal error in the backend",
                                       ev.offset)
+
+    def _log_bug(self, cmd: Cmd, exc: BaseException) -> None:
+        """Log a backend bug: with its traceback the first time this kind (command,
+        exception class) happens on the export, in one debug line afterwards."""
+        rt = self.runtime
+        key = (cmd, type(exc))
+        if rt is not None and key not in rt.bugs_logged:
+            rt.bugs_logged.add(key)
+            log.error("%s: the backend raised %s in %s: %s (a bug in the backend; the "
+                      "client gets EIO)", self.peer, type(exc).__name__, cmd.name,
+                      safe(exc), exc_info=exc)
+        else:
+            log.debug("%s: backend raised %s in %s: %s", self.peer, type(exc).__name__,
+                      cmd.name, safe(exc))
 
     def _error(self, ev: Command, exc: OSError) -> bytes:
         self.counters.errors += 1
@@ -971,7 +1044,7 @@ class Connection:
     def _read(self, ev: Command, out: list[OutItem]) -> None:
         try:
             self._read_inline(ev, out)
-        except Exception as exc:
+        except BaseException as exc:
             out.append(self._bug(ev, exc))
 
     def _read_inline(self, ev: Command, out: list[OutItem]) -> None:
@@ -982,11 +1055,8 @@ class Connection:
         length, offset, cookie = ev.length, ev.offset, ev.cookie
         if (length >= SPARSE_READ_MIN and self.structured and rt.can_extents
                 and not ev.flags & _DF):
-            try:
-                extents = backend.extents(offset, length)
-            except OSError:
-                extents = [Extent(length, 0)]
-            if any(e.flags & STATE_HOLE for e in extents):
+            extents = self._read_extents(ev)
+            if extents is not None:
                 self._sparse_read(ev, extents, out)
                 return
         if length >= BIG_REPLY:
@@ -1003,10 +1073,11 @@ class Connection:
             mv = memoryview(buf)[:length]
             try:
                 backend.pread_into(mv, offset)
-            except OSError as exc:
+            except BaseException as exc:
                 mv.release()
                 pool.put(buf)
-                out.append(self._error(ev, exc))
+                out.append(self._error(ev, exc) if isinstance(exc, OSError)
+                           else self._bug(ev, exc))
                 return
             out.append(proto.read_reply_header(cookie, offset, length))
             out.append(mv)
@@ -1024,6 +1095,26 @@ class Connection:
         out.append(proto.read_reply_header(cookie, offset, length))
         out.append(data)
         self.counters.bytes_read += length
+
+    def _read_extents(self, ev: Command) -> list[Extent] | None:
+        """The extents of a large READ if some of it is a hole (sent as hole chunks),
+        else None. Extents are only a hint here: if the backend fails or answers
+        nonsense, the whole range is read."""
+        try:
+            extents = self.backend.extents(ev.offset, ev.length)
+            if not isinstance(extents, list) or not all(
+                    type(e) is Extent and type(e.length) is int and e.length > 0
+                    and type(e.flags) is int for e in extents):
+                raise TypeError(f"extents() returned {safe(repr(extents)[:100])}, not a "
+                                "list of Extent with lengths > 0")
+        except OSError:
+            return None
+        except BaseException as exc:
+            self._log_bug(Cmd.BLOCK_STATUS, exc)
+            return None
+        if any(e.flags & STATE_HOLE for e in extents):
+            return extents
+        return None
 
     def _sparse_read(self, ev: Command, extents: list[Extent], out: list[OutItem]) -> None:
         rt = self.runtime
@@ -1065,14 +1156,15 @@ class Connection:
             mv = memoryview(buf)[:n]
             try:
                 self.backend.pread_into(mv, off)
-            except OSError as exc:
+            except BaseException as exc:
                 mv.release()
                 pool.put(buf)
                 # the chunks built so far are dropped: one error reply for the request
                 for c in chunks:
                     if callable(c):
                         c()
-                out.append(self._error(ev, exc))
+                out.append(self._error(ev, exc) if isinstance(exc, OSError)
+                           else self._bug(ev, exc))
                 return
             chunks.append(proto.read_reply_header(ev.cookie, off, n, done=last,
                                                   req_offset=ev.offset))
@@ -1125,9 +1217,9 @@ class Connection:
                                  bool(ev.flags & _FAST_ZERO), fua, done)
         except OSError as exc:
             done(exc)
-        except Exception as exc:  # a backend bug: still answer, and keep the counts right
-            log.exception("%s: aio %s failed to start", self.peer, cmd.name)
-            done(OSError(errno.EIO, f"internal error: {exc}"))
+        except BaseException as exc:
+            self._log_bug(cmd, exc)
+            done(OSError(errno.EIO, "internal error in the backend"))
 
     def _aio_done(self, ev: Command, buf: Buffer | None, mv: memoryview | None,
                   err: OSError | None, data: Any = None) -> None:
@@ -1174,7 +1266,7 @@ class Connection:
                 self._read_threaded(ev, out)
             else:
                 self._execute(ev, out)
-        except Exception as exc:
+        except BaseException as exc:
             out = [self._bug(ev, exc)]
         finally:
             if lock is not None:
@@ -1188,7 +1280,7 @@ class Connection:
         except OSError as exc:
             out.append(self._error(ev, exc))
             return
-        except Exception as exc:
+        except BaseException as exc:
             out.append(self._bug(ev, exc))
             return
         out.append(self.proto.read_reply_header(ev.cookie, ev.offset, ev.length))
@@ -1257,10 +1349,18 @@ class Connection:
                 self._final_flushing = True
                 self.inflight += 1
                 backend = self.backend
-                self.worker.run_in_thread(lambda: _flush(backend), self._final_flushed)
+                lock = rt.serial_lock
+
+                def flush() -> OSError | None:
+                    if lock is None:
+                        return _flush(backend, self._log_bug)
+                    with lock:  # serializing thread models: one call at a time
+                        return _flush(backend, self._log_bug)
+
+                self.worker.run_in_thread(flush, self._final_flushed)
                 return
             else:
-                self._final_flush_error = _flush(self.backend)
+                self._final_flush_error = _flush(self.backend, self._log_bug)
                 self._final_flush_done = True
         err = self._final_flush_error
         out: list[OutItem] = []
@@ -1312,6 +1412,9 @@ class Connection:
         self._final_flushing = False
         self._final_flush_done = True
         self._final_flush_error = err
+        if self.closed:  # dropped while flushing: the plugin still hears of the close
+            self._close_own()
+            return
         self._maybe_finish()
 
     # --- status ------------------------------------------------------------------------
@@ -1326,14 +1429,14 @@ class Connection:
                 "connected_seconds": round(now - self.started, 3)}
 
 
-def _flush(backend: Any) -> OSError | None:
+def _flush(backend: Any, bug: Callable[[Cmd, BaseException], None]) -> OSError | None:
+    """The FLUSH when a client leaves; a backend bug (``bug`` logs it) is EIO."""
     try:
         backend.flush()
     except OSError as exc:
         return exc
-    except Exception as exc:
-        log.error("the backend raised %s in flush: %s", type(exc).__name__, safe(exc),
-                  exc_info=exc)
+    except BaseException as exc:
+        bug(Cmd.FLUSH, exc)
         return OSError(errno.EIO, f"internal error in the backend: {safe(exc)}")
     return None
 

@@ -42,6 +42,11 @@ log = logging.getLogger("pynbd.server")
 #: one line per client connect and disconnect (INFO, shown by default)
 access = logging.getLogger("pynbd.access")
 
+#: calls of a blocking backend one connection may have on worker threads at once
+#: (nbdkit's default threads per connection); the pool keeps this many free for every
+#: connection, so a client whose calls hang holds up only itself
+THREADS_PER_CONNECTION = 16
+
 
 from pynbd.filters.track import Tracker  # noqa: E402
 
@@ -73,8 +78,7 @@ class ExportRuntime:
                                   ThreadModel.SERIALIZE_CONNECTIONS)
         #: one request at a time across connections: every call on a thread, in turn
         self.serial_lock: threading.Lock | None = threading.Lock() if serialize_all else None
-        self.max_inflight = (1 if model is not ThreadModel.PARALLEL
-                             else limits.max_inflight)
+        self.limits = limits
         #: SERIALIZE_CONNECTIONS: the connection being served, and those waiting
         self.turn: Connection | None = None
         self.turn_queue: list[Connection] = []
@@ -104,6 +108,14 @@ class ExportRuntime:
         self.blocking = bool(top.blocking) or self.serial_lock is not None
         #: asynchronous interface (aio_*): requests are started and complete later
         self.aio = bool(getattr(top, "aio", False)) and self.serial_lock is None
+        #: requests of one connection in flight: one for the serializing models; for
+        #: calls on threads, no more than a connection's share of the pool
+        if self.thread_model is not ThreadModel.PARALLEL:
+            self.max_inflight = 1
+        elif self.blocking and not self.aio:
+            self.max_inflight = min(self.limits.max_inflight, THREADS_PER_CONNECTION)
+        else:
+            self.max_inflight = self.limits.max_inflight
         #: FLUSH and FUA may take long (fdatasync): they run on worker threads
         self.slow_sync = bool(getattr(top, "slow_sync", False))
         self.can_extents = bool(top.can_extents)
@@ -262,15 +274,20 @@ class Worker:
         if rt is not None and rt.thread_model is ThreadModel.SERIALIZE_CONNECTIONS:
             if conn in rt.turn_queue:
                 rt.turn_queue.remove(conn)
-            if rt.turn is conn:
-                rt.turn = rt.turn_queue.pop(0) if rt.turn_queue else None
-                if rt.turn is not None:
-                    nxt = rt.turn
-                    nxt.waiting_turn = False
-                    self.loop.call_soon(nxt.unpark)
+            if not conn.own_open:  # else once its close_connection has returned
+                self.turn_done(rt, conn)
         self.events.closed(conn.id)
         if self._stopping and not self.connections:
             self._stopped()
+
+    def turn_done(self, rt: ExportRuntime, conn: Connection) -> None:
+        """SERIALIZE_CONNECTIONS: ``conn`` is closed, in the plugin too: the next
+        waiting connection is opened and served."""
+        if rt.turn is not conn:
+            return
+        rt.turn = rt.turn_queue.pop(0) if rt.turn_queue else None
+        if rt.turn is not None:
+            self.loop.call_soon(rt.turn.take_turn)
 
     def drop(self, conn_id: int, reason: str) -> None:
         conn = self.connections.get(conn_id)
@@ -283,9 +300,7 @@ class Worker:
                      buf: Buffer | None, mv: memoryview | None,
                      done: Callable[[Any, Buffer | None, memoryview | None, list[Any]], None],
                      ) -> None:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=self.limits.blocking_threads,
-                                                thread_name_prefix=f"nbd-io-{self.index}")
+        pool = self._pool()
         loop = self.loop
 
         def run() -> None:
@@ -296,13 +311,22 @@ class Worker:
                 out = []
             loop.call_soon_threadsafe(lambda: done(ev, buf, mv, out))
 
-        self._executor.submit(run)
+        pool.submit(run)
 
-    def run_in_thread(self, fn: Callable[[], Any], done: Callable[[Any], None]) -> None:
-        """Run ``fn`` on the worker's thread pool; ``done(result)`` back on the loop."""
+    def _pool(self) -> ThreadPoolExecutor:
+        """The worker threads: at least ``blocking_threads``, and room for every
+        connection's share (threads start only when a call finds none idle)."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=self.limits.blocking_threads,
                                                 thread_name_prefix=f"nbd-io-{self.index}")
+        want = THREADS_PER_CONNECTION * (len(self.connections) + 1)
+        if self._executor._max_workers < want:
+            self._executor._max_workers = want
+        return self._executor
+
+    def run_in_thread(self, fn: Callable[[], Any], done: Callable[[Any], None]) -> None:
+        """Run ``fn`` on the worker's thread pool; ``done(result)`` back on the loop."""
+        pool = self._pool()
         loop = self.loop
 
         def run() -> None:
@@ -313,7 +337,7 @@ class Worker:
                 result = exc
             loop.call_soon_threadsafe(lambda: done(result))
 
-        self._executor.submit(run)
+        pool.submit(run)
 
     # --- pause / step down (migration, checkpoints) --------------------------------
 
