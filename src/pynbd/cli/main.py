@@ -24,6 +24,8 @@ SUBCOMMAND_MODULES = [
     "rw",
     "proxy",
     "fuse",
+    "bitmap",
+    "backup",
 ]
 
 # Which module defines each command, so a command imports only what it needs (start-up
@@ -33,6 +35,7 @@ COMMANDS = {
     "copy": "copy", "ceph": "ceph", "mirror": "mirror", "mirror-speed": "mirror",
     "break": "mirror", "listen": "listen", "read": "rw", "write": "rw", "proxy": "proxy",
     "proxy-upstream": "proxy", "fuse": "fuse",
+    "bitmap": "bitmap", "checkpoint": "bitmap", "backup": "backup", "restore": "backup",
 }
 
 
