@@ -151,11 +151,15 @@ class BackupManager:
                 log.info("export %r: new bitmap %r (granularity %d)", eb.export.name, name,
                          gran)
         if eb.bitmaps and eb.store_dir is None:
-            log.warning("export %r (%s) has no image file: its bitmaps live in memory only "
-                        "and are lost when the server stops", eb.export.name,
-                        eb.export.backend.name)
+            self._memory_only_warning(eb)
         self._persist(eb)
         self._refresh_info(eb, broadcast=False)
+
+    @staticmethod
+    def _memory_only_warning(eb: ExportBackup) -> None:
+        log.warning("export %r (%s) has no image file: its bitmaps live in memory only "
+                    "and are lost when the server stops", eb.export.name,
+                    eb.export.backend.name)
 
     def _persist(self, eb: ExportBackup, *, in_use: bool = True,
                  with_data: bool = False) -> None:
@@ -286,6 +290,8 @@ class BackupManager:
             self._persist(eb)
             log.info("export %r: bitmap %r added (granularity %d)", eb.export.name, name,
                      bm.granularity)
+            if eb.store_dir is None:
+                self._memory_only_warning(eb)
             return bm
 
     def _detach(self, export: str, bm: Bitmap) -> None:
@@ -301,7 +307,7 @@ class BackupManager:
                               f"it (pynbd checkpoint --release) to drop it")
         return bm
 
-    def remove(self, export: str | None, name: str) -> Bitmap:
+    def remove(self, export: str | None, name: str) -> dict[str, Any]:
         with self.lock:
             eb = self._eb(export)
             bm = self._get(eb, name)
@@ -311,9 +317,10 @@ class BackupManager:
             self._persist(eb)
             if eb.store is not None:
                 eb.store.remove_data(name)
+            desc = bm.describe(eb.export.name, eb.store_dir is not None)
             bm.map.close()
             log.info("export %r: bitmap %r removed", eb.export.name, name)
-            return bm
+            return desc
 
     def clear(self, export: str | None, name: str) -> Bitmap:
         with self.lock:
@@ -502,7 +509,7 @@ class BackupManager:
             if action == "add":
                 bm = self.add(export, name, req.get("granularity") or DEFAULT_GRANULARITY)
             elif action == "remove":
-                bm = self.remove(export, name)
+                return {"bitmap": self.remove(export, name)}
             elif action == "clear":
                 bm = self.clear(export, name)
             else:

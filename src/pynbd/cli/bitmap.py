@@ -35,21 +35,17 @@ def _print(obj: Any) -> None:
 
 
 def run_bitmap(args: argparse.Namespace) -> int:
-    if args.action != "list" and not args.bitmap:
-        print(f"pynbd bitmap {args.action}: name the bitmap", file=sys.stderr)
-        return 2
-    if args.action == "list" and args.bitmap:
-        print("pynbd bitmap list: takes no bitmap name (use --export)", file=sys.stderr)
+    for k in ("control", "export", "quiet"):  # given before or after the action, or not
+        setattr(args, k, getattr(args, k, None))
+    if not args.control:
+        print("pynbd bitmap: --control PATH is required", file=sys.stderr)
         return 2
     req: dict[str, Any] = {"cmd": "bitmap", "action": args.action}
     if args.export is not None:
         req["export"] = args.export
-    if args.bitmap:
+    if getattr(args, "bitmap", None):
         req["name"] = args.bitmap
-    if args.granularity is not None:
-        if args.action != "add":
-            print("pynbd bitmap: --granularity goes with add", file=sys.stderr)
-            return 2
+    if getattr(args, "granularity", None) is not None:
         req["granularity"] = args.granularity
     reply = _request(args, req, "bitmap")
     if isinstance(reply, int):
@@ -93,6 +89,16 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _common(p: argparse.ArgumentParser, default: object) -> None:
+    """--control/--export/--quiet, accepted before or after the action."""
+    p.add_argument("--control", "-s", metavar="PATH", default=default,
+                   help="the server's control socket (pynbd serve --control PATH)")
+    p.add_argument("--export", "-e", metavar="NAME", default=default,
+                   help="the export (default: the default export; list: every export)")
+    p.add_argument("--quiet", "-q", action="store_true", default=default,
+                   help="print nothing on success")
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "bitmap", help="add, remove, clear or list a running server's dirty bitmaps",
@@ -100,15 +106,21 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                     "them; clients read them as the qemu:dirty-bitmap:NAME metadata "
                     "context. They are kept next to a file image and survive a clean "
                     "restart (docs/backup.md).")
-    add_control_argument(p)
-    p.add_argument("action", choices=["add", "remove", "clear", "list"])
-    p.add_argument("bitmap", nargs="?", metavar="BITMAP")
-    p.add_argument("--export", "-e", metavar="NAME",
-                   help="the export (default: the default export; list: every export)")
-    p.add_argument("--granularity", "-g", type=_size, metavar="BYTES",
-                   help="bytes per bit for add: a power of two, 512 to 1G (default 64K)")
-    p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
-    p.set_defaults(func=run_bitmap)
+    _common(p, argparse.SUPPRESS)
+    acts = p.add_subparsers(dest="action", metavar="ACTION")
+    acts.required = True
+    for action, text in (("add", "start a new bitmap (empty: it records changes from now)"),
+                         ("remove", "drop a bitmap"),
+                         ("clear", "empty a bitmap (also makes an inconsistent one usable)"),
+                         ("list", "print the bitmaps as JSON")):
+        a = acts.add_parser(action, help=text, description=text)
+        _common(a, argparse.SUPPRESS)
+        if action != "list":
+            a.add_argument("bitmap", metavar="BITMAP")
+        if action == "add":
+            a.add_argument("--granularity", "-g", type=_size, metavar="BYTES",
+                           help="bytes per bit: a power of two, 512 to 1G (default 64K)")
+        a.set_defaults(func=run_bitmap)
 
     p = sub.add_parser(
         "checkpoint", help="take or release a point-in-time view of an export",
