@@ -203,7 +203,8 @@ def libnbd_dirty(uri: str, bitmap: str, size: int) -> tuple[list[tuple[int, int,
         while pos < size:
             got: dict[str, list[int]] = {}
 
-            def cb(meta: str, off: int, ents: list[int], err: int) -> int:
+            def cb(meta: str, off: int, ents: list[int], err: int,
+                   got: dict[str, list[int]] = got) -> int:
                 got[meta] = list(ents)
                 return 0
 
