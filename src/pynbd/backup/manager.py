@@ -458,7 +458,8 @@ class BackupManager:
         out = []
         for u in self.server.uris():
             p = urlsplit(u)
-            out.append(urlunsplit((p.scheme, p.netloc, "/" + quote(export), p.query, "")))
+            out.append(urlunsplit((p.scheme, p.netloc, "/" + quote(export, safe="@"), p.query,
+                                  "")))
         return out
 
     def describe_view(self, eb: ExportBackup, v: View) -> dict[str, Any]:
