@@ -389,3 +389,27 @@ def test_restore_to_an_nbd_target(tmp_path: Path) -> None:
         t.stop()
     assert hashlib.sha256(target.read_bytes()).hexdigest() == \
         hashlib.sha256(expected).hexdigest()
+
+
+def test_a_removed_chain_bitmap_means_a_full_backup(tmp_path: Path) -> None:
+    img = image(tmp_path, seed=6)
+    chain = tmp_path / "chain"
+    s = Served(tmp_path, img, workers=1)
+    try:
+        s.checkpoint("c1")
+        pynbd("backup", s.view_uri("c1"), str(chain))
+        s.checkpoint("--release", "c1")
+        s.bitmap("remove", "c1")  # the changes since c1 are forgotten
+        v = json.loads(s.checkpoint("c2").stdout)
+        assert v["bitmap"] is None
+        p = pynbd("backup", s.view_uri("c2"), str(chain), ok=False)
+        assert p.returncode == 1
+        assert b"does not offer qemu:dirty-bitmap:c1" in p.stderr and b"--full" in p.stderr
+        out = json.loads(pynbd("backup", "--full", "--json", s.view_uri("c2"),
+                               str(chain)).stdout)
+        assert out["type"] == "full" and out["checkpoint"] == "c2"
+        s.checkpoint("c3")
+        out = json.loads(pynbd("backup", "--json", s.view_uri("c3"), str(chain)).stdout)
+        assert out["type"] == "incremental" and out["bitmap"] == "c2"
+    finally:
+        s.stop()

@@ -244,6 +244,8 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
         for args, msg in cases:
             p = s.checkpoint(*args, ok=False)
             assert p.returncode == 1 and msg in p.stderr.decode(), (args, p.stderr)
+        p = s.bitmap("clear", "c1", ok=False)  # would make the next backup incomplete
+        assert p.returncode == 1 and b"cannot be cleared" in p.stderr
         p = s.bitmap("remove", "c1")  # the active chain bitmap may go
         p = s.checkpoint("c2")
         assert json.loads(p.stdout)["bitmap"] is None  # the chain was broken: no bitmap

@@ -71,11 +71,15 @@ def _open(uri: str, contexts: tuple[str, ...], timeout: float | None):  # type: 
         try:
             got = {m.name for m in c.set_meta_context(*contexts)}
         except OptionError as exc:
+            hint = ("; take a full backup (--full)"
+                    if any(x.startswith(DIRTY_PREFIX) for x in contexts) else "")
             raise BackupError(f"{uri}: the server refused the metadata contexts "
-                              f"{', '.join(contexts)}: {exc.message or exc}") from exc
+                              f"{', '.join(contexts)}: {exc.message or exc}{hint}") from exc
         missing = [x for x in contexts if x not in got]
         if missing:
-            raise BackupError(f"{uri}: the server does not offer {', '.join(missing)}")
+            hint = ("; the changes since the last backup are unknown: take a full backup "
+                    "(--full)" if any(x.startswith(DIRTY_PREFIX) for x in missing) else "")
+            raise BackupError(f"{uri}: the server does not offer {', '.join(missing)}{hint}")
         c.negotiate_safe_close()
         c.go()
     except BaseException:

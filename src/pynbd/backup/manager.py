@@ -326,6 +326,13 @@ class BackupManager:
         with self.lock:
             eb = self._eb(export)
             bm = self._get(eb, name)
+            if bm.checkpoint:
+                # its name says "every change since checkpoint NAME": emptied, it would
+                # make the next incremental backup silently incomplete
+                raise BitmapError(
+                    f"bitmap {name!r} belongs to checkpoint {name!r} and cannot be cleared "
+                    "(an incremental backup from it would miss changes); take a new "
+                    "checkpoint and a full backup of it, or remove the bitmap")
             with self._paused(eb):
                 bm.map.clear()
                 if not bm.consistent:
