@@ -141,7 +141,8 @@ def main() -> int:
         t_inc, out = timed([sys.executable, "-m", "pynbd", "backup", "--no-progress",
                             "--json", f"{base}/disk@c2", str(chain)])
         inc = json.loads(out)
-        # 4. write rate with a view open (fresh: every first write to a block copies it)
+        ctl_req({"cmd": "checkpoint", "name": "c2", "release": True})
+        # 4. write rate with one view open (fresh: every first write to a block copies it)
         ctl_req({"cmd": "checkpoint", "name": "c3"})
         print("fio 4k randwrite: view open ...", flush=True)
         iops_view = fio_randwrite(uri, args.runtime, size)
@@ -149,7 +150,6 @@ def main() -> int:
         views = st["views"]
         assert isinstance(views, list)
         saved = sum(int(v["saved_bytes"]) for v in views)
-        ctl_req({"cmd": "checkpoint", "name": "c2", "release": True})
         ctl_req({"cmd": "checkpoint", "name": "c3", "release": True})
         # 5. with the checkpoint bitmap only, then with nothing tracked at all
         print("fio 4k randwrite: bitmap, no view ...", flush=True)

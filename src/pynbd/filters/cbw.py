@@ -57,6 +57,7 @@ HEADER = 64
 NOT_SAVED, IN_SCRATCH, ZEROS = 0, 1, 2
 _FAILED = 0
 _ZERO_BLOCK = bytes(BLOCK)
+_ZERO_VIEW = memoryview(_ZERO_BLOCK)
 
 
 def _flock(kind: int, start: int, length: int) -> bytes:
@@ -230,7 +231,7 @@ class ViewState:
                 continue
             off = (blk - first) << self.shift
             piece = view[off:off + self.block]
-            if piece == _ZERO_BLOCK[:len(piece)]:
+            if piece == _ZERO_VIEW[:len(piece)]:
                 mm[HEADER + blk] = ZEROS
                 continue
             try:
@@ -355,6 +356,10 @@ class CbwFilter(Filter):
     def __init__(self, next: Backend, views: tuple[ViewState, ...]) -> None:
         super().__init__(next)
         self.views = views
+
+    def pread_nowait(self, buf: memoryview, offset: int) -> bool:
+        # reads pass through: the page-cache fast path (RWF_NOWAIT) stays too
+        return self.next.pread_nowait(buf, offset)
 
     def _preserve(self, offset: int, length: int) -> None:
         for v in self.views:

@@ -47,6 +47,10 @@ class TrackFilter(Filter):
             early = tracker.mark
         self._early = early
 
+    def pread_nowait(self, buf: memoryview, offset: int) -> bool:
+        # reads pass through: the page-cache fast path (RWF_NOWAIT) stays too
+        return self.next.pread_nowait(buf, offset)
+
     def pwrite(self, buf: memoryview | bytes, offset: int, fua: bool = False) -> None:
         if self._early is not None:
             self._early(offset, len(buf))
