@@ -293,6 +293,8 @@ def test_chain_plan_and_partial_files(tmp_path: Path) -> None:
 # --- the protocol core: refused and prefix-listed contexts ------------------------------------
 
 def test_protocol_refuses_an_inconsistent_context_with_its_reason() -> None:
+    from pynbd.protocol.constants import Rep
+    from pynbd.protocol.server import ExportSelected
     from tests.protocol.test_protocol_server import (
         GO,
         LIST_META,
@@ -308,8 +310,6 @@ def test_protocol_refuses_an_inconsistent_context_with_its_reason() -> None:
         parse_replies,
         started,
     )
-    from pynbd.protocol.constants import Rep
-    from pynbd.protocol.server import ExportSelected
 
     info = ExportInfo("d", MiB, meta_contexts=(
         "base:allocation", "qemu:allocation-depth", "qemu:dirty-bitmap:a",
