@@ -213,6 +213,11 @@ def test_scratch_out_of_space_fails_the_view_not_the_live_export(tmp_path: Path,
                 str(tmp_path / "x.raw"), ok=False)
         assert p.returncode != 0
         assert read_view(s.view_uri("roomy"), tmp_path / "roomy.raw") == before
+        # a backup of the failed view fails cleanly and leaves no half backup behind
+        bk = tmp_path / "bk"
+        p = pynbd("backup", s.view_uri("small"), str(bk), ok=False)
+        assert p.returncode == 1 and b"EIO" in p.stderr and b"failed" in p.stderr
+        assert sorted(x.name for x in bk.iterdir()) == []
         # the live export keeps working after the failure
         hs[0].pwrite(b"after", 5 * MiB)
         assert hs[1].pread(5, 5 * MiB) == b"after"
