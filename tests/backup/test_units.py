@@ -327,3 +327,44 @@ def test_protocol_refuses_an_inconsistent_context_with_its_reason() -> None:
     assert b"qemu:dirty-bitmap:bad: it is broken" in out
     evs = events(conn, opt(GO, info_data("d")))
     assert isinstance(evs[-1], ExportSelected) and evs[-1].meta_contexts == {}
+
+
+def test_damaged_manifests_are_refused(tmp_path: Path) -> None:
+    d = tmp_path / "c"
+    d.mkdir()
+    base = {"format": "pynbd-backup", "version": 1, "size": MiB}
+    entry = {"index": 0, "type": "full", "file": "0000.raw", "ranges": "0000.json"}
+    for bad in ({**base, "backups": [{"index": 0}]},
+                {**base, "backups": [{**entry, "file": "../../etc/passwd"}]},
+                {**base, "backups": [{**entry, "index": 3}]},
+                {**base, "backups": [{**entry, "type": "weekly"}]},
+                {**base, "size": "big"},
+                {**base, "backups": "x"},
+                {"format": "pynbd-backup", "version": 7, "size": 1}):
+        (d / "manifest.json").write_text(json.dumps(bad))
+        with pytest.raises(ChainError):
+            Chain.open(str(d))
+
+
+def test_control_verbs_refuse_bad_requests(tmp_path: Path) -> None:
+    from pynbd.backup.manager import BackupManager
+    from pynbd.server.control import ControlServer
+    from pynbd.server.exports import Export, ExportRegistry
+    from pynbd.server.server import Server
+
+    srv = Server(ExportRegistry([Export("m", MemoryBackend(MiB))]))
+    mgr = BackupManager(srv)
+    ctl = ControlServer(str(tmp_path / "ctl"))
+    mgr.register(ctl)
+    for req in ({"cmd": "bitmap", "action": "add", "name": "x", "granularity": "abc"},
+                {"cmd": "bitmap", "action": "add", "name": "x", "granularity": 1.5},
+                {"cmd": "bitmap", "action": "add", "name": 7},
+                {"cmd": "bitmap", "action": "explode", "name": "x"},
+                {"cmd": "bitmap", "action": "add", "name": "x", "export": 3},
+                {"cmd": "checkpoint"},
+                {"cmd": "checkpoint", "name": "c", "scratch_dir": 5},
+                {"cmd": "checkpoint", "name": "c", "release": True}):
+        reply = ctl.handle_line(json.dumps(req).encode())
+        assert reply["ok"] is False and reply["error"] and "failed:" not in reply["error"], req
+    assert ctl.handle_line(b'{"cmd": "bitmap", "action": "list"}')["bitmaps"] == []
+    srv.shutdown()

@@ -128,8 +128,19 @@ class Chain:
         if int(d.get("version", 0)) > VERSION:
             raise ChainError(f"{path}: version {d.get('version')} is newer than this pynbd "
                              f"({VERSION})")
-        backups = [Backup.from_dict(b) for b in d.get("backups", [])]
-        return cls(directory, int(d["size"]), backups, int(d.get("piece", PIECE)))
+        try:
+            backups = [Backup.from_dict(b) for b in d.get("backups", [])]
+            size, piece = int(d["size"]), int(d.get("piece", PIECE))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ChainError(f"{path}: damaged ({type(exc).__name__}: {exc})") from exc
+        for i, b in enumerate(backups):
+            if b.index != i or b.type not in ("full", "incremental") or any(
+                    os.sep in f or f in ("", ".", "..") for f in (b.file, b.ranges_file)):
+                raise ChainError(f"{path}: damaged (backup #{i} is not a backup of this "
+                                 "chain)")
+        if size < 0 or piece <= 0:
+            raise ChainError(f"{path}: damaged (size {size}, piece {piece})")
+        return cls(directory, size, backups, piece)
 
     @property
     def last(self) -> Backup | None:

@@ -62,7 +62,10 @@ def _open(uri: str, contexts: tuple[str, ...], timeout: float | None):  # type: 
     or lacks is a BackupError naming it (with the server's reason)."""
     from pynbd.client import Client, OptionError
 
-    c = Client.dial(uri, timeout=timeout)
+    try:
+        c = Client.dial(uri, timeout=timeout)
+    except OSError as exc:
+        raise BackupError(f"{uri}: cannot connect: {exc.strerror or exc}") from exc
     try:
         c.connect()
         if not (c.extended_headers() or c.structured_replies()):
@@ -91,7 +94,10 @@ def _open(uri: str, contexts: tuple[str, ...], timeout: float | None):  # type: 
 def _list_bitmaps(uri: str, timeout: float | None) -> list[str]:
     from pynbd.client import Client, OptionError
 
-    c = Client.dial(uri, timeout=timeout)
+    try:
+        c = Client.dial(uri, timeout=timeout)
+    except OSError as exc:
+        raise BackupError(f"{uri}: cannot connect: {exc.strerror or exc}") from exc
     try:
         c.connect()
         if not (c.extended_headers() or c.structured_replies()):
@@ -275,9 +281,15 @@ def backup(uri: str, directory: str, opts: BackupOptions | None = None) -> Backu
     opts = opts or BackupOptions()
     if opts.connections < 1 or opts.requests < 1:
         raise BackupError("--connections and --requests must be at least 1")
-    chain = Chain.open(directory, create=True)
+    try:
+        export = parse_uri(uri).export or ""
+    except ValueError as exc:
+        raise BackupError(str(exc)) from exc
+    try:
+        chain = Chain.open(directory, create=True)
+    except OSError as exc:
+        raise ChainError(f"{directory}: {exc.strerror or exc}") from exc
     chain.clean_partial()
-    export = parse_uri(uri).export or ""
     checkpoint = opts.checkpoint
     if checkpoint is None and "@" in export:
         checkpoint = export.rsplit("@", 1)[1] or None

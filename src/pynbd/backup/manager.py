@@ -524,7 +524,7 @@ class BackupManager:
                 raise ControlError('"action" must be add, remove, clear or list')
             eb = self._eb(export)
             return {"bitmap": bm.describe(eb.export.name, eb.store_dir is not None)}
-        except (BitmapError, OSError) as exc:
+        except (ValueError, OSError) as exc:  # BitmapError is a ValueError
             raise ControlError(str(exc)) from exc
 
     def do_checkpoint(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -549,7 +549,7 @@ class BackupManager:
                                 scratch)
             eb = self._eb(export)
             return {"view": self.describe_view(eb, v)}
-        except (BitmapError, OSError) as exc:
+        except (ValueError, OSError) as exc:  # BitmapError is a ValueError
             raise ControlError(str(exc)) from exc
 
     def register(self, control: ControlServer) -> None:

@@ -93,7 +93,7 @@ def run_restore(args: argparse.Namespace) -> int:
     try:
         res = restore(args.dir, args.target, args.at,
                       progress=_bar(sys.stderr, "restore") if show else None)
-    except (RestoreError, ChainError, ProtocolError, OSError) as exc:
+    except (RestoreError, ChainError, ProtocolError, OSError, ValueError) as exc:
         if show:
             sys.stderr.write("\n")
         print(f"pynbd restore: {exc}", file=sys.stderr)
