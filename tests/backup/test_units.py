@@ -368,3 +368,12 @@ def test_control_verbs_refuse_bad_requests(tmp_path: Path) -> None:
         assert reply["ok"] is False and reply["error"] and "failed:" not in reply["error"], req
     assert ctl.handle_line(b'{"cmd": "bitmap", "action": "list"}')["bitmaps"] == []
     srv.shutdown()
+
+
+def test_bitmaps_have_bounded_memory() -> None:
+    from pynbd.server.bitmaps import MAX_GRANULES
+
+    with pytest.raises(BitmapError, match="too fine") as ei:
+        BitmapMap(MAX_GRANULES * 512 + 1, 512)
+    least = int(str(ei.value).rsplit("use ", 1)[1].split()[0])
+    BitmapMap(MAX_GRANULES * 512 + 1, least).close()  # what it suggests fits

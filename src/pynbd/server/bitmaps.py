@@ -45,6 +45,8 @@ MIN_GRANULARITY = 512
 MAX_GRANULARITY = 1 << 30
 #: at most this many extents in one block status answer (qemu's limit too)
 MAX_EXTENTS = 1 << 20
+#: at most this many granules (bytes of shared memory) per bitmap: 256 MiB
+MAX_GRANULES = 1 << 28
 STORE_SUFFIX = ".pynbd-bitmaps"
 META = "bitmaps.json"
 FORMAT = "pynbd-bitmaps"
@@ -93,6 +95,11 @@ class BitmapMap:
         self.granularity = granularity
         self.shift = granularity.bit_length() - 1
         self.nchunks = (size + granularity - 1) >> self.shift
+        if self.nchunks > MAX_GRANULES:
+            least = 1 << max(0, (size - 1).bit_length() - MAX_GRANULES.bit_length() + 1)
+            raise BitmapError(f"granularity {granularity} is too fine for a {size}-byte "
+                              f"image (a bitmap holds at most {MAX_GRANULES} granules); use "
+                              f"{least} or more")
         if fd is None:
             fd = os.memfd_create("pynbd-bitmap", os.MFD_CLOEXEC)
             os.ftruncate(fd, max(self.nchunks, 1))
