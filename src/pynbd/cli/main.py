@@ -25,6 +25,8 @@ SUBCOMMAND_MODULES = [
     "proxy",
     "fuse",
     "filterctl",
+    "bitmap",
+    "backup",
 ]
 
 # Which module defines each command, so a command imports only what it needs (start-up
@@ -34,6 +36,7 @@ COMMANDS = {
     "copy": "copy", "ceph": "ceph", "mirror": "mirror", "mirror-speed": "mirror",
     "break": "mirror", "listen": "listen", "read": "rw", "write": "rw", "proxy": "proxy",
     "proxy-upstream": "proxy", "fuse": "fuse", "filter": "filterctl",
+    "bitmap": "bitmap", "checkpoint": "bitmap", "backup": "backup", "restore": "backup",
 }
 
 

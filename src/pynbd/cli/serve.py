@@ -252,6 +252,7 @@ def build_server(args: argparse.Namespace) -> Server:
         log.error("default export %r is unavailable; using %r", default, exports[0].name)
         default = exports[0].name
     registry = ExportRegistry(exports, default=default)
+    args._serve_config = cfg  # bitmaps, for attach_backup
     tls = TLSMode(args.tls)
     ctx = None
     if tls is not TLSMode.OFF:
@@ -355,6 +356,17 @@ def run(args: argparse.Namespace) -> int:
         control = ControlServer(args.control)
         server.attach_control(control)
     migration = attach_migration(server, control)  # gates, crash recovery, mirror verbs
+    from pynbd.backup.manager import BitmapConfig, attach_backup
+    from pynbd.server.bitmaps import BitmapError
+
+    try:  # bitmaps loaded (and marked in use) before the first write
+        backup = attach_backup(server, control, {
+            e.name: BitmapConfig(e.bitmaps, e.bitmap_dir)
+            for e in args._serve_config.exports})
+    except (BitmapError, OSError) as exc:
+        print(f"pynbd serve: bitmaps: {exc}", file=sys.stderr)
+        server.shutdown()
+        return 2
     server.start()  # the workers start here, before any other thread
     if control is not None:
         control.start()
@@ -401,6 +413,7 @@ def run(args: argparse.Namespace) -> int:
             status = status or 1
         migration.shutdown()
         server.shutdown()
+        backup.shutdown()  # after the last write: bitmaps saved, marked not in use
         if pidfile is not None:
             pidfile.remove()
         private = getattr(args, "_private_dir", None)

@@ -99,6 +99,10 @@ class ExportInfo:
     #: maximum (0xFFFFFFFF: no limit of the export's own)
     block_size: tuple[int, int, int] = (1, 4096, MAX_BLOCK_SIZE_FIELD)
     meta_contexts: tuple[str, ...] = (BASE_ALLOCATION,)
+    #: contexts the export has but will not serve, each with the reason (e.g. a dirty
+    #: bitmap left inconsistent by an unclean stop): a query naming one exactly gets
+    #: NBD_REP_ERR_POLICY with the reason, never a silently missing context
+    refused_contexts: tuple[tuple[str, str], ...] = ()
 
     def transmission_flags(self, structured: bool, x_close: bool,
                            block_status_payload: bool = False) -> int:
@@ -632,14 +636,20 @@ class ServerConnection:
             if ":" not in q:
                 return self._reply_error(opt, Rep.ERR_INVALID,
                                          f"meta context query {q!r} has no namespace")
+        if export.refused_contexts:
+            refused = dict(export.refused_contexts)
+            for q in queries:
+                if q in refused:
+                    return self._reply_error(opt, Rep.ERR_POLICY, f"{q}: {refused[q]}")
         matched: list[str] = []
         for ctx in export.meta_contexts:
             if not queries and not is_set:
                 matched.append(ctx)
                 continue
             for q in queries:
-                ns = q.split(":", 1)[0] + ":"
-                if q == ctx or (not is_set and q == ns and ctx.startswith(ns)):
+                # LIST: "ns:" names a namespace, and a query ending in ":" every context
+                # under it (qemu: "qemu:dirty-bitmap:" lists every bitmap)
+                if q == ctx or (not is_set and q.endswith(":") and ctx.startswith(q)):
                     matched.append(ctx)
                     break
         selected: dict[int, str] = {}

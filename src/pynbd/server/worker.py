@@ -48,7 +48,7 @@ access = logging.getLogger("pynbd.access")
 THREADS_PER_CONNECTION = 16
 
 
-from pynbd.filters.track import Tracker  # noqa: E402
+from pynbd.filters.track import Tracker, Trackers  # noqa: E402
 
 
 class WorkerEvents(Protocol):
@@ -71,7 +71,14 @@ class ExportRuntime:
         self.info = info
         self.read_only = info.read_only
         self.pause = PauseState()
-        self.tracker: Tracker | None = None
+        #: told about every range a client changes, by slot: "migration" (the mirror's
+        #: dirty map), "bitmap:NAME" (backup bitmaps, server/bitmaps.py)
+        self.trackers: dict[str, Tracker] = {}
+        #: the server's own layers between the plugin and the trackers, by slot (a
+        #: point-in-time view's copy-before-write, filters/cbw.py), innermost first
+        self.layers: dict[str, Callable[[Backend], Backend]] = {}
+        #: metadata contexts other than base:allocation: name -> extents(offset, length)
+        self.contexts: dict[str, Callable[[int, int], list[Extent]]] = {}
         model = backend.thread_model
         self.thread_model = model
         serialize_all = model in (ThreadModel.SERIALIZE_ALL_REQUESTS,
@@ -97,8 +104,11 @@ class ExportRuntime:
     def wrap(self, own: Backend) -> Backend:
         """The stack a connection calls: the server's layers around ``own``."""
         b = own
-        if self.tracker is not None:
-            b = TrackFilter(b, self.tracker)
+        for make in self.layers.values():
+            b = make(b)
+        if self.trackers:
+            ts = list(self.trackers.values())
+            b = TrackFilter(b, ts[0] if len(ts) == 1 else Trackers(ts))
         if self.pause.engaged:
             b = PauseFilter(b, self.pause)
         return b
@@ -131,6 +141,9 @@ class ExportRuntime:
 
     def context_extents(self, name: str, offset: int, length: int) -> list[Extent]:
         """Extents of a metadata context other than base:allocation."""
+        source = self.contexts.get(name)
+        if source is not None:
+            return source(offset, length)
         if name == QEMU_ALLOCATION_DEPTH:
             # no backing chains here: every byte is local (depth 1), what qemu-nbd -A
             # reports for a raw image
@@ -372,19 +385,52 @@ class Worker:
             rt.rebind()
         rt.wake()
 
-    def set_tracker(self, name: str, tracker: Tracker | None,
+    def set_tracker(self, name: str, tracker: Tracker | None, slot: str = "migration",
                     done: Callable[[], None] | None = None) -> None:
-        """Attach a write tracker; ``done`` once every write that can still complete
-        is marked (requests already running on threads used the old stack)."""
+        """Attach a write tracker in ``slot``; ``done`` once every write that can still
+        complete is marked (requests already running on threads used the old stack)."""
         rt = self.runtimes.get(name)
         if rt is not None:
-            rt.tracker = tracker
+            if tracker is None:
+                rt.trackers.pop(slot, None)
+            else:
+                rt.trackers[slot] = tracker
             rt.rebind()
             if done is not None:
                 rt.when_started_before_done(done)
                 return
         if done is not None:
             done()
+
+    # --- exports added and removed at run time (point-in-time views) --------------------
+
+    def add_export(self, name: str, backend: Backend, info: ExportInfo) -> ExportRuntime:
+        """Serve a new export; a provider of this process's own learns its info (the
+        supervisor's registry is updated by the supervisor)."""
+        add = getattr(self.provider, "add_export", None)
+        if add is not None:
+            add(info)
+        rt = ExportRuntime(name, backend, info, self.limits)
+        self.runtimes[name] = rt
+        return rt
+
+    def remove_export(self, name: str, reason: str) -> ExportRuntime | None:
+        """Stop serving ``name``: new clients cannot select it, its clients are dropped."""
+        remove = getattr(self.provider, "remove_export", None)
+        if remove is not None:
+            remove(name)
+        self.disconnect_export(name, reason)
+        return self.runtimes.pop(name, None)
+
+    def set_info(self, name: str, info: ExportInfo) -> None:
+        """What the protocol advertises for ``name`` changed (e.g. its metadata contexts);
+        connections that selected it before keep what they negotiated."""
+        add = getattr(self.provider, "add_export", None)
+        if add is not None:
+            add(info)
+        rt = self.runtimes.get(name)
+        if rt is not None:
+            rt.info = info
 
     def configure_filter(self, export: str, name: str, params: dict[str, str]) -> int:
         """Apply run-time parameters to every ``name`` filter of ``export``; how many."""

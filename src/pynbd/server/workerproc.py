@@ -44,11 +44,24 @@ class StaticProvider:
     def list_exports(self) -> list[ExportInfo]:
         return list(self.order)
 
+    def add_export(self, info: ExportInfo) -> None:
+        """A new export, or new info for one (e.g. its metadata contexts changed)."""
+        if info.name in self.infos:
+            self.order = [info if i.name == info.name else i for i in self.order]
+        else:
+            self.order.append(info)
+        self.infos[info.name] = info
+
+    def remove_export(self, name: str) -> None:
+        if self.infos.pop(name, None) is not None:
+            self.order = [i for i in self.order if i.name != name]
+
 
 def _info(d: dict[str, Any]) -> ExportInfo:
     d = dict(d)
     d["block_size"] = tuple(d["block_size"])
     d["meta_contexts"] = tuple(d["meta_contexts"])
+    d["refused_contexts"] = tuple(tuple(x) for x in d.get("refused_contexts", ()))
     return ExportInfo(**d)
 
 
@@ -141,12 +154,17 @@ def main(argv: list[str]) -> int:
                     events.reply(r, {"tracking": meta is not None})
 
             if meta is None:
-                worker.set_tracker(str(msg["name"]), None, tracked)
+                worker.set_tracker(str(msg["name"]), None, done=tracked)
             else:
                 from pynbd.server.sharedmap import attach_tracker
 
-                worker.set_tracker(str(msg["name"]), attach_tracker(meta, fds), tracked)
+                worker.set_tracker(str(msg["name"]), attach_tracker(meta, fds), done=tracked)
                 fds = []
+        elif op == "backup":
+            from pynbd.backup.workerops import apply
+
+            events.reply(req, apply(worker, msg, fds))  # takes the descriptors
+            fds = []
         elif op == "stats":
             events.reply(req, worker.stats())
         elif op == "configure":
