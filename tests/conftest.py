@@ -63,8 +63,12 @@ LANES: list[tuple[str, tuple[str, ...]]] = [
     ("security/", ("interop",)),  # libnbd's Python bindings (import nbd)
     ("server/test_workers.py", ("interop",)),  # import nbd
     ("service/", ("interop",)),  # systemd-socket-activate, nbdinfo, qemu-io
+    ("cli/test_copy_extended.py", ("interop",)),  # import nbd
     ("fuse/", ("interop",)),  # /dev/fuse, fusermount3, nbdkit, qemu-nbd, e2fsprogs
     ("migration/test_nbd_targets.py", ("interop",)),  # qemu-nbd and nbdkit as targets
+    ("backup/test_bitmaps.py", ("interop",)),  # libnbd (import nbd), qemu, Debian 13 peers
+    ("backup/test_views.py", ("interop",)),  # libnbd, qemu-io, a tmpfs mount
+    ("backup/test_backup.py", ("interop",)),  # qemu-nbd -B (Debian 12 and 13), libnbd
     ("migration/test_msgr2.py::test_msgr2_migration_with_qemu_io_writer", ("interop",)),
     ("proxy/test_proxy.py::test_flush_reaches_every_upstream_connection_without_multi_conn",
      ("interop",)),

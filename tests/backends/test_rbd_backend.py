@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import errno
 import itertools
+import logging
 import os
+import random
+import re
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -362,3 +366,265 @@ def test_auth_none_cluster_and_open_backend(ceph_none: CephCluster) -> None:
                 rbd.RBD().remove(io, "plain")
     finally:
         r.shutdown()
+
+
+# ---------------------------------------------------------- asynchronous interface
+class Done:
+    """A ``done`` callback for the aio_* methods: records every call (it must come
+    exactly once, from any thread) and lets the test wait for it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[OSError | None, bytes | None]] = []
+        self.threads: list[int] = []
+        self._event = threading.Event()
+
+    def __call__(self, err: OSError | None, data: bytes | None = None) -> None:
+        self.calls.append((err, data))
+        self.threads.append(threading.get_ident())
+        self._event.set()
+
+    def wait(self, timeout: float = 60.0) -> Done:
+        assert self._event.wait(timeout), "aio request never completed"
+        return self
+
+    @property
+    def error(self) -> OSError | None:
+        self.wait()
+        assert len(self.calls) == 1, self.calls
+        return self.calls[0][0]
+
+    def ok(self) -> None:
+        err = self.error
+        assert err is None, err
+
+
+def _aio_read(b: RbdBackend, offset: int, n: int) -> bytes:
+    buf = bytearray(n)
+    d = Done()
+    b.aio_pread(memoryview(buf), offset, d)
+    d.ok()
+    data = d.calls[0][1]
+    if data is not None:  # the backend handed over its own buffer
+        assert len(data) == n
+        return bytes(data)
+    return bytes(buf)
+
+
+def _aio(start: Callable[[Done], None]) -> Done:
+    d = Done()
+    start(d)
+    return d.wait()
+
+
+def test_aio_round_trip(backend: RbdBackend) -> None:
+    assert backend.aio
+    data = _pattern(3 * OBJ, 3)
+    _aio(lambda d: backend.aio_pwrite(memoryview(data), OBJ, False, d)).ok()
+    assert _aio_read(backend, OBJ, 3 * OBJ) == data
+    # a small write straight from a bytearray (handed to librbd without a copy), FUA
+    small = bytearray(_pattern(4096, 9))
+    fua = _aio(lambda d: backend.aio_pwrite(memoryview(small), 12345, True, d))
+    fua.ok()
+    assert fua.threads[0] != threading.get_ident()  # completed on librbd's thread
+    assert _aio_read(backend, 12345, 4096) == bytes(small)
+    assert _read(backend, 12345, 4096) == bytes(small)  # the synchronous path agrees
+    _aio(lambda d: backend.aio_flush(d)).ok()
+    # trim a whole object: a hole; zero part of one (FUA), then with NO_HOLE
+    _aio(lambda d: backend.aio_trim(2 * OBJ, OBJ, False, d)).ok()
+    assert _aio_read(backend, 2 * OBJ, 8192) == bytes(8192)
+    assert backend.extents(2 * OBJ, OBJ) == [Extent(OBJ, STATE_HOLE | STATE_ZERO)]
+    _aio(lambda d: backend.aio_zero(OBJ + 100, 5000, True, True, True, d)).ok()
+    assert _aio_read(backend, OBJ, 5200) == data[:100] + bytes(5000) + data[5100:5200]
+    _aio(lambda d: backend.aio_zero(3 * OBJ, 8192, False, False, False, d)).ok()
+    assert _aio_read(backend, 3 * OBJ, 8192) == bytes(8192)
+    assert backend.extents(3 * OBJ, OBJ)[0].flags == 0  # NO_HOLE kept it allocated
+    # empty requests complete at once
+    for start in (lambda d: backend.aio_pwrite(memoryview(b""), 0, True, d),
+                  lambda d: backend.aio_trim(0, 0, False, d),
+                  lambda d: backend.aio_zero(0, 0, True, False, True, d),
+                  lambda d: backend.aio_pread(memoryview(bytearray()), 0, d)):
+        _aio(start).ok()
+
+
+def test_aio_many_in_flight(backend: RbdBackend) -> None:
+    """Hundreds of requests started at once from one thread, completing on librbd's."""
+    rnd = random.Random(5)
+    model = bytearray(16 * MiB)
+    writes = []
+    for _ in range(256):
+        off = rnd.randrange(0, len(model) - 65536)
+        n = rnd.choice((512, 4096, 65536))
+        data = rnd.randbytes(n)
+        writes.append((off, data))
+    pending = []
+    # non-overlapping batches: requests in flight together may complete in any order
+    for batch in (writes[i::4] for i in range(4)):
+        spans: list[tuple[int, int]] = []
+        for off, data in batch:
+            if any(off < e and s < off + len(data) for s, e in spans):
+                continue
+            spans.append((off, off + len(data)))
+            model[off:off + len(data)] = data
+            d = Done()
+            backend.aio_pwrite(memoryview(data), off, False, d)
+            pending.append(d)
+        for d in pending:
+            d.ok()
+        pending.clear()
+    reads = [(off, bytearray(65536), Done()) for off in range(0, len(model), 65536)]
+    for off, buf, d in reads:
+        backend.aio_pread(memoryview(buf), off, d)
+    for off, buf, d in reads:
+        d.ok()
+        got = d.calls[0][1] if d.calls[0][1] is not None else bytes(buf)
+        assert got == model[off:off + 65536], off
+
+
+def test_aio_refusals(ceph_cephx: CephCluster, image: str, backend: RbdBackend) -> None:
+    ro = _open(ceph_cephx, f"rbd:rbd/{image}", read_only=True)
+    try:
+        for start in (lambda d: ro.aio_pwrite(memoryview(b"x"), 0, False, d),
+                      lambda d: ro.aio_trim(0, 4096, False, d),
+                      lambda d: ro.aio_zero(0, 4096, True, False, False, d)):
+            err = _aio(start).error
+            assert err is not None and err.errno == errno.EPERM and "read-only" in str(err)
+        _aio(lambda d: ro.aio_flush(d)).ok()  # nothing to flush
+        assert _aio_read(ro, 0, 512) == bytes(512)
+    finally:
+        ro.close()
+    err = _aio(lambda d: backend.aio_zero(0, 4096, False, True, False, d)).error
+    assert err is not None and err.errno == errno.ENOTSUP
+    backend.close()
+    for start in (lambda d: backend.aio_pread(memoryview(bytearray(512)), 0, d),
+                  lambda d: backend.aio_pwrite(memoryview(b"x"), 0, False, d),
+                  lambda d: backend.aio_flush(d)):
+        err = _aio(start).error
+        assert err is not None and err.errno == errno.ESHUTDOWN
+
+
+def test_aio_past_the_end_of_a_shrunk_image(admin: rados.Ioctx, image: str,
+                                            backend: RbdBackend) -> None:
+    """The export keeps its size; librbd refuses I/O past the image's new end in the
+    completion, and a read across it returns zeros past the end."""
+    data = _pattern(8192, 4)
+    _aio(lambda d: backend.aio_pwrite(memoryview(data), 16 * MiB - 4096, True, d)).ok()
+    with rbd.Image(admin, image) as img:
+        img.resize(16 * MiB)  # proxied to the lock owner: the backend's librbd
+    assert backend.size == 64 * MiB
+    err = _aio(lambda d: backend.aio_pwrite(memoryview(b"y" * 4096), 20 * MiB, False,
+                                            d)).error
+    assert err is not None and err.errno == errno.EINVAL
+    assert "write at 20971520+4096" in str(err)
+    for off in (20 * MiB, 16 * MiB):  # past the new end, and exactly at it
+        err = _aio(lambda d, o=off: backend.aio_pread(memoryview(bytearray(4096)), o, d)).error
+        assert err is not None and err.errno == errno.EINVAL
+        assert f"read at {off}+4096" in str(err)
+    # across the new end: the part inside, then zeros (never uninitialised memory)
+    assert _aio_read(backend, 16 * MiB - 4096, 8192) == data[:4096] + bytes(4096)
+
+
+def _blocklist(cluster: CephCluster, spec: str) -> str:
+    """Blocklist the librbd client watching ``spec``; returns its address."""
+    out = cluster.run("rbd", "status", spec).stdout
+    addrs = re.findall(r"watcher=(\S+)", out)
+    assert len(addrs) == 1, out
+    cluster.ceph("osd", "blocklist", "add", addrs[0])
+    return addrs[0]
+
+
+def test_aio_errors_from_completions(ceph_cephx: CephCluster, image: str,
+                                     backend: RbdBackend) -> None:
+    """A blocklisted client: librbd fails every request in its completion with
+    ESHUTDOWN (EBLOCKLISTED); the errno reaches ``done`` unchanged."""
+    _aio(lambda d: backend.aio_pwrite(memoryview(b"w" * 4096), 0, True, d)).ok()
+    addr = _blocklist(ceph_cephx, f"rbd/{image}")
+    try:
+        starts = {
+            "read": lambda d: backend.aio_pread(memoryview(bytearray(4096)), 0, d),
+            "write": lambda d: backend.aio_pwrite(memoryview(b"x" * 4096), 8192, False, d),
+            "flush": lambda d: backend.aio_flush(d),
+            "trim": lambda d: backend.aio_trim(OBJ, OBJ, False, d),
+            "write zeroes": lambda d: backend.aio_zero(0, 4096, True, False, False, d),
+        }
+        for what, start in starts.items():
+            err = _aio(start).error
+            assert isinstance(err, BackendError), (what, err)
+            assert err.errno == errno.ESHUTDOWN, (what, err)
+            assert what in str(err) and "blocklisted" in str(err)
+        backend.close()  # still closes (its final flush fails and is logged)
+    finally:
+        ceph_cephx.ceph("osd", "blocklist", "rm", addr)
+
+
+@pytest.mark.timeout(120)
+def test_aio_timeout(ceph_cephx: CephCluster, image: str) -> None:
+    """OSDs that do not answer: the request fails with ETIMEDOUT after osd_op_timeout."""
+    b = _open(ceph_cephx, f"rbd:rbd/{image}", osd_op_timeout=2)
+    try:
+        _aio(lambda d: b.aio_pwrite(memoryview(b"t" * 4096), 0, True, d)).ok()
+        ceph_cephx.ceph("osd", "pause")
+        try:
+            # librbd learns of the pause with its next OSD map: until then reads work
+            for _ in range(40):
+                err = _aio(lambda d: b.aio_pread(memoryview(bytearray(4096)), 0, d)).error
+                if err is not None:
+                    break
+                time.sleep(0.25)
+            assert err is not None and err.errno == errno.ETIMEDOUT, err
+            assert "read at 0+4096 failed" in str(err) and "timed out" in str(err)
+            # a FUA write is acknowledged by librbd's cache, its flush needs the OSD
+            err = _aio(lambda d: b.aio_pwrite(memoryview(b"u" * 4096), 4096, True, d)).error
+            assert err is not None and err.errno == errno.ETIMEDOUT, err
+            assert "write (FUA flush)" in str(err)
+        finally:
+            ceph_cephx.ceph("osd", "unpause")
+        assert _aio_read(b, 0, 4096) == b"t" * 4096  # works again
+    finally:
+        b.close()
+
+
+def test_aio_close_with_requests_in_flight(ceph_cephx: CephCluster, image: str) -> None:
+    """close() waits for what is in flight: every request gets exactly one answer and
+    every write acknowledged is in the image afterwards."""
+    b = _open(ceph_cephx, f"rbd:rbd/{image}")
+    writes = [(i * MiB, _pattern(MiB, i), Done()) for i in range(48)]
+    for off, data, d in writes:
+        b.aio_pwrite(memoryview(data), off, False, d)
+    b.close()
+    late = Done()
+    b.aio_pwrite(memoryview(b"late"), 0, False, late)
+    assert late.error is not None and late.error.errno == errno.ESHUTDOWN
+    acked = [(off, data) for off, data, d in writes if d.error is None]
+    assert len(acked) == len(writes)  # nothing was cut off: close waited
+    for _, _, d in writes:
+        assert len(d.calls) == 1
+    again = _open(ceph_cephx, f"rbd:rbd/{image}")
+    try:
+        for off, data in acked:
+            assert _read(again, off, MiB) == data, off
+    finally:
+        again.close()
+
+
+def test_aio_done_that_raises_is_contained(backend: RbdBackend,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    """A ``done`` that raises on librbd's thread is logged; the request still counts as
+    finished (close does not wait for it)."""
+    called = threading.Event()
+
+    def bad(err: OSError | None, data: bytes | None = None) -> None:
+        called.set()
+        raise RuntimeError("handler bug")
+
+    with caplog.at_level(logging.ERROR, logger="pynbd.backends.rbd"):
+        backend.aio_pwrite(memoryview(b"r" * 4096), 0, False, bad)
+        assert called.wait(60)
+        for _ in range(100):  # the log record follows the call
+            if any("completion handler failed" in r.message for r in caplog.records):
+                break
+            time.sleep(0.05)
+    assert any("completion handler failed" in r.message for r in caplog.records)
+    t = threading.Thread(target=backend.close, args=(30.0,))
+    t.start()
+    t.join(60)
+    assert not t.is_alive()

@@ -407,8 +407,9 @@ def test_killed_server_gives_eio_to_a_reader_then_unmounts(exports: Exports,
 
 def test_killed_pynbd_server_gives_eio_then_unmounts(exports: Exports,
                                                      mount: Mounter) -> None:
-    """pynbd serve frozen (SIGSTOP) with a read in flight, then killed."""
-    e = exports.start("pynbd")
+    """pynbd serve frozen (SIGSTOP) with a read in flight, then killed (one process:
+    with worker processes, stopping the supervisor would not freeze the workers)."""
+    e = exports.start("pynbd", extra=("--workers", "1"))
     m = mount(e.uri)
     # a first read, with O_DIRECT: a buffered one leaves kernel readahead in flight,
     # and the next open waits for it (the frozen server would never answer it)

@@ -3,11 +3,14 @@ qemu-img, qemu-io, nbdcopy, python3-libnbd) against the real single-node Ceph cl
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
 import random
+import re
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -317,3 +320,258 @@ def test_failed_rbd_export_does_not_stop_the_others(servers: ServerFactory,
     gone = run("nbdinfo", "--size", f"{base}/gone", ok=False)
     assert gone.returncode != 0
     assert "no-such-image" in srv.stderr and "cannot open" in srv.stderr
+
+
+# ------------------------------------------------- the aio path (librbd completions)
+def _drive(h: nbd.NBD, start: list[Callable[[], int]], depth: int) -> list[tuple[int, int]]:
+    """Start requests with up to ``depth`` in flight on ``h``; (index, cookie) each."""
+    cookies: list[tuple[int, int]] = []
+    for i, fn in enumerate(start):
+        cookies.append((i, fn()))
+        while h.aio_in_flight() >= depth:
+            h.poll(-1)
+    for _ in range(100000):
+        if h.aio_in_flight() == 0:
+            break
+        h.poll(-1)
+    assert h.aio_in_flight() == 0
+    return cookies
+
+
+def test_pipelined_requests_on_two_connections(serve_rbd: Callable[..., PynbdServer],
+                                              image: str) -> None:
+    """Two connections, each with up to 48 requests in flight at once (writes, FUA
+    writes, zeroes, reads, flushes) on its own half of the image, driven by two
+    threads: every request completes, and every read returns what the model says."""
+    srv = serve_rbd(f"rbd/{image}")
+    model = bytearray(SIZE)
+    slot = 256 * 1024
+    errors: list[BaseException] = []
+
+    def client(seed: int, base: int) -> None:
+        try:
+            h = connect(srv.uri)
+            rnd = random.Random(seed)
+            bufs: list[nbd.Buffer] = []
+            ops: list[Callable[[], int]] = []
+            for s in range(base, base + SIZE // 2, slot):  # one request per slot at once
+                kind = rnd.choice(("write", "write", "fua", "zero", "zero-nohole"))
+                off = s + rnd.randrange(0, slot // 2)
+                n = rnd.randrange(1, slot // 2)
+                if kind in ("write", "fua"):
+                    data = rnd.randbytes(n)
+                    model[off:off + n] = data
+                    b = nbd.Buffer.from_bytearray(bytearray(data))
+                    bufs.append(b)
+                    flags = nbd.CMD_FLAG_FUA if kind == "fua" else 0
+                    ops.append(lambda b=b, off=off, flags=flags: h.aio_pwrite(b, off,
+                                                                              flags=flags))
+                else:
+                    model[off:off + n] = bytes(n)
+                    flags = nbd.CMD_FLAG_NO_HOLE if kind == "zero-nohole" else 0
+                    ops.append(lambda off=off, n=n, flags=flags: h.aio_zero(n, off,
+                                                                            flags=flags))
+                if rnd.random() < 0.1:
+                    ops.append(lambda: h.aio_flush())
+            for _, cookie in _drive(h, ops, 48):
+                assert h.aio_command_completed(cookie)
+            h.flush()
+            # reads of every slot, pipelined, checked against the model
+            reads: list[tuple[int, nbd.Buffer]] = []
+            starts: list[Callable[[], int]] = []
+            for s in range(base, base + SIZE // 2, slot):
+                rb = nbd.Buffer(slot)
+                reads.append((s, rb))
+                starts.append(lambda rb=rb, s=s: h.aio_pread(rb, s))
+            for i, cookie in _drive(h, starts, 48):
+                assert h.aio_command_completed(cookie)
+                s, rb = reads[i]
+                assert rb.to_bytearray() == model[s:s + slot], s
+            h.shutdown()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i, i * SIZE // 2)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not any(t.is_alive() for t in threads)
+    assert not errors, errors
+    # a third connection sees all of it
+    h = connect(srv.uri)
+    try:
+        assert h.pread(SIZE, 0) == model
+    finally:
+        h.shutdown()
+
+
+def test_write_past_the_end(serve_rbd: Callable[..., PynbdServer], image: str,
+                            admin: rados.Ioctx) -> None:
+    """Past the export's end the server refuses (ENOSPC for writes, as the spec says);
+    past the end of an image shrunk under the export, librbd refuses in the completion
+    and the client gets EINVAL; a read across the new end returns zeros past it."""
+    srv = serve_rbd(f"rbd/{image}")
+    h = connect(srv.uri)
+    try:
+        h.set_strict_mode(0)  # let the requests reach the server
+        with pytest.raises(nbd.Error) as ei:
+            h.pwrite(b"x" * 4096, SIZE - 512)
+        assert ei.value.errnum == errno.ENOSPC
+        with pytest.raises(nbd.Error) as ei:
+            h.zero(4096, SIZE)
+        assert ei.value.errnum == errno.ENOSPC
+        with pytest.raises(nbd.Error) as ei:
+            h.pread(4096, SIZE)
+        assert ei.value.errnum == errno.EINVAL
+        data = randbytes(8192, 3)
+        h.pwrite(data, 16 * MiB - 4096, nbd.CMD_FLAG_FUA)  # takes the exclusive lock
+        with rbd.Image(admin, image) as img:
+            img.resize(16 * MiB)  # carried out by the lock owner: the server's librbd
+        for op in (lambda: h.pwrite(b"y" * 4096, 20 * MiB), lambda: h.pread(4096, 20 * MiB),
+                   lambda: h.zero(4096, 20 * MiB)):
+            with pytest.raises(nbd.Error) as ei:
+                op()
+            assert ei.value.errnum == errno.EINVAL
+        assert h.pread(8192, 16 * MiB - 4096) == data[:4096] + bytes(4096)
+        assert h.get_size() == SIZE  # the export keeps its size until a restart
+        assert h.pread(4096, 0) == bytes(4096)  # and the rest keeps working
+    finally:
+        h.shutdown()
+    assert srv.alive()
+
+
+def _watcher(cluster: CephCluster, spec: str) -> str:
+    out = cluster.run("rbd", "status", spec).stdout
+    addrs = re.findall(r"watcher=(\S+)", out)
+    assert len(addrs) == 1, out
+    return addrs[0]
+
+
+def test_errors_from_librbd_reach_the_client(servers: ServerFactory, ceph_cephx: CephCluster,
+                                             image: str, tmp_path: Path) -> None:
+    """The server's librbd client is blocklisted: every request on the RBD export fails
+    in its completion with ESHUTDOWN, which the client receives as such; the memory
+    export of the same server, and the server, keep working."""
+    cfg = tmp_path / "exports.toml"
+    cfg.write_text('[[export]]\nname = "scratch"\ntarget = "memory:8M"\n\n'
+                   f'[[export]]\nname = "ceph"\ntarget = "rbd:rbd/{image}"\n')
+    srv = servers("--ceph-conf", str(ceph_cephx.conf_path),
+                  "--ceph-keyring", str(ceph_cephx.keyring_path), "--config", str(cfg))
+    base = srv.uri.rsplit("/", 1)[0]
+    h = connect(f"{base}/ceph")
+    h.pwrite(b"before" * 100, 0, nbd.CMD_FLAG_FUA)
+    addr = _watcher(ceph_cephx, f"rbd/{image}")
+    ceph_cephx.ceph("osd", "blocklist", "add", addr)
+    try:
+        for op in (lambda: h.pread(4096, 0), lambda: h.pwrite(b"x" * 4096, 8192),
+                   lambda: h.flush(), lambda: h.trim(OBJ, OBJ), lambda: h.zero(4096, 0),
+                   lambda: h.pwrite(b"f" * 512, 0, nbd.CMD_FLAG_FUA)):
+            with pytest.raises(nbd.Error) as ei:
+                op()
+            assert ei.value.errnum == errno.ESHUTDOWN, ei.value
+        # many at once: each answered with the error, the connection stays usable
+        cookies = [h.aio_pread(nbd.Buffer(4096), i * 4096) for i in range(32)]
+        while h.aio_in_flight():
+            h.poll(-1)
+        for c in cookies:
+            with pytest.raises(nbd.Error) as ei:
+                h.aio_command_completed(c)
+            assert ei.value.errnum == errno.ESHUTDOWN
+        m = connect(f"{base}/scratch")
+        m.pwrite(b"memory" * 100, 0)
+        assert m.pread(600, 0) == b"memory" * 100
+        m.shutdown()
+        h.shutdown()
+        assert srv.alive()
+    finally:
+        ceph_cephx.ceph("osd", "blocklist", "rm", addr)
+
+
+def test_flushed_writes_survive_sigkill(serve_rbd: Callable[..., PynbdServer], image: str,
+                                        ceph_cephx: CephCluster) -> None:
+    """Pipelined writes, then FLUSH; FUA writes without a flush: all of it is in the
+    image after the server is SIGKILLed (no close, no final flush) and a new one
+    serves it."""
+    srv = serve_rbd(f"rbd/{image}")
+    h = connect(srv.uri)
+    flushed = [(i * 300 * 1024, randbytes(200 * 1024 + i, 40 + i)) for i in range(48)]
+    cookies = _drive(h, [lambda o=o, d=d: h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(d)),
+                                                       o)
+                         for o, d in flushed], 32)
+    for _, c in cookies:
+        assert h.aio_command_completed(c)
+    h.flush()
+    fua = [(20 * MiB + i * 65536, randbytes(65536, 200 + i)) for i in range(16)]
+    cookies = _drive(h, [lambda o=o, d=d: h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(d)),
+                                                       o, flags=nbd.CMD_FLAG_FUA)
+                         for o, d in fua], 16)
+    for _, c in cookies:
+        assert h.aio_command_completed(c)
+    addr = _watcher(ceph_cephx, f"rbd/{image}")
+    srv.proc.kill()
+    srv.proc.wait(10)
+    # the dead client's watch and lock would linger for 30 s: evict it, as an operator would
+    ceph_cephx.ceph("osd", "blocklist", "add", addr)
+    try:
+        again = serve_rbd(f"rbd/{image}")
+        h2 = connect(again.uri)
+        try:
+            for off, data in flushed + fua:
+                assert h2.pread(len(data), off) == data, off
+            h2.pwrite(b"new owner" * 100, 0, nbd.CMD_FLAG_FUA)  # takes over the lock
+        finally:
+            h2.shutdown()
+    finally:
+        ceph_cephx.ceph("osd", "blocklist", "rm", addr)
+
+
+def test_sigterm_with_requests_in_flight(serve_rbd: Callable[..., PynbdServer], image: str,
+                                         admin: rados.Ioctx) -> None:
+    """SIGTERM while 64 writes of 256 KiB are in flight: the server answers what it
+    received, flushes and exits; every write the client saw acknowledged is in the
+    image."""
+    srv = serve_rbd(f"rbd/{image}")
+    h = connect(srv.uri)
+    writes = [(i * 256 * 1024, randbytes(256 * 1024, 500 + i)) for i in range(64)]
+    cookies = [h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(d)), o) for o, d in writes]
+    srv.proc.terminate()
+    acked: list[tuple[int, bytes]] = []
+    for _ in range(100000):
+        if not h.aio_in_flight():
+            break
+        try:
+            h.poll(1000)
+        except nbd.Error:  # the connection closed
+            break
+    for (off, data), c in zip(writes, cookies, strict=True):
+        try:
+            if h.aio_command_completed(c):
+                acked.append((off, data))
+        except nbd.Error:
+            pass  # not received before the server stopped reading, or dropped
+    assert srv.proc.wait(60) == 0, srv.stderr[-3000:]
+    del h  # the connection went with the server
+    assert acked, "no write was answered before the server stopped"
+    with rbd.Image(admin, image, read_only=True) as img:
+        for off, data in acked:
+            assert img.read(off, len(data)) == data, off
+
+
+def test_workers_2_serves_rbd_from_one_process(serve_rbd: Callable[..., PynbdServer],
+                                               image: str, ceph_cephx: CephCluster,
+                                               tmp_path: Path) -> None:
+    """``--workers 2``: an RBD export is served from one process (one librbd client:
+    several would take the exclusive lock in turns); multi-conn clients work."""
+    srv = serve_rbd(f"rbd/{image}", "--workers", "2")
+    src = tmp_path / "src.img"
+    src.write_bytes(randbytes(SIZE, 77))
+    run("nbdcopy", "--flush", "--connections=4", str(src), srv.uri)
+    back = tmp_path / "back.img"
+    run("nbdcopy", "--connections=4", srv.uri, str(back))
+    assert back.read_bytes() == src.read_bytes()
+    watchers = re.findall(r"watcher=(\S+)", ceph_cephx.run("rbd", "status",
+                                                          f"rbd/{image}").stdout)
+    assert len(watchers) == 1, watchers
+    assert "serving with one worker" in srv.stderr and "keeps its state in one process" \
+        in srv.stderr

@@ -16,8 +16,10 @@ from collections.abc import Iterator
 import nbd
 import pytest
 
-from pynbd.backends.base import BackendError
+from pynbd.backends.base import Backend
 from pynbd.backends.memory import MemoryBackend
+from pynbd.filters.delay import DelayFilter
+from pynbd.filters.error import ErrorFilter
 from pynbd.server.control import control_request
 from pynbd.server.exports import Export, ExportRegistry
 from pynbd.server.server import Limits, Server, ServerOptions
@@ -195,29 +197,24 @@ def test_negotiating_pool_evicts_silent_connections(serve) -> None:
 
 # --- in-process servers with injected backends -------------------------------------
 
-class SlowBackend(MemoryBackend):
-    blocking = True  # it sleeps: the server must run it on threads
+# The fault hooks are filters now (tests/filters/ drives them through pynbd serve too):
+# a plugin call that sleeps is the delay filter in mode=sleep, a failing flush is the
+# error filter on flush.
 
-    def __init__(self, size: int, delay: float) -> None:
-        super().__init__(size)
-        self.delay = delay
-
-    def pread_into(self, buf: memoryview, offset: int) -> None:
-        if offset >= 1024 * 1024:
-            time.sleep(self.delay)
-        super().pread_into(buf, offset)
+def slow_reads(size: int, delay: float) -> Backend:
+    """Reads sleep ``delay`` s in the call, on a worker thread (a stuck storage)."""
+    return DelayFilter(MemoryBackend(size), rdelay=delay, mode="sleep")
 
 
-class FailingFlushBackend(MemoryBackend):
-    def flush(self) -> None:
-        raise BackendError(errno.EIO, "injected flush failure")
+def failing_flush(size: int) -> Backend:
+    return ErrorFilter(MemoryBackend(size), ops=frozenset({"flush"}), error=errno.EIO)
 
 
 @pytest.fixture
 def inproc() -> Iterator[object]:
     servers: list[Server] = []
 
-    def _start(backend: MemoryBackend, **limits: float) -> Server:
+    def _start(backend: Backend, **limits: float) -> Server:
         reg = ExportRegistry([Export("", backend)])
         srv = Server(reg, ServerOptions(limits=Limits(**limits)))  # type: ignore[arg-type]
         srv.listen_tcp("127.0.0.1", 0)
@@ -231,7 +228,7 @@ def inproc() -> Iterator[object]:
 
 
 def test_request_deadline_drops_stuck_client(inproc) -> None:
-    srv: Server = inproc(SlowBackend(4 * 1024 * 1024, delay=3.0), request_timeout=0.5)
+    srv: Server = inproc(slow_reads(4 * 1024 * 1024, delay=3.0), request_timeout=0.5)
     port = srv.listeners[0].port
     stuck = nbd.NBD()
     stuck.connect_tcp("127.0.0.1", str(port))
@@ -239,7 +236,8 @@ def test_request_deadline_drops_stuck_client(inproc) -> None:
     fine.connect_tcp("127.0.0.1", str(port))
     with pytest.raises(nbd.Error):
         stuck.pread(4096, 2 * 1024 * 1024)  # takes 3 s > 0.5 s deadline: dropped
-    assert fine.pread(4096, 0) == bytes(4096)
+    fine.pwrite(b"f" * 4096, 0)  # writes do not sleep: the other client is served
+    fine.flush()
     assert srv.killed_connections == 1
     fine.shutdown()
 
@@ -283,7 +281,7 @@ def test_safe_close_after_writes(inproc) -> None:
 
 
 def test_safe_close_reports_failed_flush(inproc) -> None:
-    srv: Server = inproc(FailingFlushBackend(1024 * 1024))
+    srv: Server = inproc(failing_flush(1024 * 1024))
     err, rest = x_close_session(srv.listeners[0].port)
     assert err == 5 and rest == b""  # NBD_EIO: the close was not safe
 

@@ -93,8 +93,14 @@ def test_socket_activation_refuses_explicit_listen_flags(tmp_path: Path) -> None
                           "memory:1M"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          env=env())
     try:
-        r = run("nbdinfo", "--size", f"nbd://127.0.0.1:{port}/")
-        assert r.returncode != 0
+        def connected() -> bool:  # the first connection makes it exec pynbd serve
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            except OSError:
+                return False
+            return True
+
+        wait_for(connected, "the activation socket")
         assert p.wait(20) == 2
         assert p.stdout is not None
         assert b"socket-activated (LISTEN_FDS)" in p.stdout.read()
@@ -264,3 +270,71 @@ def test_debug_logs_every_request(tmp_path: Path) -> None:
     text = default.read_text()
     assert "READ offset" not in text  # requests only at -vv
     assert "connected to export" in text and "disconnected from export" in text
+
+
+def test_proxy_socket_activation_and_notify(tmp_path: Path) -> None:
+    upstream = subprocess.Popen([PY, "-m", "pynbd", "serve", "--port", "0", "memory:8M"],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env())
+    sock = str(tmp_path / "proxy.sock")
+    notify = str(tmp_path / "notify")
+    n = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    n.bind(notify)
+    n.settimeout(30)
+    e = env()
+    e["NOTIFY_SOCKET"] = notify
+    proxy = None
+    try:
+        assert upstream.stdout is not None
+        up_uri = upstream.stdout.readline().decode().strip()
+        proxy = subprocess.Popen(["systemd-socket-activate", "-l", sock, "-E", "PYTHONPATH",
+                                  "-E", "NOTIFY_SOCKET", PY, "-m", "pynbd", "proxy",
+                                  "--upstream", up_uri], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, env=e)
+        wait_for(lambda: os.path.exists(sock), "the activation socket")
+        r = run("qemu-io", "-f", "raw", "-c", "write -P 0x33 0 64k", "-c", "read -P 0x33 0 64k",
+                f"nbd+unix:///?socket={sock}")
+        assert r.returncode == 0 and "read 65536/65536" in r.stdout, r.stdout + r.stderr
+        assert "READY=1" in n.recv(4096).decode()
+        r = run("nbdinfo", "--size", f"nbd+unix:///?socket={sock}")
+        assert r.stdout.strip() == str(8 * MiB)
+        # the data went through to the upstream
+        r = run("qemu-io", "-f", "raw", "-c", "read -P 0x33 0 64k", up_uri)
+        assert r.returncode == 0, r.stderr
+    finally:
+        if proxy is not None:
+            assert stop(proxy) == 0
+        stop(upstream)
+        n.close()
+
+
+def test_listen_socket_activation(tmp_path: Path) -> None:
+    """pynbd listen takes its msgr2 socket from systemd; a mirror migrates into it."""
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(2 * MiB) + bytes(6 * MiB))
+    dst = tmp_path / "dst.img"
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32).hex().encode())
+    key.chmod(0o600)
+    port = free_port()
+    ctl = str(tmp_path / "ctl")
+    listen = subprocess.Popen(["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "-E",
+                               "PYTHONPATH", PY, "-m", "pynbd", "listen", str(dst), "--size",
+                               "8M", "--psk-file", str(key), "--exit-after-commit"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env())
+    serve = subprocess.Popen([PY, "-m", "pynbd", "serve", "--socket",
+                              str(tmp_path / "s.sock"), "--control", ctl, str(src)],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env())
+    try:
+        assert serve.stdout is not None
+        serve.stdout.readline()
+        wait_for(lambda: os.path.exists(ctl), "the control socket")
+        r = run(PY, "-m", "pynbd", "mirror", "--control", ctl, "--to",
+                f"msgr2://127.0.0.1:{port}", "--psk-file", str(key), "--wait", timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert listen.wait(60) == 0
+        assert dst.read_bytes() == src.read_bytes()
+        assert listen.stderr is not None
+        assert b"socket-activated msgr2 listener" in listen.stderr.read()
+    finally:
+        stop(listen)
+        stop(serve)

@@ -7,6 +7,8 @@ from typing import Any
 
 from pynbd.backends.base import (
     API_VERSION,
+    STATE_HOLE,
+    STATE_ZERO,
     Backend,
     BackendError,
     ConfigError,
@@ -19,10 +21,10 @@ from pynbd.backends.base import (
 from pynbd.backends.loader import FilterSpec, open_stack, open_target, parse_filter, parse_kv
 from pynbd.util.sizes import parse_size
 
-__all__ = ["API_VERSION", "Backend", "BackendError", "CephOptions", "ConfigError", "Extent",
-           "FilterSpec", "Param", "ThreadModel", "open_backend", "open_target",
-           "open_worker_backend", "parse_bool", "parse_filter", "parse_kv", "parse_params",
-           "parse_size"]
+__all__ = ["API_VERSION", "STATE_HOLE", "STATE_ZERO", "Backend", "BackendError", "CephOptions",
+           "ConfigError", "Extent", "FilterSpec", "Param", "ThreadModel", "open_backend",
+           "open_target", "open_worker_backend", "parse_bool", "parse_filter", "parse_kv",
+           "parse_params", "parse_size"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ def open_worker_backend(spec: dict[str, object]) -> Backend:
         top = open_worker_backend(spec["base"])  # type: ignore[arg-type]
         filters: list[dict[str, Any]] = list(spec["filters"])  # type: ignore[call-overload]
         for f in reversed(filters):
-            top = open_filter(FilterSpec(str(f["name"]), dict(f["params"])), top)
+            top = open_filter(FilterSpec(str(f["name"]), dict(f["params"])), top,
+                              f.get("state"))
         return top
     raise ValueError(f"cannot reopen a backend of kind {kind!r} in a worker process")

@@ -26,12 +26,21 @@ import enum
 import errno as _errno
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 #: the plugin API version this pynbd implements; plugins declare ``api_version``
 API_VERSION = 1
 
 AioDone = Callable[[OSError | None], None]
+
+
+class AioReadDone(Protocol):
+    """How an asynchronous read ends: ``done(None)`` once ``buf`` is filled, or
+    ``done(None, data)`` with a bytes-like object of exactly ``len(buf)`` bytes that the
+    server sends instead (``buf`` stays untouched: no copy when the backend's library
+    returns a buffer of its own), or ``done(error)``."""
+
+    def __call__(self, err: OSError | None, data: bytes | None = None, /) -> None: ...
 
 # base:allocation flags, as in the NBD spec.
 STATE_HOLE = 1
@@ -253,7 +262,7 @@ class Backend:
     # Each call starts the operation and returns at once; ``done(None)`` or
     # ``done(OSError)`` is called exactly once, from any thread, when it finishes.
 
-    def aio_pread(self, buf: memoryview, offset: int, done: AioDone) -> None:
+    def aio_pread(self, buf: memoryview, offset: int, done: AioReadDone) -> None:
         raise NotImplementedError
 
     def aio_pwrite(self, buf: memoryview, offset: int, fua: bool, done: AioDone) -> None:

@@ -30,6 +30,7 @@ from pynbd.backends.base import (
     BackendError,
     ConfigError,
     Param,
+    ThreadModel,
     parse_params,
 )
 
@@ -163,8 +164,11 @@ def load_plugin_class(spec: str) -> type[Backend]:
             raise ConfigError(f"python plugin {where}: {cls_name} is not a "
                               "pynbd.backends.Backend subclass")
         return cls
+    # the module's own public Backend subclasses (``_Helper`` classes, e.g. the objects
+    # open_connection returns, and imported ones do not count)
     found = [c for c in vars(module).values()
-             if inspect.isclass(c) and issubclass(c, Backend) and c.__module__ == module.__name__]
+             if inspect.isclass(c) and issubclass(c, Backend) and c.__module__ == module.__name__
+             and not c.__name__.startswith("_")]
     if not found:
         raise ConfigError(f"python plugin {where}: defines no pynbd.backends.Backend subclass")
     if len(found) > 1:
@@ -194,7 +198,21 @@ def _open_with(obj: Any, rest: str, params: dict[str, str], read_only: bool,
         raise ConfigError(f"{what} is neither a Backend subclass nor a factory")
     if not isinstance(backend, Backend):
         raise ConfigError(f"{what} returned {type(backend).__name__}, not a Backend")
+    _check_backend(backend, what)
     return backend
+
+
+def _check_backend(backend: Backend, what: str) -> None:
+    """What the server takes from a plugin's attributes must make sense."""
+    size = backend.size
+    if type(size) is not int or size < 0:
+        backend.close()
+        raise ConfigError(f"{what}: size must be a whole number of bytes >= 0, "
+                          f"not {size!r}")
+    if not isinstance(backend.thread_model, ThreadModel):
+        backend.close()
+        raise ConfigError(f"{what}: thread_model must be a pynbd.backends.ThreadModel, "
+                          f"not {backend.thread_model!r}")
 
 
 def open_target(target: str, params: dict[str, str] | None = None,
@@ -230,7 +248,10 @@ def open_target(target: str, params: dict[str, str] | None = None,
     return backend
 
 
-def open_filter(spec: FilterSpec, below: Backend) -> Backend:
+def open_filter(spec: FilterSpec, below: Backend,
+                state: dict[str, Any] | None = None) -> Backend:
+    """Put filter ``spec`` on ``below``; in a worker process ``state`` is what the
+    supervisor's instance passed on (``Filter.worker_state``)."""
     obj = _entry(FILTER_GROUP, spec.name, BUILTIN_FILTERS)
     if obj is None:
         raise ConfigError(f"unknown filter {spec.name!r} (known: {', '.join(known_filters())})")
@@ -241,7 +262,8 @@ def open_filter(spec: FilterSpec, below: Backend) -> Backend:
     _check_api(obj, f"filter {spec.name}")
     values = parse_params(f"filter {spec.name}", obj.params, spec.params)
     try:
-        f = obj(below, **values)
+        f = obj(below, **values) if state is None else \
+            obj.from_worker_state(below, state, **values)
     except (ConfigError, BackendError):
         raise
     except Exception as exc:
@@ -272,7 +294,8 @@ def open_rbd(target: str, params: dict[str, str], read_only: bool) -> Backend:
     from pynbd.backends.rbd import RbdBackend
 
     values = parse_params("rbd", RBD_PARAMS, params)
-    return RbdBackend.from_target(target, conf=values["conf"], name=values["name"],
+    # ``target`` is what follows the scheme; RbdBackend parses the whole rbd: TARGET
+    return RbdBackend.from_target(f"rbd:{target}", conf=values["conf"], name=values["name"],
                                   keyring=values["keyring"], read_only=read_only)
 
 

@@ -50,6 +50,8 @@ def register(subparsers: Any) -> None:
     prog.add_argument("--progress", "-p", action="store_true", default=None,
                       help="draw a progress bar on stderr even if it is not a terminal")
     prog.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-extended-headers", dest="extended_headers", action="store_false",
+                   help="do not ask NBD servers for extended headers (64-bit requests)")
     p.add_argument("--timeout", type=float, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=handler)
 
@@ -90,6 +92,7 @@ def handler(args: argparse.Namespace) -> int:
                    requests=args.requests,
                    request_size=args.request_size, allocated=args.allocated,
                    destination_is_zero=args.destination_is_zero, checksum=algorithm,
+                   extended_headers=args.extended_headers,
                    progress=_progress_bar(sys.stderr) if show else None)
     out = sys.stderr if args.dst == "-" else sys.stdout
     try:

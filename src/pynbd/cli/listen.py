@@ -244,6 +244,9 @@ def _print_uri(m2: Any) -> None:
     if host in ("0.0.0.0", "[::]"):
         host = "127.0.0.1" if host == "0.0.0.0" else "[::1]"
     print(f"msgr2://{host}:{m2.port}", flush=True)
+    from pynbd.server.service import sd_notify
+
+    sd_notify(f"READY=1\nSTATUS=waiting for a source on msgr2://{host}:{m2.port}")
 
 
 async def _until_stopped(args: argparse.Namespace, committed: asyncio.Event) -> None:
@@ -275,6 +278,7 @@ async def _main(args: argparse.Namespace) -> int:
     from pynbd.migration.listener import PeerGuard, listen_guarded
     from pynbd.msgr2.aio import SessionOptions
     from pynbd.server.acl import AccessList
+    from pynbd.server.service import ActivationError, listen_fds, sd_notify
 
     try:
         auth = _auth(args)
@@ -299,8 +303,19 @@ async def _main(args: argparse.Namespace) -> int:
     dest.on_commit = around.serve_nbd
     opts = SessionOptions(keepalive_interval=1.0, keepalive_timeout=10.0, session_linger=60.0)
     try:
+        activated = listen_fds()
+        if len(activated) > 1 or any(a.kind != "tcp" for a in activated):
+            raise ActivationError("pynbd listen takes exactly one TCP socket (msgr2)")
+    except ActivationError as exc:
+        print(f"pynbd listen: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if activated:
+            args.bind = str(activated[0].sock.getsockname()[0])
+            log.info("socket-activated msgr2 listener (%s)", activated[0].name)
         m2 = await listen_guarded(args.bind, args.port, auth=auth, handler=dest.handle,
-                                  options=opts, guard=guard)
+                                  options=opts, guard=guard,
+                                  sock=activated[0].sock if activated else None)
     except OSError as exc:
         print(f"pynbd listen: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1
@@ -314,6 +329,7 @@ async def _main(args: argparse.Namespace) -> int:
         around.serve_nbd()
     _print_uri(m2)
     await _until_stopped(args, committed)
+    sd_notify("STOPPING=1")
     summarizer.cancel()
     guard.summarize()
     await m2.close()

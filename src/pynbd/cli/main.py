@@ -24,6 +24,9 @@ SUBCOMMAND_MODULES = [
     "rw",
     "proxy",
     "fuse",
+    "filterctl",
+    "bitmap",
+    "backup",
 ]
 
 # Which module defines each command, so a command imports only what it needs (start-up
@@ -32,7 +35,8 @@ COMMANDS = {
     "serve": "serve", "status": "control", "acl": "control", "info": "info",
     "copy": "copy", "ceph": "ceph", "mirror": "mirror", "mirror-speed": "mirror",
     "break": "mirror", "listen": "listen", "read": "rw", "write": "rw", "proxy": "proxy",
-    "proxy-upstream": "proxy", "fuse": "fuse",
+    "proxy-upstream": "proxy", "fuse": "fuse", "filter": "filterctl",
+    "bitmap": "bitmap", "checkpoint": "bitmap", "backup": "backup", "restore": "backup",
 }
 
 

@@ -97,52 +97,24 @@ def check_security(args: argparse.Namespace) -> str | None:
             f"{why}; or --insecure to serve anyone who can reach the port")
 
 
+class _Refused(Exception):
+    """Starting failed: the message for stderr and the exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def run(args: argparse.Namespace) -> int:
     from pynbd.cli.serve import setup_logging
-    from pynbd.client import ProtocolError
-    from pynbd.protocol.server import TLSMode
-    from pynbd.proxy.upstream import ProxyBackend, UpstreamPool
-    from pynbd.server.exports import Export, ExportRegistry
-    from pynbd.server.server import Server, ServerOptions
-    from pynbd.server.tls import TLSConfigError, server_tls_context
+    from pynbd.server.service import sd_notify
 
     setup_logging(args.verbose, args.quiet)
-    err = check_security(args)
-    if err is not None:
-        print(f"pynbd proxy: {err}", file=sys.stderr)
-        return 2
-    tls = TLSMode(args.tls)
-    ctx = None
-    if tls is not TLSMode.OFF:
-        try:
-            ctx = server_tls_context(certificates_dir=args.tls_certificates,
-                                     cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca,
-                                     verify_peer=args.tls_verify_peer)
-        except TLSConfigError as exc:
-            print(f"pynbd proxy: {exc}", file=sys.stderr)
-            return 2
-    pool = UpstreamPool(args.upstream, max_retries=args.max_retries,
-                        retry_deadline=args.retry_deadline,
-                        request_timeout=args.request_timeout)
     try:
-        backend = ProxyBackend(pool)
-    except (OSError, ProtocolError) as exc:
-        print(f"pynbd proxy: cannot reach the upstream {args.upstream}: {exc}", file=sys.stderr)
-        return 1
-    server = Server(ExportRegistry([Export("", backend)]),
-                    ServerOptions(tls=tls, tls_context=ctx))
-    if args.allow or args.default_deny:
-        server.set_acl(args.allow, default_deny=args.default_deny)
-    try:
-        if args.socket:
-            server.listen_unix(args.socket)
-        if args.tcp:
-            server.listen_tcp(args.bind, 10809 if args.port is None else args.port)
-    except OSError as exc:
-        print(f"pynbd proxy: cannot listen: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    if args.tcp and not is_loopback(args.bind):
-        _log_exposure(args, tls is TLSMode.REQUIRE and args.tls_verify_peer)
+        server, pool = _build(args)
+    except _Refused as exc:
+        print(f"pynbd proxy: {exc}", file=sys.stderr)
+        return exc.code
     if args.control:
         _control(args.control, server, pool)
     stop = threading.Event()
@@ -156,10 +128,82 @@ def run(args: argparse.Namespace) -> int:
     for uri in server.uris():
         print(uri, flush=True)
     log.info("proxying to %s", args.upstream)
+    sd_notify(f"READY=1\nSTATUS=proxying {', '.join(server.uris())} to {args.upstream}")
     while not stop.wait(0.5):
         pass
+    sd_notify("STOPPING=1")
     server.shutdown()
     return 0
+
+
+def _build(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The server in front of the upstream pool, listening; raises _Refused."""
+    from pynbd.client import ProtocolError
+    from pynbd.protocol.server import TLSMode
+    from pynbd.proxy.upstream import ProxyBackend, UpstreamPool
+    from pynbd.server.exports import Export, ExportRegistry
+    from pynbd.server.server import Server, ServerOptions
+    from pynbd.server.tls import TLSConfigError, server_tls_context
+
+    err = check_security(args)
+    if err is not None:
+        raise _Refused(err, 2)
+    tls = TLSMode(args.tls)
+    ctx = None
+    if tls is not TLSMode.OFF:
+        try:
+            ctx = server_tls_context(certificates_dir=args.tls_certificates,
+                                     cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca,
+                                     verify_peer=args.tls_verify_peer)
+        except TLSConfigError as exc:
+            raise _Refused(str(exc), 2) from exc
+    pool = UpstreamPool(args.upstream, max_retries=args.max_retries,
+                        retry_deadline=args.retry_deadline,
+                        request_timeout=args.request_timeout)
+    try:
+        backend = ProxyBackend(pool)
+    except (OSError, ProtocolError) as exc:
+        raise _Refused(f"cannot reach the upstream {args.upstream}: {exc}", 1) from exc
+    server = Server(ExportRegistry([Export("", backend)]),
+                    ServerOptions(tls=tls, tls_context=ctx))
+    if args.allow or args.default_deny:
+        server.set_acl(args.allow, default_deny=args.default_deny)
+    _listen(args, server, tls)
+    return server, pool
+
+
+def _listen(args: argparse.Namespace, server: Any, tls: Any) -> None:
+    """Adopt socket-activated listeners, or listen where the options say."""
+    from pynbd.cli.serve import check_exposure
+    from pynbd.protocol.server import TLSMode
+    from pynbd.server.config import ConfigError
+    from pynbd.server.service import ActivationError, listen_fds
+
+    explicit_listen = bool(args.socket or args.bind is not None or args.port is not None)
+    try:
+        activated = listen_fds()
+        if activated and explicit_listen:
+            raise ConfigError("socket-activated (LISTEN_FDS): do not give --bind/--port/"
+                              "--socket; the .socket unit says where to listen")
+        for a in activated:
+            if a.kind == "tcp":
+                check_exposure(str(a.sock.getsockname()[0]), True, tls,
+                               args.tls_verify_peer, args.insecure)
+            server.adopt_listener(a.sock)
+    except (ActivationError, ConfigError) as exc:
+        raise _Refused(str(exc), 2) from exc
+    if activated:
+        args.tcp = False
+        args.socket = None
+    try:
+        if args.socket:
+            server.listen_unix(args.socket)
+        if args.tcp:
+            server.listen_tcp(args.bind, 10809 if args.port is None else args.port)
+    except OSError as exc:
+        raise _Refused(f"cannot listen: {exc.strerror or exc}", 1) from exc
+    if args.tcp and not is_loopback(args.bind):
+        _log_exposure(args, tls is TLSMode.REQUIRE and args.tls_verify_peer)
 
 
 def _log_exposure(args: argparse.Namespace, verified: bool) -> None:

@@ -23,6 +23,7 @@ from pynbd.server.service import ActivationError, PidFile, listen_fds, sd_notify
 from pynbd.server.tls import TLSConfigError, server_tls_context
 
 if TYPE_CHECKING:
+    from pynbd.backup.manager import BackupManager
     from pynbd.migration.control import MigrationSource
 
 log = logging.getLogger("pynbd.serve")
@@ -263,6 +264,7 @@ def open_exports(cfg: ServeConfig, args: argparse.Namespace) -> ExportRegistry:
 def build_server(args: argparse.Namespace) -> Server:
     cfg = build_config(args)
     registry = open_exports(cfg, args)
+    args._serve_config = cfg  # bitmaps, for attach_backup
     tls = TLSMode(args.tls)
     ctx = None
     if tls is not TLSMode.OFF:
@@ -357,20 +359,18 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    migration = _start(args, server)
+    try:
+        migration, backup = _start(args, server)
+    except ConfigError as exc:
+        print(f"pynbd serve: {exc}", file=sys.stderr)
+        server.shutdown()
+        return 2
     if not args.run:
         for uri in server.uris():
             print(uri, flush=True)
-    if args.metrics:
-        from pynbd.server.metrics import start_metrics
-
-        try:
-            host, port = start_metrics(server, args.metrics)
-        except (OSError, ValueError) as exc:
-            print(f"pynbd serve: metrics: {exc}", file=sys.stderr)
-            server.shutdown()
-            return 2
-        log.info("metrics on http://%s:%d/metrics", host, port)
+    if args.metrics and not _start_metrics(server, args.metrics):
+        server.shutdown()
+        return 2
     for name, export in server.registry.exports.items():
         log.info("serving export %r: %s (%d bytes%s)", name, export.backend.name,
                  export.info.size, ", read-only" if export.read_only else "")
@@ -388,6 +388,7 @@ def run(args: argparse.Namespace) -> int:
             status = status or 1
         migration.shutdown()
         server.shutdown()
+        backup.shutdown()  # after the last write: bitmaps saved, marked not in use
         if pidfile is not None:
             pidfile.remove()
         private = getattr(args, "_private_dir", None)
@@ -399,9 +400,12 @@ def run(args: argparse.Namespace) -> int:
     return status
 
 
-def _start(args: argparse.Namespace, server: Server) -> MigrationSource:
-    """The control socket and the migration verbs, then the server itself."""
+def _start(args: argparse.Namespace,
+           server: Server) -> tuple[MigrationSource, BackupManager]:
+    """The control socket, the migration verbs and the bitmaps, then the server itself."""
+    from pynbd.backup.manager import BitmapConfig, attach_backup
     from pynbd.migration.control import attach_migration
+    from pynbd.server.bitmaps import BitmapError
 
     control = None
     if args.control:
@@ -410,10 +414,30 @@ def _start(args: argparse.Namespace, server: Server) -> MigrationSource:
         control = ControlServer(args.control)
         server.attach_control(control)
     migration = attach_migration(server, control)  # gates, crash recovery, mirror verbs
+    try:  # bitmaps loaded (and marked in use) before the first write
+        backup = attach_backup(server, control, {
+            e.name: BitmapConfig(e.bitmaps, e.bitmap_dir)
+            for e in args._serve_config.exports})
+    except (BitmapError, OSError) as exc:
+        migration.shutdown()
+        raise ConfigError(f"bitmaps: {exc}") from exc
     server.start()  # the workers start here, before any other thread
     if control is not None:
         control.start()
-    return migration
+    return migration, backup
+
+
+def _start_metrics(server: Server, where: str) -> bool:
+    """The Prometheus endpoint; False (said on stderr) when it cannot start."""
+    from pynbd.server.metrics import start_metrics
+
+    try:
+        host, port = start_metrics(server, where)
+    except (OSError, ValueError) as exc:
+        print(f"pynbd serve: metrics: {exc}", file=sys.stderr)
+        return False
+    log.info("metrics on http://%s:%d/metrics", host, port)
+    return True
 
 
 def _stop_captive(child: subprocess.Popen[bytes] | None) -> bool:

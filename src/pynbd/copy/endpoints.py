@@ -21,7 +21,7 @@ from typing import Protocol, TypeAlias, cast
 from pynbd.client import Client, CmdFlag, Request, connect, parse_uri
 from pynbd.client.uri import is_uri
 from pynbd.copy.errors import CopyError
-from pynbd.protocol.constants import BASE_ALLOCATION, MAX_PAYLOAD
+from pynbd.protocol.constants import BASE_ALLOCATION, DEFAULT_MAX_REQUEST
 
 #: a pending request (completed by :meth:`Handle.wait`) or None for work already done
 Token: TypeAlias = Request | None
@@ -123,7 +123,9 @@ class Endpoint:
     #: a stream: offsets must be processed in order, once
     sequential = False
     #: largest single read or write request
-    max_request = MAX_PAYLOAD
+    max_request = DEFAULT_MAX_REQUEST
+    #: largest single zeroing request (a hole of the source is zeroed in pieces this big)
+    max_zero = 64 << 20
 
     def open_handles(self, n: int) -> list[Handle]:
         """Up to ``n`` handles (fewer if the endpoint has fewer connections)."""
@@ -156,7 +158,8 @@ class NBDHandle(Handle):
         if not self.ep.block_status:
             yield offset, length, False
             return
-        for e in self.client.iter_extents(offset, length, BASE_ALLOCATION, step=1 << 30):
+        # one query for the whole rest under extended headers, 1 GiB pieces otherwise
+        for e in self.client.iter_extents(offset, length, BASE_ALLOCATION):
             yield e.offset, e.length, e.zero
 
     def submit_read(self, offset: int, view: memoryview) -> Token:
@@ -195,11 +198,13 @@ class NBDHandle(Handle):
 
 
 class NBDEndpoint(Endpoint):
-    def __init__(self, uri: str, connections: int, write: bool, timeout: float | None) -> None:
+    def __init__(self, uri: str, connections: int, write: bool, timeout: float | None,
+                 extended_headers: bool = True) -> None:
         self.uri = parse_uri(uri)
         self.name = uri
         self.write = write
         self.timeout = timeout
+        self.extended_headers = extended_headers
         first = self._connect(() if write else (BASE_ALLOCATION,))
         self.clients: list[Client] = [first]
         self.size = first.size
@@ -211,9 +216,12 @@ class NBDEndpoint(Endpoint):
         self.can_zero = first.can_zero()
         self.can_fast_zero = first.can_fast_zero()
         self.max_request = first.max_request
+        # extended headers: a hole of any size is one WRITE_ZEROES (64-bit length)
+        self.max_zero = (1 << 62) if first.extended else 0xFFFF0000
 
     def _connect(self, meta_contexts: tuple[str, ...]) -> Client:
-        return connect(self.uri, timeout=self.timeout, meta_contexts=meta_contexts)
+        return connect(self.uri, timeout=self.timeout, meta_contexts=meta_contexts,
+                       extended_headers=self.extended_headers)
 
     def open_handles(self, n: int) -> list[Handle]:
         n = max(1, min(n, self.max_connections))
@@ -292,7 +300,7 @@ class FileHandle(Handle):
     def submit_zero(self, offset: int, length: int, allocated: bool) -> Token:
         if self.ep.fresh and not allocated:
             return None  # a freshly truncated file already reads as zeroes: stay sparse
-        return write_zero_buffers(self, offset, length, MAX_PAYLOAD)
+        return write_zero_buffers(self, offset, length, DEFAULT_MAX_REQUEST)
 
     def submit_forward(self, offset: int, length: int, sink: ForwardSink) -> Token:
         sink.data(offset, length, _NO_HEAD, self.fd, offset)
@@ -373,7 +381,7 @@ class StreamHandle(Handle):
         return None
 
     def submit_zero(self, offset: int, length: int, allocated: bool) -> Token:
-        return write_zero_buffers(self, offset, length, MAX_PAYLOAD)
+        return write_zero_buffers(self, offset, length, DEFAULT_MAX_REQUEST)
 
 
 class StreamEndpoint(Endpoint):
@@ -394,11 +402,11 @@ class StreamEndpoint(Endpoint):
 
 
 def open_endpoint(spec: str, write: bool, connections: int, timeout: float | None,
-                  size_hint: int | None = None) -> Endpoint:
+                  size_hint: int | None = None, extended_headers: bool = True) -> Endpoint:
     """``-`` (stdin, or stdout when writing), an NBD URI, or a file or block device."""
     if spec == "-":
         stream = sys.stdout.buffer if write else sys.stdin.buffer
         return StreamEndpoint(cast(BinaryStream, stream), write)
     if is_uri(spec):
-        return NBDEndpoint(spec, connections, write, timeout)
+        return NBDEndpoint(spec, connections, write, timeout, extended_headers)
     return FileEndpoint(spec, write, size_hint)

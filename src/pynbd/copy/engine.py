@@ -18,7 +18,6 @@ from pynbd.copy.errors import CopyError
 from pynbd.copy.hasher import OrderedHasher
 from pynbd.copy.worker import Progress, Worker
 from pynbd.copy.workqueue import WorkQueue
-from pynbd.protocol.constants import MAX_PAYLOAD
 
 if TYPE_CHECKING:
     import hashlib
@@ -51,6 +50,8 @@ class Options:
     #: None = only when there is a single pair (several pairs already overlap each other)
     split_threads: bool | None = _env_switch("PYNBD_COPY_SPLIT")
     progress: Callable[[int, int | None], None] | None = None
+    #: ask NBD servers for extended headers (64-bit requests and extents)
+    extended_headers: bool = True
 
 
 def _can_forward(shs: list[Handle], dhs: list[Handle], opts: Options) -> bool:
@@ -117,7 +118,7 @@ def _copy_parallel(src: Endpoint, dst: Endpoint, opts: Options, skip_zero: bool,
         n = 1
     shs, dhs = shs[:n], dhs[:n]
     hasher = OrderedHasher(opts.checksum) if opts.checksum else None
-    queue = WorkQueue(src.extent_handle(shs), src.size, opts.request_size)
+    queue = WorkQueue(src.extent_handle(shs), src.size, opts.request_size, dst.max_zero)
     forward = _can_forward(shs, dhs, opts)
     split = opts.split_threads if opts.split_threads is not None else n == 1
     workers = [Worker(shs[i], dhs[i], queue, progress, requests=opts.requests,
@@ -157,12 +158,15 @@ def copy(src_spec: str, dst_spec: str, opts: Options,
          timeout: float | None = None) -> tuple[int, str | None]:
     """Copy ``src_spec`` to ``dst_spec`` (NBD URIs, files or ``-``); returns (bytes
     copied, hex digest or None). ``opts.request_size`` is adjusted to both sides."""
-    src = open_endpoint(src_spec, False, opts.connections, timeout)
+    src = open_endpoint(src_spec, False, opts.connections, timeout,
+                        extended_headers=opts.extended_headers)
     dst: Endpoint | None = None
     try:
-        dst = open_endpoint(dst_spec, True, opts.connections, timeout, src.size)
+        dst = open_endpoint(dst_spec, True, opts.connections, timeout, src.size,
+                            extended_headers=opts.extended_headers)
+        # what both servers advertise (64 MiB for pynbd and nbdkit, 32 MiB for qemu-nbd)
         opts.request_size = max(4096, min(opts.request_size, dst.max_request,
-                                          src.max_request, MAX_PAYLOAD))
+                                          src.max_request))
         if src.size is not None and dst.size is not None and dst.size < src.size:
             raise CopyError(f"{dst_spec}: destination ({dst.size} bytes) is smaller than "
                             f"the source ({src.size} bytes)")

@@ -122,6 +122,11 @@ class Filter(Backend):
         self.next.pread_into(buf, offset)
 
     def pread_nowait(self, buf: memoryview, offset: int) -> bool:
+        """Read through this filter without waiting, or say no: the server then reads on
+        a thread. A filter cannot know what its own read will touch, so it reads only
+        when the next layer has the range in memory."""
+        if not self.next.resident(offset, len(buf)):
+            return False
         self.pread_into(buf, offset)
         return True
 
@@ -170,10 +175,29 @@ class Filter(Backend):
             inner = base
         else:
             inner = {"kind": "stack", "base": base, "filters": []}
-        filters = [{"name": self.spec.name, "params": self.spec.params},
-                   *inner["filters"]]  # type: ignore[misc]
+        mine: dict[str, object] = {"name": self.spec.name, "params": self.spec.params}
         fds = list(base.get("fds", []))  # type: ignore[call-overload]
+        state = self.worker_state()
+        if state is not None:
+            mine["state"] = state
+            fds += [int(fd) for fd in state.get("fds", [])]  # type: ignore[attr-defined]
+        filters = [mine, *inner["filters"]]  # type: ignore[misc]
         return {"kind": "stack", "base": inner["base"], "filters": filters, "fds": fds}
+
+    def worker_state(self) -> dict[str, object] | None:
+        """What the instances in worker processes need from this one (the supervisor's)
+        besides the parameters, e.g. open files whose contents all workers share: a
+        JSON-able dict; file descriptors listed under ``"fds"`` stay open with the same
+        numbers in the workers. The worker instances are made by
+        :meth:`from_worker_state` with it. Default: None (nothing to pass)."""
+        return None
+
+    @classmethod
+    def from_worker_state(cls, next: Backend, state: dict[str, Any],
+                          **params: Any) -> Filter:
+        """Make the instance of a worker process from what :meth:`worker_state` of the
+        supervisor's instance returned (default: as from the parameters alone)."""
+        return cls(next, **params)
 
     def configure(self, params: dict[str, str]) -> None:
         """Change parameters at run time (``pynbd filter --control``). Raise ConfigError

@@ -268,13 +268,18 @@ class _GuardedMsgr2Server(Msgr2Server):
         return _Guarded(guard, make)
 
 
-async def listen_guarded(host: str, port: int, *, auth: ServerAuth, handler: Handler,
-                         options: SessionOptions, guard: PeerGuard) -> Msgr2Server:
-    """``Msgr2Server.listen`` with ``guard`` checking every accepted connection first."""
+async def listen_guarded(host: str | None, port: int, *, auth: ServerAuth, handler: Handler,
+                         options: SessionOptions, guard: PeerGuard,
+                         sock: Any = None) -> Msgr2Server:
+    """``Msgr2Server.listen`` with ``guard`` checking every accepted connection first;
+    on ``sock`` (a listening socket, e.g. from systemd) instead of ``host:port``."""
     srv = _GuardedMsgr2Server(auth, handler, options, EntityType.OSD)
     srv.guard = guard
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(srv._make_link, host, port)
+    if sock is not None:
+        server = await loop.create_server(srv._make_link, sock=sock)
+    else:
+        server = await loop.create_server(srv._make_link, host, port)
     srv._server = server
     sockname = server.sockets[0].getsockname()
     srv.host, srv.port = sockname[0], sockname[1]

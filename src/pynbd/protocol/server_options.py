@@ -249,6 +249,11 @@ class OptionPhase(ServerState):
             if ":" not in q:
                 return self._reply_error(opt, Rep.ERR_INVALID,
                                          f"meta context query {q!r} has no namespace")
+        if export.refused_contexts:
+            refused = dict(export.refused_contexts)
+            for q in queries:
+                if q in refused:
+                    return self._reply_error(opt, Rep.ERR_POLICY, f"{q}: {refused[q]}")
         selected: dict[int, str] = {}
         for i, ctx in enumerate(match_contexts(export.meta_contexts, queries, is_set),
                                 start=1):
@@ -301,8 +306,9 @@ def match_contexts(available: Sequence[str], queries: Sequence[str],
             matched.append(ctx)
             continue
         for q in queries:
-            ns = q.split(":", 1)[0] + ":"
-            if q == ctx or (not is_set and q == ns and ctx.startswith(ns)):
+            # LIST: "ns:" names a namespace, and a query ending in ":" every context
+            # under it (qemu: "qemu:dirty-bitmap:" lists every bitmap)
+            if q == ctx or (not is_set and q.endswith(":") and ctx.startswith(q)):
                 matched.append(ctx)
                 break
     return matched

@@ -244,7 +244,7 @@ class RequestPhase(ServerState):
         self._pending_invalid = None
         return inv
 
-    def _validate(self, cmd: Cmd, flags: int, offset: int, length: int,
+    def _validate(self, cmd: Cmd, flags: int, offset: int, length: int,  # noqa: C901
                   export: ExportInfo) -> tuple[Errno, str] | None:
         name = cmd.name
         allowed = _FLAGS_ALLOWED.get(cmd)
@@ -267,6 +267,8 @@ class RequestPhase(ServerState):
         if need is not None and not tf & need[0]:
             return Errno.EINVAL, need[1]
         if cmd is Cmd.FLUSH:
+            if offset or length:  # spec: reserved, MUST be all-zero
+                return Errno.EINVAL, "FLUSH needs offset and length 0"
             return None
         if flags & _DF and not self.chunked:
             return Errno.EINVAL, "DF flag needs structured replies"

@@ -61,6 +61,10 @@ class ExportInfo:
     #: maximum (0xFFFFFFFF: no limit of the export's own)
     block_size: tuple[int, int, int] = (1, 4096, MAX_BLOCK_SIZE_FIELD)
     meta_contexts: tuple[str, ...] = (BASE_ALLOCATION,)
+    #: contexts the export has but will not serve, each with the reason (e.g. a dirty
+    #: bitmap left inconsistent by an unclean stop): a query naming one exactly gets
+    #: NBD_REP_ERR_POLICY with the reason, never a silently missing context
+    refused_contexts: tuple[tuple[str, str], ...] = ()
 
     def transmission_flags(self, structured: bool, x_close: bool,
                            block_status_payload: bool = False) -> int:

@@ -25,7 +25,7 @@ class BufferPool:
 
     MIN = 64 * 1024
 
-    def __init__(self, keep_per_class: int = 4, keep_bytes: int = 128 * 1024 * 1024) -> None:
+    def __init__(self, keep_per_class: int = 32, keep_bytes: int = 128 * 1024 * 1024) -> None:
         self._free: dict[int, list[Buffer]] = {}
         self._keep = keep_per_class
         self.keep_bytes = keep_bytes

@@ -106,6 +106,11 @@ class Channel:
         if not self.closed:
             self.loop.modify(self.sock.fileno(), EPOLLIN)
 
+    def poll(self) -> None:
+        """Handle the messages already waiting, without waiting for more."""
+        if not self.closed:
+            self._on_event(EPOLLIN)
+
     def _on_event(self, ev: int) -> None:
         if ev & EPOLLOUT:
             self._flush()

@@ -16,6 +16,8 @@
     read_only = false
     params = { key = "value" } # the plugin's KEY=VALUE parameters
     filters = ["cow", "rate:rate=10M"]  # outermost first, like --filter
+    bitmaps = ["daily", {name = "hourly", granularity = "1M"}]  # dirty bitmaps (docs/backup.md)
+    bitmap_dir = "/srv/disk.img.pynbd-bitmaps"  # where they are kept (default: next to a file)
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ class ExportConfig:
     params: dict[str, str] = field(default_factory=dict)
     #: filters in front of it, outermost first
     filters: list[FilterSpec] = field(default_factory=list)
+    #: named dirty bitmaps it keeps (name, granularity in bytes)
+    bitmaps: list[tuple[str, int]] = field(default_factory=list)
+    #: where its bitmaps are stored (default: IMAGE.pynbd-bitmaps next to a file image)
+    bitmap_dir: str | None = None
 
 
 @dataclass
@@ -93,6 +99,35 @@ def _filters(items: Any, where: str) -> list[FilterSpec]:
     return out
 
 
+def _bitmaps(items: Any, where: str) -> list[tuple[str, int]]:
+    """``bitmaps = ["daily", {name = "hourly", granularity = "1M"}]``."""
+    from pynbd.server.bitmaps import (
+        DEFAULT_GRANULARITY,
+        BitmapError,
+        check_granularity,
+        check_name,
+    )
+
+    if not isinstance(items, list):
+        raise ConfigError(f"{where}: bitmaps must be a list")
+    out: list[tuple[str, int]] = []
+    for i, item in enumerate(items):
+        try:
+            if isinstance(item, str):
+                out.append((check_name(item), DEFAULT_GRANULARITY))
+            elif isinstance(item, dict) and set(item) <= {"name", "granularity"}:
+                out.append((check_name(item.get("name")),
+                            check_granularity(item.get("granularity", DEFAULT_GRANULARITY))))
+            else:
+                raise ConfigError('expected "NAME" or {name = ..., granularity = ...}')
+        except (BitmapError, ValueError) as exc:
+            raise ConfigError(f"{where}: bitmaps #{i + 1}: {exc}") from None
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: a bitmap name is given twice")
+    return out
+
+
 def load_config(path: str) -> ServeConfig:
     try:
         with open(path, "rb") as f:
@@ -119,7 +154,8 @@ def load_config(path: str) -> ServeConfig:
         where = f"{path} [[export]] #{i + 1}"
         if not isinstance(e, dict):
             raise ConfigError(f"{where}: must be a table")
-        unknown = set(e) - {"name", "target", "description", "read_only", "params", "filters"}
+        unknown = set(e) - {"name", "target", "description", "read_only", "params", "filters",
+                            "bitmaps", "bitmap_dir"}
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
         name = _get(e, "name", str, where)
@@ -131,7 +167,9 @@ def load_config(path: str) -> ServeConfig:
             description=_get(e, "description", str, where) or "",
             read_only=bool(_get(e, "read_only", bool, where) or False),
             params=_params(e.get("params", {}), f"{where} params"),
-            filters=_filters(e.get("filters", []), where)))
+            filters=_filters(e.get("filters", []), where),
+            bitmaps=_bitmaps(e.get("bitmaps", []), where),
+            bitmap_dir=_get(e, "bitmap_dir", str, where)))
     if not cfg.exports:
         raise ConfigError(f"{path}: no [[export]] defined")
     return cfg

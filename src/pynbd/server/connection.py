@@ -62,7 +62,12 @@ MAX_IOV = 512
 #: stop reading and executing while this many reply bytes wait for the socket
 HIGH_WATER = 8 * 1024 * 1024
 
-_MODIFYING = frozenset((Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES))
+# plain ints on the request path: ``int & IntFlag`` builds a new flag object (~2 us)
+_FUA = int(CmdFlag.FUA)
+_NO_HOLE = int(CmdFlag.NO_HOLE)
+_FAST_ZERO = int(CmdFlag.FAST_ZERO)
+_REQ_ONE = int(CmdFlag.REQ_ONE)
+_DF = int(CmdFlag.DF)
 _ZEROS = bytes(1024 * 1024)
 _AIO_COMMANDS = frozenset((Cmd.READ, Cmd.WRITE, Cmd.FLUSH, Cmd.TRIM, Cmd.WRITE_ZEROES))
 
@@ -178,10 +183,13 @@ class Connection:
         self._final_flush_done = False
         #: the plugin's object for this connection, and the stack that serves it
         self._own: Any = None
+        #: open_connection was called and close_connection has not finished yet
+        self.own_open = False
         self.backend: Any = None
         self._sendfile_fd = -1
         self._serial: Any = None
-        #: SERIALIZE_CONNECTIONS: another connection is being served first
+        #: not served yet: its open_connection is running, or (SERIALIZE_CONNECTIONS)
+        #: another connection is being served first
         self.waiting_turn = False
         #: why the connection ended, for the access log
         self.end_reason = ""
@@ -292,18 +300,30 @@ class Connection:
             return
         self._own = None
         rt = self.runtime
+        assert rt is not None
+        lock = rt.serial_lock
 
         def close() -> None:
+            if lock is not None:
+                lock.acquire()
             try:
                 own.close_connection()
-            except Exception as exc:
+            except BaseException as exc:
                 log.error("%s: the backend's close_connection raised %s: %s", self.peer,
                           type(exc).__name__, safe(exc), exc_info=exc)
+            finally:
+                if lock is not None:
+                    lock.release()
 
-        if rt is not None and rt.blocking:
-            self.worker.run_in_thread(close, lambda _r: None)
+        def closed(_result: object = None) -> None:
+            self.own_open = False
+            self.worker.turn_done(rt, self)  # SERIALIZE_CONNECTIONS: the next one's turn
+
+        if rt.blocking:
+            self.worker.run_in_thread(close, closed)
         else:
             close()
+            closed()
 
     # --- events ---------------------------------------------------------------------
 
@@ -512,16 +532,6 @@ class Connection:
         self._rmv.release()
         self._rbuf = bytearray(RECV_SIZE)
         self._rmv = memoryview(self._rbuf)
-        # the plugin's object for this connection (the shared one unless it keeps state
-        # per connection), wrapped in the runtime's own layers
-        self._own = rt.base.open_connection(rt.name, rt.read_only)
-        self.rebind()
-        if rt.thread_model is ThreadModel.SERIALIZE_CONNECTIONS:
-            if rt.turn is None:
-                rt.turn = self
-            else:  # served when the connections before it have closed
-                self.waiting_turn = True
-                rt.turn_queue.append(self)
         self.phase = Phase.TRANSMISSION
         if self._timer is not None:
             self._timer.cancel()
@@ -531,12 +541,74 @@ class Connection:
         log.info("%s: export %s selected (structured replies %s, extended headers %s, "
                  "flags 0x%x)", self.peer, safe(rt.name), ev.structured_replies,
                  ev.extended_headers, ev.flags)
+        if rt.thread_model is ThreadModel.SERIALIZE_CONNECTIONS:
+            if rt.turn is not None:
+                # served (and opened in the plugin) once the connections before it
+                # have closed
+                self.waiting_turn = True
+                rt.turn_queue.append(self)
+                return
+            rt.turn = self
+        self._open_own(resume=False)
+
+    def _open_own(self, resume: bool) -> None:
+        """The plugin's object for this connection (the shared one unless it keeps state
+        per connection), wrapped in the runtime's own layers. A blocking plugin's
+        open_connection runs on a thread (it may take long); requests wait for it."""
+        rt = self.runtime
+        assert rt is not None
+        self.own_open = True
+        self.waiting_turn = True
+
+        lock = rt.serial_lock
+
+        def open_() -> tuple[Any, BaseException | None]:
+            if lock is not None:
+                lock.acquire()
+            try:
+                return rt.base.open_connection(rt.name, rt.read_only), None
+            except BaseException as exc:
+                return None, exc
+            finally:
+                if lock is not None:
+                    lock.release()
+
+        if rt.blocking:
+            self.worker.run_in_thread(open_, lambda r: self._guarded(self._opened, *r, True))
+        else:
+            self._opened(*open_(), resume)
+
+    def _opened(self, own: Any, exc: BaseException | None, resume: bool) -> None:
+        if exc is not None:
+            log.error("%s: the backend's open_connection raised %s: %s; dropping the "
+                      "connection", self.peer, type(exc).__name__, safe(exc), exc_info=exc)
+            self.own_open = False
+            self.close()
+            return
+        self._own = own
+        if self.closed:  # the client left while it was being opened
+            self._close_own()
+            return
+        self.waiting_turn = False
+        self.rebind()
+        if resume:  # requests that arrived meanwhile
+            self._unpark()
+
+    def take_turn(self) -> None:
+        """SERIALIZE_CONNECTIONS: the connections before this one have closed."""
+        self._guarded(self._take_turn)
+
+    def _take_turn(self) -> None:
+        if not self.closed:
+            self._open_own(resume=True)
 
     def rebind(self) -> None:
         """(Re)build this connection's stack: the runtime's layers (pause, write tracking,
         serialization) around the plugin's per-connection object."""
         rt = self.runtime
-        assert rt is not None and self._own is not None
+        assert rt is not None
+        if self._own is None:  # not opened yet (waiting for its turn) or closed
+            return
         self.backend = rt.wrap(self._own)
         fd = getattr(self.backend, "sendfile_fd", None)
         self._sendfile_fd = fd if isinstance(fd, int) else -1
@@ -626,7 +698,26 @@ class Connection:
                 if not callable(b):
                     self._wq_bytes += b.length if type(b) is _FileSlice else len(b)
             return
-        # fast path: nothing queued, try to send it all now
+        # fast path: nothing queued, every item plain bytes (sendmsg refuses anything
+        # else with TypeError before sending a byte): one call, no per-item Python
+        if len(bufs) <= MAX_IOV:
+            try:
+                sent = self.sock.sendmsg(bufs)
+            except TypeError:
+                pass
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+                bufs = list(bufs)
+                self._queue_rest(bufs, 0, 0)
+                return
+            except OSError as exc:
+                self._send_failed(exc)
+                return
+            else:
+                if sent == sum(map(len, bufs)):
+                    return
+                self._queue_rest(bufs, 0, sent)
+                return
         i = 0
         n = len(bufs)
         while i < n:
@@ -678,6 +769,21 @@ class Connection:
                 if not callable(b):
                     self._wq_bytes += b.length if type(b) is _FileSlice else len(b)
             self._update_interest()
+
+    def _queue_rest(self, bufs: list[OutItem], i: int, sent: int) -> None:
+        """Queue what ``sendmsg`` did not take of plain ``bufs[i:]``."""
+        wq = self._wq
+        for b in bufs[i:]:
+            ln = len(b)
+            if sent >= ln:
+                sent -= ln
+                continue
+            if sent:
+                b = memoryview(b).cast("B")[sent:]
+                sent = 0
+            wq.append(b)
+            self._wq_bytes += len(b)
+        self._update_interest()
 
     def _sendfile(self, item: _FileSlice) -> bool:
         """Send what the socket takes of ``item``; True when all of it is sent."""
@@ -760,7 +866,9 @@ class Connection:
 
     def _command(self, ev: Command, out: list[OutItem]) -> None:
         self.counters.requests += 1
-        if ev.cmd in _MODIFYING:
+        cmd = ev.cmd
+        # identity tests: an Enum's __hash__ is Python code (a set lookup costs ~0.3 us)
+        if cmd is Cmd.WRITE or cmd is Cmd.TRIM or cmd is Cmd.WRITE_ZEROES:
             self._wrote = True
         if ev.cmd is Cmd.WRITE and ev.length:
             buf = self.worker.buffers.get(ev.length)
@@ -811,7 +919,7 @@ class Connection:
                 self.counters.errors += 1
                 out.append(self.proto.error_reply(ev.cookie, a.errno, a.message, ev.offset))
                 return True
-        if rt.blocking or (rt.slow_sync and (ev.cmd is Cmd.FLUSH or ev.flags & CmdFlag.FUA)):
+        if rt.blocking or (rt.slow_sync and (ev.cmd is Cmd.FLUSH or ev.flags & _FUA)):
             self._submit(ev, buf, mv)
         elif mv is not None:
             try:
@@ -851,12 +959,12 @@ class Connection:
 
     def _do_write(self, ev: Command, mv: memoryview, out: list[OutItem]) -> None:
         try:
-            self.backend.pwrite(mv, ev.offset, bool(ev.flags & CmdFlag.FUA))
+            self.backend.pwrite(mv, ev.offset, bool(ev.flags & _FUA))
             self.counters.bytes_written += ev.length
             out.append(self.proto.ok_reply(ev.cookie, ev.offset))
         except OSError as exc:
             out.append(self._error(ev, exc))
-        except Exception as exc:
+        except BaseException as exc:
             out.append(self._bug(ev, exc))
 
     def _execute(self, ev: Command, out: list[OutItem]) -> None:
@@ -871,52 +979,58 @@ class Connection:
             if cmd is Cmd.FLUSH:
                 backend.flush()
             elif cmd is Cmd.TRIM:
-                backend.trim(ev.offset, ev.length, bool(ev.flags & CmdFlag.FUA))
+                backend.trim(ev.offset, ev.length, bool(ev.flags & _FUA))
             elif cmd is Cmd.WRITE_ZEROES:
                 backend.zero(ev.offset, ev.length,
-                             may_trim=not ev.flags & CmdFlag.NO_HOLE,
-                             fast=bool(ev.flags & CmdFlag.FAST_ZERO),
-                             fua=bool(ev.flags & CmdFlag.FUA))
+                             may_trim=not ev.flags & _NO_HOLE,
+                             fast=bool(ev.flags & _FAST_ZERO),
+                             fua=bool(ev.flags & _FUA))
             elif cmd is Cmd.CACHE:
                 backend.cache(ev.offset, ev.length)
             elif cmd is Cmd.BLOCK_STATUS:
                 out.extend(self._block_status_chunks(ev))
                 return
             elif cmd is Cmd.WRITE:  # zero-length write
-                backend.pwrite(memoryview(b""), ev.offset, bool(ev.flags & CmdFlag.FUA))
+                backend.pwrite(memoryview(b""), ev.offset, bool(ev.flags & _FUA))
             else:  # pragma: no cover - the core validated the command
                 out.append(proto.error_reply(ev.cookie, Errno.EINVAL, "unsupported", ev.offset))
                 return
         except OSError as exc:
             out.append(self._error(ev, exc))
             return
-        except Exception as exc:
+        except BaseException as exc:
             out.append(self._bug(ev, exc))
             return
         out.append(proto.ok_reply(ev.cookie, ev.offset))
 
-    def _bug(self, ev: Command, exc: Exception) -> bytes:
-        """The backend raised something other than OSError: EIO for this request; the
-        connection and the server carry on. The traceback is logged once per kind."""
+    def _bug(self, ev: Command, exc: BaseException) -> bytes:
+        """The backend raised something other than OSError (even SystemExit): EIO for
+        this request; the connection and the server carry on. The traceback is logged
+        once per kind."""
         self.counters.errors += 1
-        rt = self.runtime
-        key = (ev.cmd, type(exc))
-        if rt is not None and key not in rt.bugs_logged:
-            rt.bugs_logged.add(key)
-            log.error("%s: the backend raised %s in %s: %s (a bug in the backend; the "
-                      "client gets EIO)", self.peer, type(exc).__name__, ev.cmd.name,
-                      safe(exc), exc_info=exc)
-        else:
-            log.debug("%s: backend raised %s in %s: %s", self.peer, type(exc).__name__,
-                      ev.cmd.name, safe(exc))
+        self._log_bug(ev.cmd, exc)
         return self.proto.error_reply(ev.cookie, Errno.EIO,
                                       f"{ev.cmd.name} failed: internal error in the backend",
                                       ev.offset)
 
+    def _log_bug(self, cmd: Cmd, exc: BaseException) -> None:
+        """Log a backend bug: with its traceback the first time this kind (command,
+        exception class) happens on the export, in one debug line afterwards."""
+        rt = self.runtime
+        key = (cmd, type(exc))
+        if rt is not None and key not in rt.bugs_logged:
+            rt.bugs_logged.add(key)
+            log.error("%s: the backend raised %s in %s: %s (a bug in the backend; the "
+                      "client gets EIO)", self.peer, type(exc).__name__, cmd.name,
+                      safe(exc), exc_info=exc)
+        else:
+            log.debug("%s: backend raised %s in %s: %s", self.peer, type(exc).__name__,
+                      cmd.name, safe(exc))
+
     def _error(self, ev: Command, exc: OSError) -> bytes:
         self.counters.errors += 1
         err = errno_to_nbd(exc.errno)
-        if ev.cmd is Cmd.WRITE_ZEROES and ev.flags & CmdFlag.FAST_ZERO and err == Errno.ENOTSUP:
+        if ev.cmd is Cmd.WRITE_ZEROES and ev.flags & _FAST_ZERO and err == Errno.ENOTSUP:
             log.debug("%s: fast zero refused", self.peer)
         else:
             log.warning("%s: %s offset %d length %d failed: %s", self.peer, ev.cmd.name,
@@ -956,7 +1070,7 @@ class Connection:
                 break
             out.append((n, e.flags))
             left -= n
-            if ev.flags & CmdFlag.REQ_ONE:
+            if ev.flags & _REQ_ONE:
                 break
         if not out:
             raise OSError(errno.EIO, "backend returned no extents")
@@ -965,7 +1079,7 @@ class Connection:
     def _read(self, ev: Command, out: list[OutItem]) -> None:
         try:
             self._read_inline(ev, out)
-        except Exception as exc:
+        except BaseException as exc:
             out.append(self._bug(ev, exc))
 
     def _read_inline(self, ev: Command, out: list[OutItem]) -> None:
@@ -975,12 +1089,9 @@ class Connection:
         proto = self.proto
         length, offset, cookie = ev.length, ev.offset, ev.cookie
         if (length >= SPARSE_READ_MIN and self.structured and rt.can_extents
-                and not ev.flags & CmdFlag.DF):
-            try:
-                extents = backend.extents(offset, length)
-            except OSError:
-                extents = [Extent(length, 0)]
-            if any(e.flags & STATE_HOLE for e in extents):
+                and not ev.flags & _DF):
+            extents = self._read_extents(ev)
+            if extents is not None:
                 self._sparse_read(ev, extents, out)
                 return
         if length >= BIG_REPLY:
@@ -997,10 +1108,11 @@ class Connection:
             mv = memoryview(buf)[:length]
             try:
                 backend.pread_into(mv, offset)
-            except OSError as exc:
+            except BaseException as exc:
                 mv.release()
                 pool.put(buf)
-                out.append(self._error(ev, exc))
+                out.append(self._error(ev, exc) if isinstance(exc, OSError)
+                           else self._bug(ev, exc))
                 return
             out.append(proto.read_reply_header(cookie, offset, length))
             out.append(mv)
@@ -1018,6 +1130,26 @@ class Connection:
         out.append(proto.read_reply_header(cookie, offset, length))
         out.append(data)
         self.counters.bytes_read += length
+
+    def _read_extents(self, ev: Command) -> list[Extent] | None:
+        """The extents of a large READ if some of it is a hole (sent as hole chunks),
+        else None. Extents are only a hint here: if the backend fails or answers
+        nonsense, the whole range is read."""
+        try:
+            extents = self.backend.extents(ev.offset, ev.length)
+            if not isinstance(extents, list) or not all(
+                    type(e) is Extent and type(e.length) is int and e.length > 0
+                    and type(e.flags) is int for e in extents):
+                raise TypeError(f"extents() returned {safe(repr(extents)[:100])}, not a "
+                                "list of Extent with lengths > 0")
+        except OSError:
+            return None
+        except BaseException as exc:
+            self._log_bug(Cmd.BLOCK_STATUS, exc)
+            return None
+        if any(e.flags & STATE_HOLE for e in extents):
+            return extents
+        return None
 
     def _sparse_read(self, ev: Command, extents: list[Extent], out: list[OutItem]) -> None:
         rt = self.runtime
@@ -1059,14 +1191,15 @@ class Connection:
             mv = memoryview(buf)[:n]
             try:
                 self.backend.pread_into(mv, off)
-            except OSError as exc:
+            except BaseException as exc:
                 mv.release()
                 pool.put(buf)
                 # the chunks built so far are dropped: one error reply for the request
                 for c in chunks:
                     if callable(c):
                         c()
-                out.append(self._error(ev, exc))
+                out.append(self._error(ev, exc) if isinstance(exc, OSError)
+                           else self._bug(ev, exc))
                 return
             chunks.append(proto.read_reply_header(ev.cookie, off, n, done=last,
                                                   req_offset=ev.offset))
@@ -1082,6 +1215,7 @@ class Connection:
         assert rt is not None
         self.inflight += 1
         rt.active += 1
+        rt.begin(self, ev.cookie)
         self.busy[ev.cookie] = time.monotonic()
         if rt.aio and ev.cmd in _AIO_COMMANDS:
             self._submit_aio(ev, buf, mv)
@@ -1097,10 +1231,10 @@ class Connection:
         if cmd is Cmd.READ:
             buf = self.worker.buffers.get(ev.length)
             mv = memoryview(buf)[:ev.length]
-        fua = bool(ev.flags & CmdFlag.FUA)
+        fua = bool(ev.flags & _FUA)
 
-        def done(err: OSError | None) -> None:  # any thread
-            loop.call_soon_threadsafe(lambda: self._aio_done(ev, buf, mv, err))
+        def done(err: OSError | None, data: Any = None) -> None:  # any thread
+            loop.call_soon_threadsafe(lambda: self._aio_done(ev, buf, mv, err, data))
 
         try:
             if cmd is Cmd.READ:
@@ -1114,21 +1248,34 @@ class Connection:
             elif cmd is Cmd.TRIM:
                 backend.aio_trim(ev.offset, ev.length, fua, done)
             else:
-                backend.aio_zero(ev.offset, ev.length, not ev.flags & CmdFlag.NO_HOLE,
-                                 bool(ev.flags & CmdFlag.FAST_ZERO), fua, done)
+                backend.aio_zero(ev.offset, ev.length, not ev.flags & _NO_HOLE,
+                                 bool(ev.flags & _FAST_ZERO), fua, done)
         except OSError as exc:
             done(exc)
+        except BaseException as exc:
+            self._log_bug(cmd, exc)
+            done(OSError(errno.EIO, "internal error in the backend"))
 
     def _aio_done(self, ev: Command, buf: Buffer | None, mv: memoryview | None,
-                  err: OSError | None) -> None:
-        self._guarded(self._aio_done_impl, ev, buf, mv, err)
+                  err: OSError | None, data: Any = None) -> None:
+        self._guarded(self._aio_done_impl, ev, buf, mv, err, data)
 
     def _aio_done_impl(self, ev: Command, buf: Buffer | None, mv: memoryview | None,
-                       err: OSError | None) -> None:
+                       err: OSError | None, data: Any = None) -> None:
         out: list[OutItem] = []
         cmd = ev.cmd
         if err is not None:
             out.append(self._error(ev, err))
+        elif cmd is Cmd.READ and data is not None:
+            # the backend handed over a buffer of its own (buf stayed untouched)
+            if len(data) != ev.length:
+                out.append(self._error(ev, OSError(
+                    errno.EIO, f"backend returned {len(data)} bytes for a {ev.length}-byte "
+                    "read")))
+            else:
+                out.append(self.proto.read_reply_header(ev.cookie, ev.offset, ev.length))
+                out.append(data)
+                self.counters.bytes_read += ev.length
         elif cmd is Cmd.READ and buf is not None and mv is not None:
             out.append(self.proto.read_reply_header(ev.cookie, ev.offset, ev.length))
             out.append(mv)
@@ -1155,7 +1302,7 @@ class Connection:
                 self._read_threaded(ev, out)
             else:
                 self._execute(ev, out)
-        except Exception as exc:
+        except BaseException as exc:
             out = [self._bug(ev, exc)]
         finally:
             if lock is not None:
@@ -1169,7 +1316,7 @@ class Connection:
         except OSError as exc:
             out.append(self._error(ev, exc))
             return
-        except Exception as exc:
+        except BaseException as exc:
             out.append(self._bug(ev, exc))
             return
         out.append(self.proto.read_reply_header(ev.cookie, ev.offset, ev.length))
@@ -1187,6 +1334,7 @@ class Connection:
         assert rt is not None
         self.inflight -= 1
         rt.active -= 1
+        rt.end(self, ev.cookie)
         self.busy.pop(ev.cookie, None)
         if mv is not None:
             mv.release()
@@ -1237,10 +1385,18 @@ class Connection:
                 self._final_flushing = True
                 self.inflight += 1
                 backend = self.backend
-                self.worker.run_in_thread(lambda: _flush(backend), self._final_flushed)
+                lock = rt.serial_lock
+
+                def flush() -> OSError | None:
+                    if lock is None:
+                        return _flush(backend, self._log_bug)
+                    with lock:  # serializing thread models: one call at a time
+                        return _flush(backend, self._log_bug)
+
+                self.worker.run_in_thread(flush, self._final_flushed)
                 return
             else:
-                self._final_flush_error = _flush(self.backend)
+                self._final_flush_error = _flush(self.backend, self._log_bug)
                 self._final_flush_done = True
         err = self._final_flush_error
         out: list[OutItem] = []
@@ -1292,6 +1448,9 @@ class Connection:
         self._final_flushing = False
         self._final_flush_done = True
         self._final_flush_error = err
+        if self.closed:  # dropped while flushing: the plugin still hears of the close
+            self._close_own()
+            return
         self._maybe_finish()
 
     # --- status ------------------------------------------------------------------------
@@ -1306,14 +1465,14 @@ class Connection:
                 "connected_seconds": round(now - self.started, 3)}
 
 
-def _flush(backend: Any) -> OSError | None:
+def _flush(backend: Any, bug: Callable[[Cmd, BaseException], None]) -> OSError | None:
+    """The FLUSH when a client leaves; a backend bug (``bug`` logs it) is EIO."""
     try:
         backend.flush()
     except OSError as exc:
         return exc
-    except Exception as exc:
-        log.error("the backend raised %s in flush: %s", type(exc).__name__, safe(exc),
-                  exc_info=exc)
+    except BaseException as exc:
+        bug(Cmd.FLUSH, exc)
         return OSError(errno.EIO, f"internal error in the backend: {safe(exc)}")
     return None
 

@@ -105,16 +105,20 @@ class Loop:
 
     def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
         self._pending.append(callback)  # deque.append is atomic
-        with contextlib.suppress(OSError):
-            os.eventfd_write(self._wake_fd, 1)
+        fd = self._wake_fd
+        if fd >= 0:  # -1 once the loop ended: its descriptor number may be reused
+            with contextlib.suppress(OSError):
+                os.eventfd_write(fd, 1)
 
     def add_after_io(self, callback: Callable[[], None]) -> None:
         self._after_io.append(callback)
 
     def stop(self) -> None:
         self._stopped = True
-        with contextlib.suppress(OSError):
-            os.eventfd_write(self._wake_fd, 1)
+        fd = self._wake_fd
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(fd, 1)
 
     # --- running ----------------------------------------------------------------------
 
@@ -173,8 +177,12 @@ class Loop:
             for cb3 in self._after_io:
                 cb3()
         self._ep.close()
+        # completions of a blocking/aio backend may still arrive from its threads (e.g.
+        # while its close() waits for them): they must not write to this number once it
+        # is closed and perhaps reused by another socket or file
+        fd, self._wake_fd = self._wake_fd, -1
         with contextlib.suppress(OSError):
-            os.close(self._wake_fd)
+            os.close(fd)
 
     def in_loop_thread(self) -> bool:
         return self.thread is threading.current_thread()

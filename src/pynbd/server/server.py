@@ -195,7 +195,9 @@ class WorkerHandle:
     def step_down(self, name: str, reason: str) -> None:
         raise NotImplementedError
 
-    def set_tracker(self, name: str, tracker: Any) -> None:
+    def set_tracker(self, name: str, tracker: Any,
+                    done: Callable[[Any], None] | None = None) -> None:
+        """Attach (or with None detach) a write tracker; ``done`` once it is in place."""
         raise NotImplementedError
 
     def stats(self, done: Callable[[dict[str, Any] | None], None]) -> None:
@@ -206,6 +208,12 @@ class WorkerHandle:
         """Run-time filter parameters, in a worker process (in-process: nothing to do,
         the supervisor's stack is the worker's)."""
         done({"configured": 0})
+
+    def backup(self, msg: dict[str, Any], fds: list[int],
+               done: Callable[[dict[str, Any] | None], None]) -> None:
+        """A backup operation (bitmaps, views: ``pynbd.backup.workerops``); the caller
+        keeps ``fds`` (the worker gets its own copies)."""
+        raise NotImplementedError
 
     def stop(self, done: Callable[[], None]) -> None:
         raise NotImplementedError
@@ -299,8 +307,16 @@ class LocalWorker(WorkerHandle):
     def step_down(self, name: str, reason: str) -> None:
         self.worker.step_down(name, reason)
 
-    def set_tracker(self, name: str, tracker: Any) -> None:
-        self.worker.set_tracker(name, tracker)
+    def set_tracker(self, name: str, tracker: Any,
+                    done: Callable[[Any], None] | None = None) -> None:
+        self.worker.set_tracker(name, tracker,
+                                done=None if done is None else (lambda: done(None)))
+
+    def backup(self, msg: dict[str, Any], fds: list[int],
+               done: Callable[[dict[str, Any] | None], None]) -> None:
+        from pynbd.backup.workerops import apply
+
+        done(apply(self.worker, msg, [os.dup(fd) for fd in fds]))
 
     def stats(self, done: Callable[[dict[str, Any] | None], None]) -> None:
         done(self.worker.stats())
@@ -359,19 +375,25 @@ class RemoteWorker(WorkerHandle):
     def step_down(self, name: str, reason: str) -> None:
         self.channel.send({"op": "step_down", "name": name, "reason": reason})
 
-    def set_tracker(self, name: str, tracker: Any) -> None:
+    def set_tracker(self, name: str, tracker: Any,
+                    done: Callable[[Any], None] | None = None) -> None:
+        cb = done if done is not None else (lambda _r: None)
         if tracker is None:
-            self.channel.send({"op": "track", "name": name})
+            self._request({"op": "track", "name": name}, cb)
             return
         share = getattr(tracker, "share", None)
         if share is None:
             raise RuntimeError(f"tracker {type(tracker).__name__} cannot be shared with "
                                "worker processes")
         meta, fds = share()
-        self.channel.send({"op": "track", "name": name, "tracker": meta}, fds)
+        self._request({"op": "track", "name": name, "tracker": meta}, cb, fds)
 
     def stats(self, done: Callable[[dict[str, Any] | None], None]) -> None:
         self._request({"op": "stats"}, done)
+
+    def backup(self, msg: dict[str, Any], fds: list[int],
+               done: Callable[[dict[str, Any] | None], None]) -> None:
+        self._request({**msg, "op": "backup"}, done, fds)
 
     def configure(self, export: str, name: str, params: dict[str, str],
                   done: Callable[[dict[str, Any] | None], None]) -> None:
@@ -460,6 +482,11 @@ class Server:
         for name, e in registry.exports.items():
             e._tracker_backend = self
             del name
+        #: called with every new worker's handle (at start and when one is replaced), to
+        #: bring it up to date with state added at run time (backup bitmaps, views)
+        self.worker_hooks: list[Callable[[WorkerHandle], None]] = []
+        #: called with the status dict before ``status()`` returns it
+        self.status_hooks: list[Callable[[dict[str, Any]], None]] = []
 
     # --- listeners --------------------------------------------------------------------
 
@@ -554,6 +581,8 @@ class Server:
         if self.tls_context is not None and self.options.tls_files is None:
             return "the TLS context was given without its certificate files"
         for name, e in self.registry.exports.items():
+            if getattr(e.backend, "runtime_only", False):
+                continue
             model = e.backend.thread_model
             if model in (ThreadModel.SERIALIZE_ALL_REQUESTS, ThreadModel.SERIALIZE_CONNECTIONS):
                 return f"export {name!r} serializes {model.value.split('_', 1)[1]}"
@@ -567,6 +596,8 @@ class Server:
         exports = []
         fds: list[int] = []
         for name, e in self.registry.exports.items():
+            if getattr(e.backend, "runtime_only", False):
+                continue  # added at run time: a worker hook sends it (see worker_hooks)
             spec = e.backend.worker_spec()
             assert spec is not None
             fds.extend(int(fd) for fd in spec.get("fds", []))  # type: ignore[attr-defined]
@@ -631,6 +662,8 @@ class Server:
                 handle.pause(name, lambda: None)
             if e.tracker is not None:
                 handle.set_tracker(name, e.tracker)
+        for hook in self.worker_hooks:
+            hook(handle)
 
     # --- running -----------------------------------------------------------------------
 
@@ -705,6 +738,11 @@ class Server:
             self._refuse(sock, "not allowed by the access list", host)
             return
         lim = self.limits
+        if self._established >= lim.max_connections or (
+                tcp and self._est_by_host[host] >= lim.max_connections_per_address):
+            # a client that disconnected and reconnected at once may still be counted:
+            # take what the workers have already said before refusing
+            self._drain_workers()
         if self._established >= lim.max_connections:
             self._refuse(sock, f"connection limit reached ({lim.max_connections} in total)",
                          host)
@@ -797,6 +835,11 @@ class Server:
             self._on_closed(rec.id)
             with contextlib.suppress(OSError):
                 sock.close()
+
+    def _drain_workers(self) -> None:
+        for h in self.workers:
+            if isinstance(h, RemoteWorker) and h.alive:
+                h.channel.poll()
 
     def _evict(self, host: str | None) -> None:
         """Drop the oldest silent connection (of ``host``), else the oldest negotiating."""
@@ -938,16 +981,29 @@ class Server:
         ev = threading.Event()
 
         def apply() -> None:
+            # returns once every worker marks with it: the mirror clears nothing before
             try:
-                for h in self.workers:
-                    if h.alive:
-                        h.set_tracker(export, tracker)
-            finally:
+                self._gather(lambda h, cb: h.set_tracker(export, tracker, cb),
+                             lambda _r: ev.set())
+            except BaseException:
                 ev.set()
+                raise
 
         self._in_loop(apply)
-        if not self.loop.in_loop_thread():
-            ev.wait(10)
+        if not self.loop.in_loop_thread() and not ev.wait(30):
+            log.warning("a worker did not confirm the write tracker of %r in 30 s", export)
+
+    def broadcast_backup(self, msg: dict[str, Any], fds: list[int] | None = None,
+                         timeout: float = 30.0) -> list[dict[str, Any] | None]:
+        """Send a backup operation to every live worker and wait for their answers (in
+        the order sent; the channel keeps it). The caller keeps ``fds``."""
+        if not self._started:
+            return []
+
+        def run(done: Callable[[Any], None]) -> None:
+            self._gather(lambda h, cb: h.backup(msg, list(fds or ()), cb), done)
+
+        return list(self.call(run, timeout))
 
     def _in_loop(self, fn: Callable[[], Any]) -> None:
         if self.loop.in_loop_thread() or self._loop_thread is None \
@@ -1074,7 +1130,7 @@ class Server:
             clients.append({"peer": peer, "export": export, "tls": bool(info.get("tls")),
                             "state": "negotiated" if negotiated else "negotiating",
                             "worker": widx, "connected_seconds": round(now - started, 3)})
-        return {
+        out = {
             "pid": os.getpid(),
             "uptime_seconds": round(time.time() - self.started, 3),
             "uris": self.uris(),
@@ -1103,6 +1159,9 @@ class Server:
                 "request_timeout_seconds": self.limits.request_timeout,
             },
         }
+        for hook in self.status_hooks:
+            hook(out)
+        return out
 
     def attach_control(self, control: ControlServer) -> None:
         """Register the server's verbs (status, acl) on a control socket."""

@@ -42,8 +42,13 @@ log = logging.getLogger("pynbd.server")
 #: one line per client connect and disconnect (INFO, shown by default)
 access = logging.getLogger("pynbd.access")
 
+#: calls of a blocking backend one connection may have on worker threads at once
+#: (nbdkit's default threads per connection); the pool keeps this many free for every
+#: connection, so a client whose calls hang holds up only itself
+THREADS_PER_CONNECTION = 16
 
-from pynbd.filters.track import Tracker  # noqa: E402
+
+from pynbd.filters.track import Tracker, Trackers  # noqa: E402
 
 
 class WorkerEvents(Protocol):
@@ -66,15 +71,21 @@ class ExportRuntime:
         self.info = info
         self.read_only = info.read_only
         self.pause = PauseState()
-        self.tracker: Tracker | None = None
+        #: told about every range a client changes, by slot: "migration" (the mirror's
+        #: dirty map), "bitmap:NAME" (backup bitmaps, server/bitmaps.py)
+        self.trackers: dict[str, Tracker] = {}
+        #: the server's own layers between the plugin and the trackers, by slot (a
+        #: point-in-time view's copy-before-write, filters/cbw.py), innermost first
+        self.layers: dict[str, Callable[[Backend], Backend]] = {}
+        #: metadata contexts other than base:allocation: name -> extents(offset, length)
+        self.contexts: dict[str, Callable[[int, int], list[Extent]]] = {}
         model = backend.thread_model
         self.thread_model = model
         serialize_all = model in (ThreadModel.SERIALIZE_ALL_REQUESTS,
                                   ThreadModel.SERIALIZE_CONNECTIONS)
         #: one request at a time across connections: every call on a thread, in turn
         self.serial_lock: threading.Lock | None = threading.Lock() if serialize_all else None
-        self.max_inflight = (1 if model is not ThreadModel.PARALLEL
-                             else limits.max_inflight)
+        self.limits = limits
         #: SERIALIZE_CONNECTIONS: the connection being served, and those waiting
         self.turn: Connection | None = None
         self.turn_queue: list[Connection] = []
@@ -85,13 +96,19 @@ class ExportRuntime:
         self.connections: set[Connection] = set()
         self.bugs_logged: set[tuple[object, type]] = set()
         self._quiesce_waiters: list[Callable[[], None]] = []
+        self._epoch = 0
+        self._started: dict[tuple[int, int], int] = {}
+        self._epoch_waiters: list[tuple[int, Callable[[], None]]] = []
         self._refresh()
 
     def wrap(self, own: Backend) -> Backend:
         """The stack a connection calls: the server's layers around ``own``."""
         b = own
-        if self.tracker is not None:
-            b = TrackFilter(b, self.tracker)
+        for make in self.layers.values():
+            b = make(b)
+        if self.trackers:
+            ts = list(self.trackers.values())
+            b = TrackFilter(b, ts[0] if len(ts) == 1 else Trackers(ts))
         if self.pause.engaged:
             b = PauseFilter(b, self.pause)
         return b
@@ -101,6 +118,14 @@ class ExportRuntime:
         self.blocking = bool(top.blocking) or self.serial_lock is not None
         #: asynchronous interface (aio_*): requests are started and complete later
         self.aio = bool(getattr(top, "aio", False)) and self.serial_lock is None
+        #: requests of one connection in flight: one for the serializing models; for
+        #: calls on threads, no more than a connection's share of the pool
+        if self.thread_model is not ThreadModel.PARALLEL:
+            self.max_inflight = 1
+        elif self.blocking and not self.aio:
+            self.max_inflight = min(self.limits.max_inflight, THREADS_PER_CONNECTION)
+        else:
+            self.max_inflight = self.limits.max_inflight
         #: FLUSH and FUA may take long (fdatasync): they run on worker threads
         self.slow_sync = bool(getattr(top, "slow_sync", False))
         self.can_extents = bool(top.can_extents)
@@ -116,6 +141,9 @@ class ExportRuntime:
 
     def context_extents(self, name: str, offset: int, length: int) -> list[Extent]:
         """Extents of a metadata context other than base:allocation."""
+        source = self.contexts.get(name)
+        if source is not None:
+            return source(offset, length)
         if name == QEMU_ALLOCATION_DEPTH:
             # no backing chains here: every byte is local (depth 1), what qemu-nbd -A
             # reports for a raw image
@@ -128,6 +156,30 @@ class ExportRuntime:
         for conn in self.connections:
             c.add(conn.counters)
         return c
+
+    # requests on threads started before a change of the stack, so the change can wait
+    # for exactly those (a new write tracker must see every write that completes after
+    # it was confirmed; new requests already use the new stack)
+    def begin(self, conn: Connection, cookie: int) -> None:
+        self._started[(id(conn), cookie)] = self._epoch
+
+    def end(self, conn: Connection, cookie: int) -> None:
+        epoch = self._started.pop((id(conn), cookie), None)
+        if epoch is not None and self._epoch_waiters:
+            self._check_epochs()
+
+    def when_started_before_done(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once every request started so far has completed."""
+        self._epoch += 1
+        self._epoch_waiters.append((self._epoch, callback))
+        self._check_epochs()
+
+    def _check_epochs(self) -> None:
+        oldest = min(self._started.values(), default=self._epoch)
+        ready = [cb for e, cb in self._epoch_waiters if oldest >= e]
+        self._epoch_waiters = [(e, cb) for e, cb in self._epoch_waiters if oldest < e]
+        for cb in ready:
+            cb()
 
     def when_quiesced(self, callback: Callable[[], None]) -> None:
         if self.active == 0:
@@ -235,15 +287,20 @@ class Worker:
         if rt is not None and rt.thread_model is ThreadModel.SERIALIZE_CONNECTIONS:
             if conn in rt.turn_queue:
                 rt.turn_queue.remove(conn)
-            if rt.turn is conn:
-                rt.turn = rt.turn_queue.pop(0) if rt.turn_queue else None
-                if rt.turn is not None:
-                    nxt = rt.turn
-                    nxt.waiting_turn = False
-                    self.loop.call_soon(nxt.unpark)
+            if not conn.own_open:  # else once its close_connection has returned
+                self.turn_done(rt, conn)
         self.events.closed(conn.id)
         if self._stopping and not self.connections:
             self._stopped()
+
+    def turn_done(self, rt: ExportRuntime, conn: Connection) -> None:
+        """SERIALIZE_CONNECTIONS: ``conn`` is closed, in the plugin too: the next
+        waiting connection is opened and served."""
+        if rt.turn is not conn:
+            return
+        rt.turn = rt.turn_queue.pop(0) if rt.turn_queue else None
+        if rt.turn is not None:
+            self.loop.call_soon(rt.turn.take_turn)
 
     def drop(self, conn_id: int, reason: str) -> None:
         conn = self.connections.get(conn_id)
@@ -256,9 +313,7 @@ class Worker:
                      buf: Buffer | None, mv: memoryview | None,
                      done: Callable[[Any, Buffer | None, memoryview | None, list[Any]], None],
                      ) -> None:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=self.limits.blocking_threads,
-                                                thread_name_prefix=f"nbd-io-{self.index}")
+        pool = self._pool()
         loop = self.loop
 
         def run() -> None:
@@ -269,13 +324,22 @@ class Worker:
                 out = []
             loop.call_soon_threadsafe(lambda: done(ev, buf, mv, out))
 
-        self._executor.submit(run)
+        pool.submit(run)
 
-    def run_in_thread(self, fn: Callable[[], Any], done: Callable[[Any], None]) -> None:
-        """Run ``fn`` on the worker's thread pool; ``done(result)`` back on the loop."""
+    def _pool(self) -> ThreadPoolExecutor:
+        """The worker threads: at least ``blocking_threads``, and room for every
+        connection's share (threads start only when a call finds none idle)."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=self.limits.blocking_threads,
                                                 thread_name_prefix=f"nbd-io-{self.index}")
+        want = THREADS_PER_CONNECTION * (len(self.connections) + 1)
+        if self._executor._max_workers < want:
+            self._executor._max_workers = want
+        return self._executor
+
+    def run_in_thread(self, fn: Callable[[], Any], done: Callable[[Any], None]) -> None:
+        """Run ``fn`` on the worker's thread pool; ``done(result)`` back on the loop."""
+        pool = self._pool()
         loop = self.loop
 
         def run() -> None:
@@ -286,7 +350,7 @@ class Worker:
                 result = exc
             loop.call_soon_threadsafe(lambda: done(result))
 
-        self._executor.submit(run)
+        pool.submit(run)
 
     # --- pause / step down (migration, checkpoints) --------------------------------
 
@@ -321,11 +385,52 @@ class Worker:
             rt.rebind()
         rt.wake()
 
-    def set_tracker(self, name: str, tracker: Tracker | None) -> None:
+    def set_tracker(self, name: str, tracker: Tracker | None, slot: str = "migration",
+                    done: Callable[[], None] | None = None) -> None:
+        """Attach a write tracker in ``slot``; ``done`` once every write that can still
+        complete is marked (requests already running on threads used the old stack)."""
         rt = self.runtimes.get(name)
         if rt is not None:
-            rt.tracker = tracker
+            if tracker is None:
+                rt.trackers.pop(slot, None)
+            else:
+                rt.trackers[slot] = tracker
             rt.rebind()
+            if done is not None:
+                rt.when_started_before_done(done)
+                return
+        if done is not None:
+            done()
+
+    # --- exports added and removed at run time (point-in-time views) --------------------
+
+    def add_export(self, name: str, backend: Backend, info: ExportInfo) -> ExportRuntime:
+        """Serve a new export; a provider of this process's own learns its info (the
+        supervisor's registry is updated by the supervisor)."""
+        add = getattr(self.provider, "add_export", None)
+        if add is not None:
+            add(info)
+        rt = ExportRuntime(name, backend, info, self.limits)
+        self.runtimes[name] = rt
+        return rt
+
+    def remove_export(self, name: str, reason: str) -> ExportRuntime | None:
+        """Stop serving ``name``: new clients cannot select it, its clients are dropped."""
+        remove = getattr(self.provider, "remove_export", None)
+        if remove is not None:
+            remove(name)
+        self.disconnect_export(name, reason)
+        return self.runtimes.pop(name, None)
+
+    def set_info(self, name: str, info: ExportInfo) -> None:
+        """What the protocol advertises for ``name`` changed (e.g. its metadata contexts);
+        connections that selected it before keep what they negotiated."""
+        add = getattr(self.provider, "add_export", None)
+        if add is not None:
+            add(info)
+        rt = self.runtimes.get(name)
+        if rt is not None:
+            rt.info = info
 
     def configure_filter(self, export: str, name: str, params: dict[str, str]) -> int:
         """Apply run-time parameters to every ``name`` filter of ``export``; how many."""

@@ -44,11 +44,24 @@ class StaticProvider:
     def list_exports(self) -> list[ExportInfo]:
         return list(self.order)
 
+    def add_export(self, info: ExportInfo) -> None:
+        """A new export, or new info for one (e.g. its metadata contexts changed)."""
+        if info.name in self.infos:
+            self.order = [info if i.name == info.name else i for i in self.order]
+        else:
+            self.order.append(info)
+        self.infos[info.name] = info
+
+    def remove_export(self, name: str) -> None:
+        if self.infos.pop(name, None) is not None:
+            self.order = [i for i in self.order if i.name != name]
+
 
 def _info(d: dict[str, Any]) -> ExportInfo:
     d = dict(d)
     d["block_size"] = tuple(d["block_size"])
     d["meta_contexts"] = tuple(d["meta_contexts"])
+    d["refused_contexts"] = tuple(tuple(x) for x in d.get("refused_contexts", ()))
     return ExportInfo(**d)
 
 
@@ -116,6 +129,30 @@ def main(argv: list[str]) -> int:  # noqa: C901 - a worker process: one dispatch
                 pass
         loop.stop()
 
+    def track(msg: dict[str, Any], fds: list[int], req: int) -> list[int]:
+        """Install (or remove) a write tracker; the descriptors it did not take."""
+        meta = msg.get("tracker")
+
+        def tracked() -> None:
+            if req:
+                events.reply(req, {"tracking": meta is not None})
+
+        if meta is None:
+            worker.set_tracker(str(msg["name"]), None, done=tracked)
+            return fds
+        from pynbd.server.sharedmap import attach_tracker
+
+        worker.set_tracker(str(msg["name"]), attach_tracker(meta, fds), done=tracked)
+        return []
+
+    def configure_filter(msg: dict[str, Any], req: int) -> None:
+        try:
+            n = worker.configure_filter(str(msg["export"]), str(msg["filter"]),
+                                        dict(msg["params"]))
+            events.reply(req, {"configured": n})
+        except Exception as exc:  # a filter's own message for the CLI
+            events.reply(req, {"error": str(exc)})
+
     def on_message(msg: dict[str, Any], fds: list[int]) -> None:
         op = msg.get("op")
         req = int(msg.get("req") or 0)
@@ -133,23 +170,16 @@ def main(argv: list[str]) -> int:  # noqa: C901 - a worker process: one dispatch
         elif op == "step_down":
             worker.step_down(str(msg["name"]), str(msg.get("reason") or ""))
         elif op == "track":
-            meta = msg.get("tracker")
-            if meta is None:
-                worker.set_tracker(str(msg["name"]), None)
-            else:
-                from pynbd.server.sharedmap import attach_tracker
+            fds = track(msg, fds, req)
+        elif op == "backup":
+            from pynbd.backup.workerops import apply
 
-                worker.set_tracker(str(msg["name"]), attach_tracker(meta, fds))
-                fds = []
+            events.reply(req, apply(worker, msg, fds))  # takes the descriptors
+            fds = []
         elif op == "stats":
             events.reply(req, worker.stats())
         elif op == "configure":
-            try:
-                n = worker.configure_filter(str(msg["export"]), str(msg["filter"]),
-                                            dict(msg["params"]))
-                events.reply(req, {"configured": n})
-            except Exception as exc:
-                events.reply(req, {"error": str(exc)})
+            configure_filter(msg, req)
         elif op == "stop":
             stopping[0] = True
 

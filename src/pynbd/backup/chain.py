@@ -1,0 +1,209 @@
+"""A backup chain on disk: what ``pynbd backup`` writes and ``pynbd restore`` reads.
+
+::
+
+    DIR/manifest.json     the chain: image size, and one entry per backup, in order
+    DIR/0000.raw          backup 0 (full): a sparse raw image of the whole disk
+    DIR/0000.json         its ranges: every range of the disk, data (with sha256) or zero
+    DIR/0001.raw          backup 1 (incremental): a sparse raw image of the same size in
+                          which only the ranges that changed are written
+    DIR/0001.json         its ranges: the changed ranges only
+    ...
+
+Ranges are ``[offset, length, sha256]`` (data: the bytes at that offset of the ``.raw``
+file) or ``[offset, length, null]`` (the range reads as zeros); no range crosses a
+``piece`` boundary (1 MiB), so each checksum covers at most one piece. The image as of
+backup N is the last full backup at or before N with the ranges of every later backup
+up to N applied in order. Any ``.raw`` file is an ordinary raw image (``qemu-img info``,
+``losetup``); a full one is the disk as it was.
+
+A backup joins the chain only when its files are complete and fsynced: ``manifest.json``
+is replaced last (write, fsync, rename). Files of a backup that did not finish are not
+listed and are removed by the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pynbd.server.bitmaps import write_atomic
+
+FORMAT = "pynbd-backup"
+VERSION = 1
+PIECE = 1 << 20
+MANIFEST = "manifest.json"
+
+#: (offset, length, sha256 hex or None for zeros)
+Range = tuple[int, int, str | None]
+
+
+class ChainError(Exception):
+    """The backup directory is not usable (shown to the user)."""
+
+
+@dataclass
+class Backup:
+    index: int
+    type: str  # "full" or "incremental"
+    file: str
+    ranges_file: str
+    source: str
+    export: str
+    checkpoint: str | None
+    bitmap: str | None
+    started: float
+    finished: float
+    data_bytes: int
+    zero_bytes: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "type": self.type, "file": self.file,
+                "ranges": self.ranges_file, "source": self.source, "export": self.export,
+                "checkpoint": self.checkpoint, "bitmap": self.bitmap,
+                "started": _iso(self.started), "finished": _iso(self.finished),
+                "seconds": round(self.finished - self.started, 3),
+                "data_bytes": self.data_bytes, "zero_bytes": self.zero_bytes, **self.extra}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Backup:
+        known = {"index", "type", "file", "ranges", "source", "export", "checkpoint",
+                 "bitmap", "started", "finished", "seconds", "data_bytes", "zero_bytes"}
+        return cls(int(d["index"]), str(d["type"]), str(d["file"]), str(d["ranges"]),
+                   str(d.get("source", "")), str(d.get("export", "")), d.get("checkpoint"),
+                   d.get("bitmap"), _parse_iso(d.get("started")), _parse_iso(d.get("finished")),
+                   int(d.get("data_bytes", 0)), int(d.get("zero_bytes", 0)),
+                   {k: v for k, v in d.items() if k not in known})
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+
+
+def _parse_iso(s: Any) -> float:
+    if not isinstance(s, str):
+        return 0.0
+    import calendar
+
+    main, _, frac = s.rstrip("Z").partition(".")
+    try:
+        return calendar.timegm(time.strptime(main, "%Y-%m-%dT%H:%M:%S")) + (
+            int(frac) / 1000 if frac.isdigit() else 0.0)
+    except ValueError:
+        return 0.0
+
+
+class Chain:
+    def __init__(self, directory: str, size: int | None = None,
+                 backups: list[Backup] | None = None, piece: int = PIECE) -> None:
+        self.dir = directory
+        self.size = size
+        self.piece = piece
+        self.backups = backups or []
+
+    @classmethod
+    def open(cls, directory: str, create: bool = False) -> Chain:
+        path = os.path.join(directory, MANIFEST)
+        try:
+            with open(path, "rb") as f:
+                d = json.loads(f.read())
+        except FileNotFoundError:
+            if not os.path.isdir(directory):
+                if not create:
+                    raise ChainError(f"{directory} is not a directory") from None
+                os.makedirs(directory, exist_ok=True)
+            elif not create:
+                raise ChainError(f"{directory} holds no backup chain ({MANIFEST} is "
+                                 "missing)") from None
+            return cls(directory)
+        except (OSError, ValueError) as exc:
+            raise ChainError(f"{path}: unreadable: {exc}") from exc
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise ChainError(f"{path} is not a pynbd backup manifest")
+        if int(d.get("version", 0)) > VERSION:
+            raise ChainError(f"{path}: version {d.get('version')} is newer than this pynbd "
+                             f"({VERSION})")
+        try:
+            backups = [Backup.from_dict(b) for b in d.get("backups", [])]
+            size, piece = int(d["size"]), int(d.get("piece", PIECE))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ChainError(f"{path}: damaged ({type(exc).__name__}: {exc})") from exc
+        for i, b in enumerate(backups):
+            if b.index != i or b.type not in ("full", "incremental") or any(
+                    os.sep in f or f in ("", ".", "..") for f in (b.file, b.ranges_file)):
+                raise ChainError(f"{path}: damaged (backup #{i} is not a backup of this "
+                                 "chain)")
+        if size < 0 or piece <= 0:
+            raise ChainError(f"{path}: damaged (size {size}, piece {piece})")
+        return cls(directory, size, backups, piece)
+
+    @property
+    def last(self) -> Backup | None:
+        return self.backups[-1] if self.backups else None
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def new_names(self) -> tuple[int, str, str]:
+        index = len(self.backups)
+        return index, f"{index:04d}.raw", f"{index:04d}.json"
+
+    def clean_partial(self) -> None:
+        """Remove files of backups that never joined the chain."""
+        listed = {b.file for b in self.backups} | {b.ranges_file for b in self.backups}
+        with contextlib.suppress(OSError):
+            for fn in os.listdir(self.dir):
+                if (fn.endswith((".raw", ".json", ".tmp")) and fn != MANIFEST
+                        and fn[:4].isdigit() and fn not in listed):
+                    os.unlink(self.path(fn))
+
+    def ranges(self, b: Backup) -> list[Range]:
+        path = self.path(b.ranges_file)
+        try:
+            with open(path, "rb") as f:
+                d = json.loads(f.read())
+            out = [(int(r[0]), int(r[1]), r[2] if r[2] is None else str(r[2]))
+                   for r in d["ranges"]]
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+            raise ChainError(f"backup {b.index}: {path}: unreadable: {exc}") from exc
+        return out
+
+    def add(self, b: Backup, ranges: list[Range]) -> None:
+        """Join ``b`` to the chain (its data file is complete and fsynced)."""
+        doc = {"index": b.index, "size": self.size, "piece": self.piece,
+               "ranges": [list(r) for r in ranges]}
+        write_atomic(self.path(b.ranges_file),
+                     json.dumps(doc, separators=(",", ":")).encode() + b"\n")
+        self.backups.append(b)
+        self.write()
+
+    def write(self) -> None:
+        d = {"format": FORMAT, "version": VERSION, "size": self.size, "piece": self.piece,
+             "backups": [b.as_dict() for b in self.backups]}
+        write_atomic(self.path(MANIFEST), json.dumps(d, indent=1).encode() + b"\n")
+
+    def restore_plan(self, at: int | None) -> list[Backup]:
+        """The backups that rebuild the image as of backup ``at`` (default: the last)."""
+        if not self.backups:
+            raise ChainError(f"{self.dir} holds no backup yet")
+        n = len(self.backups) - 1 if at is None else at
+        if not 0 <= n < len(self.backups):
+            raise ChainError(f"no backup {n} in {self.dir} (0 to {len(self.backups) - 1})")
+        start = max(i for i in range(n + 1) if self.backups[i].type == "full")
+        return self.backups[start:n + 1]
+
+
+def split(offset: int, length: int, piece: int = PIECE) -> list[tuple[int, int]]:
+    """[offset, offset+length) cut at every multiple of ``piece``."""
+    out = []
+    end = offset + length
+    while offset < end:
+        stop = min(end, (offset // piece + 1) * piece)
+        out.append((offset, stop - offset))
+        offset = stop
+    return out

@@ -1,0 +1,342 @@
+"""``pynbd backup``: copy an export (best: a point-in-time view, ``NAME@CHECKPOINT``) into
+a backup chain (backup/chain.py): everything the first time, afterwards only the ranges
+its ``qemu:dirty-bitmap`` context marks dirty.
+
+Which bitmap: the one named after the last backup's checkpoint (a view
+``disk@c2`` serves the frozen bitmap ``c1``: every change since checkpoint ``c1``,
+which the previous backup, of ``disk@c1``, saw), or the one given with ``--bitmap``
+(e.g. a qemu-nbd ``-B`` export). A bitmap the server refuses (inconsistent) or lacks
+is an error telling the user to take a full backup: never a silently incomplete one.
+
+The copy runs on several connections (when the export allows: read-only or
+CAN_MULTI_CONN), each with many reads in flight; ranges the source reports as zeros
+(``base:allocation``) and all-zero data are recorded as zero ranges, not written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pynbd.backup.chain import Backup, Chain, ChainError, Range, split
+from pynbd.protocol.constants import BASE_ALLOCATION
+
+DIRTY_PREFIX = "qemu:dirty-bitmap:"
+DEFAULT_CONNECTIONS = 4
+DEFAULT_REQUESTS = 8
+STATE_ZERO = 2
+
+
+class BackupError(Exception):
+    """The backup cannot be taken (shown to the user, exit status 1)."""
+
+
+@dataclass
+class BackupOptions:
+    full: bool = False
+    #: the dirty bitmap to use (name without the qemu:dirty-bitmap: prefix)
+    bitmap: str | None = None
+    #: the checkpoint this backup is of (default: after '@' in the export name)
+    checkpoint: str | None = None
+    connections: int = DEFAULT_CONNECTIONS
+    requests: int = DEFAULT_REQUESTS
+    timeout: float | None = 60.0
+    progress: Callable[[int, int], None] | None = None
+
+
+@dataclass
+class BackupResult:
+    backup: Backup
+    ranges: int
+    seconds: float
+
+
+def _open(uri: str, contexts: tuple[str, ...], timeout: float | None):  # type: ignore[no-untyped-def]
+    """A connection with exactly ``contexts`` negotiated; a context the server refuses
+    or lacks is a BackupError naming it (with the server's reason)."""
+    from pynbd.client import Client, OptionError
+
+    try:
+        c = Client.dial(uri, timeout=timeout)
+    except OSError as exc:
+        raise BackupError(f"{uri}: cannot connect: {exc.strerror or exc}") from exc
+    try:
+        c.connect()
+        if not (c.extended_headers() or c.structured_replies()):
+            raise BackupError(f"{uri}: the server has no structured replies: it cannot "
+                              "report allocation or dirty bitmaps")
+        try:
+            got = {m.name for m in c.set_meta_context(*contexts)}
+        except OptionError as exc:
+            hint = ("; take a full backup (--full)"
+                    if any(x.startswith(DIRTY_PREFIX) for x in contexts) else "")
+            raise BackupError(f"{uri}: the server refused the metadata contexts "
+                              f"{', '.join(contexts)}: {exc.message or exc}{hint}") from exc
+        missing = [x for x in contexts if x not in got]
+        if missing:
+            hint = ("; the changes since the last backup are unknown: take a full backup "
+                    "(--full)" if any(x.startswith(DIRTY_PREFIX) for x in missing) else "")
+            raise BackupError(f"{uri}: the server does not offer {', '.join(missing)}{hint}")
+        c.negotiate_safe_close()
+        c.go()
+    except BaseException:
+        c.hard_close()
+        raise
+    return c
+
+
+def _list_bitmaps(uri: str, timeout: float | None) -> list[str]:
+    from pynbd.client import Client, OptionError
+
+    try:
+        c = Client.dial(uri, timeout=timeout)
+    except OSError as exc:
+        raise BackupError(f"{uri}: cannot connect: {exc.strerror or exc}") from exc
+    try:
+        c.connect()
+        if not (c.extended_headers() or c.structured_replies()):
+            return []
+        try:
+            return [m.name[len(DIRTY_PREFIX):] for m in c.list_meta_context(DIRTY_PREFIX)
+                    if m.name.startswith(DIRTY_PREFIX)]
+        except OptionError:
+            return []
+    finally:
+        with contextlib.suppress(Exception):
+            c.abort()
+        c.hard_close()
+
+
+def choose_bitmap(uri: str, chain: Chain, opts: BackupOptions) -> str | None:
+    """The bitmap of an incremental backup, None for a full one."""
+    last = chain.last
+    if opts.full or last is None:
+        return None
+    if opts.bitmap:
+        return opts.bitmap
+    offered = _list_bitmaps(uri, opts.timeout)
+    if last.checkpoint is None:
+        raise BackupError(
+            f"the last backup in {chain.dir} (#{last.index}) has no checkpoint name, so "
+            "which bitmap holds the changes since it is unknown: give --bitmap NAME (one "
+            "that has every change since that backup), or --full"
+            + (f"; the source offers bitmaps: {', '.join(offered)}" if offered else ""))
+    if last.checkpoint not in offered and offered:
+        raise BackupError(
+            f"the last backup in {chain.dir} is of checkpoint {last.checkpoint!r}, but the "
+            f"source offers the changes since {', '.join(map(repr, offered))}: the changes "
+            f"since {last.checkpoint!r} are unknown; take a full backup (--full)")
+    # not offered at all: asking for it gives the server's reason (e.g. inconsistent)
+    return last.checkpoint
+
+
+def _extents(c, context: str, size: int) -> list[tuple[int, int, int]]:  # type: ignore[no-untyped-def]
+    return [(e.offset, e.length, e.flags) for e in c.iter_extents(0, size, context=context)]
+
+
+def _plan(c, size: int, bitmap: str | None) -> tuple[list[tuple[int, int]],  # type: ignore[no-untyped-def]
+                                                      list[tuple[int, int]]]:
+    """(ranges to read, ranges known to be zero), in offset order."""
+    alloc = _extents(c, BASE_ALLOCATION, size)
+    if bitmap is None:
+        wanted = [(0, size)] if size else []
+    else:
+        wanted = [(o, n) for o, n, f in _extents(c, DIRTY_PREFIX + bitmap, size) if f & 1]
+    read: list[tuple[int, int]] = []
+    zero: list[tuple[int, int]] = []
+    i = 0
+    for off, ln in wanted:
+        end = off + ln
+        pos = off
+        while i < len(alloc) and alloc[i][0] + alloc[i][1] <= pos:
+            i += 1
+        j = i
+        while pos < end and j < len(alloc):
+            a_off, a_len, a_flags = alloc[j]
+            stop = min(end, a_off + a_len)
+            if stop > pos:
+                (zero if a_flags & STATE_ZERO else read).append((pos, stop - pos))
+                pos = stop
+            if a_off + a_len <= pos:
+                j += 1
+        if pos < end:  # allocation did not cover it: read it
+            read.append((pos, end - pos))
+    return _coalesce(read), _coalesce(zero)
+
+
+def _coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for off, ln in ranges:
+        if out and out[-1][0] + out[-1][1] == off:
+            out[-1] = (out[-1][0], out[-1][1] + ln)
+        else:
+            out.append((off, ln))
+    return out
+
+
+class _Copy:
+    """Read pieces on several connections, many in flight each; hash and store them."""
+
+    def __init__(self, uri: str, contexts: tuple[str, ...], first, pieces: list[tuple[int, int]],  # type: ignore[no-untyped-def]
+                 fd: int, piece: int, opts: BackupOptions) -> None:
+        self.uri = uri
+        self.contexts = contexts
+        self.first = first
+        self.queue = deque(pieces)
+        self.fd = fd
+        self.piece = piece
+        self.opts = opts
+        self.lock = threading.Lock()
+        self.results: dict[int, Range] = {}
+        self.done_bytes = 0
+        self.total = sum(n for _, n in pieces)
+        self.error: BaseException | None = None
+        self.zero = bytes(piece)
+
+    def _next(self) -> tuple[int, int] | None:
+        with self.lock:
+            if self.error is not None or not self.queue:
+                return None
+            return self.queue.popleft()
+
+    def _store(self, off: int, view: memoryview) -> None:
+        n = len(view)
+        if view == self.zero[:n]:
+            rng: Range = (off, n, None)
+        else:
+            digest = hashlib.sha256(view).hexdigest()
+            done = 0
+            while done < n:
+                done += os.pwrite(self.fd, view[done:], off + done)
+            rng = (off, n, digest)
+        with self.lock:
+            self.results[off] = rng
+            self.done_bytes += n
+            done_bytes = self.done_bytes
+        if self.opts.progress is not None:
+            self.opts.progress(done_bytes, self.total)
+
+    def _worker(self, c) -> None:  # type: ignore[no-untyped-def]
+        free = [memoryview(bytearray(self.piece)) for _ in range(max(1, self.opts.requests))]
+        inflight: dict[int, tuple[int, memoryview]] = {}
+        try:
+            while True:
+                while free:
+                    nxt = self._next()
+                    if nxt is None:
+                        break
+                    off, n = nxt
+                    buf = free.pop()
+                    req = c.submit_read(off, buf[:n])
+                    inflight[id(req)] = (off, buf)
+                if not inflight:
+                    return
+                req = c.wait_any()
+                off, buf = inflight.pop(id(req))
+                if req.error is not None:
+                    raise BackupError(f"reading {req.length} bytes at offset {off}: "
+                                      f"{req.error}")
+                self._store(off, buf[:req.length])
+                free.append(buf)
+        except BaseException as exc:
+            with self.lock:
+                if self.error is None:
+                    self.error = exc
+
+    def run(self, nconn: int) -> None:
+        conns = [self.first]
+        threads = []
+        try:
+            for _ in range(nconn - 1):
+                if len(self.queue) <= len(conns) * self.opts.requests:
+                    break
+                conns.append(_open(self.uri, self.contexts, self.opts.timeout))
+            for c in conns:
+                t = threading.Thread(target=self._worker, args=(c,), daemon=True,
+                                     name="backup-reader")
+                t.start()
+                threads.append(t)
+            for t in threads:
+                t.join()
+        finally:
+            for c in conns[1:]:
+                with contextlib.suppress(Exception):
+                    c.close()
+        if self.error is not None:
+            if isinstance(self.error, BackupError):
+                raise self.error
+            raise BackupError(str(self.error)) from self.error
+
+
+def backup(uri: str, directory: str, opts: BackupOptions | None = None) -> BackupResult:
+    """Take one backup of ``uri`` into the chain in ``directory``."""
+    from pynbd.client import parse_uri
+
+    opts = opts or BackupOptions()
+    if opts.connections < 1 or opts.requests < 1:
+        raise BackupError("--connections and --requests must be at least 1")
+    try:
+        export = parse_uri(uri).export or ""
+    except ValueError as exc:
+        raise BackupError(str(exc)) from exc
+    try:
+        chain = Chain.open(directory, create=True)
+    except OSError as exc:
+        raise ChainError(f"{directory}: {exc.strerror or exc}") from exc
+    chain.clean_partial()
+    checkpoint = opts.checkpoint
+    if checkpoint is None and "@" in export:
+        checkpoint = export.rsplit("@", 1)[1] or None
+    bitmap = choose_bitmap(uri, chain, opts)
+    contexts: tuple[str, ...] = (BASE_ALLOCATION,)
+    if bitmap is not None:
+        contexts += (DIRTY_PREFIX + bitmap,)
+    started = time.time()
+    t0 = time.monotonic()
+    c = _open(uri, contexts, opts.timeout)
+    try:
+        size = c.size
+        if chain.size is None:
+            chain.size = size
+        elif chain.size != size:
+            raise BackupError(f"the source is {size} bytes but the chain in {directory} is "
+                              f"of a {chain.size}-byte image")
+        read, zero = _plan(c, size, bitmap)
+        pieces = [p for off, ln in read for p in split(off, ln, chain.piece)]
+        index, fname, rname = chain.new_names()
+        path = chain.path(fname)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            nconn = opts.connections if (c.is_read_only() or c.can_multi_conn()) else 1
+            cp = _Copy(uri, contexts, c, pieces, fd, chain.piece, opts)
+            cp.run(nconn)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        os.close(fd)
+    finally:
+        with contextlib.suppress(Exception):
+            c.close()
+    ranges: list[Range] = list(cp.results.values())
+    ranges += [r for off, ln in zero for r in
+               ((o, n, None) for o, n in split(off, ln, chain.piece))]
+    ranges.sort()
+    data = sum(n for _, n, h in ranges if h is not None)
+    b = Backup(index, "incremental" if bitmap is not None else "full", fname, rname, uri,
+               export, checkpoint, bitmap, started, time.time(), data,
+               sum(n for _, n, h in ranges if h is None))
+    try:
+        chain.add(b, ranges)
+    except OSError as exc:
+        raise ChainError(f"cannot record backup {index} in {directory}: {exc}") from exc
+    return BackupResult(b, len(ranges), time.monotonic() - t0)
