@@ -130,6 +130,9 @@ class Loop:
         timers = self._timers
         wake_fd = self._wake_fd
         monotonic = time.monotonic
+        cb2: Callable[[], None] | None = None
+        cb3: Callable[[], None] | None = None
+        t: Timer | None = None
         while not self._stopped:
             timers = self._timers
             if pending:
@@ -176,6 +179,9 @@ class Loop:
                             log.exception("timer failed")
             for cb3 in self._after_io:
                 cb3()
+            # the last callbacks must not live on in these names while the loop sleeps:
+            # a finished connection's closure would keep its backend (and its files) open
+            cb = cb2 = cb3 = cb4 = t = None
         self._ep.close()
         # completions of a blocking/aio backend may still arrive from its threads (e.g.
         # while its close() waits for them): they must not write to this number once it
