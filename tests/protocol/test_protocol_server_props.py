@@ -165,7 +165,7 @@ def run(conn: ServerConnection, chunks: Sequence[bytes]
     out = bytearray()
 
     def payload(data: bytes) -> None:
-        if evs and isinstance(evs[-1], tuple):
+        if evs and isinstance(evs[-1], tuple) and evs[-1][0] == "payload":
             evs[-1] = ("payload", evs[-1][1] + data)
         else:
             evs.append(("payload", data))

@@ -88,6 +88,9 @@ class ServerConnection(OptionPhase, RequestPhase, ReplyBuilder):
         self.export = None
         self.transmission_flags = 0
         self.block_size = (1, 4096, self.config.max_request_size)
+        self._fast_size = 0
+        self._fast_read_max = self._fast_write_max = -1
+        self._fast_write_flags = 0
 
     def initiate(self) -> bytes:
         """The server greeting; send it first."""

@@ -15,9 +15,11 @@ from pynbd.protocol import wire
 from pynbd.protocol.constants import (
     MAX_STRING,
     ClientFlag,
+    CmdFlag,
     Info,
     Opt,
     Rep,
+    TransmissionFlag,
     opt_name,
 )
 from pynbd.protocol.errors import LocalProtocolError, PeerProtocolError
@@ -37,6 +39,9 @@ from pynbd.protocol.server_types import (
     TLSMode,
     _NeedData,
 )
+
+_FUA = int(CmdFlag.FUA)
+_SEND_FUA = int(TransmissionFlag.SEND_FUA)
 
 
 class OptionPhase(ServerState):
@@ -281,6 +286,15 @@ class OptionPhase(ServerState):
             preferred = max(minimum, 1 << (maximum.bit_length() - 1))
         return minimum, preferred, max(maximum, minimum)
 
+    def _set_fast_path(self, export: ExportInfo, flags: int) -> None:
+        """What a plain READ or WRITE must satisfy to skip the full validation."""
+        minimum, _, maximum = self.block_size
+        plain = minimum <= 1
+        self._fast_size = export.size
+        self._fast_read_max = maximum if plain else -1
+        self._fast_write_max = maximum if plain and not export.read_only else -1
+        self._fast_write_flags = _FUA if flags & _SEND_FUA else 0
+
     def _enter_transmission(self, export: ExportInfo, flags: int,
                             requested: str) -> ExportSelected:
         self.export = export
@@ -288,6 +302,7 @@ class OptionPhase(ServerState):
         self.state = State.TRANSMISSION
         self.transmission_flags = flags
         self.block_size = self._block_size_for(export)
+        self._set_fast_path(export, flags)
         return ExportSelected(export, flags, self.chunked, dict(self.meta_contexts),
                               self.x_close, self.extended_headers, self.block_size)
 

@@ -127,10 +127,12 @@ class ByteStream:
         """Move already-buffered payload bytes into ``dest``; returns how many."""
         if self.state is not self._PAYLOAD:
             raise LocalProtocolError(f"payload_into() in state {self.state.value}")
-        n = min(len(dest), len(self._buf), self.payload_remaining)
+        buf = self._buf
+        n = min(len(dest), len(buf), self.payload_remaining)
         if n:
-            dest[:n] = self._buf[:n]
-            del self._buf[:n]
+            with memoryview(buf) as view:  # one copy (a slice of buf would be two)
+                dest[:n] = view[:n]
+            del buf[:n]
             self._consume_payload(n)
         return n
 

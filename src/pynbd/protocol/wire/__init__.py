@@ -17,6 +17,7 @@ from __future__ import annotations
 from pynbd.protocol.wire.formats import (
     BLOCK_STATUS_EXT_HEAD,
     CHUNK,
+    CHUNK_OFFSET,
     CHUNK_SIZE,
     CLIENT_FLAGS,
     ERROR_BODY_MIN,
@@ -24,6 +25,7 @@ from pynbd.protocol.wire.formats import (
     EXPORT_NAME_REPLY,
     EXPORT_NAME_REPLY_SIZE,
     EXT_REPLY,
+    EXT_REPLY_OFFSET,
     EXT_REPLY_SIZE,
     EXT_REQUEST,
     EXT_REQUEST_MAGIC_BYTES,
@@ -126,6 +128,7 @@ from pynbd.protocol.wire.transmission import (
 __all__ = [
     "BLOCK_STATUS_EXT_HEAD",
     "CHUNK",
+    "CHUNK_OFFSET",
     "CHUNK_SIZE",
     "CLIENT_FLAGS",
     "ERROR_BODY_MIN",
@@ -135,6 +138,7 @@ __all__ = [
     "EXTENT",
     "EXTENT_EXT",
     "EXT_REPLY",
+    "EXT_REPLY_OFFSET",
     "EXT_REPLY_SIZE",
     "EXT_REQUEST",
     "EXT_REQUEST_MAGIC_BYTES",

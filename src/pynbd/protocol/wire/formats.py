@@ -26,6 +26,8 @@ EXPORT_NAME_REPLY = struct.Struct(">QH")  # size, transmission flags (+124 zeroe
 REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
 SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
 CHUNK = struct.Struct(">IHHQI")  # magic, flags, type, cookie, length
+#: a chunk header and the data's offset in one pack (OFFSET_DATA before its data)
+CHUNK_OFFSET = struct.Struct(">IHHQIQ")
 U16 = struct.Struct(">H")
 U32 = struct.Struct(">I")
 U64 = struct.Struct(">Q")
@@ -38,6 +40,7 @@ EXTENT = struct.Struct(">II")  # length, flags
 # extended headers (NBD_OPT_EXTENDED_HEADERS)
 EXT_REQUEST = struct.Struct(">IHHQQQ")  # magic, flags, type, cookie, offset, length
 EXT_REPLY = struct.Struct(">IHHQQQ")  # magic, flags, type, cookie, offset, payload length
+EXT_REPLY_OFFSET = struct.Struct(">IHHQQQQ")  # the same and the data's offset
 EXTENT_EXT = struct.Struct(">QQ")  # length, flags (NBD_REPLY_TYPE_BLOCK_STATUS_EXT)
 BLOCK_STATUS_EXT_HEAD = struct.Struct(">II")  # context id, descriptor count
 

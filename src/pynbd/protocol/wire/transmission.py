@@ -20,10 +20,12 @@ from pynbd.protocol.errors import PeerProtocolError
 from pynbd.protocol.wire.formats import (
     BLOCK_STATUS_EXT_HEAD,
     CHUNK,
+    CHUNK_OFFSET,
     CHUNK_SIZE,
     ERROR_BODY_MIN,
     ERROR_CHUNK,
     EXT_REPLY,
+    EXT_REPLY_OFFSET,
     EXT_REPLY_SIZE,
     EXT_REQUEST,
     EXTENT,
@@ -48,6 +50,9 @@ class RequestHeader:
     cookie: int
     offset: int
     length: int
+
+#: plain ints for the per-request encoders (packing an IntEnum takes a slower path)
+_OFFSET_DATA = int(ReplyType.OFFSET_DATA)
 
 
 def encode_request(cmd: int, flags: int, cookie: int, offset: int, length: int) -> bytes:
@@ -162,8 +167,8 @@ def decode_offset_data_length(length: int) -> int:
 
 def encode_offset_data_header(cookie: int, offset: int, data_length: int, flags: int) -> bytes:
     """Chunk header + offset; the data itself follows (sent separately, zero-copy)."""
-    return encode_chunk_header(cookie, ReplyType.OFFSET_DATA, flags, 8 + data_length) + \
-        OFFSET.pack(offset)
+    return CHUNK_OFFSET.pack(STRUCTURED_REPLY_MAGIC, flags, _OFFSET_DATA, cookie,
+                             8 + data_length, offset)
 
 
 def decode_offset_data_header(data: bytes | bytearray | memoryview
@@ -180,8 +185,8 @@ def decode_offset_data_header(data: bytes | bytearray | memoryview
 def encode_ext_offset_data_header(cookie: int, req_offset: int, offset: int,
                                   data_length: int, flags: int) -> bytes:
     """Extended OFFSET_DATA header + data offset; the data follows (sent separately)."""
-    return encode_ext_chunk_header(cookie, ReplyType.OFFSET_DATA, flags, req_offset,
-                                   8 + data_length) + OFFSET.pack(offset)
+    return EXT_REPLY_OFFSET.pack(EXTENDED_REPLY_MAGIC, flags, _OFFSET_DATA, cookie,
+                                 req_offset, 8 + data_length, offset)
 
 
 def decode_ext_offset_data_header(data: bytes | bytearray | memoryview
