@@ -12,6 +12,7 @@ from typing import Any
 
 from pynbd.backends import BackendError
 from pynbd.migration.wire import DEFAULT_TAKEOVER_AFTER
+from pynbd.util.net import is_loopback
 from pynbd.util.sizes import parse_size
 
 log = logging.getLogger("pynbd.listen")
@@ -72,19 +73,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--verbose", "-v", action="count", default=0, help="more logging")
     p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
     p.set_defaults(func=run)
-
-
-def is_loopback(host: str | None) -> bool:
-    import ipaddress
-
-    if not host:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]").split("%")[0]).is_loopback
-    except ValueError:
-        return False
 
 
 def check_security(args: argparse.Namespace) -> str | None:

@@ -10,8 +10,8 @@ import threading
 from types import FrameType
 from typing import Any
 
-from pynbd.cli.listen import is_loopback
 from pynbd.cli.serve import add_tls_arguments
+from pynbd.util.net import is_loopback
 
 log = logging.getLogger("pynbd.proxy")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import signal
@@ -21,6 +20,7 @@ from pynbd.server.exports import Export, ExportRegistry
 from pynbd.server.server import Limits, Server, ServerOptions
 from pynbd.server.service import ActivationError, PidFile, listen_fds, sd_notify
 from pynbd.server.tls import TLSConfigError, server_tls_context
+from pynbd.util.net import is_loopback
 
 if TYPE_CHECKING:
     from pynbd.backup.manager import BackupManager
@@ -158,15 +158,6 @@ def parse_workers(text: str) -> int:
     if not 1 <= n <= 256:
         raise ConfigError(f"--workers {n}: expected 1 to 256")
     return n
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
-        return False
 
 
 def check_exposure(bind: str | None, tcp: bool, tls: TLSMode, verify_peer: bool,

@@ -24,21 +24,9 @@ from pynbd.migration.transport import NBDTransport, Transport, TransportError
 from pynbd.server.control import ControlError, ControlServer
 from pynbd.server.exports import Export, IOGate
 from pynbd.server.server import Server
+from pynbd.util.net import is_loopback
 
 log = logging.getLogger("pynbd.migration")
-
-
-def _loopback(host: str | None) -> bool:
-    import ipaddress
-
-    if not host:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]").split("%")[0]).is_loopback
-    except ValueError:
-        return False
 
 
 def read_psk(path: str) -> bytes:
@@ -77,7 +65,7 @@ def check_destination(opts: MirrorOptions) -> None:
             return
         if u.tls and u.tls_verify_peer:
             return
-        if _loopback(u.host):
+        if is_loopback(u.host):
             return
         raise ValueError(f"refusing to mirror to {to} without authentication: plain NBD "
                          f"to {u.host} (not loopback) sends the image in clear to a server "
