@@ -145,6 +145,8 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any]:
     from pynbd.server.server import Server, ServerOptions
     from pynbd.server.tls import TLSConfigError, server_tls_context
 
+    # before check_security, which fills in the default --bind
+    explicit_listen = bool(args.socket or args.bind is not None or args.port is not None)
     err = check_security(args)
     if err is not None:
         raise _Refused(err, 2)
@@ -168,18 +170,17 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any]:
                     ServerOptions(tls=tls, tls_context=ctx))
     if args.allow or args.default_deny:
         server.set_acl(args.allow, default_deny=args.default_deny)
-    _listen(args, server, tls)
+    _listen(args, server, tls, explicit_listen)
     return server, pool
 
 
-def _listen(args: argparse.Namespace, server: Any, tls: Any) -> None:
+def _listen(args: argparse.Namespace, server: Any, tls: Any, explicit_listen: bool) -> None:
     """Adopt socket-activated listeners, or listen where the options say."""
     from pynbd.cli.serve import check_exposure
     from pynbd.protocol.server import TLSMode
     from pynbd.server.config import ConfigError
     from pynbd.server.service import ActivationError, listen_fds
 
-    explicit_listen = bool(args.socket or args.bind is not None or args.port is not None)
     try:
         activated = listen_fds()
         if activated and explicit_listen:
