@@ -160,10 +160,10 @@ class ExportRuntime:
     # requests on threads started before a change of the stack, so the change can wait
     # for exactly those (a new write tracker must see every write that completes after
     # it was confirmed; new requests already use the new stack)
-    def begin(self, conn: Connection, cookie: int) -> None:
+    def begin(self, conn: object, cookie: int) -> None:
         self._started[(id(conn), cookie)] = self._epoch
 
-    def end(self, conn: Connection, cookie: int) -> None:
+    def end(self, conn: object, cookie: int) -> None:
         epoch = self._started.pop((id(conn), cookie), None)
         if epoch is not None and self._epoch_waiters:
             self._check_epochs()
