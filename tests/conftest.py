@@ -62,6 +62,10 @@ LANES: list[tuple[str, tuple[str, ...]]] = [
     ("support/test_ceph_cluster.py", ("ceph",)),  # imports rados
     ("security/", ("interop",)),  # libnbd's Python bindings (import nbd)
     ("server/test_workers.py", ("interop",)),  # import nbd
+    ("server/test_aio_dispatch.py", ("interop",)),  # import nbd
+    # every filter and plugin test drives pynbd serve with libnbd, nbdcopy, qemu-io, fio
+    ("filters/", ("interop",)),
+    ("plugins/", ("interop",)),
     ("service/", ("interop",)),  # systemd-socket-activate, nbdinfo, qemu-io
     ("cli/test_copy_extended.py", ("interop",)),  # import nbd
     ("fuse/", ("interop",)),  # /dev/fuse, fusermount3, nbdkit, qemu-nbd, e2fsprogs
