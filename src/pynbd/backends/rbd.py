@@ -26,7 +26,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pynbd.backends.base import (
@@ -38,91 +37,42 @@ from pynbd.backends.base import (
     BackendError,
     Extent,
 )
+from pynbd.backends.rbd_cluster import (
+    DEFAULT_CLIENT,
+    DEFAULT_CONF,
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_OSD_OP_TIMEOUT,
+    IMPORT_ERROR,
+    INSTALL_HINT,
+    RbdHandle,
+    RbdTarget,
+    errno_of,
+    full_client_name,
+    parse_rbd_target,
+    rados,
+    rbd,
+)
 
-try:  # the bindings come from the distribution (python3-rados, python3-rbd)
-    import rados
-    import rbd
-except ImportError as _exc:  # pragma: no cover - depends on the host
-    rados = None
-    rbd = None
-    _IMPORT_ERROR: ImportError | None = _exc
-else:
-    _IMPORT_ERROR = None
+__all__ = [
+    "DEFAULT_CLIENT",
+    "DEFAULT_CONF",
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_OSD_OP_TIMEOUT",
+    "INSTALL_HINT",
+    "RbdBackend",
+    "RbdTarget",
+    "parse_rbd_target",
+]
 
 log = logging.getLogger("pynbd.backends.rbd")
 
-DEFAULT_CONF = "/etc/ceph/ceph.conf"
-DEFAULT_CLIENT = "client.admin"
-#: seconds to reach the monitors and authenticate (client_mount_timeout, rados_mon_op_timeout)
-DEFAULT_CONNECT_TIMEOUT = 10.0
-#: seconds an OSD operation may take before it fails with ETIMEDOUT (rados_osd_op_timeout)
-DEFAULT_OSD_OP_TIMEOUT = 60.0
 #: block status without fast-diff costs one RADOS op per object: answer at most this many
 _SLOW_EXTENT_OBJECTS = 16
 #: block status with fast-diff (object map in memory): answer at most this much per call
 _FAST_EXTENT_BYTES = 1 << 30
 
-INSTALL_HINT = (
-    "the Ceph Python bindings are missing: apt-get install python3-rados python3-rbd "
-    "ceph-common, and run pynbd with Debian's Python (python3 -m venv "
-    "--system-site-packages); see docs/rbd.md"
-)
-
 T = TypeVar("T")
 
-
-@dataclass(frozen=True)
-class RbdTarget:
-    pool: str
-    image: str
-    snapshot: str | None = None
-    namespace: str = ""
-
-    @property
-    def spec(self) -> str:
-        ns = f"{self.namespace}/" if self.namespace else ""
-        snap = f"@{self.snapshot}" if self.snapshot is not None else ""
-        return f"{self.pool}/{ns}{self.image}{snap}"
-
-
-def parse_rbd_target(target: str) -> RbdTarget:
-    """``rbd:POOL/IMAGE[@SNAP]`` or ``rbd:POOL/NAMESPACE/IMAGE[@SNAP]`` -> RbdTarget.
-
-    Raises ValueError for anything else.
-    """
-    if not target.startswith("rbd:"):
-        raise ValueError(f"not an RBD target (expected rbd:POOL/IMAGE[@SNAP]): {target!r}")
-    spec = target[len("rbd:"):]
-    snap: str | None = None
-    if "@" in spec:
-        spec, snap = spec.split("@", 1)
-        if not snap or "@" in snap or "/" in snap:
-            raise ValueError(f"invalid snapshot name in {target!r}")
-    parts = spec.split("/")
-    if len(parts) == 2:
-        pool, image = parts
-        namespace = ""
-    elif len(parts) == 3:
-        pool, namespace, image = parts
-        if not namespace:
-            raise ValueError(f"empty namespace in {target!r}")
-    else:
-        raise ValueError(f"invalid RBD target {target!r} (expected rbd:POOL/IMAGE[@SNAP])")
-    if not pool or not image:
-        raise ValueError(f"invalid RBD target {target!r}: empty pool or image name")
-    return RbdTarget(pool, image, snap, namespace)
-
-
-def _errno_of(exc: BaseException, default: int = errno.EIO) -> int:
-    err = getattr(exc, "errno", None)
-    if isinstance(err, int) and err > 0:
-        return err
-    return default
-
-
-def _client_name(name: str | None) -> str:
-    name = name or DEFAULT_CLIENT
-    return name if "." in name else f"client.{name}"
 
 
 class RbdBackend(Backend):
@@ -143,24 +93,19 @@ class RbdBackend(Backend):
                  osd_op_timeout: float = DEFAULT_OSD_OP_TIMEOUT) -> None:
         if rados is None or rbd is None:
             raise BackendError(errno.ENOSYS, f"rbd:{pool}/{image}: {INSTALL_HINT} "
-                                             f"({_IMPORT_ERROR})")
+                                             f"({IMPORT_ERROR})")
         self.target = RbdTarget(pool, image, snapshot, namespace)
         self.name = f"rbd:{self.target.spec}"
         self.conf_path = conf or os.environ.get("CEPH_CONF") or DEFAULT_CONF
-        self.client_name = _client_name(client_name)
+        self.client_name = full_client_name(client_name)
         self.keyring = keyring
         self.read_only = read_only or snapshot is not None
         self._lock = threading.Condition(threading.Lock())
         self._inflight = 0
         self._closed = False
-        self._cluster: Any = None
-        self._ioctx: Any = None
-        self._image: Any = None
-        try:
-            self._open(connect_timeout, osd_op_timeout)
-        except BaseException:
-            self._release()
-            raise
+        self._handle = RbdHandle(self.target, self.conf_path, self.client_name, keyring,
+                                 self.read_only)
+        self._image: Any = self._handle.open(connect_timeout, osd_op_timeout)
         img: Any = self._image
         self.size = int(img.size())
         st = img.stat()
@@ -174,12 +119,11 @@ class RbdBackend(Backend):
         self.can_fast_zero = not self.read_only and self._has_write_zeroes
         self.can_flush = True
         self.can_fua = True
-        self.can_multi_conn = self._multi_conn_safe()
+        self.can_multi_conn = self._handle.multi_conn_safe()
         log.info("opened %s (%d bytes, %d-byte objects, features 0x%x, %s, multi-conn %s)",
                  self.name, self.size, self.object_size, self.features,
                  "read-only" if self.read_only else "read-write", self.can_multi_conn)
 
-    # ------------------------------------------------------------------ opening
     @classmethod
     def from_target(cls, target: str, conf: str | None = None, name: str | None = None,
                     keyring: str | None = None, read_only: bool = False,
@@ -192,127 +136,6 @@ class RbdBackend(Backend):
         return cls(t.pool, t.image, t.snapshot, conf=conf, client_name=name, keyring=keyring,
                    read_only=read_only, namespace=t.namespace, **kwargs)
 
-    def _where(self) -> str:
-        kr = f", keyring {self.keyring}" if self.keyring else ""
-        return f"(client {self.client_name}, conf {self.conf_path}{kr})"
-
-    def _open(self, connect_timeout: float, osd_op_timeout: float) -> None:
-        t = self.target
-        if not os.path.exists(self.conf_path):
-            raise BackendError(errno.ENOENT, f"{self.name}: Ceph config {self.conf_path} not "
-                                             "found (use --ceph-conf or CEPH_CONF)")
-        if self.keyring and not os.path.exists(self.keyring):
-            raise BackendError(errno.ENOENT, f"{self.name}: keyring {self.keyring} not found")
-        secs = str(max(1, round(connect_timeout)))
-        overrides = {
-            "client_mount_timeout": secs,
-            "rados_mon_op_timeout": secs,
-            "rados_osd_op_timeout": str(max(0, round(osd_op_timeout))),
-        }
-        if self.keyring:
-            overrides["keyring"] = self.keyring
-        try:
-            self._cluster = rados.Rados(conffile=self.conf_path, name=self.client_name,
-                                        conf=overrides)
-        except rados.Error as exc:
-            raise BackendError(_errno_of(exc, errno.EINVAL),
-                               f"{self.name}: cannot use Ceph config {self.conf_path} "
-                               f"as {self.client_name}: {exc}") from None
-        start = time.monotonic()
-        try:
-            self._cluster.connect(timeout=max(1, round(connect_timeout)))
-        except rados.Error as exc:
-            err = _errno_of(exc)
-            if err == errno.ETIMEDOUT or isinstance(exc, rados.TimedOut):
-                mon = self._conf_get("mon_host")
-                raise BackendError(errno.ETIMEDOUT,
-                                   f"{self.name}: cannot reach the Ceph cluster (mon_host "
-                                   f"{mon}) within {time.monotonic() - start:.0f} s "
-                                   f"{self._where()}") from None
-            if err in (errno.EACCES, errno.EPERM) or isinstance(exc, rados.PermissionDeniedError):
-                raise BackendError(errno.EACCES,
-                                   f"{self.name}: permission denied connecting to Ceph: "
-                                   f"wrong or missing key {self._where()}") from None
-            raise BackendError(err, f"{self.name}: cannot connect to Ceph {self._where()}: "
-                                    f"{exc}") from None
-        try:
-            self._ioctx = self._cluster.open_ioctx(t.pool)
-        except rados.ObjectNotFound:
-            raise BackendError(errno.ENOENT, f"{self.name}: pool {t.pool!r} does not exist "
-                                             f"{self._where()}") from None
-        except rados.Error as exc:
-            raise self._open_error(exc, f"cannot open pool {t.pool!r}") from None
-        if t.namespace:
-            self._ioctx.set_namespace(t.namespace)
-        try:
-            self._image = rbd.Image(self._ioctx, t.image, snapshot=t.snapshot,
-                                    read_only=self.read_only)
-        except rbd.ImageNotFound:
-            raise self._not_found() from None
-        except (rbd.Error, rados.Error) as exc:
-            raise self._open_error(exc, "cannot open image") from None
-
-    def _open_error(self, exc: BaseException, what: str) -> BackendError:
-        err = _errno_of(exc)
-        if err in (errno.EPERM, errno.EACCES):
-            return BackendError(errno.EACCES, f"{self.name}: {what}: permission denied "
-                                              f"(check the caps of {self.client_name}) "
-                                              f"{self._where()}")
-        if err == errno.ETIMEDOUT:
-            return BackendError(err, f"{self.name}: {what}: timed out (are the OSDs up?) "
-                                     f"{self._where()}")
-        return BackendError(err, f"{self.name}: {what}: {exc} {self._where()}")
-
-    def _not_found(self) -> BackendError:
-        t = self.target
-        where = f"pool {t.pool!r}" + (f" namespace {t.namespace!r}" if t.namespace else "")
-        if t.snapshot is not None:
-            try:
-                probe = rbd.Image(self._ioctx, t.image, read_only=True)
-            except (rbd.Error, rados.Error):
-                pass
-            else:
-                probe.close()
-                return BackendError(errno.ENOENT, f"{self.name}: snapshot {t.snapshot!r} of "
-                                                  f"image {t.image!r} does not exist in "
-                                                  f"{where} {self._where()}")
-        return BackendError(errno.ENOENT, f"{self.name}: image {t.image!r} does not exist in "
-                                          f"{where} {self._where()}")
-
-    def _conf_get(self, key: str) -> str:
-        try:
-            return str(self._cluster.conf_get(key))
-        except Exception:
-            return "?"
-
-    def _effective_config(self, key: str) -> str:
-        """A librbd option as this image sees it (image and pool overrides included)."""
-        try:
-            for item in self._image.config_list():
-                if item.get("name") == key:
-                    return str(item.get("value"))
-        except Exception:
-            pass
-        return self._conf_get(key)
-
-    def _multi_conn_safe(self) -> bool:
-        """NBD_FLAG_CAN_MULTI_CONN: a flush on one connection makes every completed write
-        visible on every connection, including connections to another pynbd on the same image.
-
-        Inside one pynbd all connections share this one librbd handle, so that is true.
-        Between two librbd clients it holds when neither serves reads from a client-side
-        cache: exclusive-lock hands writes over (the releasing client flushes first) and a
-        flush waits for the writes still in flight to the OSDs. librbd's default cache
-        (``rbd_cache_policy = writearound``) and ``rbd_cache = false`` never serve reads from
-        memory; ``writeback``/``writethrough`` keep an ObjectCacher that can return stale
-        data written through another client, so we do not advertise multi-conn then.
-        """
-        if self.read_only and self.target.snapshot is not None:
-            return True  # a snapshot never changes
-        if self._effective_config("rbd_cache").lower() in ("false", "0", "no", "off"):
-            return True
-        return self._effective_config("rbd_cache_policy").lower() == "writearound"
-
     # --------------------------------------------------------------- plumbing
     def _call(self, what: str, offset: int, length: int, fn: Callable[[], T]) -> T:
         with self._lock:
@@ -322,7 +145,7 @@ class RbdBackend(Backend):
         try:
             return fn()
         except (rbd.Error, rados.Error) as exc:
-            err = _errno_of(exc)
+            err = errno_of(exc)
             if err == errno.EROFS or (err == errno.EPERM and self.read_only):
                 err = errno.EPERM
             raise BackendError(err, f"{self.name}: {what} at {offset}+{length} failed: "
@@ -502,7 +325,7 @@ class RbdBackend(Backend):
         """An exception from the bindings (raised at submission, or in a callback)."""
         if isinstance(exc, BackendError):
             return exc
-        return self._aio_error(what, offset, length, _errno_of(exc), str(exc) or repr(exc))
+        return self._aio_error(what, offset, length, errno_of(exc), str(exc) or repr(exc))
 
     def _aio_callback(self, img: Any, what: str, offset: int, length: int, fua: bool,
                       done: AioDone, keep: object = None) -> Callable[[Any], None]:
@@ -679,16 +502,8 @@ class RbdBackend(Backend):
         self._release()
 
     def _release(self) -> None:
-        for attr, method in (("_image", "close"), ("_ioctx", "close"),
-                             ("_cluster", "shutdown")):
-            obj = getattr(self, attr, None)
-            setattr(self, attr, None)
-            if obj is not None:
-                try:
-                    getattr(obj, method)()
-                except Exception as exc:
-                    log.warning("%s: %s.%s() failed: %s", self.name, attr, method, exc)
-
+        self._image = None
+        self._handle.release()
 
 class _CallbackThread(threading.local):
     pinned = False

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pynbd.migration.handover import Completed, Handover, Retry
+from pynbd.migration.handover_run import do_effect, mark_completed
 from pynbd.migration.indoubt import resolve_in_doubt
 from pynbd.migration.mirror import Mirror, MirrorOptions, step_down_export
 from pynbd.migration.records import read_record, record_path
@@ -152,14 +153,14 @@ class _Restored:
             committed = resolve_in_doubt(m, h.epoch)
             for effect in h.outcome(committed, time.monotonic()):
                 if isinstance(effect, Completed):
-                    m._completed()
+                    mark_completed(m)
                 elif isinstance(effect, Retry):
                     # nothing to copy on with: the migration is over, this copy serves
                     m.state = MirrorState.IDLE
                     m.result = MirrorResult.ABORTED
                     m.authoritative = h.authoritative
                 else:
-                    m._do(effect)
+                    do_effect(m, effect)
         finally:
             m.finished = time.monotonic()
             m.done.set()

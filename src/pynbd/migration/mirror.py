@@ -1,15 +1,17 @@
 """The mirror: copy a served export to a destination while clients keep writing, then
 hand over (see docs/migration.md for the whole protocol).
 
-The copy loop lives here; the handover's decisions are a pure state machine
-(:mod:`pynbd.migration.handover`) whose effects :meth:`Mirror._handover` carries out.
+The copy loop lives here: connection attempts and retries, the zero pass, copying dirty
+runs under the speed limit until what is left fits the downtime budget, the final copy,
+and the status. The handover's decisions are a pure state machine
+(:mod:`pynbd.migration.handover`) whose effects :mod:`pynbd.migration.handover_run`
+carries out.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -18,22 +20,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from pynbd.backends.base import STATE_ZERO
-from pynbd.migration import handover as ho
 from pynbd.migration.digests import ChunkDigests, is_zero
 from pynbd.migration.dirty import DEFAULT_CHUNK, DirtyMap, DirtyTracker
-from pynbd.migration.faults import halt_point
-from pynbd.migration.indoubt import resolve_in_doubt
-from pynbd.migration.records import write_record
+from pynbd.migration.handover_run import hand_over, step_down_export
 from pynbd.migration.states import MirrorResult, MirrorState
 from pynbd.migration.throttle import TokenBucket
 from pynbd.migration.transport import (
     ConnectFailed,
-    InDoubtError,
     RejectedError,
     Transport,
     TransportError,
 )
 from pynbd.server.exports import Export, IOGate
+
+__all__ = ["Broken", "Failed", "Mirror", "MirrorOptions", "step_down_export"]
 
 log = logging.getLogger("pynbd.migration")
 
@@ -112,7 +112,7 @@ class Mirror:
         self._break = threading.Event()
         self._connected = threading.Event()
         self.done = threading.Event()
-        self._paused_by_us = False
+        self.paused_by_us = False
         self._thread: threading.Thread | None = None
         self.transport: Transport | None = None
         self.description = ""
@@ -231,10 +231,10 @@ class Mirror:
                     self.transport.close()
             if export.tracker is self.tracker:
                 export.tracker = None
-            if self._paused_by_us and self.result is not MirrorResult.COMPLETED and \
+            if self.paused_by_us and self.result is not MirrorResult.COMPLETED and \
                     self.state is not MirrorState.IN_DOUBT:
                 self.gate.resume()
-                self._paused_by_us = False
+                self.paused_by_us = False
             self.finished = time.monotonic()
             self.done.set()
 
@@ -302,9 +302,9 @@ class Mirror:
                 with contextlib.suppress(Exception):
                     t.close(release=last)
                 self.transport = None
-                if self._paused_by_us:
+                if self.paused_by_us:
                     self.gate.resume()
-                    self._paused_by_us = False
+                    self.paused_by_us = False
                 if isinstance(exc, ConnectFailed) and not self._connected.is_set():
                     raise
                 self.error = str(exc)
@@ -406,7 +406,7 @@ class Mirror:
                 # (down to a quarter of the budget) unless they keep up with us
                 if left == 0 or left <= self._rate_estimate() * budget / 4 or \
                         self.bytes_done >= patience:
-                    if self._handover(t):
+                    if hand_over(self, t):
                         return True
                     prflushed = False
                     continue
@@ -483,71 +483,7 @@ class Mirror:
         if self.sent is not None:
             self.sent.zeroed(off, length)
 
-    # --- handover ----------------------------------------------------------------------
-
-    def _handover(self, t: Transport) -> bool:
-        """Hand over (True), or go back to copying (False); TransportError: this
-        attempt failed. The decisions are the state machine's; this carries them out."""
-        h = ho.Handover(self.opts.to, self.size, self.epoch_base, t.description,
-                        verified=t.supports_commit, pause_timeout=self.opts.pause_timeout,
-                        commit_fields={"psk_file": self.opts.psk_file,
-                                       "secure": self.opts.secure,
-                                       "insecure": self.opts.insecure})
-        self.handover_ms = h.phases
-        effects = deque(h.start(time.monotonic()))
-        while effects:
-            effect = effects.popleft()
-            self.state, self.epoch, self.authoritative = h.state, h.epoch, h.authoritative
-            if isinstance(effect, ho.Completed | ho.CopyOn | ho.Retry):
-                return self._handover_ends(h, effect)
-            effects.extend(self._carry_out(h, t, effect))
-        raise AssertionError("the handover ended without an outcome")  # pragma: no cover
-
-    def _carry_out(self, h: ho.Handover, t: Transport, effect: ho.Effect) -> list[ho.Effect]:
-        """One effect; the events it leads to, as more effects."""
-        now = time.monotonic
-        if isinstance(effect, ho.Pause):
-            ok = self.gate.pause(effect.timeout)
-            self._paused_by_us = ok
-            return h.paused(ok, now(), self.dirty.dirty_bytes)
-        if isinstance(effect, ho.FinalCopy):
-            self._final_copy(t)
-            return h.final_copied(now())
-        if isinstance(effect, ho.Flush):
-            t.flush()
-            digest = self.sent.digest() if self.sent is not None else ""
-            last = t.last_epoch() if t.supports_commit else 0
-            return h.flushed(now(), last, digest)
-        if isinstance(effect, ho.Commit):
-            return self._commit(h, t, effect)
-        if isinstance(effect, ho.AskOutcome):
-            return h.outcome(resolve_in_doubt(self, effect.epoch), now())
-        self._do(effect)
-        return []
-
-    def _do(self, effect: ho.Effect) -> None:
-        """An effect that needs no answer."""
-        if isinstance(effect, ho.Record):
-            write_record(self.record, dict(effect.fields))
-        elif isinstance(effect, ho.Halt):
-            halt_point(effect.point)
-        elif isinstance(effect, ho.Resume):
-            self.gate.resume()
-            self._paused_by_us = False
-        elif isinstance(effect, ho.StepDown):
-            step_down_export(self.export, effect.reason, self.on_step_down, self)
-            self._paused_by_us = False
-        elif isinstance(effect, ho.MarkAllDirty):
-            self.dirty.mark_all()
-        elif isinstance(effect, ho.CloseTransport):
-            t, self.transport = self.transport, None
-            if t is not None:
-                with contextlib.suppress(Exception):
-                    t.close(release=effect.release)
-        else:  # pragma: no cover
-            raise AssertionError(f"unknown effect {effect!r}")
-
-    def _final_copy(self, t: Transport) -> None:
+    def final_copy(self, t: Transport) -> None:
         """Everything still dirty, unthrottled (the clients are paused)."""
         self.bucket.lifted = True
         try:
@@ -561,48 +497,3 @@ class Mirror:
                 pos = run[0] + run[1]
         finally:
             self.bucket.lifted = False
-
-    def _commit(self, h: ho.Handover, t: Transport, c: ho.Commit) -> list[ho.Effect]:
-        try:
-            t.commit(c.size, c.epoch, c.digest, lambda: halt_point("source:commit-sent"))
-        except RejectedError as exc:
-            # the destination definitely did not take over: we stay authoritative
-            log.error("destination refused COMMIT %d: %s; sending everything again",
-                      c.epoch, exc)
-            return h.refused(str(exc))
-        except InDoubtError as exc:
-            log.warning("COMMIT %d: outcome unknown (%s): asking the destination",
-                        c.epoch, exc)
-            return h.in_doubt(str(exc))
-        return h.committed(time.monotonic())
-
-    def _handover_ends(self, h: ho.Handover, end: ho.Completed | ho.CopyOn | ho.Retry
-                       ) -> bool:
-        self.epoch_base = h.epoch_base
-        if isinstance(end, ho.CopyOn):
-            log.info("%s; copying on", end.reason)
-            return False
-        if isinstance(end, ho.Retry):
-            raise TransportError(end.reason)
-        self.pause_ms = h.pause_ms
-        self._completed()
-        return True
-
-    def _completed(self) -> None:
-        if self.opts.unlink and self.image_path:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.image_path)
-            log.info("unlinked %s", self.image_path)
-        self.state = MirrorState.COMPLETED
-        self.result = MirrorResult.COMPLETED
-        log.info("migration to %s completed (epoch %d%s)", self.opts.to, self.epoch,
-                 "" if self.pause_ms is None else f", pause {self.pause_ms} ms")
-
-
-def step_down_export(export: Export, reason: str,
-                     callback: Callable[[Mirror], None] | None = None,
-                     mirror: Mirror | None = None) -> None:
-    assert export.gate is not None
-    export.gate.step_down(reason)
-    if callback is not None and mirror is not None:
-        callback(mirror)

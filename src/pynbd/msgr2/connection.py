@@ -4,10 +4,11 @@ Feed received bytes with :meth:`Connection.receive_data` (or receive straight in
 :meth:`Connection.recv_buffer` and call :meth:`Connection.received`), act on the returned
 events, and write out whatever :meth:`Connection.data_to_send` returns.
 
-(Longer than most modules, ~700 lines, on purpose: it is one class, the state machine of
-both roles through every phase -- banner, hello, auth, ident/reconnect, ready -- and the
-phases share its frame streams, crypto and session; payload codecs, auth methods and
-session bookkeeping already live in their own modules.)
+The connection owns the phases' order (banner, hello, auth, auth signature, ident, ready),
+its frame streams, the switch to secure mode and the ready phase (messages, acks,
+keepalives). Each handshake phase's rules live in their own module: :mod:`.banner`,
+:mod:`.auth_exchange` (method and mode), :mod:`.ident` (establishing or resuming a
+session).
 """
 
 from __future__ import annotations
@@ -15,36 +16,25 @@ from __future__ import annotations
 import enum
 import hmac
 import os
-import struct
 from dataclasses import dataclass, field
 
+from pynbd.msgr2 import auth_exchange, ident
 from pynbd.msgr2._types import Buffer
-from pynbd.msgr2.auth import (
-    EOPNOTSUPP,
-    AuthResult,
-    ClientAuth,
-    ClientHandshake,
-    Done,
-    More,
-    Reject,
-    ServerAuth,
-    ServerHandshake,
-    auth_signature,
+from pynbd.msgr2.auth import AuthResult, ClientAuth, ServerAuth, auth_signature
+from pynbd.msgr2.auth_exchange import (
+    AuthOutcome,
+    ClientAuthExchange,
+    ServerAuthExchange,
 )
+from pynbd.msgr2.banner import BannerReader, banner_bytes
 from pynbd.msgr2.constants import (
-    BANNER_PAYLOAD_LEN,
-    BANNER_PREFIX,
     CEPH_FEATURES_ALL,
-    MSG_CONNECT_LOSSY,
     MSG_HEADER2_LEN,
-    MSGR2_REQUIRED,
-    MSGR2_SUPPORTED,
     SEGMENT_ALIGN_DEFAULT,
     SEGMENT_ALIGN_PAGE,
     AddrType,
     ConMode,
     EntityType,
-    Msgr2Feature,
     Tag,
 )
 from pynbd.msgr2.crypto import split_connection_secret
@@ -66,7 +56,6 @@ from pynbd.msgr2.events import (
     MessageReceived,
     SessionEstablished,
     SessionTakenOver,
-    SessionWasReset,
     WaitRequested,
 )
 from pynbd.msgr2.frames import (
@@ -78,30 +67,13 @@ from pynbd.msgr2.frames import (
 )
 from pynbd.msgr2.payloads import (
     Ack,
-    AuthBadMethod,
-    AuthDone,
-    AuthReplyMore,
-    AuthRequest,
-    AuthRequestMore,
     AuthSignature,
-    ClientIdent,
     Hello,
-    IdentMissingFeatures,
     Keepalive2,
     Keepalive2Ack,
     MessageHeader2,
-    ServerIdent,
-    SessionReconnect,
-    SessionReconnectOk,
-    SessionReset,
-    SessionRetry,
-    SessionRetryGlobal,
-    Wait,
 )
-from pynbd.msgr2.session import OutMessage, Session, SessionRegistry, random_cookie
-
-_BANNER_HEAD = struct.Struct("<8sH")
-_BANNER_BODY = struct.Struct("<QQ")
+from pynbd.msgr2.session import OutMessage, Session, SessionRegistry
 
 
 class Role(enum.Enum):
@@ -173,12 +145,11 @@ class Connection:
         self._reader.record = True
         self._rx_record: bytearray | None = bytearray()
         self._tx_record: bytearray | None = bytearray()
-        self._banner = bytearray(_BANNER_HEAD.size)
-        self._banner_have = 0
-        self._banner_body = False
-        self._client_hs: ClientHandshake | None = None
-        self._server_hs: ServerHandshake | None = None
-        self._server_method = 0
+        self._banner = BannerReader()
+        self._client_auth: ClientAuthExchange | None = None
+        self._server_auth: ServerAuthExchange | None = None
+        if config.auth_server is not None and not self.is_client:
+            self._server_auth = ServerAuthExchange(config.auth_server, self._send_control)
         self._auth_result: AuthResult | None = None
         self._pending: list[OutMessage] = []
         self._ack_due = False
@@ -186,8 +157,7 @@ class Connection:
         if self.is_client:
             assert self.session is not None
             self.session.global_seq += 1
-        self._send_raw(_BANNER_HEAD.pack(BANNER_PREFIX, BANNER_PAYLOAD_LEN)
-                       + _BANNER_BODY.pack(MSGR2_SUPPORTED, MSGR2_REQUIRED))
+        self._send_raw(banner_bytes())
 
     # ------------------------------------------------------------------ output
     def data_to_send(self) -> list[Buffer]:
@@ -227,7 +197,7 @@ class Connection:
         into it, then call :meth:`received`."""
         self._check_open()
         if self.state is State.BANNER:
-            return memoryview(self._banner)[self._banner_have :]
+            return self._banner.buffer()
         return self._reader.buffer()
 
     def received(self, n: int) -> list[Event]:
@@ -235,9 +205,9 @@ class Connection:
         self._check_open()
         try:
             if self.state is State.BANNER:
-                self._banner_have += n
-                if self._banner_have == len(self._banner):
-                    self._on_banner_unit()
+                banner = self._banner.advance(n)
+                if banner is not None:
+                    self._on_banner(banner)
             else:
                 frame = self._reader.advance(n)
                 if frame is not None:
@@ -255,12 +225,10 @@ class Connection:
         try:
             while len(mv) and self.state is not State.CLOSED:
                 if self.state is State.BANNER:
-                    n = min(len(mv), len(self._banner) - self._banner_have)
-                    self._banner[self._banner_have : self._banner_have + n] = mv[:n]
-                    self._banner_have += n
+                    n, banner = self._banner.feed(mv)
                     mv = mv[n:]
-                    if self._banner_have == len(self._banner):
-                        self._on_banner_unit()
+                    if banner is not None:
+                        self._on_banner(banner)
                     continue
                 n, frame = self._reader.feed(mv)
                 mv = mv[n:]
@@ -291,34 +259,15 @@ class Connection:
     def wants(self) -> int:
         """How many bytes complete the unit being received."""
         if self.state is State.BANNER:
-            return len(self._banner) - self._banner_have
+            return self._banner.want()
         return self._reader.want()
 
     # ------------------------------------------------------------------ banner
-    def _on_banner_unit(self) -> None:
-        if not self._banner_body:
-            prefix, length = _BANNER_HEAD.unpack(self._banner)
-            if prefix != BANNER_PREFIX:
-                if prefix.startswith(b"ceph v"):
-                    raise ProtocolError(f"peer speaks msgr1 ({bytes(prefix)!r}), not msgr2")
-                raise ProtocolError(f"bad banner {bytes(prefix)!r}: not a msgr2 peer")
-            if not BANNER_PAYLOAD_LEN <= length <= 4096:
-                raise ProtocolError(f"bad banner payload length {length}")
-            if self._rx_record is not None:
-                self._rx_record += self._banner
-            self._banner = bytearray(length)
-            self._banner_have = 0
-            self._banner_body = True
-            return
+    def _on_banner(self, banner: BannerReceived) -> None:
         if self._rx_record is not None:
-            self._rx_record += self._banner
-        supported, required = _BANNER_BODY.unpack_from(self._banner)
-        self.peer_supported = supported
-        if required & ~MSGR2_SUPPORTED:
-            raise ProtocolError(f"peer requires msgr2 features 0x{required:x} we lack")
-        if not supported & Msgr2Feature.REVISION_1:
-            raise ProtocolError("peer speaks only msgr2.0 frames, which pynbd does not support")
-        self._events.append(BannerReceived(supported, required))
+            self._rx_record += self._banner.raw
+        self.peer_supported = banner.supported
+        self._events.append(banner)
         self.state = State.HELLO
         self._send_control(Hello(self.config.entity_type, self._peer_addr_for_hello()))
 
@@ -350,24 +299,16 @@ class Connection:
             if self.is_client:
                 self._client_start_auth()
             return
-        if st is State.AUTH:
-            if self.is_client and tag in (Tag.AUTH_REPLY_MORE, Tag.AUTH_DONE, Tag.AUTH_BAD_METHOD):
-                self._client_auth_frame(tag, seg0)
-                return
-            if not self.is_client and tag in (Tag.AUTH_REQUEST, Tag.AUTH_REQUEST_MORE):
-                self._server_auth_frame(tag, seg0)
-                return
+        if st is State.AUTH and self._auth_frame(tag, seg0):
+            return
         if st is State.AUTH_SIGNATURE and tag is Tag.AUTH_SIGNATURE:
             self._on_signature(AuthSignature.decode(seg0))
             return
         if st is State.IDENT:
-            if self.is_client and tag in (
-                Tag.SERVER_IDENT, Tag.IDENT_MISSING_FEATURES, Tag.SESSION_RECONNECT_OK,
-                Tag.SESSION_RETRY, Tag.SESSION_RETRY_GLOBAL, Tag.SESSION_RESET, Tag.WAIT,
-            ):
+            if self.is_client and tag in ident.CLIENT_TAGS:
                 self._client_ident_frame(tag, seg0)
                 return
-            if not self.is_client and tag in (Tag.CLIENT_IDENT, Tag.SESSION_RECONNECT):
+            if not self.is_client and tag in ident.SERVER_TAGS:
                 self._server_ident_frame(tag, seg0)
                 return
         if tag in (Tag.KEEPALIVE2,) and st in (State.IDENT,):
@@ -375,38 +316,32 @@ class Connection:
             return
         raise ProtocolError(f"frame {tag.name} out of phase (connection state {st.value})")
 
-    # ------------------------------------------------------------------ auth (client)
+    # ------------------------------------------------------------------ auth
     def _client_start_auth(self) -> None:
         auth = self.config.auth_client
         assert auth is not None
-        self._client_hs = auth.handshake(self.peer_type)
-        payload = self._client_hs.start()
-        self._send_control(AuthRequest(self._client_hs.method, tuple(self.config.modes), payload))
+        self._client_auth = ClientAuthExchange(auth, self.peer_type, tuple(self.config.modes),
+                                               self._send_control)
+        self._client_auth.start()
 
-    def _client_auth_frame(self, tag: Tag, seg0: memoryview) -> None:
-        hs = self._client_hs
-        assert hs is not None
-        if tag is Tag.AUTH_BAD_METHOD:
-            bad = AuthBadMethod.decode(seg0)
-            why = {-13: "permission denied: wrong key or unknown entity",
-                   -95: "method or mode not supported"}.get(bad.result, f"error {bad.result}")
-            raise AuthenticationError(
-                f"server rejected auth method {bad.method} ({why}); it allows methods "
-                f"{list(bad.allowed_methods)} and modes {list(bad.allowed_modes)}"
-            )
-        if tag is Tag.AUTH_REPLY_MORE:
-            more = AuthReplyMore.decode(seg0)
-            self._send_control(AuthRequestMore(hs.more(more.payload)))
-            return
-        done = AuthDone.decode(seg0)
-        if done.con_mode not in self.config.modes:
-            raise ProtocolError(f"server chose connection mode {done.con_mode}, not offered")
-        result = hs.done(done.global_id, done.con_mode, done.payload)
-        self.global_id = done.global_id
-        self._finish_auth(done.con_mode, result, hs.method)
+    def _auth_frame(self, tag: Tag, seg0: memoryview) -> bool:
+        """An AUTH_* frame of the peer's role (False: not one)."""
+        x: ClientAuthExchange | ServerAuthExchange | None
+        if self.is_client:
+            x = self._client_auth if tag in auth_exchange.CLIENT_TAGS else None
+        else:
+            x = self._server_auth if tag in auth_exchange.SERVER_TAGS else None
+        if x is None:
+            return False
+        outcome = x.on_frame(tag, seg0)
+        if outcome is not None:
+            self._finish_auth(outcome)
+        return True
 
-    def _finish_auth(self, mode: int, result: AuthResult, method: int) -> None:
+    def _finish_auth(self, outcome: AuthOutcome) -> None:
         """AUTH_DONE sent (server) or received (client): switch mode, send our signature."""
+        mode, result = outcome.con_mode, outcome.result
+        self.global_id = outcome.global_id
         self._auth_result = result
         self.con_mode = ConMode(mode)
         if mode == ConMode.SECURE:
@@ -419,7 +354,7 @@ class Connection:
         rx_rec = bytes(self._rx_record or b"")
         self._rx_record = None
         self._reader.record = False
-        self._events.append(AuthCompleted(self.global_id, mode, method))
+        self._events.append(AuthCompleted(self.global_id, mode, outcome.method))
         self.state = State.AUTH_SIGNATURE
         self._tx_record_final = bytes(self._tx_record or b"")
         self._tx_record = None
@@ -434,40 +369,6 @@ class Connection:
         if self.is_client:
             self._client_send_ident()
 
-    # ------------------------------------------------------------------ auth (server)
-    def _server_auth_frame(self, tag: Tag, seg0: memoryview) -> None:
-        auth = self.config.auth_server
-        assert auth is not None
-        if tag is Tag.AUTH_REQUEST:
-            req = AuthRequest.decode(seg0)
-            hs = auth.server_handshake(req.method) if req.method in auth.methods else None
-            allowed = auth.allowed_modes(req.method) if hs is not None else ()
-            mode = next((m for m in req.preferred_modes if m in allowed), None)
-            if hs is None or mode is None:
-                self._send_control(AuthBadMethod(req.method, -EOPNOTSUPP, tuple(auth.methods),
-                                                 tuple(auth.allowed_modes(auth.methods[0]))))
-                return
-            self._server_hs = hs
-            self._server_method = req.method
-            self._server_mode = mode
-            step = hs.start(req.payload, mode)
-        else:
-            if self._server_hs is None:
-                raise ProtocolError("AUTH_REQUEST_MORE before AUTH_REQUEST")
-            step = self._server_hs.more(AuthRequestMore.decode(seg0).payload)
-        if isinstance(step, More):
-            self._send_control(AuthReplyMore(step.payload))
-        elif isinstance(step, Done):
-            self.global_id = step.global_id
-            self._send_control(AuthDone(step.global_id, self._server_mode, step.payload))
-            self._finish_auth(self._server_mode, step.result, self._server_method)
-        else:
-            assert isinstance(step, Reject)
-            self._send_control(AuthBadMethod(self._server_method, step.result,
-                                             tuple(auth.methods), tuple(auth.allowed_modes(
-                                                 self._server_method))))
-            raise AuthenticationError(f"client failed authentication: {step.reason}")
-
     # ------------------------------------------------------------------ ident (client)
     def _my_addrs(self) -> EntityAddrVec:
         seen = self.my_addr_seen
@@ -476,123 +377,32 @@ class Connection:
     def _client_send_ident(self) -> None:
         s = self.session
         assert s is not None
-        if s.lossless and s.established and s.server_cookie:
-            s.connect_seq += 1
-            self._send_control(SessionReconnect(self._my_addrs(), s.client_cookie, s.server_cookie,
-                                                s.global_seq, s.connect_seq, s.in_seq))
-            return
-        flags = 0 if s.lossless else MSG_CONNECT_LOSSY
-        self._send_control(ClientIdent(
-            self._my_addrs(), self.config.target_addr, self.config.gid or self.global_id,
-            s.global_seq, self.config.features, self.config.required_features, flags,
-            s.client_cookie))
+        self._send_control(ident.client_ident(s, self.config, self._my_addrs(), self.global_id))
 
     def _client_ident_frame(self, tag: Tag, seg0: memoryview) -> None:
         s = self.session
         assert s is not None
-        if tag is Tag.SERVER_IDENT:
-            si = ServerIdent.decode(seg0)
-            missing = self.config.required_features & ~si.supported_features
-            if missing:
-                raise ProtocolError(f"server lacks required features 0x{missing:x}")
-            reconnected = s.established
-            s.server_cookie = si.cookie
-            s.established = True
-            s.peer_addrs, s.peer_gid, s.peer_features = si.addrs, si.gid, si.supported_features
-            s.in_seq = 0
-            s.connect_seq = 0
-            s.renumber()
-            self._become_ready(reconnected, bool(si.flags & MSG_CONNECT_LOSSY))
-        elif tag is Tag.IDENT_MISSING_FEATURES:
-            f = IdentMissingFeatures.decode(seg0)
-            raise ProtocolError(f"server requires features we lack: 0x{f.value:x}")
-        elif tag is Tag.SESSION_RECONNECT_OK:
-            ok = SessionReconnectOk.decode(seg0)
-            s.ack(ok.value)
-            self._become_ready(True, False)
-        elif tag is Tag.SESSION_RETRY:
-            s.connect_seq = SessionRetry.decode(seg0).value
+        step = ident.client_on_ident(s, self.config.required_features, tag, seg0)
+        if isinstance(step, ident.Established):
+            self._become_ready(step.reconnected, step.lossy)
+        elif isinstance(step, ident.IdentAgain):
+            if step.reset is not None:
+                self._events.append(step.reset)
             self._client_send_ident()
-        elif tag is Tag.SESSION_RETRY_GLOBAL:
-            s.global_seq = max(s.global_seq, SessionRetryGlobal.decode(seg0).value) + 1
-            self._client_send_ident()
-        elif tag is Tag.SESSION_RESET:
-            r = SessionReset.decode(seg0)
-            dropped = 0
-            if r.full:
-                dropped = s.drop_all()
-                s.client_cookie = random_cookie()
-            s.server_cookie = 0
-            s.connect_seq = 0
-            s.in_seq = 0
-            s.established = False
-            self._events.append(SessionWasReset(r.full, dropped))
-            self._client_send_ident()
-        elif tag is Tag.WAIT:
-            Wait.decode(seg0)
+        else:
             self._events.append(WaitRequested())
             self.state = State.CLOSED
 
     # ------------------------------------------------------------------ ident (server)
     def _server_ident_frame(self, tag: Tag, seg0: memoryview) -> None:
-        reg = self.config.registry
-        if tag is Tag.SESSION_RECONNECT:
-            rc = SessionReconnect.decode(seg0)
-            s = reg.get(rc.client_cookie) if reg is not None else None
-            if s is None or s.server_cookie != rc.server_cookie or not s.lossless:
-                self._send_control(SessionReset(True))
-                return
-            if rc.global_seq <= s.peer_global_seq:
-                self._send_control(SessionRetryGlobal(s.peer_global_seq))
-                return
-            if rc.connect_seq <= s.connect_seq:
-                self._send_control(SessionRetry(s.connect_seq))
-                return
-            s.peer_global_seq = rc.global_seq
-            s.connect_seq = rc.connect_seq
-            self._adopt(s)
-            s.ack(rc.msg_seq)
-            self._send_control(SessionReconnectOk(s.in_seq))
-            self._become_ready(True, False)
-            return
-        ci = ClientIdent.decode(seg0)
-        missing = self.config.required_features & ~ci.supported_features
-        if missing:
-            self._send_control(IdentMissingFeatures(missing))
-            return
-        lossless = not ci.flags & MSG_CONNECT_LOSSY
-        existing = reg.get(ci.cookie) if (reg is not None and lossless) else None
-        if existing is not None:
-            # the client never saw our SERVER_IDENT: same session, new server cookie
-            s = existing
-            self._adopt(s)
-            s.in_seq = 0
-            s.renumber()
-            reconnected = True
-        else:
-            s = Session(lossless=lossless, client_cookie=ci.cookie)
-            s.owner = self
-            if reg is not None and lossless:
-                reg.add(s)
-            reconnected = False
-        s.server_cookie = random_cookie()
-        s.peer_global_seq = ci.global_seq
-        s.connect_seq = 0
-        s.peer_addrs, s.peer_gid, s.peer_features = ci.addrs, ci.gid, ci.supported_features
-        s.established = True
-        self.session = s
-        self._send_control(ServerIdent(
-            self.config.my_addrs, self.config.gid, s.peer_global_seq, self.config.features,
-            self.config.required_features, 0 if lossless else MSG_CONNECT_LOSSY,
-            s.server_cookie))
-        self._become_ready(reconnected, not lossless)
-
-    def _adopt(self, s: Session) -> None:
-        prev = s.owner
-        s.owner = self
-        self.session = s
-        if prev is not None and prev is not self:
-            self._events.append(SessionTakenOver(prev))
+        reply, est = ident.server_on_ident(self.config, self, tag, seg0)
+        if est is not None:
+            self.session = est.session
+            if est.taken_from is not None:
+                self._events.append(SessionTakenOver(est.taken_from))
+        self._send_control(reply)
+        if est is not None:
+            self._become_ready(est.reconnected, est.lossy)
 
     # ------------------------------------------------------------------ ready
     def _become_ready(self, reconnected: bool, lossy: bool) -> None:
