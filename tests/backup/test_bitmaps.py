@@ -259,7 +259,7 @@ def test_sigkill_leaves_bitmaps_inconsistent_and_refused(tmp_path: Path) -> None
         from pynbd.client import Client, OptionError
 
         c = Client.dial(s.uri)
-        c.connect()
+        c.handshake()
         c.extended_headers()
         with pytest.raises(OptionError) as ei:
             c.set_meta_context("base:allocation", "qemu:dirty-bitmap:b0")

@@ -172,3 +172,21 @@ def test_prometheus_metrics(serve) -> None:
 def test_metrics_off_by_default(serve) -> None:
     s: Served = serve("--bind", "127.0.0.1", "--port", "0", "memory:1M")
     assert "metrics on" not in s.log()
+
+
+def test_metrics_beyond_loopback_need_insecure(tmp_path: Path) -> None:
+    """The metrics endpoint has no authentication: on an address other hosts can reach
+    it is refused (exit 2, nothing served) unless --insecure says so."""
+    p = pynbd("serve", "--socket", str(tmp_path / "s"), "--metrics", "0.0.0.0:0", "memory:1M")
+    assert p.returncode == 2
+    assert "refusing to serve metrics on 0.0.0.0" in p.stderr and "--insecure" in p.stderr
+
+
+def test_unknown_server_keys_in_the_config_are_errors(tmp_path: Path) -> None:
+    """A [server] key pynbd does not know (tls, allow: command-line options) must not be
+    silently ignored: the operator would believe it in force."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[server]\ntls = "require"\n\n[[export]]\nname = ""\ntarget = "memory:1M"\n')
+    p = pynbd("serve", "--config", str(cfg), "--socket", str(tmp_path / "s"))
+    assert p.returncode == 2
+    assert "unknown keys ['tls']" in p.stderr

@@ -92,7 +92,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
 def _common(p: argparse.ArgumentParser, default: object) -> None:
     """--control/--export/--quiet, accepted before or after the action."""
     p.add_argument("--control", "-s", metavar="PATH", default=default,
-                   help="the server's control socket (pynbd serve --control PATH)")
+                   help="the server's control socket (required; pynbd serve --control PATH)")
     p.add_argument("--export", "-e", metavar="NAME", default=default,
                    help="the export (default: the default export; list: every export)")
     p.add_argument("--quiet", "-q", action="store_true", default=default,

@@ -359,7 +359,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.run:
         for uri in server.uris():
             print(uri, flush=True)
-    if args.metrics and not _start_metrics(server, args.metrics):
+    if args.metrics and not _start_metrics(server, args.metrics, args.insecure):
         server.shutdown()
         return 2
     for name, export in server.registry.exports.items():
@@ -418,11 +418,18 @@ def _start(args: argparse.Namespace,
     return migration, backup
 
 
-def _start_metrics(server: Server, where: str) -> bool:
-    """The Prometheus endpoint; False (said on stderr) when it cannot start."""
-    from pynbd.server.metrics import start_metrics
+def _start_metrics(server: Server, where: str, insecure: bool) -> bool:
+    """The Prometheus endpoint; False (said on stderr) when it cannot start. It has no
+    authentication: beyond loopback only with --insecure."""
+    from pynbd.server.metrics import parse_listen, start_metrics
 
     try:
+        host = parse_listen(where)[0]
+        if not is_loopback(host) and not insecure:
+            print(f"pynbd serve: metrics: refusing to serve metrics on {host} (not "
+                  "loopback) without authentication; bind them to loopback and put an "
+                  "authenticating proxy in front, or pass --insecure", file=sys.stderr)
+            return False
         host, port = start_metrics(server, where)
     except (OSError, ValueError) as exc:
         print(f"pynbd serve: metrics: {exc}", file=sys.stderr)

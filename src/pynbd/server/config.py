@@ -3,7 +3,7 @@
 ::
 
     [server]
-    bind = "127.0.0.1"        # address; "" or omitted = every address
+    bind = "127.0.0.1"        # address; omitted = loopback (127.0.0.1 and ::1)
     port = 10809
     socket = "/run/pynbd.sock" # optional Unix socket
     default_export = "disk"    # what the empty export name means (default: first export)
@@ -140,6 +140,10 @@ def load_config(path: str) -> ServeConfig:
     if not isinstance(server, dict):
         raise ConfigError(f"{path}: [server] must be a table")
     known_server = {"bind", "port", "socket", "default_export"}
+    unknown = set(server) - known_server
+    if unknown:  # e.g. tls or allow, which are command-line options: never ignore them
+        raise ConfigError(f"{path} [server]: unknown keys {sorted(unknown)} "
+                          f"(known: {', '.join(sorted(known_server))})")
     cfg = ServeConfig(
         bind=_get(server, "bind", str, f"{path} [server]"),
         port=_get(server, "port", int, f"{path} [server]"),
