@@ -95,7 +95,7 @@ def test_status_errors(ceph_none: CephCluster, tmp_path: Path) -> None:
     rc, _, err = run_status(["-c", str(conf)])
     assert rc == 2 and "mon_host" in err
     # a monitor address nobody listens on: clear error naming the mon, bounded time
-    from tests.support.ceph_cluster import free_port
+    from tests.support.net import free_port
 
     port = free_port()
     conf.write_text(f"[global]\nmon_host = [v2:127.0.0.1:{port}]\nauth_client_required = none\n")
