@@ -49,7 +49,7 @@ def test_migrate_to_plain_nbd_while_writing(procs: Procs, tmp_path: Path, target
             break
         time.sleep(0.02)
     assert mirror.proc.wait(60) == 0, mirror.logs()
-    final = json.loads(mirror.out.read_text())
+    final = json.loads(mirror.stdout)
     assert final["result"] == "completed"
     assert final["bytes_left"] == 0
     writer.stop_event.set()

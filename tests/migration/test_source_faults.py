@@ -46,6 +46,7 @@ from tests.migration._procs import (
     stepped_down_error,
 )
 from tests.migration._relay import stop_listener
+from tests.support.images import make_image
 
 SIZE = 8 * 1024 * 1024
 #: seconds the source waits for the fake's greeting or for a reply (env of pynbd serve)
@@ -265,12 +266,9 @@ class FakeNBD:
 
 def _make_image(path: Path) -> None:
     """Data in three separate places (several WRITEs), holes elsewhere."""
-    with open(path, "wb") as f:
-        f.truncate(SIZE)
-        for i, (off, n) in enumerate(((0, 1 << 20), (3 << 20, 512 << 10),
-                                      (5 << 20, 2 << 20))):
-            f.seek(off)
-            f.write(bytes([i + 1]) * 4096 + os.urandom(n - 4096))
+    make_image(path, SIZE, [(off, bytes([i + 1]) * 4096 + os.urandom(n - 4096))
+                            for i, (off, n) in enumerate(((0, 1 << 20), (3 << 20, 512 << 10),
+                                                          (5 << 20, 2 << 20)))])
 
 
 @pytest.fixture
