@@ -90,9 +90,7 @@ class Exports:
             return Export(kind, s.uri(), image, logf if log else None, s.stop, s.proc.pid)
         if kind == "qemu-nbd":
             if image is None:
-                image = d / "q.img"
-                with open(image, "wb") as f:
-                    f.truncate(size)
+                image = make_image(d / "q.img", size)
             s = start_qemu_nbd(d, image, transport="unix", read_only=read_only, extra=extra)
             self.stops.append(s.stop)
             return Export(kind, s.uri(), image, None, s.stop, s.proc.pid)

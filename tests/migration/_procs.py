@@ -14,13 +14,12 @@ from typing import Any
 from pynbd.server.control import control_request
 from tests.support.images import make_image
 from tests.support.migration import Procs, Writer, listen
-from tests.support.processes import Process, pynbd_python, run_pynbd
+from tests.support.processes import Process, run_pynbd
 
-__all__ = ["BLOCK", "PY", "Procs", "Writer", "compare_images", "ctl", "listen",
+__all__ = ["BLOCK", "Procs", "Writer", "compare_images", "ctl", "listen",
            "make_sparse_image", "migration_status", "poll_until_exit", "run_cli",
            "sparse_file", "stepped_down_error"]
 
-PY = pynbd_python()
 BLOCK = 64 * 1024
 
 

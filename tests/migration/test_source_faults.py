@@ -36,7 +36,6 @@ from pynbd.protocol.constants import (
     TransmissionFlag,
 )
 from tests.migration._procs import (
-    PY,
     Procs,
     Writer,
     compare_images,
@@ -375,7 +374,7 @@ def test_break_while_destination_hangs(procs: Procs, tmp_path: Path, fake: FakeN
     for a reply that never comes (the break command itself waits at most 30 s)."""
     src, content, uri, ctl = _source(procs, tmp_path, env=None)
     fake.set_fault("hang-on-write")
-    mirror = procs.start([PY, "-m", "pynbd", "mirror", "--control", ctl, "--to", fake.uri,
+    mirror = procs.pynbd(["mirror", "--control", ctl, "--to", fake.uri,
                           "--wait", "--max-attempts", "50"], "mirror")
     mirror.wait_for(lambda: fake.writes >= 1, "first write at the destination")
     r = run_cli(["break", "--control", ctl], timeout=60)
@@ -403,7 +402,7 @@ def test_sigterm_source_while_mirroring(procs: Procs, tmp_path: Path, fake: Fake
         w.start()
     else:
         fake.set_fault("hang-on-write")
-    mirror = procs.start([PY, "-m", "pynbd", "mirror", "--control", ctl, "--to", fake.uri,
+    mirror = procs.pynbd(["mirror", "--control", ctl, "--to", fake.uri,
                           "--wait", "--max-attempts", "50"], "mirror")
     if phase == "final-pause":
         mirror.wait_for(lambda: bool(migration_status(ctl).get("paused")), "the handover pause")

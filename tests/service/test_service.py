@@ -101,9 +101,10 @@ def test_ready_and_stopping_notifications(tmp_path: Path) -> None:
 
 def test_run_passes_the_uri_and_the_exit_status(tmp_path: Path) -> None:
     out = tmp_path / "vars"
-    r = run(PY, "-m", "pynbd", "serve", "--run",
-            f'nbdinfo --size "$uri" > {out}; echo "$unixsocket|$port|$exportname|$tls" >> {out}; '
-            "exit 7", "memory:16M")
+    r = run(*pynbd_argv(
+        "serve", "--run",
+        f'nbdinfo --size "$uri" > {out}; echo "$unixsocket|$port|$exportname|$tls" >> {out}; '
+        "exit 7", "memory:16M"))
     assert r.returncode == 7, r.stderr
     size, rest = out.read_text().splitlines()
     assert size == str(16 * MiB)
@@ -116,8 +117,8 @@ def test_run_qemu_img_convert(tmp_path: Path) -> None:
     src = tmp_path / "disk.img"
     src.write_bytes(os.urandom(MiB) + bytes(3 * MiB))
     dst = tmp_path / "out.qcow2"
-    r = run(PY, "-m", "pynbd", "serve", "--run",
-            f'qemu-img convert -O qcow2 "$uri" {dst}', str(src), timeout=120)
+    r = run(*pynbd_argv("serve", "--run", f'qemu-img convert -O qcow2 "$uri" {dst}', str(src)),
+            timeout=120)
     assert r.returncode == 0, r.stderr
     back = tmp_path / "back.raw"
     r = run("qemu-img", "convert", "-O", "raw", str(dst), str(back))
@@ -127,8 +128,9 @@ def test_run_qemu_img_convert(tmp_path: Path) -> None:
 
 def test_run_on_a_tcp_port_sets_port(tmp_path: Path) -> None:
     out = tmp_path / "port"
-    r = run(PY, "-m", "pynbd", "serve", "--bind", "127.0.0.1", "--port", "0", "--run",
-            f'echo "$port $uri" > {out}; nbdinfo --size "$uri" >> {out}', "memory:1M")
+    r = run(*pynbd_argv("serve", "--bind", "127.0.0.1", "--port", "0", "--run",
+                        f'echo "$port $uri" > {out}; nbdinfo --size "$uri" >> {out}',
+                        "memory:1M"))
     assert r.returncode == 0, r.stderr
     first, size = out.read_text().splitlines()
     port, uri = first.split()
@@ -271,8 +273,8 @@ def test_listen_socket_activation(tmp_path: Path) -> None:
     try:
         serve.first_line()
         wait_for(lambda: os.path.exists(ctl), "the control socket")
-        r = run(PY, "-m", "pynbd", "mirror", "--control", ctl, "--to",
-                f"msgr2://127.0.0.1:{port}", "--psk-file", str(key), "--wait", timeout=120)
+        r = run(*pynbd_argv("mirror", "--control", ctl, "--to", f"msgr2://127.0.0.1:{port}",
+                            "--psk-file", str(key), "--wait"), timeout=120)
         assert r.returncode == 0, r.stdout + r.stderr
         assert listen.wait(60) == 0
         assert dst.read_bytes() == src.read_bytes()
