@@ -1,12 +1,11 @@
 """Loopback addresses for tests and benchmarks: a free TCP port, a listening socket to
-hand to a server (systemd socket activation: no race for a port), and waiting until
-something listens.
+hand to a server (systemd socket activation: no race for a port), and whether something
+listens.
 """
 
 from __future__ import annotations
 
 import socket
-import time
 
 LOOPBACK = "127.0.0.1"
 
@@ -63,12 +62,3 @@ def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
         return False
     return True
 
-
-def wait_port(host: str, port: int, timeout: float = 20.0) -> bool:
-    """Poll until something listens on ``host:port`` (bounded); whether it does."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if port_open(host, port, timeout=0.5):
-            return True
-        time.sleep(0.05)
-    return port_open(host, port, timeout=0.5)

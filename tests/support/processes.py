@@ -121,7 +121,8 @@ class Process:
     """A background process (``argv``) with its output captured in files.
 
     ``env`` is the whole environment (default :func:`pynbd_env`); ``log_dir`` keeps the
-    output as ``NAME.out``/``NAME.err`` there (default: unlinked temporary files);
+    output as ``NAME.out``/``NAME.err`` there (``NAME-2.out`` and so on when another
+    process has the name: never overwritten), by default unlinked temporary files;
     ``new_session`` starts it in its own session (a signal to the test's process group
     does not reach it); ``pass_fds`` are inherited (a listening socket).
     """
