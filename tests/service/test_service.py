@@ -249,10 +249,12 @@ def test_proxy_socket_activation_and_notify(tmp_path: Path) -> None:
         r = run("qemu-io", "-f", "raw", "-c", "read -P 0x33 0 64k", up_uri)
         assert r.returncode == 0, r.stderr
     finally:
-        if proxy is not None:
-            assert proxy.stop() == 0, proxy.output
-        upstream.stop()
-        n.close()
+        try:
+            if proxy is not None:
+                assert proxy.stop() == 0, proxy.output
+        finally:  # the upstream goes even when the proxy's exit status is wrong
+            upstream.stop()
+            n.close()
 
 
 def test_listen_socket_activation(tmp_path: Path) -> None:
