@@ -141,7 +141,7 @@ def test_exit_with_parent(tmp_path: Path) -> None:
     pidfile = tmp_path / "pid"
     parent = subprocess.Popen(
         ["/bin/sh", "-c", f"{PY} -m pynbd serve --port 0 --exit-with-parent "
-                          f"--pidfile {pidfile} memory:1M > /dev/null 2>&1 & sleep 300"],
+                          f"--pidfile {pidfile} memory:1M > /dev/null 2>&1 & exec sleep 300"],
         env=pynbd_env())
     try:
         wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), "the pid file")
