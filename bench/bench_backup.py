@@ -26,31 +26,17 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "src"))
+
+from tests.support.images import make_image  # noqa: E402
+from tests.support.processes import Process, pynbd_argv, pynbd_env  # noqa: E402
 
 from pynbd.server.control import control_request  # noqa: E402
 from pynbd.util.sizes import parse_size  # noqa: E402
 
 MiB = 1024 * 1024
 BLOCK = 64 * 1024
-
-
-def env() -> dict[str, str]:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(REPO / "src") + (os.pathsep + e["PYTHONPATH"]
-                                           if e.get("PYTHONPATH") else "")
-    return e
-
-
-def make_image(path: Path, size: int) -> None:
-    """Every byte data, every MiB different (nothing for a sparse copy to skip)."""
-    chunk = bytearray(random.Random(1).randbytes(MiB))
-    with open(path, "wb") as f:
-        for i in range(size // MiB):
-            chunk[:8] = i.to_bytes(8, "little")
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def fio_randwrite(uri: str, runtime: float, size: int) -> float:
@@ -67,7 +53,7 @@ def fio_randwrite(uri: str, runtime: float, size: int) -> float:
 
 def timed(argv: list[str]) -> tuple[float, str]:
     t0 = time.perf_counter()
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=3600, env=env())
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=3600, env=pynbd_env())
     dt = time.perf_counter() - t0
     if p.returncode != 0:
         raise RuntimeError(f"{argv[:4]} failed: {p.stderr.strip()[-800:]}")
@@ -94,14 +80,13 @@ def main() -> int:
     size = args.size
     rows: list[tuple[str, str]] = []
     print(f"creating a {size // MiB} MiB image in {work} ...", flush=True)
-    make_image(img, size)
-    srv = subprocess.Popen([sys.executable, "-m", "pynbd", "serve", "-q", "--workers",
-                            args.workers, "--bind", "127.0.0.1", "--port", "0", "--control",
-                            ctl, "-e", "disk", str(img)], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, env=env())
+    # every byte data, all of it different: nothing for a sparse copy to skip
+    make_image(img, size, fill=True, seed=1, sync=True)
+    srv = Process(pynbd_argv("serve", "-q", "--workers", args.workers, "--bind", "127.0.0.1",
+                             "--port", "0", "--control", ctl, "-e", "disk", str(img),
+                             python=sys.executable), name="serve")
     try:
-        assert srv.stdout is not None
-        uri = srv.stdout.readline().strip()
+        uri = srv.first_line().strip()
         base = uri.rsplit("/", 1)[0]
 
         def ctl_req(req: dict[str, object]) -> dict[str, object]:
@@ -116,8 +101,8 @@ def main() -> int:
         ctl_req({"cmd": "checkpoint", "name": "c1"})
         chain = work / "chain"
         print("pynbd backup (full) ...", flush=True)
-        t_full, _ = timed([sys.executable, "-m", "pynbd", "backup", "--no-progress",
-                           f"{base}/disk@c1", str(chain)])
+        t_full, _ = timed(pynbd_argv("backup", "--no-progress", f"{base}/disk@c1", str(chain),
+                                     python=sys.executable))
         print("nbdcopy (full) ...", flush=True)
         t_nbdcopy, _ = timed(["nbdcopy", f"{base}/disk@c1", str(work / "nbdcopy.img")])
         (work / "nbdcopy.img").unlink()
@@ -138,8 +123,8 @@ def main() -> int:
         changed_bytes = len(changed) * BLOCK
         ctl_req({"cmd": "checkpoint", "name": "c2"})
         print("pynbd backup (incremental) ...", flush=True)
-        t_inc, out = timed([sys.executable, "-m", "pynbd", "backup", "--no-progress",
-                            "--json", f"{base}/disk@c2", str(chain)])
+        t_inc, out = timed(pynbd_argv("backup", "--no-progress", "--json", f"{base}/disk@c2",
+                                      str(chain), python=sys.executable))
         inc = json.loads(out)
         ctl_req({"cmd": "checkpoint", "name": "c2", "release": True})
         # 4. write rate with one view open (fresh: every first write to a block copies it)
@@ -158,8 +143,7 @@ def main() -> int:
         print("fio 4k randwrite: no bitmap, no view ...", flush=True)
         iops_plain = fio_randwrite(uri, args.runtime, size)
     finally:
-        srv.terminate()
-        srv.wait(60)
+        srv.stop(60)
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)
     gib = size / (1 << 30)

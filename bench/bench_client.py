@@ -19,7 +19,6 @@ import argparse
 import os
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,42 +28,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "src"))
+
+from tests.support.nbd_servers import Server, start_nbdkit  # noqa: E402
 
 from pynbd.client import connect  # noqa: E402
 from pynbd.util.sizes import parse_size  # noqa: E402
 
 
-def start_nbdkit(workdir: Path, name: str, size: int,
-                 tcp: bool = False) -> tuple[subprocess.Popen[bytes], str]:
-    if tcp:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        argv = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "memory", f"size={size}"]
-        uri = f"nbd://127.0.0.1:{port}/"
-        addr: object = ("127.0.0.1", port)
-        fam = socket.AF_INET
-    else:
-        sock = str(workdir / f"{name}.sock")
-        argv = ["nbdkit", "-f", "-U", sock, "memory", f"size={size}"]
-        uri = f"nbd+unix:///?socket={sock}"
-        addr = sock
-        fam = socket.AF_UNIX
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(200):
-        try:
-            with socket.socket(fam) as s:
-                s.settimeout(1)
-                s.connect(addr)  # type: ignore[arg-type]
-                if s.recv(8):
-                    break
-        except OSError:
-            time.sleep(0.05)
-    else:
-        proc.kill()
-        raise RuntimeError("nbdkit did not start")
-    return proc, uri
+def start_memory(workdir: Path, name: str, size: int, tcp: bool = False) -> tuple[Server, str]:
+    """nbdkit memory of ``size`` bytes (TCP on loopback or a Unix socket): (server, URI)."""
+    srv = start_nbdkit(workdir / name, "memory", [f"size={size}"],
+                       transport="tcp" if tcp else "unix")
+    return srv, srv.uri()
 
 
 def fill_half(uri: str, size: int) -> None:
@@ -111,8 +88,8 @@ def bench_copy(size: int, reps: int, transport: str, bytecode_cache: bool) -> li
             # environment may set PYTHONDONTWRITEBYTECODE, which recompiles every run)
             env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "",
                    "PYTHONPYCACHEPREFIX": str(wd / "pycache")}
-        src, suri = start_nbdkit(wd, "src", size, tcp=transport == "tcp")
-        dst, duri = start_nbdkit(wd, "dst", size, tcp=transport == "tcp")
+        src, suri = start_memory(wd, "src", size, tcp=transport == "tcp")
+        dst, duri = start_memory(wd, "dst", size, tcp=transport == "tcp")
         try:
             fill_half(suri, size)
             for conns in (1, 4):
@@ -135,8 +112,7 @@ def bench_copy(size: int, reps: int, transport: str, bytecode_cache: bool) -> li
                 rows.append(row)
         finally:
             for p in (src, dst):
-                p.terminate()
-                p.wait(10)
+                p.stop()
     return rows
 
 
@@ -154,7 +130,7 @@ def _measure(fn, n: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
 def bench_latency(n: int, tcp: bool) -> tuple[str, tuple[float, float], tuple[float, float]]:
     import nbd  # libnbd's Python bindings
     with tempfile.TemporaryDirectory() as d:
-        proc, uri = start_nbdkit(Path(d), "lat", 64 << 20, tcp=tcp)
+        proc, uri = start_memory(Path(d), "lat", 64 << 20, tcp=tcp)
         try:
             h = nbd.NBD()
             h.connect_uri(uri)
@@ -178,8 +154,7 @@ def bench_latency(n: int, tcp: bool) -> tuple[str, tuple[float, float], tuple[fl
             h.shutdown()
             c.close()
         finally:
-            proc.terminate()
-            proc.wait(10)
+            proc.stop()
     name = f"4 KiB QD1 read ({'TCP' if tcp else 'Unix'})"
     best_l = (min(x[0] for x in rl), min(x[1] for x in rl))
     best_p = (min(x[0] for x in rp), min(x[1] for x in rp))

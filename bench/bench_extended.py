@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.support import trixie  # noqa: E402
+from tests.support.images import make_image  # noqa: E402
+from tests.support.processes import Process, pynbd_argv  # noqa: E402
 
 MiB = 1 << 20
 WORKLOADS = [
@@ -45,17 +45,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def serve(python: str, image: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    p = subprocess.Popen([python, "-m", "pynbd", "serve", "--bind", "127.0.0.1", "--port", "0",
-                          "-q", *extra, str(image)], stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env,
-                         start_new_session=True)
-    assert p.stdout is not None
-    uri = p.stdout.readline().decode().strip()
+def serve(python: str, image: Path, *extra: str) -> tuple[Process, str]:
+    p = Process(pynbd_argv("serve", "--bind", "127.0.0.1", "--port", "0", "-q", *extra,
+                           str(image), python=python), name="serve", new_session=True,
+                stop_timeout=15.0)
+    uri = p.first_line().strip()
     if "://" not in uri:
-        p.kill()
-        raise RuntimeError("pynbd serve printed no URI")
+        p.stop()
+        raise RuntimeError(f"pynbd serve printed no URI: {p.logs()}")
     return p, uri
 
 
@@ -85,10 +82,7 @@ def main() -> int:
     fio_version = trixie.version("fio")
     tmp = Path(tempfile.mkdtemp(prefix="pynbd-bench-ext-", dir="/tmp"))
     image = tmp / "disk.img"
-    block = os.urandom(MiB)
-    with open(image, "wb") as f:
-        for _ in range(args.size):
-            f.write(block)
+    make_image(image, args.size * MiB, fill=True, seed=1)
     python = args.python if Path(args.python).exists() else sys.executable
     servers = {"extended": serve(python, image), "compact": serve(python, image,
                                                                   "--no-extended-headers")}
@@ -111,11 +105,7 @@ def main() -> int:
                           file=sys.stderr, flush=True)
     finally:
         for proc, _ in servers.values():
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            proc.stop()
         for p in tmp.iterdir():
             p.unlink()
         tmp.rmdir()

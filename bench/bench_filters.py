@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.support.processes import Process, pynbd_argv, run_pynbd  # noqa: E402
 
 FIVE = ["stats", "log:file=/dev/null", "error:rate=0", "rate:rate=1T", "delay:delay-trim=0"]
 
@@ -75,7 +77,7 @@ class Server:
     workers: int
     python: str
     tmp: Path
-    proc: subprocess.Popen[bytes] | None = None
+    proc: Process | None = None
     uri: str = ""
     control: str = ""
     stack: list[str] = field(default_factory=list)
@@ -83,39 +85,30 @@ class Server:
 
     def start(self) -> None:
         self.control = str(self.tmp / f"ctl-{len(os.listdir(self.tmp))}.sock")
-        argv = [self.python, "-m", "pynbd", "serve", "-q", "--bind", "127.0.0.1", "--port",
-                "0", "--workers", str(self.workers), "--control", self.control,
-                "memory:1G"]
+        args = ["serve", "-q", "--bind", "127.0.0.1", "--port", "0", "--workers",
+                str(self.workers), "--control", self.control, "memory:1G"]
         for f in self.filters:
-            argv += ["--filter", f]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().decode().strip()
-        if not line:
-            raise RuntimeError(f"{self.label}: the server printed no URI")
-        self.uri = line
+            args += ["--filter", f]
+        self.proc = Process(pynbd_argv(*args, python=self.python), name="serve",
+                            new_session=True, stop_timeout=15.0)
+        try:
+            self.uri = self.proc.first_line().strip()
+        except RuntimeError as exc:
+            raise RuntimeError(f"{self.label}: the server printed no URI") from exc
         st = self.status()
         self.stack = st["exports"][0]["stack"]
         self.pids = sorted(set(st["worker_pids"]) | {self.proc.pid})
 
     def status(self) -> dict:  # type: ignore[type-arg]
-        p = subprocess.run([self.python, "-m", "pynbd", "status", "--control", self.control],
-                           capture_output=True, text=True, timeout=30)
+        p = run_pynbd("status", "--control", self.control, text=True, timeout=30,
+                      python=self.python)
         if p.returncode != 0:
             raise RuntimeError(p.stderr)
         return json.loads(p.stdout)  # type: ignore[no-any-return]
 
     def stop(self) -> None:
-        p = self.proc
-        if p is None or p.poll() is not None:
-            return
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
+        if self.proc is not None:
+            self.proc.stop()
 
 
 def fio(uri: str, rw: str, runtime: float) -> float:
@@ -190,8 +183,6 @@ def main() -> int:
         print("missing tool: fio", file=sys.stderr)
         return 2
     python = args.python if Path(args.python).exists() else sys.executable
-    os.environ["PYTHONPATH"] = str(REPO / "src") + (
-        os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
     tmp = Path(tempfile.mkdtemp(prefix="pynbd-bench-filters-"))
     servers = [Server(label, f, args.workers, python, tmp) for label, f in CONFIGS]
     samples: dict[tuple[str, str], list[tuple[float, float]]] = {}

@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "src"))
+
+from tests.support.nbd_servers import Server, start_nbdkit  # noqa: E402
+from tests.support.processes import Process, pynbd_argv  # noqa: E402
 
 from pynbd.client import connect  # noqa: E402
 
@@ -43,21 +46,6 @@ from pynbd.client import connect  # noqa: E402
 def parse_size(s: str) -> int:
     mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
     return int(s[:-1]) * mult[s[-1].lower()] if s[-1].lower() in mult else int(s)
-
-
-def wait_socket(path: str, proc: subprocess.Popen[bytes]) -> None:
-    for _ in range(400):
-        if proc.poll() is not None:
-            raise RuntimeError("nbdkit exited")
-        try:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.settimeout(1)
-                s.connect(path)
-                if s.recv(8):
-                    return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("nbdkit did not start")
 
 
 def fill(uri: str, size: int) -> None:
@@ -75,14 +63,9 @@ def is_mounted(path: Path) -> bool:
         return any(line.split()[4] == target for line in f)
 
 
-def wait_mounted(path: Path, proc: subprocess.Popen[bytes]) -> None:
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise RuntimeError(f"FUSE process exited with {proc.returncode}")
-        if is_mounted(path) and os.path.exists(path / "nbd"):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"{path} not mounted")
+def wait_mounted(path: Path, proc: Process) -> None:
+    proc.wait_for(lambda: is_mounted(path) and os.path.exists(path / "nbd"),
+                  f"{path} mounted", timeout=30)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -110,7 +93,7 @@ def fio(path: str, rw: str, bs: str, jobs: int, size: int, runtime: float) -> di
     return {"mib": side["bw_bytes"] / (1 << 20), "iops": side["iops"]}
 
 
-def run_workloads(mp: dict[str, Path], fuse: dict[str, subprocess.Popen[bytes]],
+def run_workloads(mp: dict[str, Path], fuse: dict[str, Process],
                   size: int, args: argparse.Namespace, full: bool) -> None:
     cpu0 = {n: cpu_seconds(p.pid) for n, p in fuse.items()}
     mib = size / (1 << 20)
@@ -166,34 +149,26 @@ def main() -> int:
         if shutil.which(tool) is None:
             print(f"{tool} is missing", file=sys.stderr)
             return 1
-    py = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").exists() else sys.executable
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     tmp = Path(tempfile.mkdtemp(prefix="pynbd-bench-fuse-"))
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[Process | Server] = []
     mounts: list[Path] = []
     try:
-        for server, extra in (("multi-conn", []),
-                              ("no multi-conn (1 connection)",
-                               ["--filter=multi-conn", "memory", f"size={size}",
-                                "multi-conn-mode=disable"])):
-            sock = str(tmp / f"nbdkit{len(procs)}.sock")
-            uri = f"nbd+unix:///?socket={sock}"
-            argv = ["nbdkit", "-f", "-U", sock, *(extra or ["memory", f"size={size}"])]
-            nbdkit = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL)
+        for server, mode in (("multi-conn", []),
+                             ("no multi-conn (1 connection)", ["multi-conn-mode=disable"])):
+            nbdkit = start_nbdkit(tmp / f"nbdkit{len(procs)}", "memory", [f"size={size}", *mode],
+                                  transport="unix", filters=["multi-conn"] if mode else [])
             procs.append(nbdkit)
-            wait_socket(sock, nbdkit)
+            uri = nbdkit.uri()
             fill(uri, size)
             mp = {"pynbd": tmp / f"pynbd{len(procs)}", "nbdfuse": tmp / f"nbdfuse{len(procs)}"}
             for d in mp.values():
                 d.mkdir()
                 mounts.append(d)
             fuse = {
-                "pynbd": subprocess.Popen([py, "-m", "pynbd", "fuse", "-C", "4",
-                                           "--readahead", args.readahead, uri,
-                                           str(mp["pynbd"])], env=env,
-                                          stdout=subprocess.DEVNULL),
-                "nbdfuse": subprocess.Popen(["nbdfuse", "-C", "4", str(mp["nbdfuse"]), uri]),
+                "pynbd": Process(pynbd_argv("fuse", "-C", "4", "--readahead", args.readahead,
+                                            uri, str(mp["pynbd"])), stop_timeout=30),
+                "nbdfuse": Process(["nbdfuse", "-C", "4", str(mp["nbdfuse"]), uri],
+                                   stop_timeout=30),
             }
             procs += fuse.values()
             for name, d in mp.items():
@@ -202,17 +177,11 @@ def main() -> int:
                   f"pairs per row, medians; pynbd fuse --readahead {args.readahead}")
             run_workloads(mp, fuse, size, args, full=server == "multi-conn")
             for p in fuse.values():
-                p.send_signal(signal.SIGTERM)
+                p.kill(signal.SIGTERM)
                 p.wait(60)
     finally:
         for p in reversed(procs):  # both FUSE programs unmount on SIGTERM
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(30)
+            p.stop()
         for d in mounts:
             if d.exists() and is_mounted(d):
                 subprocess.run(["umount", "-l", str(d)], check=False, timeout=60)

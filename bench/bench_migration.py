@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import statistics
 import subprocess
@@ -28,53 +27,33 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "src"))
 
-from tests.migration._procs import PY, Procs, Writer, listen  # noqa: E402
+from tests.support.images import make_image  # noqa: E402
+from tests.support.migration import Procs, Writer, listen  # noqa: E402
+from tests.support.net import free_port, port_open  # noqa: E402
+from tests.support.processes import run_pynbd  # noqa: E402
 
 MiB = 1024 * 1024
 
 
-def make_image(path: Path, size: int, seed: int = 1) -> None:
+def make_source(path: Path, size: int, seed: int = 1) -> None:
     """50% allocated: every other 1 MiB extent holds random data."""
-    rng = random.Random(seed)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for off in range(0, size, 2 * MiB):
-            f.seek(off)
-            f.write(rng.randbytes(MiB))
-    os.sync()
+    make_image(path, size, {off: min(MiB, size - off) for off in range(0, size, 2 * MiB)},
+               seed=seed, sync=True)
 
 
 def fresh(path: Path, size: int) -> None:
     if path.exists():
         path.unlink()
-    with open(path, "wb") as f:
-        f.truncate(size)
+    make_image(path, size)
 
 
 def tcp_qemu_nbd(procs: Procs, image: Path, name: str) -> str:
-    port = _free_port()
+    port = free_port()
     p = procs.start([shutil.which("qemu-nbd") or "qemu-nbd", "-f", "raw", "-b", "127.0.0.1",
                      "-p", str(port), "-t", "--cache=writeback", "--discard=unmap",
                      "-e", "8", str(image)], name)
-    import socket
-
-    def up() -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return True
-        except OSError:
-            return False
-
-    p.wait_for(up, "TCP port")
+    p.wait_for(lambda: port_open("127.0.0.1", port, timeout=0.2), "TCP port")
     return f"nbd://127.0.0.1:{port}/"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def bench_nbdcopy(work: Path, src: Path, size: int) -> float:
@@ -109,9 +88,8 @@ def bench_mirror(work: Path, src: Path, size: int, transport: str,
             w.start()
             time.sleep(0.5)
         auth = procs.auth() if transport == "msgr2" else []
-        r = subprocess.run([PY, "-m", "pynbd", "mirror", *auth, "--control", ctl, "--to", to,
-                            "--wait", "--json"], capture_output=True, text=True,
-                           env=dict(os.environ, PYTHONPATH=str(REPO / "src")), check=False)
+        r = run_pynbd("mirror", *auth, "--control", ctl, "--to", to, "--wait", "--json",
+                      text=True, timeout=3600)
         if r.returncode != 0:
             raise RuntimeError(f"mirror failed ({r.returncode}): {r.stderr}")
         st = json.loads(r.stdout)
@@ -141,7 +119,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
         work = Path(d)
         src = work / "src.img"
-        make_image(src, size)
+        make_source(src, size)
         n = args.repeat
         base = statistics.median(bench_nbdcopy(work, src, size) for _ in range(n))
         rows = [("nbdcopy file -> qemu-nbd (ceiling)", base, None, None)]
@@ -149,7 +127,7 @@ def main() -> int:
             for wr in (0, rate):
                 results = []
                 for _ in range(n):
-                    make_image(src, size)  # the writer changed it: start from the same image
+                    make_source(src, size)  # the writer changed it: start from the same image
                     results.append(bench_mirror(work, src, size, transport, wr))
                 label = (f"pynbd mirror {transport}"
                          + (" -> pynbd listen" if transport == "msgr2" else " -> qemu-nbd")

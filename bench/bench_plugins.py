@@ -32,10 +32,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_server import Peer, free_port, parse_size
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "src"))
+
+from tests.support.net import free_port, port_open  # noqa: E402
+from tests.support.processes import Process, pynbd_argv  # noqa: E402
+
+from pynbd.util.sizes import parse_size  # noqa: E402
+
 MiB = 1024 * 1024
 
 #: examples/plugins/ramdisk.py, as an nbdkit Python plugin
@@ -115,6 +120,31 @@ PLUGIN = "pynbd-plugin"
 NBDKIT = "nbdkit-python"
 MEM1 = "pynbd-memory-w1"
 MEMD = "pynbd-memory-default"
+
+
+@dataclass
+class Peer:
+    """A server under test: ``argv`` listening on ``port`` (0: a ``pynbd serve`` that
+    picks its own and prints its URI)."""
+
+    name: str
+    argv: list[str]
+    port: int
+    proc: Process | None = None
+    uri: str = ""
+
+    def start(self) -> None:
+        self.proc = Process(self.argv, name=self.name, new_session=True, stop_timeout=15.0)
+        if self.port == 0:  # pynbd: the URI is the first line on stdout
+            self.uri = self.proc.first_line().strip()
+            self.port = int(self.uri.split("/")[2].rsplit(":", 1)[1])
+        else:
+            self.uri = f"nbd://127.0.0.1:{self.port}/"
+        self.proc.wait_for(lambda: port_open("127.0.0.1", self.port), "a listening port")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
 
 
 def tree_pids(pid: int) -> list[int]:
@@ -281,7 +311,7 @@ def main() -> int:  # noqa: C901 - a benchmark driver: options, then one table o
     tmp = Path(tempfile.mkdtemp(prefix="pynbd-bench-plugins-"))
     nbdkit_plugin = tmp / "ramdisk_nbdkit.py"
     nbdkit_plugin.write_text(NBDKIT_RAMDISK)
-    pynbd = [py, "-m", "pynbd", "serve", "--bind", "127.0.0.1", "--port", "0", "-q"]
+    pynbd = pynbd_argv("serve", "--bind", "127.0.0.1", "--port", "0", "-q", python=py)
     peers: list[Peer] = []
     for name in args.servers.split(","):
         if name == PLUGIN:
@@ -297,7 +327,6 @@ def main() -> int:  # noqa: C901 - a benchmark driver: options, then one table o
             peers.append(Peer(name, [*pynbd, f"memory:{size}"], 0))
         else:
             ap.error(f"unknown server {name}")
-    os.environ["PYTHONPATH"] = str(REPO / "src")
     cells: dict[tuple[str, str], Cell] = {}
     prof_text = ""
     try:

@@ -59,6 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO))
 
+from tests.support.images import make_image  # noqa: E402
 from tests.support.nbd_magic import IHAVEOPT, REQUEST_MAGIC  # noqa: E402
 from tests.support.nbd_servers import (  # noqa: E402
     Server,
@@ -607,10 +608,7 @@ def main() -> int:  # noqa: C901 - a benchmark driver: options, then one table o
     loads: list[float] = []
     notes: list[str] = []
     try:
-        block = os.urandom(MiB)
-        with open(img, "wb") as f:
-            for _ in range(size // MiB):
-                f.write(block)
+        make_image(img, size, fill=True, seed=1)  # every byte data: no holes to skip
         for p in peers:
             p.start()
             print(f"{p.name}: {p.uri} pid {p.pid}, processes {len(process_tree(p.pid))}, "

@@ -8,7 +8,6 @@ import logging
 import os
 import random
 import re
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ import pytest
 import rados
 import rbd
 from tests.support.ceph_cluster import CephCluster
+from tests.support.net import free_port
 
 from pynbd.backends import CephOptions, open_backend
 from pynbd.backends.base import STATE_HOLE, STATE_ZERO, BackendError, Extent
@@ -335,9 +335,7 @@ def test_caps_without_pool_access(ceph_cephx: CephCluster, image: str,
 
 @pytest.mark.timeout(60)
 def test_unreachable_cluster_fails_in_bounded_time(tmp_path: Path) -> None:
-    with socket.socket() as s:  # a loopback port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a loopback port nobody listens on
     conf = tmp_path / "ceph.conf"
     conf.write_text(f"[global]\nmon_host = [v2:127.0.0.1:{port}]\nms_bind_msgr1 = false\n"
                     "auth_client_required = none\n")

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from pynbd.server.control import control_request
-from tests.support.pynbd_server import REPO, PynbdServer, free_unix_path
+from tests.support.processes import run_pynbd
+from tests.support.pynbd_server import PynbdServer, free_unix_path
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -20,11 +21,7 @@ MiB = 1024 * KiB
 
 def pynbd(*args: str, ok: bool = True, timeout: float = 300,
           input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    env = dict(os.environ)
-    src = str(REPO / "src")
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    p = subprocess.run([sys.executable, "-m", "pynbd", *args], capture_output=True,
-                       timeout=timeout, input=input, env=env)
+    p = run_pynbd(*args, timeout=timeout, input=input, python=sys.executable)
     if ok:
         assert p.returncode == 0, (f"pynbd {' '.join(args)}: rc={p.returncode}\n"
                                    f"{p.stdout.decode(errors='replace')}\n"

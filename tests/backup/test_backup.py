@@ -28,20 +28,15 @@ from tests.backup._support import (
     runs,
 )
 from tests.support import trixie
+from tests.support.images import make_image
 
 SIZE = 32 * MiB
 HALF = SIZE // 2
 
 
 def image(tmp: Path, seed: int = 1) -> Path:
-    p = tmp / "disk.img"
-    rnd = random.Random(seed)
-    with open(p, "wb") as f:
-        f.truncate(SIZE)
-        for off in range(0, SIZE, 2 * MiB):
-            f.seek(off)
-            f.write(rnd.randbytes(MiB + 4096))
-    return p
+    return make_image(tmp / "disk.img", SIZE,
+                      {off: MiB + 4096 for off in range(0, SIZE, 2 * MiB)}, seed=seed)
 
 
 def pattern(writer: int, seq: int, n: int) -> bytes:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import threading
 from pathlib import Path
 
@@ -32,18 +31,14 @@ from tests.backup._support import (
     run,
     runs,
 )
+from tests.support.images import make_image
 from tests.support.pynbd_server import wait_until
 
 SIZE = 64 * MiB + 12 * KiB  # the last granule of every bitmap is partial
 
 
 def image(tmp: Path, size: int = SIZE) -> Path:
-    p = tmp / "disk.img"
-    with open(p, "wb") as f:
-        f.truncate(size)
-        f.seek(0)
-        f.write(random.Random(1).randbytes(2 * MiB))
-    return p
+    return make_image(tmp / "disk.img", size, {0: 2 * MiB}, seed=1)
 
 
 def libnbd_handle(uri: str) -> nbd.NBD:

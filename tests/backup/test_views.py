@@ -19,21 +19,16 @@ import nbd
 import pytest
 
 from tests.backup._support import KiB, MiB, Served, pynbd, run
+from tests.support.images import make_image
 from tests.support.pynbd_server import wait_until
 
 SIZE = 32 * MiB
 
 
 def image(tmp: Path, size: int = SIZE, seed: int = 1) -> Path:
-    p = tmp / "disk.img"
-    rnd = random.Random(seed)
-    with open(p, "wb") as f:
-        f.truncate(size)
-        # data, holes and zeros
-        for off in range(0, size, 4 * MiB):
-            f.seek(off)
-            f.write(rnd.randbytes(3 * MiB))
-    return p
+    # data, holes and zeros
+    return make_image(tmp / "disk.img", size, {off: 3 * MiB for off in range(0, size, 4 * MiB)},
+                      seed=seed)
 
 
 def handles(uri: str, n: int) -> list[nbd.NBD]:

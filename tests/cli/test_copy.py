@@ -15,6 +15,7 @@ import pytest
 from pynbd.cli import copy as copy_cli
 from pynbd.client import connect
 from tests.client.conftest import IMAGE_SIZE, TIMEOUT, Servers, expected_image
+from tests.support.images import make_image
 
 
 def pynbd_copy(*args: str, stdin: bytes | None = None, split: bool = True,
@@ -192,13 +193,12 @@ def test_stdin_to_file_and_file_to_file(tmp_path: Path) -> None:
 
 def _sparse_file(path: Path, blob: bytes, holes: list[tuple[int, int]]) -> None:
     """Write ``blob`` to ``path`` leaving the (offset, length) ranges as holes."""
-    with open(path, "wb") as f:
-        f.truncate(len(blob))
-        pos = 0
-        for off, ln in [*holes, (len(blob), 0)]:
-            f.seek(pos)
-            f.write(blob[pos:off])
-            pos = off + ln
+    extents = []
+    pos = 0
+    for off, ln in [*holes, (len(blob), 0)]:
+        extents.append((pos, blob[pos:off]))
+        pos = off + ln
+    make_image(path, len(blob), extents)
 
 
 def test_destination_is_zero_does_not_shorten_a_stream(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import nbd
 
 from pynbd.server.control import control_request
+from tests.support.processes import run_pynbd
 from tests.support.pynbd_server import ServerFactory
 
 GiB = 1 << 30
@@ -24,10 +25,7 @@ def _requests(ctl: str) -> int:
 
 
 def _copy(*args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2] / "src")
-    return subprocess.run([sys.executable, "-m", "pynbd", "copy", *args], capture_output=True,
-                          text=True, timeout=300, env=env)
+    return run_pynbd("copy", *args, text=True, timeout=300, python=sys.executable)
 
 
 def test_sparse_16g_copy_uses_64bit_zeroing(tmp_path: Path) -> None:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
 import pynbd
+from tests.support.processes import run_pynbd
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,7 +22,6 @@ def test_version_is_written_once() -> None:
 
 
 def test_version_option() -> None:
-    r = subprocess.run([sys.executable, "-m", "pynbd", "--version"], capture_output=True,
-                       text=True, timeout=60, check=False)
+    r = run_pynbd("--version", text=True, timeout=60, python=sys.executable)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == f"pynbd {pynbd.__version__}"

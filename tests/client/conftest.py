@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from tests.support.certs import make_pki
+from tests.support.images import make_image
 from tests.support.nbd_servers import (
     Server,
-    make_image,
     start_nbd_server,
     start_nbdkit,
     start_pynbd,

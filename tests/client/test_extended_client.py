@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from pynbd.client import aio as aio_client
 from pynbd.client import connect
 from pynbd.client.pool import Pool
 from pynbd.protocol.errors import LocalProtocolError
+from tests.support.processes import run_pynbd
 from tests.support.pynbd_server import ServerFactory
 
 pytestmark = pytest.mark.interop
@@ -40,9 +40,8 @@ def serve(tmp_path: Path) -> Iterator[ServerFactory]:
 
 
 def requests_served(control: str) -> int:
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    p = subprocess.run([sys.executable, "-m", "pynbd", "status", "--control", control],
-                       capture_output=True, text=True, timeout=30, env=env, check=True)
+    p = run_pynbd("status", "--control", control, text=True, timeout=30, python=sys.executable)
+    p.check_returncode()
     return sum(int(e["requests"]) for e in json.loads(p.stdout)["exports"])
 
 

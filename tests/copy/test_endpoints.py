@@ -17,16 +17,13 @@ from pynbd.copy.endpoints import (
 )
 from pynbd.copy.errors import CopyError
 from tests.client.conftest import IMAGE_DATA, IMAGE_SIZE, TIMEOUT, Servers
+from tests.support.images import make_image
 
 MiB = 1 << 20
 
 
 def test_file_extents_follow_the_holes(tmp_path: Path) -> None:
-    p = tmp_path / "f"
-    with open(p, "wb") as f:
-        f.truncate(8 * MiB)
-        f.seek(2 * MiB)
-        f.write(b"x" * MiB)
+    p = make_image(tmp_path / "f", 8 * MiB, {2 * MiB: b"x" * MiB})
     ep = FileEndpoint(str(p), write=False)
     try:
         (h,) = ep.open_handles(1)

@@ -12,6 +12,7 @@ from pynbd.client import connect
 from pynbd.copy import CopyError, Options, copy, digest_of
 from pynbd.copy.worker import Worker
 from tests.client.conftest import IMAGE_SIZE, TIMEOUT, Servers, expected_image
+from tests.support.images import make_image
 
 MiB = 1 << 20
 
@@ -49,14 +50,9 @@ def test_zero_copy_is_chosen_when_possible(servers: Servers, tmp_path: Path,
 
 
 def _image(path: Path) -> bytes:
-    """A sparse file: data, a 5 MiB hole, data, a 2 MiB hole at the end."""
-    blob = os.urandom(MiB + 123) + bytes(5 * MiB) + os.urandom(3 * MiB) + bytes(2 * MiB)
-    with open(path, "wb") as f:
-        f.truncate(len(blob))
-        f.write(blob[:MiB + 123])
-        f.seek(6 * MiB + 123)
-        f.write(blob[6 * MiB + 123:9 * MiB + 123])
-    return blob
+    """A sparse file: data, a 5 MiB hole, data, a 2 MiB hole at the end; its content."""
+    return make_image(path, 11 * MiB + 123, {0: MiB + 123, 6 * MiB + 123: 3 * MiB}
+                      ).read_bytes()
 
 
 @pytest.mark.parametrize("split", [True, False], ids=["reader+writer", "one-thread"])

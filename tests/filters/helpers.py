@@ -12,7 +12,8 @@ from pathlib import Path
 
 import nbd
 
-from tests.support.pynbd_server import REPO
+from tests.support.images import make_image
+from tests.support.processes import run_pynbd
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -56,12 +57,8 @@ def serve_fails(*args: str, cwd: str | os.PathLike[str] | None = None
                 ) -> subprocess.CompletedProcess[str]:
     """Run ``pynbd serve ARGS`` that must refuse to start: exit status 2, one clear
     line on stderr, no traceback."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO / "src") + (os.pathsep + env["PYTHONPATH"]
-                                             if env.get("PYTHONPATH") else "")
-    p = subprocess.run([sys.executable, "-m", "pynbd", "serve", "--port", "0", "--workers",
-                        "1", *args], capture_output=True, text=True, timeout=60, cwd=cwd,
-                       env=env, stdin=subprocess.DEVNULL)
+    p = run_pynbd("serve", "--port", "0", "--workers", "1", *args, text=True, timeout=60,
+                  cwd=cwd, python=sys.executable)
     assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
     assert "Traceback" not in p.stderr, p.stderr
     assert p.stderr.startswith("pynbd serve: "), p.stderr
@@ -110,9 +107,8 @@ def flags_at(extents: list[tuple[int, int]], offset: int, start: int = 0) -> int
 
 
 def make_base(path: Path, size: int, seed: int = 1) -> bytes:
-    data = random.Random(seed).randbytes(size)
-    path.write_bytes(data)
-    return data
+    """A base image of random data (every byte written); its content."""
+    return make_image(path, size, fill=True, seed=seed).read_bytes()
 
 
 def read_all(h: nbd.NBD, size: int) -> bytes:

@@ -5,7 +5,6 @@ CLI, qemu-io. Fixture names start with ``ops_`` (other filter tests share the fo
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -18,20 +17,13 @@ from typing import Any
 import nbd
 import pytest
 
-from tests.support.pynbd_server import REPO, PynbdServer, ServerFactory, free_unix_path
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    src = str(REPO / "src")
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
+from tests.support.processes import run_pynbd
+from tests.support.pynbd_server import PynbdServer, ServerFactory, free_unix_path
 
 
 def pynbd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run the ``pynbd`` CLI (this checkout's)."""
-    return subprocess.run([sys.executable, "-m", "pynbd", *args], capture_output=True,
-                          text=True, timeout=timeout, env=_env())
+    return run_pynbd(*args, text=True, timeout=timeout, python=sys.executable)
 
 
 def need(*programs: str) -> None:
@@ -109,9 +101,8 @@ def ops_serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
 
 def serve_refused(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """``pynbd serve ARGS`` that must refuse to start: returns the finished process."""
-    return subprocess.run([sys.executable, "-m", "pynbd", "serve", "--bind", "127.0.0.1",
-                           "--port", "0", *args], capture_output=True, text=True,
-                          timeout=60, env=_env(), cwd=cwd, stdin=subprocess.DEVNULL)
+    return run_pynbd("serve", "--bind", "127.0.0.1", "--port", "0", *args, text=True,
+                     timeout=60, cwd=cwd, python=sys.executable)
 
 
 def qemu_io(uri: str, *cmds: str) -> subprocess.CompletedProcess[str]:

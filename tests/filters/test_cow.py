@@ -30,6 +30,7 @@ from tests.filters.helpers import (
     strict,
 )
 from tests.server.rawnbd import CMD_READ, CMD_WRITE, Raw
+from tests.support.images import make_image
 from tests.support.pynbd_server import ServerFactory, wait_until
 
 KiB = 1024
@@ -130,9 +131,7 @@ def test_trim_zero_and_block_status(serve: ServerFactory, tmp_path: Path) -> Non
     bs = 64 * KiB
     size = 32 * bs
     base = tmp_path / "base.img"
-    with open(base, "wb") as f:  # data in the first half, a hole in the second
-        f.write(random.Random(4).randbytes(size // 2))
-        f.truncate(size)
+    make_image(base, size, {0: size // 2}, seed=4)  # data in the first half, a hole after
     model = bytearray(base.read_bytes())
     before = sha256(base)
     srv = serve(str(base), "--workers", "1", "--filter", "cow")

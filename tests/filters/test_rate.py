@@ -29,6 +29,7 @@ from tests.filters.ops_support import (
     pynbd,
     serve_refused,
 )
+from tests.support.processes import pynbd_env
 
 __all__ = ["ops_serve"]
 
@@ -319,7 +320,7 @@ def test_total_buckets_are_shared_across_processes() -> None:
         "print(st.totals[0].tokens)\n")
     out = subprocess.run([sys.executable, "-c", code], pass_fds=[fd], capture_output=True,
                          text=True, timeout=60,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")})
+                         env=pynbd_env())
     assert out.returncode == 0, out.stderr
     assert float(out.stdout) == pytest.approx(2000.0)
     # this process sees the debt the other one made (the clock here is virtual: 0.0)
@@ -346,8 +347,7 @@ def test_shared_bucket_lock_excludes_other_processes() -> None:
         "    st.lock()\n"
         "    st.totals[0].take(1, 0.0)\n"
         "    st.unlock()\n")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
-    procs = [subprocess.Popen([sys.executable, "-c", code], pass_fds=[fd], env=env)
+    procs = [subprocess.Popen([sys.executable, "-c", code], pass_fds=[fd], env=pynbd_env())
              for _ in range(4)]
     for p in procs:
         assert p.wait(120) == 0

@@ -12,29 +12,16 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.processes import Process, pynbd_argv, pynbd_env, pynbd_python
+
 #: every wait in these tests is bounded by this
 TIMEOUT = 30.0
-
-
-def _python() -> str:
-    venv = REPO / ".venv" / "bin" / "python"
-    return str(venv) if venv.exists() else sys.executable
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    src = str(REPO / "src")
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
 
 
 def _unescape(field: str) -> str:
@@ -101,8 +88,8 @@ def require_fuse() -> None:
         problems.append("/dev/fuse is missing (load the fuse module)")
     if shutil.which("fusermount3") is None:
         problems.append("fusermount3 is missing (apt-get install fuse3)")
-    r = subprocess.run([_python(), "-c", "import pynbd.fuse.mount as m; m.load_binding()"],
-                       capture_output=True, text=True, timeout=60, env=_env(), check=False)
+    r = subprocess.run([pynbd_python(), "-c", "import pynbd.fuse.mount as m; m.load_binding()"],
+                       capture_output=True, text=True, timeout=60, env=pynbd_env(), check=False)
     if r.returncode != 0:
         problems.append(f"the FUSE binding does not load: {r.stderr.strip()[-500:]} "
                         "(pip install -e '.[test]' installs mfusepy)")
@@ -115,72 +102,44 @@ class FuseMount:
 
     def __init__(self, uri: str, mountpoint: Path, *args: str, wait: bool = True) -> None:
         self.mountpoint = mountpoint
-        self.argv = [_python(), "-m", "pynbd", "fuse", *args, uri, str(mountpoint)]
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     env=_env())
-        self.lines: list[str] = []
-        self._err: list[bytes] = []
-        self._ready = threading.Event()
-        self._t_out = threading.Thread(target=self._read_out, daemon=True)
-        self._t_err = threading.Thread(target=self._read_err, daemon=True)
-        self._t_out.start()
-        self._t_err.start()
+        self.process = Process(pynbd_argv("fuse", *args, uri, str(mountpoint)),
+                               name="pynbd-fuse", stop_timeout=15.0)
+        self.argv = self.process.argv
+        self.proc = self.process.proc
         if wait:
             self.wait_ready()
 
-    def _read_out(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.decode("utf-8", "replace").rstrip("\n"))
-            self._ready.set()
-        self._ready.set()
-
-    def _read_err(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self._err.append(line)
-
     def wait_ready(self) -> None:
-        if not self._ready.wait(TIMEOUT) or not self.lines:
+        try:
+            self.process.first_line(TIMEOUT)
+        except RuntimeError:
             self.stop()
             raise RuntimeError(f"pynbd fuse did not become ready (rc={self.proc.returncode}):"
-                               f"\n{self.stderr}")
+                               f"\n{self.stderr}") from None
 
     @property
     def path(self) -> str:
         """The file the export appears as (printed by pynbd fuse when ready)."""
-        return self.lines[0]
+        return self.process.lines()[0]
 
     @property
     def stderr(self) -> str:
-        return b"".join(self._err).decode("utf-8", "replace")
+        return self.process.stderr
 
     def wait(self, timeout: float = TIMEOUT) -> int:
-        rc = self.proc.wait(timeout)
-        self._t_err.join(5)
-        self._t_out.join(5)
-        return rc
+        return self.process.wait(timeout)
 
     def signal(self, sig: int = signal.SIGTERM, timeout: float = TIMEOUT) -> int:
-        self.proc.send_signal(sig)
+        self.process.kill(sig)
         return self.wait(timeout)
 
     def stop(self) -> None:
         """Teardown: stop the process for sure and leave nothing mounted."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(15)
+        self.process.stop()
         force_unmount(self.mountpoint)
         if self.proc.poll() is None:  # was blocked on the mount
             self.proc.kill()
             self.proc.wait(15)
-        for t in (self._t_out, self._t_err):
-            t.join(5)
 
 
 class Mounter:

@@ -18,6 +18,7 @@ import pytest
 
 from pynbd.client import connect
 from tests.fuse.conftest import TIMEOUT, Mounter, is_mounted, mount_options, mount_type
+from tests.support.images import make_image
 from tests.support.nbd_servers import Server, require, start_nbdkit, start_qemu_nbd
 from tests.support.pynbd_server import PynbdServer, free_unix_path, wait_until
 
@@ -29,19 +30,9 @@ KINDS = ["pynbd", "nbdkit", "qemu-nbd"]
 
 
 def make_source(path: Path, size: int = SIZE, seed: int = 16) -> bytes:
-    """A sparse image: random data in a few places, holes elsewhere."""
-    rnd = random.Random(seed)
-    img = bytearray(size)
-    for off, n in ((0, 64 * 1024), (3 * MiB + 5, 2 * MiB), (size - 3 * MiB, MiB),
-                   (size - 4096, 4096)):
-        img[off:off + n] = rnd.randbytes(n)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for off, n in ((0, 64 * 1024), (3 * MiB + 5, 2 * MiB), (size - 3 * MiB, MiB),
-                       (size - 4096, 4096)):
-            f.seek(off)
-            f.write(img[off:off + n])
-    return bytes(img)
+    """A sparse image: random data in a few places, holes elsewhere; its content."""
+    extents = {0: 64 * 1024, 3 * MiB + 5: 2 * MiB, size - 3 * MiB: MiB, size - 4096: 4096}
+    return make_image(path, size, extents, seed=seed).read_bytes()
 
 
 @dataclass
@@ -99,9 +90,7 @@ class Exports:
             return Export(kind, s.uri(), image, logf if log else None, s.stop, s.proc.pid)
         if kind == "qemu-nbd":
             if image is None:
-                image = d / "q.img"
-                with open(image, "wb") as f:
-                    f.truncate(size)
+                image = make_image(d / "q.img", size)
             s = start_qemu_nbd(d, image, transport="unix", read_only=read_only, extra=extra)
             self.stops.append(s.stop)
             return Export(kind, s.uri(), image, None, s.stop, s.proc.pid)

@@ -7,12 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from tests.support.ceph_cluster import CephCluster
+from tests.support.processes import run_pynbd
 
 from pynbd.ceph.keyring import read_keyring
 from pynbd.ceph.monclient import MonClient, target_from_conf
@@ -71,8 +71,7 @@ def test_mon_cephx_wrong_key_is_refused(ceph_cephx: CephCluster) -> None:
 
 def run_status(args: list[str]) -> tuple[int, str, str]:
     """``pynbd ceph status ARGS`` as a user runs it: a subprocess of the real CLI."""
-    p = subprocess.run([sys.executable, "-m", "pynbd", "ceph", "status", *args],
-                       capture_output=True, text=True, timeout=120)
+    p = run_pynbd("ceph", "status", *args, text=True, timeout=120, python=sys.executable)
     return p.returncode, p.stdout, p.stderr
 
 
@@ -95,7 +94,7 @@ def test_status_errors(ceph_none: CephCluster, tmp_path: Path) -> None:
     rc, _, err = run_status(["-c", str(conf)])
     assert rc == 2 and "mon_host" in err
     # a monitor address nobody listens on: clear error naming the mon, bounded time
-    from tests.support.ceph_cluster import free_port
+    from tests.support.net import free_port
 
     port = free_port()
     conf.write_text(f"[global]\nmon_host = [v2:127.0.0.1:{port}]\nauth_client_required = none\n")

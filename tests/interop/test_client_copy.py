@@ -16,9 +16,9 @@ if str(REPO) not in sys.path:  # tests/interop is not a package: find tests.supp
     sys.path.insert(0, str(REPO))
 
 from tests.support.certs import make_pki  # noqa: E402
+from tests.support.images import make_image  # noqa: E402
 from tests.support.nbd_servers import (  # noqa: E402
     Server,
-    make_image,
     start_nbd_server,
     start_nbdkit,
     start_pynbd,

@@ -12,13 +12,14 @@ import hashlib
 import json
 import os
 import re
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from tests.support import trixie
+from tests.support.images import make_image
+from tests.support.processes import run_pynbd
 from tests.support.pynbd_server import PynbdServer, ServerFactory, wait_until
 
 pytestmark = pytest.mark.interop
@@ -86,9 +87,8 @@ def libnbd(body: str, uri: str, *args: str, timeout: float = 300) -> dict[str, o
 
 def requests_served(srv: PynbdServer, control: str) -> int:
     """Requests the server has counted on every export (pynbd status)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    p = subprocess.run([sys.executable, "-m", "pynbd", "status", "--control", control],
-                       capture_output=True, text=True, timeout=30, env=env, check=True)
+    p = run_pynbd("status", "--control", control, text=True, timeout=30, python=sys.executable)
+    p.check_returncode()
     return sum(int(e["requests"]) for e in json.loads(p.stdout)["exports"])
 
 
@@ -212,12 +212,7 @@ for ext in (False, True):
 
 
 def sparse_16g(tmp_path: Path) -> Path:
-    img = tmp_path / "sparse16g.img"
-    with open(img, "wb") as f:
-        f.truncate(16 * GiB)
-        f.seek(6 * GiB)
-        f.write(b"\xab" * 65536)
-    return img
+    return make_image(tmp_path / "sparse16g.img", 16 * GiB, {6 * GiB: b"\xab" * 65536})
 
 
 def test_block_status_ext_and_64_bit_trim_and_zero_on_16_gib(serve: ServerFactory,
@@ -379,10 +374,10 @@ h.shutdown()
 ''', srv.uri)
     for ctx in ("base:allocation", "qemu:allocation-depth"):
         theirs = json.loads(trixie.run(["nbdinfo", "--json", f"--map={ctx}", srv.uri]).stdout)
-        env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-        ours = json.loads(subprocess.run(
-            [sys.executable, "-m", "pynbd", "info", "--json", "--map", ctx, srv.uri],
-            capture_output=True, text=True, timeout=60, env=env, check=True).stdout)
+        p = run_pynbd("info", "--json", "--map", ctx, srv.uri, text=True, timeout=60,
+                      python=sys.executable)
+        p.check_returncode()
+        ours = json.loads(p.stdout)
         assert [(r["offset"], r["length"], r["type"], r["description"]) for r in ours] == \
             [(r["offset"], r["length"], r["type"], r["description"]) for r in theirs], ctx
     assert [r["description"] for r in theirs] == ["local"]

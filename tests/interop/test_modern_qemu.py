@@ -12,7 +12,6 @@ Debian 12).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 from tests.support import trixie
 from tests.support.nbd_servers import Server, start_nbdkit, start_qemu_nbd
+from tests.support.processes import run_pynbd
 from tests.support.pynbd_server import ServerFactory
 
 from pynbd.client import connect
@@ -54,9 +54,7 @@ def peers() -> Iterator[list[Server]]:
 
 
 def pynbd_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    return subprocess.run([sys.executable, "-m", "pynbd", *args], capture_output=True,
-                          text=True, timeout=120, env=env, check=False)
+    return run_pynbd(*args, text=True, timeout=120, python=sys.executable)
 
 
 # --- qemu 10 as the client -------------------------------------------------------------

@@ -18,7 +18,8 @@ import nbd
 import pytest
 import rados
 import rbd
-from tests.support.ceph_cluster import CephCluster, free_port
+from tests.support.ceph_cluster import CephCluster
+from tests.support.net import free_port
 from tests.support.pynbd_server import PynbdServer, ServerFactory
 
 pytestmark = [pytest.mark.interop, pytest.mark.ceph]

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.support.images import make_image, randbytes
 from tests.support.pynbd_server import ServerFactory
 
 pytestmark = pytest.mark.interop
@@ -31,20 +32,6 @@ def run(*cmd: str, ok: bool = True, timeout: float = 120) -> subprocess.Complete
     if ok:
         assert p.returncode == 0, f"{cmd}: rc={p.returncode}\n{p.stdout}\n{p.stderr}"
     return p
-
-
-def make_image(path: Path, size: int, data_at: dict[int, bytes]) -> None:
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for off, data in data_at.items():
-            f.seek(off)
-            f.write(data)
-
-
-def randbytes(n: int, seed: int) -> bytes:
-    import random
-
-    return random.Random(seed).randbytes(n)
 
 
 # --- qemu ---------------------------------------------------------------------------

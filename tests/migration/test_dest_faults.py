@@ -28,7 +28,6 @@ from pynbd.msgr2.connection import Connection, ConnectionConfig, Role
 from pynbd.msgr2.session import Session
 from tests.migration._peers import RawSource, hello_when_free
 from tests.migration._procs import (
-    Proc,
     Procs,
     compare_images,
     listen,
@@ -37,6 +36,7 @@ from tests.migration._procs import (
     run_cli,
     sparse_file,
 )
+from tests.support.processes import Process
 
 SIZE = 8 * 1024 * 1024
 
@@ -61,7 +61,7 @@ def _raw_hung_up(sock: socket.socket, timeout: float = 10.0) -> bool:
 
 
 @pytest.fixture
-def dest(procs: Procs, tmp_path: Path) -> Iterator[tuple[Proc, str, str, Path]]:
+def dest(procs: Procs, tmp_path: Path) -> Iterator[tuple[Process, str, str, Path]]:
     """A ``pynbd listen`` on an all-zero sparse image: (proc, msgr2 uri, control, image).
 
     These sources vanish without releasing the copy; a short takeover grace lets the next
@@ -72,7 +72,7 @@ def dest(procs: Procs, tmp_path: Path) -> Iterator[tuple[Proc, str, str, Path]]:
     yield d, m2, dctl, dst
 
 
-def _untouched(d: Proc, dctl: str, dst: Path, state: str = "idle") -> None:
+def _untouched(d: Process, dctl: str, dst: Path, state: str = "idle") -> None:
     """Alive, not authoritative, in ``state``, the image still all zeros and its size."""
     assert d.proc.poll() is None, d.logs()
     st = migration_status(dctl)
@@ -101,7 +101,7 @@ def _proper_migration(procs: Procs, tmp_path: Path, m2: str, dctl: str, dst: Pat
 
 
 def test_source_goes_away_before_and_after_greeting(procs: Procs, tmp_path: Path,
-                                                    dest: tuple[Proc, str, str, Path]) -> None:
+                                                    dest: tuple[Process, str, str, Path]) -> None:
     d, m2, dctl, dst = dest
     port = _port(m2)
     # TCP connect, close at once
@@ -180,7 +180,7 @@ MISUSE: dict[str, tuple[str | None, tuple[int, bytes, bytes]]] = {
 
 
 @pytest.mark.parametrize("case", list(MISUSE))
-def test_protocol_misuse(procs: Procs, tmp_path: Path, dest: tuple[Proc, str, str, Path],
+def test_protocol_misuse(procs: Procs, tmp_path: Path, dest: tuple[Process, str, str, Path],
                          case: str) -> None:
     d, m2, dctl, dst = dest
     before, (msg_type, front, data) = MISUSE[case]
@@ -208,7 +208,7 @@ def test_protocol_misuse(procs: Procs, tmp_path: Path, dest: tuple[Proc, str, st
 @pytest.mark.parametrize("junk", [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"ceph v027" + bytes(64),
                                   os.urandom(4096)], ids=["http", "msgr1", "random"])
 def test_garbage_instead_of_banner(procs: Procs, tmp_path: Path,
-                                   dest: tuple[Proc, str, str, Path], junk: bytes) -> None:
+                                   dest: tuple[Process, str, str, Path], junk: bytes) -> None:
     d, m2, dctl, dst = dest
     with socket.create_connection(("127.0.0.1", _port(m2)), timeout=5) as s:
         s.sendall(junk)
@@ -228,7 +228,7 @@ def test_garbage_instead_of_banner(procs: Procs, tmp_path: Path,
 
 
 def test_disconnect_mid_write(procs: Procs, tmp_path: Path,
-                              dest: tuple[Proc, str, str, Path]) -> None:
+                              dest: tuple[Process, str, str, Path]) -> None:
     d, m2, dctl, dst = dest
     port = _port(m2)
     for lossless in (False, True):
@@ -266,7 +266,7 @@ def _send_image(t: Msgr2Transport, data: bytes, step: int = 1 << 20) -> None:
 
 
 def test_two_sources_at_once(procs: Procs, tmp_path: Path,
-                             dest: tuple[Proc, str, str, Path]) -> None:
+                             dest: tuple[Process, str, str, Path]) -> None:
     """One source owns the copy: a second one (with the key) is refused while the first
     is connected, gets in once the first released the copy, and then the first one's
     writes cannot land any more; the second one's verified commit makes the destination
@@ -316,7 +316,7 @@ def test_two_sources_at_once(procs: Procs, tmp_path: Path,
 
 
 def test_two_mirrors_at_once(procs: Procs, tmp_path: Path,
-                             dest: tuple[Proc, str, str, Path]) -> None:
+                             dest: tuple[Process, str, str, Path]) -> None:
     """Two real sources mirror into one destination at the same time: exactly one wins,
     the destination holds exactly its image, the other one stays authoritative."""
     d, m2, dctl, dst = dest
@@ -389,7 +389,7 @@ def test_sigterm_destination(procs: Procs, tmp_path: Path) -> None:
 
 
 def test_complete_transfer_then_misuse_refused(procs: Procs, tmp_path: Path,
-                                               dest: tuple[Proc, str, str, Path]) -> None:
+                                               dest: tuple[Process, str, str, Path]) -> None:
     d, m2, dctl, dst = dest
     src = _proper_migration(procs, tmp_path, m2, dctl, dst)
     epoch = migration_status(dctl)["epoch"]

@@ -3,7 +3,6 @@ refuses a partial copy or a bogus COMMIT."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -18,14 +17,9 @@ from tests.migration._procs import (
     run_cli,
     sparse_file,
 )
+from tests.support.net import free_port
 
 SIZE = 16 * 1024 * 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_cannot_connect_and_size_mismatch(procs: Procs, tmp_path: Path) -> None:
@@ -33,7 +27,7 @@ def test_cannot_connect_and_size_mismatch(procs: Procs, tmp_path: Path) -> None:
     make_sparse_image(src, SIZE, seed=1)
     _s, _uri, ctl = procs.serve(src)
     r = run_cli(["mirror", *procs.auth(), "--control", ctl, "--to",
-                 f"msgr2://127.0.0.1:{_free_port()}", "--wait"])
+                 f"msgr2://127.0.0.1:{free_port()}", "--wait"])
     assert r.returncode == 10, r.stderr
     r = run_cli(["mirror", "--control", ctl, "--to",
                  f"nbd+unix:///?socket={tmp_path}/nothing.sock", "--wait"])

@@ -450,7 +450,7 @@ def test_refusal_log_stays_small_under_a_flood(procs: Procs, tmp_path: Path) -> 
     elapsed = int(time.monotonic() - started)
     d.kill(signal.SIGTERM)
     assert d.proc.wait(20) == 0
-    log = d.err.read_text()
+    log = d.stderr
     refused = [ln for ln in log.splitlines() if "refused" in ln]
     summaries = [ln for ln in refused if re.search(r"refused \d+ connections from", ln)]
     # one line per address (50, and 127.0.0.1 for its failed authentications) per minute,
@@ -506,7 +506,7 @@ def test_silent_connections_do_not_lock_out_the_source(procs: Procs, tmp_path: P
             s.close()
     assert compare_images(src, dst) == []
     assert migration_status(dctl)["authoritative"] is True
-    refused = [ln for ln in d.err.read_text().splitlines() if "refused" in ln]
+    refused = [ln for ln in d.stderr.splitlines() if "refused" in ln]
     # per address: dropped in the handshake, and left before completing it (when the test
     # closed them), and a summary
     assert len(refused) <= 2 * 20 + 2, "\n".join(refused)

@@ -61,7 +61,7 @@ def test_msgr2_migration_while_writing(procs: Procs, tmp_path: Path, writers: in
         w.join(10)
         assert w.writes > 0
         assert stepped_down_error(w.error), w.error
-    assert json.loads(mirror.out.read_text())["result"] == "completed"
+    assert json.loads(mirror.stdout)["result"] == "completed"
     assert any(x["state"] == "copying" for x in seen)
     assert all(x["authoritative"] for x in seen[:-1] if x["state"] == "copying")
     _finish_checks(src, dst, ctl, dctl)
@@ -148,7 +148,7 @@ def test_speed_limit_respected_and_changed(procs: Procs, tmp_path: Path) -> None
     assert migration_status(ctl)["speed_limit_bytes_per_second"] == fast
     seen = poll_until_exit(mirror, ctl)
     assert mirror.proc.wait(5) == 0, mirror.logs()
-    final = json.loads(mirror.out.read_text())
+    final = json.loads(mirror.stdout)
     # totals: data sent / elapsed never exceeds the highest limit (+ slack for the burst and
     # the unthrottled final phase)
     assert final["bytes_done"] >= 8 * 1024 * 1024

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from tests.migration._procs import (
-    PY,
     Procs,
     Writer,
     compare_images,
     make_sparse_image,
     migration_status,
     run_cli,
+    sparse_file,
     stepped_down_error,
 )
 
@@ -31,14 +31,13 @@ def test_migrate_to_plain_nbd_while_writing(procs: Procs, tmp_path: Path, target
     src = tmp_path / "src.img"
     dst = tmp_path / "dst.img"
     make_sparse_image(src, SIZE, seed=1, fraction=1 / 16)
-    with open(dst, "wb") as f:
-        f.truncate(SIZE)
+    sparse_file(dst, SIZE)
     _p, uri, ctl = procs.serve(src)
     _d, dst_uri = procs.qemu_nbd(dst) if target == "qemu-nbd" else procs.nbdkit(dst)
     writer = Writer(uri, SIZE, seed=2, rate=4 * 1024 * 1024)
     writer.start()
     time.sleep(0.3)
-    mirror = procs.start([PY, "-m", "pynbd", "mirror", "--control", ctl, "--to", dst_uri,
+    mirror = procs.pynbd(["mirror", "--control", ctl, "--to", dst_uri,
                           "--wait", "--json", "--max-speed", "24M"], "mirror")
     seen = []
     for _ in range(3000):
@@ -49,7 +48,7 @@ def test_migrate_to_plain_nbd_while_writing(procs: Procs, tmp_path: Path, target
             break
         time.sleep(0.02)
     assert mirror.proc.wait(60) == 0, mirror.logs()
-    final = json.loads(mirror.out.read_text())
+    final = json.loads(mirror.stdout)
     assert final["result"] == "completed"
     assert final["bytes_left"] == 0
     writer.stop_event.set()

@@ -36,7 +36,6 @@ from pynbd.protocol.constants import (
     TransmissionFlag,
 )
 from tests.migration._procs import (
-    PY,
     Procs,
     Writer,
     compare_images,
@@ -46,6 +45,7 @@ from tests.migration._procs import (
     stepped_down_error,
 )
 from tests.migration._relay import stop_listener
+from tests.support.images import make_image
 
 SIZE = 8 * 1024 * 1024
 #: seconds the source waits for the fake's greeting or for a reply (env of pynbd serve)
@@ -265,12 +265,9 @@ class FakeNBD:
 
 def _make_image(path: Path) -> None:
     """Data in three separate places (several WRITEs), holes elsewhere."""
-    with open(path, "wb") as f:
-        f.truncate(SIZE)
-        for i, (off, n) in enumerate(((0, 1 << 20), (3 << 20, 512 << 10),
-                                      (5 << 20, 2 << 20))):
-            f.seek(off)
-            f.write(bytes([i + 1]) * 4096 + os.urandom(n - 4096))
+    make_image(path, SIZE, [(off, bytes([i + 1]) * 4096 + os.urandom(n - 4096))
+                            for i, (off, n) in enumerate(((0, 1 << 20), (3 << 20, 512 << 10),
+                                                          (5 << 20, 2 << 20)))])
 
 
 @pytest.fixture
@@ -377,7 +374,7 @@ def test_break_while_destination_hangs(procs: Procs, tmp_path: Path, fake: FakeN
     for a reply that never comes (the break command itself waits at most 30 s)."""
     src, content, uri, ctl = _source(procs, tmp_path, env=None)
     fake.set_fault("hang-on-write")
-    mirror = procs.start([PY, "-m", "pynbd", "mirror", "--control", ctl, "--to", fake.uri,
+    mirror = procs.pynbd(["mirror", "--control", ctl, "--to", fake.uri,
                           "--wait", "--max-attempts", "50"], "mirror")
     mirror.wait_for(lambda: fake.writes >= 1, "first write at the destination")
     r = run_cli(["break", "--control", ctl], timeout=60)
@@ -405,7 +402,7 @@ def test_sigterm_source_while_mirroring(procs: Procs, tmp_path: Path, fake: Fake
         w.start()
     else:
         fake.set_fault("hang-on-write")
-    mirror = procs.start([PY, "-m", "pynbd", "mirror", "--control", ctl, "--to", fake.uri,
+    mirror = procs.pynbd(["mirror", "--control", ctl, "--to", fake.uri,
                           "--wait", "--max-attempts", "50"], "mirror")
     if phase == "final-pause":
         mirror.wait_for(lambda: bool(migration_status(ctl).get("paused")), "the handover pause")

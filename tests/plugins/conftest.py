@@ -3,14 +3,14 @@ small plugins written for these tests (tests/plugins/testplugins/)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.pynbd_server import REPO, ServerFactory, _python
+from tests.support.processes import REPO, pynbd_env, run_pynbd
+from tests.support.pynbd_server import ServerFactory
 
 EXAMPLES = REPO / "examples" / "plugins"
 #: plugins written for the tests (a package: also importable as ``testplugins.NAME``)
@@ -43,10 +43,8 @@ def serve_fails(*args: str, pythonpath: str | None = None,
                 timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """Run ``pynbd serve --port 0 ARGS`` expecting it to refuse to start; the
     finished process (the caller checks the exit status and stderr)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), pythonpath) if p)
-    p = subprocess.run([_python(), "-m", "pynbd", "serve", "--bind", "127.0.0.1",
-                        "--port", "0", *args], capture_output=True, text=True,
-                       timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+    env = pynbd_env(pythonpath=[pythonpath] if pythonpath else [])
+    p = run_pynbd("serve", "--bind", "127.0.0.1", "--port", "0", *args, text=True,
+                  timeout=timeout, env=env)
     assert p.returncode != 0 or p.stdout == "", "the server started"
     return p

@@ -12,8 +12,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.migration._procs import Proc, Procs, run_cli, sparse_file
+from tests.migration._procs import Procs, run_cli, sparse_file
 from tests.support.certs import make_pki
+from tests.support.processes import Process
 
 SIZE = 16 * 1024 * 1024
 
@@ -25,7 +26,7 @@ def _upstream(procs: Procs, tmp_path: Path) -> str:
     return uri
 
 
-def _proxy(procs: Procs, upstream: str, *args: str, name: str = "proxy") -> tuple[Proc, str]:
+def _proxy(procs: Procs, upstream: str, *args: str, name: str = "proxy") -> tuple[Process, str]:
     p = procs.pynbd(["proxy", "--upstream", upstream, *args], name)
     return p, p.first_line()
 

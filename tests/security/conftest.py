@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import re
-import selectors
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +13,7 @@ import pytest
 
 from tests.support import workers
 from tests.support.certs import make_pki
+from tests.support.processes import Process, pynbd_argv, pynbd_env
 from tests.support.workers import serve_args, server_workers
 
 __all__ = ["server_workers"]
@@ -28,11 +25,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @dataclass
 class Served:
-    proc: subprocess.Popen[bytes]
+    process: Process
     uris: list[str]
-    stderr_path: Path
     control: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.process.proc
 
     @property
     def uri(self) -> str:
@@ -45,46 +45,27 @@ class Served:
         return int(m.group(1))
 
     def log(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
+        return self.process.stderr
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        return self.proc.returncode
+    def stop(self) -> int | None:
+        return self.process.stop()
 
 
 def start_pynbd(tmp: Path, *args: str, n_uris: int = 1, timeout: float = 20.0) -> Served:
-    err = tmp / f"serve-{time.monotonic_ns()}.log"
-    cmd = [sys.executable, "-m", "pynbd", "serve", *serve_args(args)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err.open("wb"),
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.stdout is not None
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    uris: list[str] = []
-    buf = b""
-    deadline = time.monotonic() + timeout
-    while len(uris) < n_uris:
-        left = deadline - time.monotonic()
-        if left <= 0 or proc.poll() is not None:
-            proc.kill()
-            raise AssertionError(f"pynbd serve {args} did not start: {err.read_text()}")
-        if sel.select(timeout=min(left, 0.5)):
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            buf += chunk
-            *lines, rest = buf.split(b"\n")
-            buf = rest
-            uris += [ln.decode() for ln in lines if ln.strip()]
-    sel.close()
+    cmd = pynbd_argv("serve", *serve_args(args), python=sys.executable)
+    proc = Process(cmd, name="serve", env=pynbd_env({"PYTHONUNBUFFERED": "1"}), log_dir=tmp,
+                   stop_timeout=20.0)
+    try:
+        proc.wait_for(lambda: len([x for x in proc.lines() if x.strip()]) >= n_uris,
+                      f"{n_uris} URI line(s)", timeout)
+    except RuntimeError as exc:
+        proc.kill()
+        raise AssertionError(f"pynbd serve {args} did not start: {exc}") from None
+    uris = [x for x in proc.lines() if x.strip()]
     control = None
     if "--control" in args:
         control = args[list(args).index("--control") + 1]
-    return Served(proc, uris, err, control)
+    return Served(proc, uris, control)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from pathlib import Path
 import nbd
 
 from tests.security.conftest import Served
+from tests.support.processes import run_pynbd
 
 
 def nbdinfo_size(uri: str) -> subprocess.CompletedProcess[str]:
@@ -42,8 +43,7 @@ def greeted(sock: socket.socket) -> bool:
 
 
 def pynbd(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pynbd", *args], capture_output=True,
-                          text=True, timeout=60)
+    return run_pynbd(*args, text=True, timeout=60, python=sys.executable)
 
 
 def test_allow_list_ipv4(serve) -> None:

@@ -12,6 +12,7 @@ import nbd
 import pytest
 
 from tests.security.conftest import Served
+from tests.support.processes import run_pynbd
 
 IHAVEOPT = 0x49484156454F5054
 REP_MAGIC = 0x3E889045565A9
@@ -190,15 +191,11 @@ def test_export_name_before_starttls_drops_connection(serve, pki: Path) -> None:
 
 
 def test_tls_config_errors_are_clear(tmp_path: Path) -> None:
-    import sys
-
-    r = subprocess.run([sys.executable, "-m", "pynbd", "serve", "--tls=require",
-                        "--tls-certificates", str(tmp_path / "nope"), "memory:1M"],
-                       capture_output=True, text=True, timeout=30)
+    r = run_pynbd("serve", "--tls=require", "--tls-certificates", str(tmp_path / "nope"),
+                  "memory:1M", text=True, timeout=30)
     assert r.returncode == 2
     assert "not a directory" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "pynbd", "serve", "--tls=on", "memory:1M"],
-                       capture_output=True, text=True, timeout=30)
+    r = run_pynbd("serve", "--tls=on", "memory:1M", text=True, timeout=30)
     assert r.returncode == 2
     assert "--tls-certificates" in r.stderr
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 
 from pynbd.server.control import control_request
 from tests.server.rawnbd import CMD_FLUSH, CMD_READ, CMD_WRITE, Dropped, Raw, is_dropped
+from tests.support.processes import Process, pynbd_argv, run_pynbd
 from tests.support.pynbd_server import ServerFactory
 from tests.support.workers import ENV
 
@@ -119,8 +119,8 @@ def test_status_sums_every_worker_and_acl_reaches_all(two) -> None:
     assert export["clients"] == 6
     assert st["workers"] == 2 and len(set(st["worker_pids"])) == 2
     # 127.0.0.3 is no longer allowed: its clients go, on whichever worker they are
-    r = subprocess.run([sys.executable, "-m", "pynbd", "acl", "--control", ctl,
-                        "127.0.0.2/32"], capture_output=True, text=True, timeout=30)
+    r = run_pynbd("acl", "--control", ctl, "127.0.0.2/32", text=True, timeout=30,
+                  python=sys.executable)
     assert r.returncode == 0, r.stderr
     for c in conns:
         if c.sock.getsockname()[0] == "127.0.0.3":
@@ -211,24 +211,20 @@ def test_workers_auto_and_explicit(serve: ServerFactory, tmp_path: Path) -> None
     serve("--workers", "1", "--control", ctl1, "memory:1M")
     st1 = status(ctl1)
     assert st1["workers"] == 1 and st1["worker_pids"] == [st1["pid"]]
-    r = subprocess.run([sys.executable, "-m", "pynbd", "serve", "--workers", "0",
-                        "memory:1M"], capture_output=True, text=True, timeout=30)
+    r = run_pynbd("serve", "--workers", "0", "memory:1M", text=True, timeout=30,
+                  python=sys.executable)
     assert r.returncode == 2 and "--workers 0" in r.stderr
 
 
 def test_non_loopback_bind_needs_authentication_or_insecure(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
-    r = subprocess.run([sys.executable, "-m", "pynbd", "serve", "--bind", "0.0.0.0",
-                        "--port", "0", "memory:1M"], capture_output=True, text=True,
-                       timeout=30, env=env)
+    r = run_pynbd("serve", "--bind", "0.0.0.0", "--port", "0", "memory:1M", text=True,
+                  timeout=30, python=sys.executable)
     assert r.returncode == 2
     assert "without authenticating clients" in r.stderr and "--insecure" in r.stderr
-    p = subprocess.Popen([sys.executable, "-m", "pynbd", "serve", "--bind", "0.0.0.0",
-                          "--port", "0", "--insecure", "memory:1M"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    p = Process(pynbd_argv("serve", "--bind", "0.0.0.0", "--port", "0", "--insecure",
+                           "memory:1M", python=sys.executable), stop_timeout=20.0)
     try:
-        assert p.stdout is not None
-        uri = p.stdout.readline().decode().strip()
+        uri = p.first_line().strip()
         assert uri.startswith("nbd://")
         port = int(uri.rsplit(":", 1)[1].split("/")[0])
         h = nbd.NBD()
@@ -236,10 +232,8 @@ def test_non_loopback_bind_needs_authentication_or_insecure(tmp_path: Path) -> N
         assert h.get_size() == MiB
         h.shutdown()
     finally:
-        p.terminate()
-        p.wait(20)
-    assert p.stderr is not None
-    assert b"WITHOUT authenticating" in p.stderr.read()
+        p.stop()
+    assert "WITHOUT authenticating" in p.stderr
 
 
 def test_default_listens_on_loopback_only(serve: ServerFactory, tmp_path: Path) -> None:

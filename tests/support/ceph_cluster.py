@@ -23,11 +23,12 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
 from pathlib import Path
+
+from tests.support.net import free_port
 
 CEPH_BINARIES = ("monmaptool", "ceph-authtool", "ceph-mon", "ceph-osd", "ceph", "rados")
 INSTALL_HINT = (
@@ -41,13 +42,6 @@ _PR_SET_PDEATHSIG = 1
 def missing_binaries() -> list[str]:
     """Names of the Ceph programs this module needs that are not on PATH."""
     return [b for b in CEPH_BINARIES if shutil.which(b) is None]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec

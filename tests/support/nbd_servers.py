@@ -2,8 +2,9 @@
 
 Every server listens on a dynamically chosen loopback port (or a Unix socket in a
 temporary directory), readiness is awaited with a bounded number of connection
-attempts, and :meth:`Server.stop` kills and reaps the process. A missing program is an
-error (tests fail loudly), never a skip.
+attempts, and :meth:`Server.stop` stops and reaps the process (a
+:class:`tests.support.processes.Process`). A missing program is an error (tests fail
+loudly), never a skip.
 """
 
 from __future__ import annotations
@@ -16,16 +17,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support.net import activation_argv, free_port, listening_socket
+from tests.support.processes import REPO, Process, pynbd_argv, pynbd_env, run_pynbd
 from tests.support.workers import serve_args
 
 READY_TIMEOUT = 20.0
 TRANSPORTS = ("tcp", "tcp6", "unix")
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def require(program: str) -> str:
@@ -35,18 +36,10 @@ def require(program: str) -> str:
     return path
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @dataclass
 class Server:
     kind: str
-    proc: subprocess.Popen[bytes]
+    process: Process
     workdir: Path
     transport: str
     export: str = ""
@@ -54,9 +47,12 @@ class Server:
     port: int | None = None
     socket_path: str | None = None
     tls_dir: Path | None = None
-    log: Path | None = None
     extra_pids: list[int] = field(default_factory=list)
     daemon: bool = False
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.process.proc
 
     def uri(self, export: str | None = None, tls: bool | None = None, **params: str) -> str:
         from urllib.parse import quote
@@ -92,18 +88,10 @@ class Server:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         self.extra_pids = []
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        self.process.stop()
 
     def logs(self) -> str:
-        if self.log is None or not self.log.exists():
-            return ""
-        return self.log.read_text(errors="replace")[-4000:]
+        return self.process.logs()
 
     def __enter__(self) -> Server:
         return self
@@ -119,7 +107,8 @@ def _listen_args(transport: str, workdir: Path) -> tuple[str | None, int | None,
     return host, free_port(host), None
 
 
-def _wait_ready(srv: Server, timeout: float = READY_TIMEOUT) -> None:
+def wait_ready(srv: Server, timeout: float = READY_TIMEOUT) -> None:
+    """Until the server greets a connection (bounded); stops it and raises if not."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     for _ in range(int(timeout / 0.05) + 1):
@@ -149,48 +138,28 @@ def _wait_ready(srv: Server, timeout: float = READY_TIMEOUT) -> None:
 
 def _spawn(kind: str, argv: Sequence[str], workdir: Path, transport: str, host: str | None,
            port: int | None, sock: str | None, export: str, tls_dir: Path | None,
-           env: dict[str, str] | None = None,
+           env: Mapping[str, str] | None = None,
            listener: socket.socket | None = None) -> Server:
-    log = workdir / f"{kind}.log"
-    logf = open(log, "ab")
     try:
+        pass_fds: tuple[int, ...] = ()
         if listener is not None:
             # systemd socket activation: the test binds port 0 itself (no race for a free
             # port) and hands the listening socket over as fd 3 with LISTEN_FDS/LISTEN_PID
-            fd = listener.fileno()
-            argv = [sys.executable, "-c", _ACTIVATE, str(fd), *argv]
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                    cwd=workdir, env=env, pass_fds=(fd,))
-        else:
-            proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=logf,
-                                    stderr=logf, cwd=workdir, env=env)
+            pass_fds = (listener.fileno(),)
+            argv = activation_argv(sys.executable, listener.fileno(), list(argv))
+        proc = Process(argv, name=kind, cwd=workdir, env=env or os.environ, pass_fds=pass_fds)
     finally:
-        logf.close()
         if listener is not None:
             listener.close()  # the server owns it now
-    srv = Server(kind, proc, workdir, transport, export, host, port, sock, tls_dir, log)
-    _wait_ready(srv)
+    srv = Server(kind, proc, workdir, transport, export, host, port, sock, tls_dir)
+    wait_ready(srv)
     return srv
-
-
-_ACTIVATE = (
-    "import os, sys\n"
-    "fd = int(sys.argv[1])\n"
-    "os.dup2(fd, 3)\n"
-    "if fd != 3: os.close(fd)\n"
-    "os.environ['LISTEN_FDS'] = '1'\n"
-    "os.environ['LISTEN_PID'] = str(os.getpid())\n"
-    "os.execvp(sys.argv[2], sys.argv[2:])\n"
-)
 
 
 def _bind_zero(transport: str) -> tuple[socket.socket, str, int]:
     host = "::1" if transport == "tcp6" else "127.0.0.1"
-    family = socket.AF_INET6 if transport == "tcp6" else socket.AF_INET
-    s = socket.socket(family, socket.SOCK_STREAM)
-    s.bind((host, 0))
-    s.listen(64)
-    return s, host, s.getsockname()[1]
+    s, port = listening_socket(host)
+    return s, host, port
 
 
 def start_nbdkit(workdir: Path, plugin: str = "memory", plugin_args: Sequence[str] = (
@@ -265,13 +234,14 @@ def start_nbd_server(workdir: Path, image: Path, *, transport: str = "tcp",
     # nbd-server forks a child per client only when it runs as a daemon (-d serves one
     # client and exits), so let it daemonize and track the daemon through its pid file.
     argv = [require("nbd-server"), "-C", str(conf), "-p", str(pidfile)]
-    log = workdir / "nbd-server.log"
-    with open(log, "ab") as logf:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                cwd=workdir)
-    rc = proc.wait(timeout=READY_TIMEOUT)
+    proc = Process(argv, name="nbd-server", cwd=workdir, env=os.environ)
+    try:
+        rc = proc.wait(READY_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.stop()
+        raise RuntimeError(f"nbd-server did not daemonize:\n{proc.logs()}") from None
     if rc != 0:
-        raise RuntimeError(f"nbd-server failed with {rc}: {log.read_text(errors='replace')}")
+        raise RuntimeError(f"nbd-server failed with {rc}: {proc.logs()}")
     pid = 0
     for _ in range(int(READY_TIMEOUT / 0.05)):
         with contextlib.suppress(OSError, ValueError):
@@ -281,72 +251,52 @@ def start_nbd_server(workdir: Path, image: Path, *, transport: str = "tcp",
         time.sleep(0.05)
     if not pid:
         raise RuntimeError("nbd-server wrote no pid file")
-    srv = Server("nbd-server", proc, workdir, transport, export, host, port, sock, None, log,
+    srv = Server("nbd-server", proc, workdir, transport, export, host, port, sock, None,
                  [pid], daemon=True)
-    _wait_ready(srv)
+    wait_ready(srv)
     return srv
 
 
 def pynbd_serve_available() -> bool:
-    r = subprocess.run([sys.executable, "-m", "pynbd", "serve", "--help"], cwd=REPO,
-                       capture_output=True, timeout=60, check=False)
-    return r.returncode == 0
+    return run_pynbd("serve", "--help", cwd=REPO, timeout=60,
+                     python=sys.executable).returncode == 0
 
 
 def start_pynbd(workdir: Path, target: str = "memory:64M", *, transport: str = "tcp",
                 read_only: bool = False, export: str = "", extra: Sequence[str] = ()) -> Server:
     """``pynbd serve``; over TCP it binds port 0 itself and the port is read from the URI
     it prints on stdout (no free-port race)."""
+    from urllib.parse import urlsplit
+
     workdir.mkdir(parents=True, exist_ok=True)
     host, _, sock = _listen_args(transport, workdir)
-    port: int | None = 0
-    argv = [sys.executable, "-m", "pynbd", "serve"]
+    args: list[str] = []
     if sock:
-        argv += ["--socket", sock]
+        args += ["--socket", sock]
     else:
-        argv += ["--bind", str(host), "--port", "0"]
+        args += ["--bind", str(host), "--port", "0"]
     if read_only:
-        argv.append("--read-only")
+        args.append("--read-only")
     if export:
-        argv += ["--export-name", export]
-    argv += [*extra, target]
-    argv = argv[:4] + serve_args(argv[4:])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+        args += ["--export-name", export]
+    args += [*extra, target]
+    argv = pynbd_argv("serve", *serve_args(args), python=sys.executable)
     if sock:
-        return _spawn("pynbd", argv, workdir, transport, None, None, sock, export, None, env)
-    log = workdir / "pynbd.log"
-    out = workdir / "pynbd.stdout"
-    with open(log, "ab") as logf, open(out, "wb") as outf:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=outf, stderr=logf,
-                                cwd=workdir, env=env)
-    srv = Server("pynbd", proc, workdir, transport, export, host, None, None, None, log)
-    from urllib.parse import urlsplit
-    for _ in range(int(READY_TIMEOUT / 0.05)):
-        text = out.read_text(errors="replace") if out.exists() else ""
-        line = next((x for x in text.splitlines() if "://" in x), None)
-        if line is not None:
-            port = urlsplit(line.strip()).port
-            break
-        if proc.poll() is not None:
-            raise RuntimeError(f"pynbd serve exited with {proc.returncode}:\n{srv.logs()}")
-        time.sleep(0.05)
-    if not port:
+        return _spawn("pynbd", argv, workdir, transport, None, None, sock, export, None,
+                      env=pynbd_env())
+    proc = Process(argv, name="pynbd", cwd=workdir)
+    srv = Server("pynbd", proc, workdir, transport, export, host)
+    try:
+        line = proc.wait_line(lambda x: "://" in x, "URI", READY_TIMEOUT)
+    except RuntimeError:
         srv.stop()
-        raise RuntimeError(f"pynbd serve printed no URI:\n{srv.logs()}")
-    srv.port = port
-    _wait_ready(srv)
+        raise
+    srv.port = urlsplit(line.strip()).port
+    if not srv.port:
+        srv.stop()
+        raise RuntimeError(f"pynbd serve printed no port: {line!r}\n{srv.logs()}")
+    wait_ready(srv)
     return srv
-
-
-def make_image(path: Path, size: int, data: Sequence[tuple[int, bytes]] = ()) -> Path:
-    """A sparse raw image of ``size`` bytes with ``data`` written at given offsets."""
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for off, blob in data:
-            f.seek(off)
-            f.write(blob)
-    return path
 
 
 @contextlib.contextmanager

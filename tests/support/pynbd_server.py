@@ -1,70 +1,41 @@
-"""Start ``pynbd serve`` as a subprocess for tests, and stop it for sure.
+"""``pynbd serve`` as a subprocess for tests (on :class:`tests.support.processes.Process`).
 
 The server prints its URI(s) on stdout (first line first) and logs to stderr; we wait
-for the first line with a bounded timeout, keep reading stdout/stderr in background
-threads (so a chatty server never blocks on a full pipe), and stop it with SIGTERM,
-then SIGKILL.
+for the first line with a bounded timeout and stop it with SIGTERM, then SIGKILL.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from tests.support.processes import REPO, START_TIMEOUT, Process, pynbd_argv, wait_until
 from tests.support.workers import serve_args
 
-REPO = Path(__file__).resolve().parents[2]
-START_TIMEOUT = 20.0
-
-
-def _python() -> str:
-    venv = REPO / ".venv" / "bin" / "python"
-    return str(venv) if venv.exists() else sys.executable
+__all__ = ["REPO", "PynbdServer", "ServerFactory", "free_unix_path", "unix_uri_path",
+           "wait_until"]
 
 
 class PynbdServer:
-    """A running ``pynbd serve`` process."""
+    """A running ``pynbd serve ARGS`` (the suite's ``--workers`` added)."""
 
     def __init__(self, args: Sequence[str], *, cwd: str | os.PathLike[str] | None = None,
                  timeout: float = START_TIMEOUT) -> None:
-        env = dict(os.environ)
-        src = str(REPO / "src")
-        env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self.args = [_python(), "-m", "pynbd", "serve", *serve_args(args)]
-        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     cwd=cwd, env=env)
-        self.uris: list[str] = []
-        self._stderr: list[bytes] = []
-        self._first = threading.Event()
-        self._t_out = threading.Thread(target=self._read_stdout, daemon=True)
-        self._t_err = threading.Thread(target=self._read_stderr, daemon=True)
-        self._t_out.start()
-        self._t_err.start()
-        if not self._first.wait(timeout) or not self.uris:
+        self.args = pynbd_argv("serve", *serve_args(args))
+        self.process = Process(self.args, name="pynbd-serve", cwd=cwd)
+        self.proc = self.process.proc
+        try:
+            self.process.wait_line(lambda x: bool(x.strip()), "URI", timeout)
+        except RuntimeError as exc:
             self.stop()
             raise RuntimeError(f"pynbd serve did not print a URI within {timeout}s "
-                               f"(rc={self.proc.returncode}): {self.stderr[-2000:]}")
+                               f"(rc={self.proc.returncode}): {self.stderr[-2000:]}") from exc
 
-    def _read_stdout(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            text = line.decode("utf-8", "replace").strip()
-            if text:
-                self.uris.append(text)
-                self._first.set()
-        self._first.set()
-
-    def _read_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self._stderr.append(line)
+    @property
+    def uris(self) -> list[str]:
+        """The URIs printed so far (one a line)."""
+        return [x.strip() for x in self.process.lines() if x.strip()]
 
     @property
     def uri(self) -> str:
@@ -76,7 +47,7 @@ class PynbdServer:
 
     @property
     def stderr(self) -> str:
-        return b"".join(self._stderr).decode("utf-8", "replace")
+        return self.process.stderr
 
     @property
     def port(self) -> int:
@@ -87,7 +58,7 @@ class PynbdServer:
     def uri_for(self, prefix: str, timeout: float = 5.0) -> str:
         """The first URI starting with ``prefix`` (``nbd://``, ``nbd+unix://``)."""
         def find() -> str | None:
-            return next((u for u in list(self.uris) if u.startswith(prefix)), None)
+            return next((u for u in self.uris if u.startswith(prefix)), None)
 
         wait_until(lambda: find() is not None, timeout)
         u = find()
@@ -103,35 +74,16 @@ class PynbdServer:
         raise RuntimeError("no VmRSS")
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.process.alive()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        for t in (self._t_out, self._t_err):
-            if t.is_alive():
-                t.join(5)
+        self.process.stop()
 
     def __enter__(self) -> PynbdServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def wait_until(pred, timeout: float = 10.0, interval: float = 0.02) -> bool:  # type: ignore[no-untyped-def]
-    """Poll ``pred`` until it is true or ``timeout`` passes (bounded)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(interval)
-    return bool(pred())
 
 
 def free_unix_path(tmp_path: Path, name: str = "nbd.sock") -> str:

@@ -19,12 +19,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from tests.support.nbd_servers import Server, _wait_ready
+from tests.support.nbd_servers import Server, wait_ready
+from tests.support.net import activation_argv, listening_socket
+from tests.support.processes import Process
 
 ROOT = Path(os.environ.get("PYNBD_TRIXIE_ROOT", "/var/cache/pynbd-trixie"))
 STAMP = ".pynbd-provisioned"
@@ -112,47 +113,29 @@ def version(program: str) -> str:
 
 # --- servers inside the tree ----------------------------------------------------------
 
-def _bind_zero() -> tuple[socket.socket, str, int]:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind(("127.0.0.1", 0))
-    s.listen(64)
-    return s, "127.0.0.1", s.getsockname()[1]
-
-
-# systemd socket activation, run by the tree's python3: the test binds port 0 itself
-# (no free-port race) and the server inherits it as fd 3
-_ACTIVATE = (
-    "import os, sys\n"
-    "fd = int(sys.argv[1])\n"
-    "os.dup2(fd, 3)\n"
-    "if fd != 3: os.close(fd)\n"
-    "os.environ['LISTEN_FDS'] = '1'\n"
-    "os.environ['LISTEN_PID'] = str(os.getpid())\n"
-    "os.execvp(sys.argv[2], sys.argv[2:])\n"
-)
-
-
 def _spawn(kind: str, cmd: Sequence[str], workdir: Path, transport: str,
            export: str, sock: str | None) -> Server:
     workdir.mkdir(parents=True, exist_ok=True)
-    log = workdir / f"{kind}.log"
     listener = None
     host: str | None = None
     port: int | None = None
     if transport == "unix":
         full = list(cmd)
     else:
-        listener, host, port = _bind_zero()
-        full = ["python3", "-c", _ACTIVATE, str(listener.fileno()), *cmd]
-    with open(log, "ab") as logf:
-        try:
-            proc = popen(full, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, cwd=workdir,
-                         pass_fds=() if listener is None else (listener.fileno(),))
-        finally:
-            if listener is not None:
-                listener.close()  # the server owns it now
-    srv = Server(kind, proc, workdir, transport, export, host, port, sock, None, log)
-    _wait_ready(srv)
+        # systemd socket activation, run by the tree's python3: the test binds port 0
+        # itself (no free-port race) and the server inherits it as fd 3
+        host = "127.0.0.1"
+        listener, port = listening_socket(host)
+        full = activation_argv("python3", listener.fileno(), list(cmd))
+    try:
+        # every step execs: the process's pid is the program's own
+        proc = Process(argv(full), name=kind, cwd=workdir, env=_host_env(),
+                       pass_fds=() if listener is None else (listener.fileno(),))
+    finally:
+        if listener is not None:
+            listener.close()  # the server owns it now
+    srv = Server(kind, proc, workdir, transport, export, host, port, sock, None)
+    wait_ready(srv)
     return srv
 
 
