@@ -437,16 +437,21 @@ class RbdBackend(Backend):
         cb = self._aio_callback(img, "flush", 0, 0, False, done)
         self._aio_submit(img, "flush", 0, 0, lambda: img.aio_flush(cb), done)
 
-    def aio_trim(self, offset: int, length: int, fua: bool, done: AioDone) -> None:
-        if self._refuse_write("trim", done):
-            return
+    def _aio_begin_range(self, length: int, fua: bool, done: AioDone) -> Any:
+        """The image for a trim or zero of ``length`` bytes, or None when the request is
+        already taken care of (nothing to change: a flush if FUA asked, else done)."""
         if length == 0:
             if fua:
                 self.aio_flush(done)
             else:
                 _finish(done, None)
+            return None
+        return self._aio_begin(done)
+
+    def aio_trim(self, offset: int, length: int, fua: bool, done: AioDone) -> None:
+        if self._refuse_write("trim", done):
             return
-        img = self._aio_begin(done)
+        img = self._aio_begin_range(length, fua, done)
         if img is None:
             return
         cb = self._aio_callback(img, "trim", offset, length, fua, done)
@@ -462,13 +467,7 @@ class RbdBackend(Backend):
             _finish(done, BackendError(errno.ENOTSUP,
                                        f"{self.name}: fast zero not supported here"))
             return
-        if length == 0:
-            if fua:
-                self.aio_flush(done)
-            else:
-                _finish(done, None)
-            return
-        img = self._aio_begin(done)
+        img = self._aio_begin_range(length, fua, done)
         if img is None:
             return
         flags = 0 if may_trim else getattr(rbd, "RBD_WRITE_ZEROES_FLAG_THICK_PROVISION", 1)
