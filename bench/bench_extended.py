@@ -46,7 +46,10 @@ def cpu_seconds(pid: int) -> float:
 
 
 def serve(python: str, image: Path, *extra: str) -> tuple[Process, str]:
-    p = Process(pynbd_argv("serve", "--bind", "127.0.0.1", "--port", "0", "-q", *extra,
+    # one process: the CPU read from /proc/PID is all of the server's (with worker
+    # processes the supervisor's own would be ~0)
+    p = Process(pynbd_argv("serve", "--bind", "127.0.0.1", "--port", "0", "-q",
+                           "--workers", "1", *extra,
                            str(image), python=python), name="serve", new_session=True,
                 stop_timeout=15.0)
     uri = p.first_line().strip()
