@@ -58,6 +58,7 @@ _MODIFYING = frozenset((Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES))
 #: command numbers to commands (a dict lookup costs a tenth of ``Cmd(n)``)
 _CMDS: dict[int, Cmd] = {int(c): c for c in Cmd}
 _READ = Cmd.READ
+_EXT_UNPACK = wire.EXT_REQUEST.unpack_from
 _WRITE = Cmd.WRITE
 _PAYLOAD_LEN = int(CmdFlag.PAYLOAD_LEN)
 _FUA = int(CmdFlag.FUA)
@@ -154,6 +155,15 @@ class RequestPhase(ServerState):
         return flags, cmd, cookie, offset, length
 
     def _next_ext_request(self) -> Event | _NeedData:
+        buf = self._buf
+        if len(buf) >= wire.EXT_REQUEST_SIZE:
+            # the fast path of a plain READ, as in _next_request (the same test _command
+            # makes, without the calls on the way there)
+            magic, flags, cmd, cookie, offset, length = _EXT_UNPACK(buf)
+            if magic == EXTENDED_REQUEST_MAGIC and cmd == 0 and not flags and \
+                    length <= self._fast_read_max and offset + length <= self._fast_size:
+                del buf[:wire.EXT_REQUEST_SIZE]
+                return Command(_READ, 0, cookie, offset, length)
         header = self._ext_header()
         if header is None:
             return NEED_DATA
