@@ -40,6 +40,7 @@ from tests.migration._procs import (
     sparse_file,
 )
 from tests.migration._relay import CuttingRelay
+from tests.support.net import read_until_eof
 
 SIZE = 8 * 1024 * 1024
 WRONG_KEY = b"this is not the key, but long enough"
@@ -65,24 +66,6 @@ def _listen_status(dctl: str) -> dict[str, object]:
     assert reply["ok"], reply
     st: dict[str, object] = reply["status"]["listen"]
     return st
-
-
-def _read_until_eof(sock: socket.socket, timeout: float = 10.0) -> bytes:
-    """Everything the peer sends before it closes (bounded)."""
-    sock.settimeout(0.2)
-    got = b""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            data = sock.recv(1 << 16)
-        except TimeoutError:
-            continue
-        except ConnectionResetError:
-            return got
-        if not data:
-            return got
-        got += data
-    raise TimeoutError(f"the listener kept the connection open (sent {got[:32]!r})")
 
 
 def _unauthenticated_learns_nothing(port: int, key: bytes | None) -> None:
@@ -404,7 +387,7 @@ def test_access_list_is_checked_before_any_byte(procs: Procs, tmp_path: Path) ->
     _d, m2, dctl, _ = listen(procs, dst, extra=["--allow", "127.0.0.2/32"])
     port = _port(m2)
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        assert _read_until_eof(s) == b""  # not even the msgr2 banner
+        assert read_until_eof(s) == b""  # not even the msgr2 banner
     with socket.create_connection(("127.0.0.1", port), timeout=5,
                                   source_address=("127.0.0.2", 0)) as s:
         s.settimeout(5)
@@ -422,7 +405,7 @@ def test_access_list_is_checked_before_any_byte(procs: Procs, tmp_path: Path) ->
     sparse_file(other, SIZE)
     _d2, m2b, _dctl2, _ = listen(procs, other, name="deny", extra=["--default-deny"])
     with socket.create_connection(("127.0.0.1", _port(m2b)), timeout=5) as s:
-        assert _read_until_eof(s) == b""
+        assert read_until_eof(s) == b""
 
 
 def test_refusal_log_stays_small_under_a_flood(procs: Procs, tmp_path: Path) -> None:
@@ -436,7 +419,7 @@ def test_refusal_log_stays_small_under_a_flood(procs: Procs, tmp_path: Path) -> 
     for i in range(500):
         with socket.create_connection(("127.0.0.1", port), timeout=5,
                                       source_address=(addresses[i % 50], 0)) as s:
-            assert _read_until_eof(s) == b""
+            assert read_until_eof(s) == b""
     for _ in range(40):
         _events, err = try_connect(port, WRONG_KEY)
         assert err is not None

@@ -9,11 +9,11 @@ import re
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 from tests.migration._procs import Procs, run_cli, sparse_file
 from tests.support.certs import make_pki
+from tests.support.net import read_until_eof
 from tests.support.processes import Process
 
 SIZE = 16 * 1024 * 1024
@@ -40,23 +40,6 @@ def _port(uri: str) -> int:
 def _nbdinfo(uri: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([shutil.which("nbdinfo") or "nbdinfo", uri], capture_output=True,
                           text=True, timeout=60, check=False)
-
-
-def _read_until_eof(sock: socket.socket, timeout: float = 10.0) -> bytes:
-    sock.settimeout(0.2)
-    got = b""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            data = sock.recv(1 << 16)
-        except TimeoutError:
-            continue
-        except ConnectionResetError:
-            return got
-        if not data:
-            return got
-        got += data
-    raise TimeoutError(f"the proxy kept the connection open (sent {got[:32]!r})")
 
 
 def test_proxy_refuses_to_listen_unauthenticated(procs: Procs, tmp_path: Path) -> None:
@@ -89,7 +72,7 @@ def test_proxy_access_list_before_any_byte(procs: Procs, tmp_path: Path) -> None
     _p, uri = _proxy(procs, up, "--port", "0", "--allow", "127.0.0.2/32")
     port = _port(uri)
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        assert _read_until_eof(s) == b""  # not even NBDMAGIC
+        assert read_until_eof(s) == b""  # not even NBDMAGIC
     r = _nbdinfo(uri)
     assert r.returncode != 0 and "export-size" not in r.stdout
     with socket.create_connection(("127.0.0.1", port), timeout=5,
@@ -98,7 +81,7 @@ def test_proxy_access_list_before_any_byte(procs: Procs, tmp_path: Path) -> None
         assert s.recv(8) == b"NBDMAGIC"
     _p2, uri2 = _proxy(procs, up, "--port", "0", "--default-deny", name="deny")
     with socket.create_connection(("127.0.0.1", _port(uri2)), timeout=5) as s:
-        assert _read_until_eof(s) == b""
+        assert read_until_eof(s) == b""
 
 
 def test_proxy_on_every_address_with_client_certificates(procs: Procs,

@@ -6,6 +6,7 @@ listens.
 from __future__ import annotations
 
 import socket
+import time
 
 LOOPBACK = "127.0.0.1"
 
@@ -62,3 +63,21 @@ def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
         return False
     return True
 
+
+def read_until_eof(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Everything the peer sends before it closes the connection (bounded: a peer that
+    keeps it open past ``timeout`` is an error, with the first bytes it sent)."""
+    sock.settimeout(0.2)
+    got = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            data = sock.recv(1 << 16)
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return got
+        if not data:
+            return got
+        got += data
+    raise TimeoutError(f"the peer kept the connection open (sent {got[:32]!r})")
