@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import re
+import select
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -369,20 +370,28 @@ def test_auth_none_cluster_and_open_backend(ceph_none: CephCluster) -> None:
 # ---------------------------------------------------------- asynchronous interface
 class Done:
     """A ``done`` callback for the aio_* methods: records every call (it must come
-    exactly once, from any thread) and lets the test wait for it."""
+    exactly once) and lets the test wait for it, collecting the backend's completions
+    the way the server's loop does (aio_completion_fd readable -> aio_poll)."""
 
-    def __init__(self) -> None:
+    def __init__(self, backend: RbdBackend) -> None:
+        self.backend = backend
         self.calls: list[tuple[OSError | None, bytes | None]] = []
         self.threads: list[int] = []
-        self._event = threading.Event()
 
     def __call__(self, err: OSError | None, data: bytes | None = None) -> None:
         self.calls.append((err, data))
         self.threads.append(threading.get_ident())
-        self._event.set()
 
     def wait(self, timeout: float = 60.0) -> Done:
-        assert self._event.wait(timeout), "aio request never completed"
+        deadline = time.monotonic() + timeout
+        while not self.calls:
+            assert time.monotonic() < deadline, "aio request never completed"
+            fd = self.backend.aio_completion_fd()
+            if fd is None:  # closed: nothing more can come
+                break
+            select.select([fd], [], [], 0.1)
+            self.backend.aio_poll()
+        assert self.calls, "aio request never completed"
         return self
 
     @property
@@ -398,7 +407,7 @@ class Done:
 
 def _aio_read(b: RbdBackend, offset: int, n: int) -> bytes:
     buf = bytearray(n)
-    d = Done()
+    d = Done(b)
     b.aio_pread(memoryview(buf), offset, d)
     d.ok()
     data = d.calls[0][1]
@@ -408,8 +417,8 @@ def _aio_read(b: RbdBackend, offset: int, n: int) -> bytes:
     return bytes(buf)
 
 
-def _aio(start: Callable[[Done], None]) -> Done:
-    d = Done()
+def _aio(b: RbdBackend, start: Callable[[Done], None]) -> Done:
+    d = Done(b)
     start(d)
     return d.wait()
 
@@ -417,23 +426,24 @@ def _aio(start: Callable[[Done], None]) -> Done:
 def test_aio_round_trip(backend: RbdBackend) -> None:
     assert backend.aio
     data = _pattern(3 * OBJ, 3)
-    _aio(lambda d: backend.aio_pwrite(memoryview(data), OBJ, False, d)).ok()
+    _aio(backend, lambda d: backend.aio_pwrite(memoryview(data), OBJ, False, d)).ok()
     assert _aio_read(backend, OBJ, 3 * OBJ) == data
     # a small write straight from a bytearray (handed to librbd without a copy), FUA
     small = bytearray(_pattern(4096, 9))
-    fua = _aio(lambda d: backend.aio_pwrite(memoryview(small), 12345, True, d))
+    fua = _aio(backend, lambda d: backend.aio_pwrite(memoryview(small), 12345, True, d))
     fua.ok()
-    assert fua.threads[0] != threading.get_ident()  # completed on librbd's thread
+    # delivered by aio_poll on the polling thread: librbd's threads never run Python
+    assert fua.threads == [threading.get_ident()]
     assert _aio_read(backend, 12345, 4096) == bytes(small)
     assert _read(backend, 12345, 4096) == bytes(small)  # the synchronous path agrees
-    _aio(lambda d: backend.aio_flush(d)).ok()
+    _aio(backend, lambda d: backend.aio_flush(d)).ok()
     # trim a whole object: a hole; zero part of one (FUA), then with NO_HOLE
-    _aio(lambda d: backend.aio_trim(2 * OBJ, OBJ, False, d)).ok()
+    _aio(backend, lambda d: backend.aio_trim(2 * OBJ, OBJ, False, d)).ok()
     assert _aio_read(backend, 2 * OBJ, 8192) == bytes(8192)
     assert backend.extents(2 * OBJ, OBJ) == [Extent(OBJ, STATE_HOLE | STATE_ZERO)]
-    _aio(lambda d: backend.aio_zero(OBJ + 100, 5000, True, True, True, d)).ok()
+    _aio(backend, lambda d: backend.aio_zero(OBJ + 100, 5000, True, True, True, d)).ok()
     assert _aio_read(backend, OBJ, 5200) == data[:100] + bytes(5000) + data[5100:5200]
-    _aio(lambda d: backend.aio_zero(3 * OBJ, 8192, False, False, False, d)).ok()
+    _aio(backend, lambda d: backend.aio_zero(3 * OBJ, 8192, False, False, False, d)).ok()
     assert _aio_read(backend, 3 * OBJ, 8192) == bytes(8192)
     assert backend.extents(3 * OBJ, OBJ)[0].flags == 0  # NO_HOLE kept it allocated
     # empty requests complete at once
@@ -441,7 +451,7 @@ def test_aio_round_trip(backend: RbdBackend) -> None:
                   lambda d: backend.aio_trim(0, 0, False, d),
                   lambda d: backend.aio_zero(0, 0, True, False, True, d),
                   lambda d: backend.aio_pread(memoryview(bytearray()), 0, d)):
-        _aio(start).ok()
+        _aio(backend, start).ok()
 
 
 def test_aio_many_in_flight(backend: RbdBackend) -> None:
@@ -463,13 +473,13 @@ def test_aio_many_in_flight(backend: RbdBackend) -> None:
                 continue
             spans.append((off, off + len(data)))
             model[off:off + len(data)] = data
-            d = Done()
+            d = Done(backend)
             backend.aio_pwrite(memoryview(data), off, False, d)
             pending.append(d)
         for d in pending:
             d.ok()
         pending.clear()
-    reads = [(off, bytearray(65536), Done()) for off in range(0, len(model), 65536)]
+    reads = [(off, bytearray(65536), Done(backend)) for off in range(0, len(model), 65536)]
     for off, buf, d in reads:
         backend.aio_pread(memoryview(buf), off, d)
     for off, buf, d in reads:
@@ -484,19 +494,19 @@ def test_aio_refusals(ceph_cephx: CephCluster, image: str, backend: RbdBackend) 
         for start in (lambda d: ro.aio_pwrite(memoryview(b"x"), 0, False, d),
                       lambda d: ro.aio_trim(0, 4096, False, d),
                       lambda d: ro.aio_zero(0, 4096, True, False, False, d)):
-            err = _aio(start).error
+            err = _aio(ro, start).error
             assert err is not None and err.errno == errno.EPERM and "read-only" in str(err)
-        _aio(lambda d: ro.aio_flush(d)).ok()  # nothing to flush
+        _aio(ro, lambda d: ro.aio_flush(d)).ok()  # nothing to flush
         assert _aio_read(ro, 0, 512) == bytes(512)
     finally:
         ro.close()
-    err = _aio(lambda d: backend.aio_zero(0, 4096, False, True, False, d)).error
+    err = _aio(backend, lambda d: backend.aio_zero(0, 4096, False, True, False, d)).error
     assert err is not None and err.errno == errno.ENOTSUP
     backend.close()
     for start in (lambda d: backend.aio_pread(memoryview(bytearray(512)), 0, d),
                   lambda d: backend.aio_pwrite(memoryview(b"x"), 0, False, d),
                   lambda d: backend.aio_flush(d)):
-        err = _aio(start).error
+        err = _aio(backend, start).error
         assert err is not None and err.errno == errno.ESHUTDOWN
 
 
@@ -505,16 +515,17 @@ def test_aio_past_the_end_of_a_shrunk_image(admin: rados.Ioctx, image: str,
     """The export keeps its size; librbd refuses I/O past the image's new end in the
     completion, and a read across it returns zeros past the end."""
     data = _pattern(8192, 4)
-    _aio(lambda d: backend.aio_pwrite(memoryview(data), 16 * MiB - 4096, True, d)).ok()
+    _aio(backend, lambda d: backend.aio_pwrite(memoryview(data), 16 * MiB - 4096, True, d)).ok()
     with rbd.Image(admin, image) as img:
         img.resize(16 * MiB)  # proxied to the lock owner: the backend's librbd
     assert backend.size == 64 * MiB
-    err = _aio(lambda d: backend.aio_pwrite(memoryview(b"y" * 4096), 20 * MiB, False,
+    err = _aio(backend, lambda d: backend.aio_pwrite(memoryview(b"y" * 4096), 20 * MiB, False,
                                             d)).error
     assert err is not None and err.errno == errno.EINVAL
     assert "write at 20971520+4096" in str(err)
     for off in (20 * MiB, 16 * MiB):  # past the new end, and exactly at it
-        err = _aio(lambda d, o=off: backend.aio_pread(memoryview(bytearray(4096)), o, d)).error
+        err = _aio(backend, lambda d, o=off: backend.aio_pread(memoryview(bytearray(4096)),
+                                                               o, d)).error
         assert err is not None and err.errno == errno.EINVAL
         assert f"read at {off}+4096" in str(err)
     # across the new end: the part inside, then zeros (never uninitialised memory)
@@ -534,7 +545,7 @@ def test_aio_errors_from_completions(ceph_cephx: CephCluster, image: str,
                                      backend: RbdBackend) -> None:
     """A blocklisted client: librbd fails every request in its completion with
     ESHUTDOWN (EBLOCKLISTED); the errno reaches ``done`` unchanged."""
-    _aio(lambda d: backend.aio_pwrite(memoryview(b"w" * 4096), 0, True, d)).ok()
+    _aio(backend, lambda d: backend.aio_pwrite(memoryview(b"w" * 4096), 0, True, d)).ok()
     addr = _blocklist(ceph_cephx, f"rbd/{image}")
     try:
         starts = {
@@ -545,7 +556,7 @@ def test_aio_errors_from_completions(ceph_cephx: CephCluster, image: str,
             "write zeroes": lambda d: backend.aio_zero(0, 4096, True, False, False, d),
         }
         for what, start in starts.items():
-            err = _aio(start).error
+            err = _aio(backend, start).error
             assert isinstance(err, BackendError), (what, err)
             assert err.errno == errno.ESHUTDOWN, (what, err)
             assert what in str(err) and "blocklisted" in str(err)
@@ -559,19 +570,19 @@ def test_aio_timeout(ceph_cephx: CephCluster, image: str) -> None:
     """OSDs that do not answer: the request fails with ETIMEDOUT after osd_op_timeout."""
     b = _open(ceph_cephx, f"rbd:rbd/{image}", osd_op_timeout=2)
     try:
-        _aio(lambda d: b.aio_pwrite(memoryview(b"t" * 4096), 0, True, d)).ok()
+        _aio(b, lambda d: b.aio_pwrite(memoryview(b"t" * 4096), 0, True, d)).ok()
         ceph_cephx.ceph("osd", "pause")
         try:
             # librbd learns of the pause with its next OSD map: until then reads work
             for _ in range(40):
-                err = _aio(lambda d: b.aio_pread(memoryview(bytearray(4096)), 0, d)).error
+                err = _aio(b, lambda d: b.aio_pread(memoryview(bytearray(4096)), 0, d)).error
                 if err is not None:
                     break
                 time.sleep(0.25)
             assert err is not None and err.errno == errno.ETIMEDOUT, err
             assert "read at 0+4096 failed" in str(err) and "timed out" in str(err)
             # a FUA write is acknowledged by librbd's cache, its flush needs the OSD
-            err = _aio(lambda d: b.aio_pwrite(memoryview(b"u" * 4096), 4096, True, d)).error
+            err = _aio(b, lambda d: b.aio_pwrite(memoryview(b"u" * 4096), 4096, True, d)).error
             assert err is not None and err.errno == errno.ETIMEDOUT, err
             assert "write (FUA flush)" in str(err)
         finally:
@@ -585,11 +596,11 @@ def test_aio_close_with_requests_in_flight(ceph_cephx: CephCluster, image: str) 
     """close() waits for what is in flight: every request gets exactly one answer and
     every write acknowledged is in the image afterwards."""
     b = _open(ceph_cephx, f"rbd:rbd/{image}")
-    writes = [(i * MiB, _pattern(MiB, i), Done()) for i in range(48)]
+    writes = [(i * MiB, _pattern(MiB, i), Done(b)) for i in range(48)]
     for off, data, d in writes:
         b.aio_pwrite(memoryview(data), off, False, d)
     b.close()
-    late = Done()
+    late = Done(b)
     b.aio_pwrite(memoryview(b"late"), 0, False, late)
     assert late.error is not None and late.error.errno == errno.ESHUTDOWN
     acked = [(off, data) for off, data, d in writes if d.error is None]
@@ -606,23 +617,28 @@ def test_aio_close_with_requests_in_flight(ceph_cephx: CephCluster, image: str) 
 
 def test_aio_done_that_raises_is_contained(backend: RbdBackend,
                                            caplog: pytest.LogCaptureFixture) -> None:
-    """A ``done`` that raises on librbd's thread is logged; the request still counts as
-    finished (close does not wait for it)."""
-    called = threading.Event()
+    """A ``done`` that raises inside aio_poll is logged; the other completions of the
+    same poll are still delivered and the request counts as finished (close does not
+    wait for it)."""
+    good = Done(backend)
 
     def bad(err: OSError | None, data: bytes | None = None) -> None:
-        called.set()
         raise RuntimeError("handler bug")
 
     with caplog.at_level(logging.ERROR, logger="pynbd.backends.rbd"):
         backend.aio_pwrite(memoryview(b"r" * 4096), 0, False, bad)
-        assert called.wait(60)
-        for _ in range(100):  # the log record follows the call
-            if any("completion handler failed" in r.message for r in caplog.records):
-                break
-            time.sleep(0.05)
+        backend.aio_pwrite(memoryview(b"s" * 4096), 8192, False, good)
+        good.ok()
     assert any("completion handler failed" in r.message for r in caplog.records)
     t = threading.Thread(target=backend.close, args=(30.0,))
     t.start()
     t.join(60)
     assert not t.is_alive()
+    assert _read_closed_ok(backend)
+
+
+def _read_closed_ok(backend: RbdBackend) -> bool:
+    """After close, every call is refused with ESHUTDOWN (nothing hangs)."""
+    with pytest.raises(BackendError) as e:
+        backend.pread_into(memoryview(bytearray(16)), 0)
+    return e.value.errno == errno.ESHUTDOWN

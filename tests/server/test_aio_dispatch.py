@@ -1,10 +1,13 @@
 """The server's dispatch of an asynchronous backend (``aio = True``): completions from
 another thread, a read handed back as the backend's own buffer, and backend bugs
-(a wrong-length buffer, an exception at the start) answered without dropping anyone."""
+(a wrong-length buffer, an exception at the start) answered without dropping anyone;
+and completions a backend queues behind a descriptor that the server's loop polls
+(``aio_completion_fd``/``aio_poll``, as the RBD backend does with librbd's eventfd)."""
 
 from __future__ import annotations
 
 import errno
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -114,3 +117,122 @@ def test_exception_starting_a_request_is_answered(server: Server) -> None:
     h.pwrite(b"y" * 512, 0)  # the connection goes on
     assert h.pread(512, 0) == b"y" * 512
     h.shutdown()
+
+
+class PolledAioBackend(MemoryBackend):
+    """Memory whose aio requests finish on a thread of their own but are only *queued*
+    there: the thread signals an eventfd and ``done`` runs in :meth:`aio_poll`, on the
+    server's loop. A thread finishes ``batch`` requests at a time (several completions
+    per poll); a read at ``refuse_offset`` is refused inside the aio call itself."""
+
+    blocking = True
+    aio = True
+    refuse_offset = 5 * MiB
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.queued: list[tuple[Any, OSError | None]] = []
+        self.lock = threading.Lock()
+        self.polls: list[int] = []  # completions delivered per aio_poll
+        self.poll_threads: set[int] = set()
+        self.held: list[tuple[Any, OSError | None]] = []
+
+    def aio_completion_fd(self) -> int | None:
+        return self.efd
+
+    def aio_poll(self) -> None:
+        self.poll_threads.add(threading.get_ident())
+        try:
+            os.eventfd_read(self.efd)
+        except BlockingIOError:
+            pass
+        with self.lock:
+            ready, self.queued = self.queued, []
+        self.polls.append(len(ready))
+        for done, err in ready:
+            done(err)
+
+    def _finish(self, done: Any, err: OSError | None = None) -> None:
+        # hold completions until 8 are ready (or the last of a burst): like librbd under
+        # load, one poll then delivers many
+        with self.lock:
+            self.held.append((done, err))
+            if len(self.held) < 8:
+                timer = threading.Timer(0.05, self._release_held)
+                timer.daemon = True
+                timer.start()
+                return
+            self.queued += self.held
+            self.held = []
+        os.eventfd_write(self.efd, 1)
+
+    def _release_held(self) -> None:
+        with self.lock:
+            self.queued += self.held
+            self.held = []
+        os.eventfd_write(self.efd, 1)
+
+    def aio_pread(self, buf: memoryview, offset: int, done: AioReadDone) -> None:
+        if offset == self.refuse_offset:
+            done(OSError(errno.ENOSPC, "refused at once"))  # inside the call: deferred
+            return
+        self.pread_into(buf, offset)
+        threading.Thread(target=self._finish, args=(done,), daemon=True).start()
+
+    def aio_pwrite(self, buf: memoryview, offset: int, fua: bool, done: AioDone) -> None:
+        self.pwrite(buf, offset)
+        threading.Thread(target=self._finish, args=(done,), daemon=True).start()
+
+    def aio_flush(self, done: AioDone) -> None:
+        threading.Thread(target=self._finish, args=(done,), daemon=True).start()
+
+    def aio_trim(self, offset: int, length: int, fua: bool, done: AioDone) -> None:
+        threading.Thread(target=self._finish, args=(done,), daemon=True).start()
+
+    def aio_zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool,
+                 done: AioDone) -> None:
+        self.zero(offset, length)
+        threading.Thread(target=self._finish, args=(done,), daemon=True).start()
+
+
+def test_completions_polled_on_the_loop() -> None:
+    """Many completions per poll, delivered on the loop thread, each request answered
+    once and correctly; a request refused inside the aio call is answered too."""
+    backend = PolledAioBackend(8 * MiB)
+    reg = ExportRegistry([Export("", backend)])
+    srv = Server(reg, ServerOptions())
+    srv.listen_tcp("127.0.0.1", 0)
+    srv.start()
+    try:
+        h = _connect(srv)
+        blocks = {i * 65536: bytes([i % 251 + 1]) * 65536 for i in range(48)}
+        cookies = [h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(d)), off)
+                   for off, d in blocks.items()]
+        while h.aio_in_flight():
+            h.poll(-1)
+        for c in cookies:
+            assert h.aio_command_completed(c)
+        bufs = {off: nbd.Buffer(65536) for off in blocks}
+        reads = [h.aio_pread(bufs[off], off) for off in blocks]
+        while h.aio_in_flight():
+            h.poll(-1)
+        for c in reads:
+            assert h.aio_command_completed(c)
+        for off, d in blocks.items():
+            assert bufs[off].to_bytearray() == d, off
+        with pytest.raises(nbd.Error) as ei:
+            h.pread(4096, PolledAioBackend.refuse_offset)
+        assert ei.value.errnum == errno.ENOSPC
+        h.flush()
+        h.zero(4096, 0)
+        assert h.pread(4096 + 16, 0) == bytes(4096) + blocks[0][:16]
+        h.shutdown()
+        assert max(backend.polls) >= 2  # completions were answered in batches
+        # each exactly once: the writes, the reads, FLUSH, WRITE_ZEROES and the last READ
+        assert sum(backend.polls) == 2 * len(blocks) + 3
+        # aio_poll ran on the server's loop thread only
+        assert len(backend.poll_threads) == 1
+        assert threading.get_ident() not in backend.poll_threads
+    finally:
+        srv.shutdown(timeout=10)

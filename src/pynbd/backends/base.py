@@ -262,6 +262,17 @@ class Backend:
     # Each call starts the operation and returns at once; ``done(None)`` or
     # ``done(OSError)`` is called exactly once, from any thread, when it finishes.
 
+    def aio_completion_fd(self) -> int | None:
+        """A descriptor that becomes readable when completions wait for
+        :meth:`aio_poll`, or None (the default: ``done`` is called from the backend's own
+        threads). With a descriptor, ``done`` is only ever called by :meth:`aio_poll`
+        (which the server calls on its loop) or, for a request refused at once, by the
+        aio_* call itself: both on the server's loop thread."""
+        return None
+
+    def aio_poll(self) -> None:
+        """Deliver the completions that are ready (see :meth:`aio_completion_fd`)."""
+
     def aio_pread(self, buf: memoryview, offset: int, done: AioReadDone) -> None:
         raise NotImplementedError
 

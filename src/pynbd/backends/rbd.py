@@ -1,17 +1,15 @@
 """Ceph RBD backend: serve an RBD image (or a snapshot of one) through librbd.
 
-Uses the official Python bindings of librados/librbd (Debian's ``python3-rados`` and
-``python3-rbd``, built for the distribution's ``/usr/bin/python3``).
-
-READ, WRITE, FLUSH, TRIM and WRITE_ZEROES use librbd's asynchronous API
-(``aio = True``): the server's event loop starts each request with ``aio_read`` /
-``aio_write`` / ``aio_flush`` / ``aio_discard`` / ``aio_write_zeroes`` and librbd calls
-back from its own thread when it is done, so the number of requests in flight is
-bounded by the clients' queue depth and the server's ``max_inflight``, not by a thread
-pool, and no thread is parked per request. Block status (``diff_iterate``) and the
-synchronous methods (used by migration and by the final flush) run on the server's
-worker threads: the bindings release the GIL during each librbd call and one
-``rbd.Image`` handle is safe to use from several threads.
+librbd is called through its C API (:mod:`pynbd.backends.rbd_capi`, ctypes; Debian's
+``librbd1``), not the Python bindings: READ, WRITE, FLUSH, TRIM and WRITE_ZEROES use
+librbd's asynchronous calls (``aio = True``) with completions that librbd queues and
+signals on an eventfd. The server's loop watches that descriptor
+(:meth:`RbdBackend.aio_completion_fd`) and collects the completions with
+:meth:`RbdBackend.aio_poll`, so librbd's threads never run Python or wait for the GIL,
+reads land straight in the server's buffers and writes leave from them. Block status
+(``rbd_diff_iterate2``) and the synchronous methods (migration, the final flush) run on
+the server's worker threads; the calls release the GIL and one image handle is safe to
+use from several threads.
 
 Target syntax: ``rbd:POOL/IMAGE``, ``rbd:POOL/IMAGE@SNAP`` (read-only) and
 ``rbd:POOL/NAMESPACE/IMAGE[@SNAP]``. See docs/rbd.md.
@@ -19,15 +17,17 @@ Target syntax: ``rbd:POOL/IMAGE``, ``rbd:POOL/IMAGE@SNAP`` (read-only) and
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
+import select
 import threading
 import time
 from collections.abc import Callable
+from ctypes import c_char
 from typing import Any, TypeVar
 
+from pynbd.backends import rbd_capi
 from pynbd.backends.base import (
     STATE_HOLE,
     STATE_ZERO,
@@ -37,6 +37,7 @@ from pynbd.backends.base import (
     BackendError,
     Extent,
 )
+from pynbd.backends.rbd_capi import CephCallError, pointer_to
 from pynbd.backends.rbd_cluster import (
     DEFAULT_CLIENT,
     DEFAULT_CONF,
@@ -49,8 +50,6 @@ from pynbd.backends.rbd_cluster import (
     errno_of,
     full_client_name,
     parse_rbd_target,
-    rados,
-    rbd,
 )
 
 __all__ = [
@@ -70,9 +69,31 @@ log = logging.getLogger("pynbd.backends.rbd")
 _SLOW_EXTENT_OBJECTS = 16
 #: block status with fast-diff (object map in memory): answer at most this much per call
 _FAST_EXTENT_BYTES = 1 << 30
+#: completions collected per rbd_poll_io_events call
+_POLL_BATCH = 64
 
 T = TypeVar("T")
 
+_new_completion = rbd_capi.Image.completion
+_release = rbd_capi.Image.release
+_return_value = rbd_capi.Image.return_value
+
+
+class _Request:
+    """One asynchronous request in librbd's hands: what to tell ``done`` when its
+    completion comes back, and the memory librbd reads from or writes into."""
+
+    __slots__ = ("done", "fua", "keep", "length", "offset", "read_view", "what")
+
+    def __init__(self, what: str, offset: int, length: int, fua: bool, done: Callable[..., None],
+                 keep: object = None, read_view: memoryview | None = None) -> None:
+        self.what = what
+        self.offset = offset
+        self.length = length
+        self.fua = fua
+        self.done = done
+        self.keep = keep
+        self.read_view = read_view
 
 
 class RbdBackend(Backend):
@@ -91,7 +112,7 @@ class RbdBackend(Backend):
                  keyring: str | None = None, read_only: bool = False, *,
                  namespace: str = "", connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  osd_op_timeout: float = DEFAULT_OSD_OP_TIMEOUT) -> None:
-        if rados is None or rbd is None:
+        if not rbd_capi.available():
             raise BackendError(errno.ENOSYS, f"rbd:{pool}/{image}: {INSTALL_HINT} "
                                              f"({IMPORT_ERROR})")
         self.target = RbdTarget(pool, image, snapshot, namespace)
@@ -103,20 +124,26 @@ class RbdBackend(Backend):
         self._lock = threading.Condition(threading.Lock())
         self._inflight = 0
         self._closed = False
+        #: completion pointer -> request, for the requests in librbd's hands
+        self._pending: dict[int, _Request] = {}
+        self._poll_lock = threading.Lock()
+        self._comps = rbd_capi.completion_array(_POLL_BATCH)
         self._handle = RbdHandle(self.target, self.conf_path, self.client_name, keyring,
                                  self.read_only)
-        self._image: Any = self._handle.open(connect_timeout, osd_op_timeout)
-        img: Any = self._image
-        self.size = int(img.size())
-        st = img.stat()
-        self.object_size = int(st["obj_size"])
-        self.features = int(img.features())
-        self._has_write_zeroes = hasattr(img, "write_zeroes")
-        if not hasattr(img, "aio_write_zeroes"):
-            self.aio = False  # older bindings: every call runs on the server's threads
+        img = self._handle.open(connect_timeout, osd_op_timeout)
+        self._image: rbd_capi.Image | None = img
+        self._efd = -1
+        try:
+            self.size, self.object_size = img.stat()
+            self.features = img.features()
+            self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            img.notify_eventfd(self._efd)
+        except CephCallError as exc:
+            self._release()
+            raise BackendError(errno_of(exc), f"{self.name}: {exc}") from None
         self.can_trim = not self.read_only
         self.can_zero = not self.read_only
-        self.can_fast_zero = not self.read_only and self._has_write_zeroes
+        self.can_fast_zero = not self.read_only
         self.can_flush = True
         self.can_fua = True
         self.can_multi_conn = self._handle.multi_conn_safe()
@@ -137,24 +164,19 @@ class RbdBackend(Backend):
                    read_only=read_only, namespace=t.namespace, **kwargs)
 
     # --------------------------------------------------------------- plumbing
-    def _call(self, what: str, offset: int, length: int, fn: Callable[[], T]) -> T:
+    def _call(self, what: str, offset: int, length: int,
+              fn: Callable[[rbd_capi.Image], T]) -> T:
         with self._lock:
-            if self._closed:
+            img = self._image
+            if self._closed or img is None:
                 raise BackendError(errno.ESHUTDOWN, f"{self.name} is closed")
             self._inflight += 1
         try:
-            return fn()
-        except (rbd.Error, rados.Error) as exc:
-            err = errno_of(exc)
-            if err == errno.EROFS or (err == errno.EPERM and self.read_only):
-                err = errno.EPERM
-            raise BackendError(err, f"{self.name}: {what} at {offset}+{length} failed: "
-                                    f"{exc}") from None
+            return fn(img)
+        except CephCallError as exc:
+            raise self._exc_error(what, offset, length, exc) from None
         finally:
-            with self._lock:
-                self._inflight -= 1
-                if self._inflight == 0:
-                    self._lock.notify_all()
+            self._aio_end()
 
     def _check_writable(self, what: str) -> None:
         if self.read_only:
@@ -166,41 +188,35 @@ class RbdBackend(Backend):
         n = len(buf)
         if n == 0:
             return
-        img = self._image
-        data = self._call("read", offset, n, lambda: img.read(offset, n))
-        got = len(data)
-        buf[:got] = data
+        got = self._call("read", offset, n, lambda img: img.read_into(offset, n, buf))
         if got < n:  # librbd reads past the end short: the rest reads as zeros
             buf[got:] = bytes(n - got)
 
     def pwrite(self, buf: memoryview | bytes, offset: int, fua: bool = False) -> None:
         self._check_writable("write")
-        data = buf if isinstance(buf, bytes) else bytes(buf)  # the binding wants bytes
-        img = self._image
+        n = len(buf)
 
-        def run() -> None:
-            written = img.write(data, offset)
-            if written != len(data):
+        def run(img: rbd_capi.Image) -> None:
+            written = img.write(offset, buf)
+            if written != n:
                 raise BackendError(errno.EIO, f"{self.name}: short write at {offset}: "
-                                              f"{written} of {len(data)} bytes")
+                                              f"{written} of {n} bytes")
             if fua:
                 img.flush()
 
-        self._call("write", offset, len(data), run)
+        self._call("write", offset, n, run)
 
     def flush(self) -> None:
         if self.read_only:
             return
-        img = self._image
-        self._call("flush", 0, 0, img.flush)
+        self._call("flush", 0, 0, lambda img: img.flush())
 
     def trim(self, offset: int, length: int, fua: bool = False) -> None:
         self._check_writable("trim")
         if length == 0:
             return
-        img = self._image
 
-        def run() -> None:
+        def run(img: rbd_capi.Image) -> None:
             img.discard(offset, length)
             if fua:
                 img.flush()
@@ -210,26 +226,19 @@ class RbdBackend(Backend):
     def zero(self, offset: int, length: int, may_trim: bool = True, fast: bool = False,
              fua: bool = False) -> None:
         self._check_writable("write zeroes")
-        if fast and (not may_trim or not self._has_write_zeroes):
+        if fast and not may_trim:
             # NO_HOLE needs zeros written on the OSDs: no faster than a write
             raise BackendError(errno.ENOTSUP, f"{self.name}: fast zero not supported here")
         if length == 0:
             return
-        img = self._image
-        if self._has_write_zeroes:
-            flags = 0 if may_trim else getattr(rbd, "RBD_WRITE_ZEROES_FLAG_THICK_PROVISION", 1)
+        flags = 0 if may_trim else rbd_capi.RBD_WRITE_ZEROES_FLAG_THICK_PROVISION
 
-            def run() -> None:
-                img.write_zeroes(offset, length, flags)
-                if fua:
-                    img.flush()
+        def run(img: rbd_capi.Image) -> None:
+            img.write_zeroes(offset, length, flags)
+            if fua:
+                img.flush()
 
-            self._call("write zeroes", offset, length, run)
-            return
-        # old bindings: discard what may be discarded, then write zeros for certain
-        if may_trim:
-            self._call("discard", offset, length, lambda: img.discard(offset, length))
-        super().zero(offset, length, may_trim=may_trim, fast=False, fua=fua)
+        self._call("write zeroes", offset, length, run)
 
     def cache(self, offset: int, length: int) -> None:
         """Advisory; librbd's default cache does not keep reads, so prefetching buys nothing."""
@@ -240,11 +249,11 @@ class RbdBackend(Backend):
         end = min(offset + length, self.size)
         if offset >= end:
             return [Extent(length, 0)]
-        img = self._image
-        fast = bool(self.features & rbd.RBD_FEATURE_FAST_DIFF)
+        fast = bool(self.features & rbd_capi.RBD_FEATURE_FAST_DIFF)
         if fast:
             try:
-                fast = not (int(img.flags()) & rbd.RBD_FLAG_FAST_DIFF_INVALID)
+                flags = self._call("block status", offset, length, lambda img: img.flags())
+                fast = not flags & rbd_capi.RBD_FLAG_FAST_DIFF_INVALID
             except Exception:
                 fast = False
         # bound the work of one call: without fast-diff each object costs a RADOS op
@@ -256,15 +265,8 @@ class RbdBackend(Backend):
                 end = aligned
         span = end - offset
         found: list[tuple[int, int]] = []
-
-        def cb(off: int, n: int, exists: bool) -> int:
-            if exists:
-                found.append((off, n))
-            return 0
-
         self._call("block status", offset, span,
-                   lambda: img.diff_iterate(offset, span, None, cb, include_parent=True,
-                                            whole_object=fast))
+                   lambda img: img.diff_iterate(offset, span, fast, found))
         found.sort()
         out: list[Extent] = []
         pos = offset
@@ -282,18 +284,66 @@ class RbdBackend(Backend):
 
     # ------------------------------------------------------------- asynchronous I/O
     # The server's event loop calls these: each starts the librbd request and returns at
-    # once; ``done`` is called exactly once, from librbd's completion thread (or right
-    # here when the request is refused before it reaches librbd). The bindings swallow
-    # exceptions raised in a completion callback, so every callback catches everything
-    # and always ends in ``done``.
+    # once. ``done`` is called exactly once: from aio_poll() when librbd has finished (the
+    # server calls it on its loop when aio_completion_fd() is readable), or right away,
+    # on the calling thread, when the request is refused before it reaches librbd.
 
-    def _aio_begin(self, done: AioDone) -> Any:
+    def aio_completion_fd(self) -> int | None:
+        return self._efd if self._efd >= 0 else None
+
+    def aio_poll(self) -> None:
+        """Deliver every completion librbd has queued (each request's ``done``)."""
+        with self._poll_lock:
+            try:
+                os.eventfd_read(self._efd)
+            except OSError:  # nothing signalled (EAGAIN), or closed
+                pass
+            img = self._image
+            if img is None:
+                return
+            comps = self._comps
+            pending = self._pending
+            while True:
+                n = img.poll(comps)
+                for i in range(n):
+                    comp = comps[i]
+                    req = pending.pop(comp)
+                    rv = _return_value(comp)
+                    _release(comp)
+                    self._complete(req, rv)
+                if n < _POLL_BATCH:
+                    return
+
+    def _complete(self, req: _Request, rv: int) -> None:
+        err: OSError | None = None
+        try:
+            if rv < 0:
+                err = self._rv_error(req.what, req.offset, req.length, rv)
+            elif req.read_view is not None:
+                n = req.length
+                if rv < n:  # the image shrank under the export: past its end is zeros
+                    req.read_view[rv:] = bytes(n - rv)
+            elif req.fua:  # librbd has no FUA write: the request ends with a flush
+                req.what += " (FUA flush)"
+                req.fua = False
+                req.keep = None
+                err = self._start(req, _flush)
+                if err is None:
+                    return  # still in flight
+        except Exception as exc:
+            err = self._exc_error(req.what, req.offset, req.length, exc)
+        req.keep = req.read_view = None  # librbd is done with the memory: let it go
+        self._aio_end()
+        _finish(req.done, err)
+
+    def _aio_begin(self, done: AioDone) -> rbd_capi.Image | None:
         """Count a request in: the image to use, or None (``done`` already told) when
         the backend is closed."""
         with self._lock:
-            if not self._closed:
+            img = self._image
+            if not self._closed and img is not None:
                 self._inflight += 1
-                return self._image
+                return img
         _finish(done, BackendError(errno.ESHUTDOWN, f"{self.name} is closed"))
         return None
 
@@ -302,6 +352,30 @@ class RbdBackend(Backend):
             self._inflight -= 1
             if self._inflight == 0:
                 self._lock.notify_all()
+
+    def _start(self, req: _Request,
+               submit: Callable[[rbd_capi.Image, int], None]) -> OSError | None:
+        """Hand ``req`` to librbd: None, or the error when librbd refused it at once (no
+        completion will come then)."""
+        img = self._image
+        comp = _new_completion()
+        self._pending[comp] = req
+        try:
+            if img is None:
+                raise BackendError(errno.ESHUTDOWN, f"{self.name} is closed")
+            submit(img, comp)
+        except Exception as exc:
+            del self._pending[comp]
+            _release(comp)
+            return self._exc_error(req.what, req.offset, req.length, exc)
+        return None
+
+    def _submit(self, req: _Request, submit: Callable[[rbd_capi.Image, int], None]) -> None:
+        err = self._start(req, submit)
+        if err is not None:
+            req.keep = req.read_view = None
+            self._aio_end()
+            _finish(req.done, err)
 
     def _aio_error(self, what: str, offset: int, length: int, err: int,
                    detail: str) -> BackendError:
@@ -322,46 +396,12 @@ class RbdBackend(Backend):
 
     def _exc_error(self, what: str, offset: int, length: int,
                    exc: BaseException) -> BackendError:
-        """An exception from the bindings (raised at submission, or in a callback)."""
+        """An exception from a librbd call (raised at submission, or synchronously)."""
         if isinstance(exc, BackendError):
             return exc
+        if isinstance(exc, CephCallError):
+            return self._rv_error(what, offset, length, -errno_of(exc))
         return self._aio_error(what, offset, length, errno_of(exc), str(exc) or repr(exc))
-
-    def _aio_callback(self, img: Any, what: str, offset: int, length: int, fua: bool,
-                      done: AioDone, keep: object = None) -> Callable[[Any], None]:
-        """The completion callback of a write-like request; with ``fua`` it chains an
-        ``aio_flush`` (librbd has no FUA write) and the request ends with the flush.
-        ``keep`` holds the written bytes until librbd is done with them (the bindings
-        keep only a pointer)."""
-
-        def complete(comp: Any) -> None:
-            _pin_thread_state()
-            nonlocal keep
-            keep = None
-            try:
-                rv = comp.get_return_value()
-                if rv < 0:
-                    err: OSError | None = self._rv_error(what, offset, length, rv)
-                elif fua:
-                    img.aio_flush(self._aio_callback(img, f"{what} (FUA flush)", offset,
-                                                     length, False, done))
-                    return  # still in flight: the flush's callback ends it
-                else:
-                    err = None
-            except Exception as exc:
-                err = self._exc_error(what, offset, length, exc)
-            self._aio_end()
-            _finish(done, err)
-
-        return complete
-
-    def _aio_submit(self, img: Any, what: str, offset: int, length: int,
-                    start: Callable[[], Any], done: AioDone) -> None:
-        try:
-            start()
-        except Exception as exc:  # refused before it was queued: no callback will come
-            self._aio_end()
-            _finish(done, self._exc_error(what, offset, length, exc))
 
     def _refuse_write(self, what: str, done: AioDone) -> bool:
         if not self.read_only:
@@ -375,34 +415,12 @@ class RbdBackend(Backend):
         if n == 0:
             _finish(done, None)
             return
-        img = self._aio_begin(done)
-        if img is None:
+        # librbd reads straight into the server's buffer (kept exported until done)
+        arr = (c_char * n).from_buffer(buf)
+        if self._aio_begin(done) is None:
             return
-
-        def complete(comp: Any, data: bytes | None) -> None:
-            _pin_thread_state()
-            err: OSError | None = None
-            whole: bytes | None = None
-            # The bindings pass None on an error and otherwise the bytes read, cut to the
-            # length librbd returned. librbd returns at least one byte for a non-empty read
-            # (a read starting at or past the end fails with EINVAL), so ``len(data)`` is the
-            # count and no second get_return_value() (a GIL release and reacquire) is needed.
-            try:
-                if data is None:
-                    err = self._rv_error("read", offset, n, comp.get_return_value())
-                elif len(data) == n:
-                    whole = data  # the server sends the bindings' own buffer: no copy
-                else:  # short: the image shrank under the export; past its end is zeros
-                    got = min(len(data), n)
-                    buf[:got] = data[:got]
-                    buf[got:] = bytes(n - got)
-            except Exception as exc:
-                err = self._exc_error("read", offset, n, exc)
-            self._aio_end()
-            _finish(done, err, whole)
-
-        self._aio_submit(img, "read", offset, n, lambda: img.aio_read(offset, n, complete),
-                         done)
+        req = _Request("read", offset, n, False, done, arr, buf)
+        self._submit(req, lambda img, c: img.aio_read(offset, n, arr, c))
 
     def aio_pwrite(self, buf: memoryview, offset: int, fua: bool, done: AioDone) -> None:
         if self._refuse_write("write", done):
@@ -414,49 +432,37 @@ class RbdBackend(Backend):
             else:
                 _finish(done, None)
             return
-        img = self._aio_begin(done)
-        if img is None:
+        if self._aio_begin(done) is None:
             return
-        # the bindings take bytes or a bytearray (not a memoryview): hand over the
-        # server's own bytearray when the view is all of it, else copy once
-        obj = getattr(buf, "obj", None)
-        if type(obj) is bytearray and len(obj) == n and buf.contiguous:
-            data: bytes | bytearray = obj
-        else:
-            data = bytes(buf)
-        cb = self._aio_callback(img, "write", offset, n, fua, done, keep=data)
-        self._aio_submit(img, "write", offset, n, lambda: img.aio_write(data, offset, cb), done)
+        keep, ptr = pointer_to(buf)  # the server's buffer itself, held until librbd is done
+        req = _Request("write", offset, n, fua, done, keep)
+        self._submit(req, lambda img, c: img.aio_write(offset, n, ptr, c))
 
     def aio_flush(self, done: AioDone) -> None:
         if self.read_only:
             _finish(done, None)
             return
-        img = self._aio_begin(done)
-        if img is None:
+        if self._aio_begin(done) is None:
             return
-        cb = self._aio_callback(img, "flush", 0, 0, False, done)
-        self._aio_submit(img, "flush", 0, 0, lambda: img.aio_flush(cb), done)
+        self._submit(_Request("flush", 0, 0, False, done), _flush)
 
-    def _aio_begin_range(self, length: int, fua: bool, done: AioDone) -> Any:
-        """The image for a trim or zero of ``length`` bytes, or None when the request is
-        already taken care of (nothing to change: a flush if FUA asked, else done)."""
+    def _aio_begin_range(self, length: int, fua: bool, done: AioDone) -> bool:
+        """True when a trim or zero of ``length`` bytes is counted in and should start;
+        False when it is already taken care of (nothing to change: a flush if FUA asked,
+        else done) or refused."""
         if length == 0:
             if fua:
                 self.aio_flush(done)
             else:
                 _finish(done, None)
-            return None
-        return self._aio_begin(done)
+            return False
+        return self._aio_begin(done) is not None
 
     def aio_trim(self, offset: int, length: int, fua: bool, done: AioDone) -> None:
-        if self._refuse_write("trim", done):
+        if self._refuse_write("trim", done) or not self._aio_begin_range(length, fua, done):
             return
-        img = self._aio_begin_range(length, fua, done)
-        if img is None:
-            return
-        cb = self._aio_callback(img, "trim", offset, length, fua, done)
-        self._aio_submit(img, "trim", offset, length,
-                         lambda: img.aio_discard(offset, length, cb), done)
+        self._submit(_Request("trim", offset, length, fua, done),
+                     lambda img, c: img.aio_discard(offset, length, c))
 
     def aio_zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool,
                  done: AioDone) -> None:
@@ -467,30 +473,38 @@ class RbdBackend(Backend):
             _finish(done, BackendError(errno.ENOTSUP,
                                        f"{self.name}: fast zero not supported here"))
             return
-        img = self._aio_begin_range(length, fua, done)
-        if img is None:
+        if not self._aio_begin_range(length, fua, done):
             return
-        flags = 0 if may_trim else getattr(rbd, "RBD_WRITE_ZEROES_FLAG_THICK_PROVISION", 1)
-        cb = self._aio_callback(img, "write zeroes", offset, length, fua, done)
-        self._aio_submit(img, "write zeroes", offset, length,
-                         lambda: img.aio_write_zeroes(offset, length, cb, zero_flags=flags),
-                         done)
+        flags = 0 if may_trim else rbd_capi.RBD_WRITE_ZEROES_FLAG_THICK_PROVISION
+        self._submit(_Request("write zeroes", offset, length, fua, done),
+                     lambda img, c: img.aio_write_zeroes(offset, length, flags, c))
 
     # -------------------------------------------------------------------- close
     def close(self, timeout: float = 30.0) -> None:
-        """Wait (bounded) for the calls and aio requests in flight, flush, close the image
-        and disconnect. New requests are refused with ESHUTDOWN from the start."""
+        """Wait (bounded) for the calls and aio requests in flight, collecting their
+        completions here, flush, close the image and disconnect. New requests are refused
+        with ESHUTDOWN from the start."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            deadline = time.monotonic() + timeout
-            while self._inflight and time.monotonic() < deadline:
-                self._lock.wait(deadline - time.monotonic())
-            left = self._inflight
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                left = self._inflight
+            remaining = deadline - time.monotonic()
+            if not left or remaining <= 0:
+                break
+            if self._pending:
+                select.select([self._efd], [], [], min(0.2, remaining))
+                self.aio_poll()
+            else:  # synchronous calls on other threads
+                with self._lock:
+                    if self._inflight:
+                        self._lock.wait(min(0.2, remaining))
         if left:
             # librbd's close waits for its requests in flight (each ends by
-            # rados_osd_op_timeout at the latest); their completions still answer
+            # rados_osd_op_timeout at the latest); their completions are dropped
             log.warning("%s: closing with %d request(s) still in flight after %.0f s",
                         self.name, left, timeout)
         if self._image is not None and not self.read_only:
@@ -501,40 +515,22 @@ class RbdBackend(Backend):
         self._release()
 
     def _release(self) -> None:
-        self._image = None
-        self._handle.release()
-
-class _CallbackThread(threading.local):
-    pinned = False
-
-
-_callback_thread = _CallbackThread()
+        with self._poll_lock:
+            self._image = None
+            self._handle.release()
+            if self._efd >= 0:
+                os.close(self._efd)
+                self._efd = -1
 
 
-def _pin_thread_state() -> None:
-    """Keep a Python thread state on the librbd thread running this completion.
-
-    The bindings enter Python from librbd's threads with ``PyGILState_Ensure`` and
-    leave with ``PyGILState_Release``; on a thread Python did not start, that creates
-    and destroys a thread state (and mmaps and munmaps its 16 KiB frame stack, each
-    munmap a TLB shootdown on every CPU) for every completion: measured 60-100 us of
-    CPU per 4 KiB read. One extra ``PyGILState_Ensure`` per thread, never released,
-    keeps the state for the thread's life (librbd's few threads live as long as the
-    cluster connection).
-    """
-    tl = _callback_thread
-    if not tl.pinned:
-        tl.pinned = True
-        ctypes.pythonapi.PyGILState_Ensure()
+def _flush(img: rbd_capi.Image, comp: int) -> None:
+    img.aio_flush(comp)
 
 
-def _finish(done: Callable[..., None], err: OSError | None, data: bytes | None = None) -> None:
+def _finish(done: Callable[..., None], err: OSError | None) -> None:
     try:
-        if data is None:
-            done(err)
-        else:
-            done(None, data)
-    except Exception:  # on librbd's thread nobody else would see it
+        done(err)
+    except Exception:  # a bug in the caller's handler: never let it stop the others
         log.exception("aio completion handler failed")
 
 

@@ -14,19 +14,13 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
 
+from pynbd.backends import rbd_capi
 from pynbd.backends.base import BackendError
+from pynbd.backends.rbd_capi import CephCallError
 
-try:  # the bindings come from the distribution (python3-rados, python3-rbd)
-    import rados
-    import rbd
-except ImportError as _exc:  # pragma: no cover - depends on the host
-    rados = None
-    rbd = None
-    IMPORT_ERROR: ImportError | None = _exc
-else:
-    IMPORT_ERROR = None
+#: why librbd cannot be used here, or None
+IMPORT_ERROR: str | None = rbd_capi.LOAD_ERROR
 
 __all__ = [
     "DEFAULT_CLIENT",
@@ -40,8 +34,6 @@ __all__ = [
     "errno_of",
     "full_client_name",
     "parse_rbd_target",
-    "rados",
-    "rbd",
 ]
 
 # the messages belong to the RBD backend, whichever of its modules writes them
@@ -55,9 +47,8 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_OSD_OP_TIMEOUT = 60.0
 
 INSTALL_HINT = (
-    "the Ceph Python bindings are missing: apt-get install python3-rados python3-rbd "
-    "ceph-common, and run pynbd with Debian's Python (python3 -m venv "
-    "--system-site-packages); see docs/rbd.md"
+    "librbd is missing: apt-get install librbd1 (or ceph-common, which brings it and "
+    "the rbd tool); see docs/rbd.md"
 )
 
 
@@ -132,23 +123,23 @@ class RbdHandle:
         self.client_name = client
         self.keyring = keyring
         self.read_only = read_only
-        self.cluster: Any = None
-        self.ioctx: Any = None
-        self.image: Any = None
+        self.cluster: rbd_capi.Cluster | None = None
+        self.ioctx: rbd_capi.IoCtx | None = None
+        self.image: rbd_capi.Image | None = None
 
     def where(self) -> str:
         kr = f", keyring {self.keyring}" if self.keyring else ""
         return f"(client {self.client_name}, conf {self.conf_path}{kr})"
 
-    def open(self, connect_timeout: float, osd_op_timeout: float) -> Any:
-        """Connect, open the pool and the image; the ``rbd.Image``."""
+    def open(self, connect_timeout: float, osd_op_timeout: float) -> rbd_capi.Image:
+        """Connect, open the pool and the image."""
         try:
             self._connect(connect_timeout, osd_op_timeout)
-            self._open_image()
+            image = self._open_image()
         except BaseException:
             self.release()
             raise
-        return self.image
+        return image
 
     def _connect(self, connect_timeout: float, osd_op_timeout: float) -> None:
         if not os.path.exists(self.conf_path):
@@ -165,49 +156,52 @@ class RbdHandle:
         if self.keyring:
             overrides["keyring"] = self.keyring
         try:
-            self.cluster = rados.Rados(conffile=self.conf_path, name=self.client_name,
-                                       conf=overrides)
-        except rados.Error as exc:
+            self.cluster = cluster = rbd_capi.Cluster(self.client_name)
+            cluster.read_conf(self.conf_path)
+            for key, value in overrides.items():
+                cluster.conf_set(key, value)
+        except CephCallError as exc:
             raise BackendError(errno_of(exc, errno.EINVAL),
                                f"{self.name}: cannot use Ceph config {self.conf_path} "
                                f"as {self.client_name}: {exc}") from None
         start = time.monotonic()
         try:
-            self.cluster.connect(timeout=max(1, round(connect_timeout)))
-        except rados.Error as exc:
+            cluster.connect()
+        except CephCallError as exc:
             raise self._connect_error(exc, time.monotonic() - start) from None
 
     def _connect_error(self, exc: BaseException, waited: float) -> BackendError:
         err = errno_of(exc)
-        if err == errno.ETIMEDOUT or isinstance(exc, rados.TimedOut):
+        if err == errno.ETIMEDOUT:
             mon = self.conf_get("mon_host")
             return BackendError(errno.ETIMEDOUT,
                                 f"{self.name}: cannot reach the Ceph cluster (mon_host "
                                 f"{mon}) within {waited:.0f} s {self.where()}")
-        if err in (errno.EACCES, errno.EPERM) or isinstance(exc, rados.PermissionDeniedError):
+        if err in (errno.EACCES, errno.EPERM):
             return BackendError(errno.EACCES,
                                 f"{self.name}: permission denied connecting to Ceph: "
                                 f"wrong or missing key {self.where()}")
         return BackendError(err, f"{self.name}: cannot connect to Ceph {self.where()}: {exc}")
 
-    def _open_image(self) -> None:
+    def _open_image(self) -> rbd_capi.Image:
         t = self.target
+        assert self.cluster is not None
         try:
-            self.ioctx = self.cluster.open_ioctx(t.pool)
-        except rados.ObjectNotFound:
-            raise BackendError(errno.ENOENT, f"{self.name}: pool {t.pool!r} does not exist "
-                                             f"{self.where()}") from None
-        except rados.Error as exc:
+            self.ioctx = ioctx = self.cluster.open_ioctx(t.pool)
+        except CephCallError as exc:
+            if exc.errno == errno.ENOENT:
+                raise BackendError(errno.ENOENT, f"{self.name}: pool {t.pool!r} does not "
+                                                 f"exist {self.where()}") from None
             raise self._open_error(exc, f"cannot open pool {t.pool!r}") from None
         if t.namespace:
-            self.ioctx.set_namespace(t.namespace)
+            ioctx.set_namespace(t.namespace)
         try:
-            self.image = rbd.Image(self.ioctx, t.image, snapshot=t.snapshot,
-                                   read_only=self.read_only)
-        except rbd.ImageNotFound:
-            raise self._not_found() from None
-        except (rbd.Error, rados.Error) as exc:
+            self.image = ioctx.open_image(t.image, t.snapshot, self.read_only)
+        except CephCallError as exc:
+            if exc.errno == errno.ENOENT:
+                raise self._not_found() from None
             raise self._open_error(exc, "cannot open image") from None
+        return self.image
 
     def _open_error(self, exc: BaseException, what: str) -> BackendError:
         err = errno_of(exc)
@@ -223,10 +217,10 @@ class RbdHandle:
     def _not_found(self) -> BackendError:
         t = self.target
         where = f"pool {t.pool!r}" + (f" namespace {t.namespace!r}" if t.namespace else "")
-        if t.snapshot is not None:
+        if t.snapshot is not None and self.ioctx is not None:
             try:
-                probe = rbd.Image(self.ioctx, t.image, read_only=True)
-            except (rbd.Error, rados.Error):
+                probe = self.ioctx.open_image(t.image, None, True)
+            except CephCallError:
                 pass
             else:
                 probe.close()
@@ -238,16 +232,18 @@ class RbdHandle:
 
     def conf_get(self, key: str) -> str:
         try:
-            return str(self.cluster.conf_get(key))
+            assert self.cluster is not None
+            return self.cluster.conf_get(key)
         except Exception:
             return "?"
 
     def effective_config(self, key: str) -> str:
         """A librbd option as this image sees it (image and pool overrides included)."""
         try:
-            for item in self.image.config_list():
-                if item.get("name") == key:
-                    return str(item.get("value"))
+            assert self.image is not None
+            value = self.image.config().get(key)
+            if value is not None:
+                return value
         except Exception:
             pass
         return self.conf_get(key)

@@ -46,8 +46,20 @@ class OffloadMixin(ConnState):
             mv = memoryview(buf)[:ev.length]
         fua = bool(ev.flags & _FUA)
 
-        def done(err: OSError | None, data: Any = None) -> None:  # any thread
-            loop.call_soon_threadsafe(lambda: self._aio_done(ev, buf, mv, err, data))
+        rt = self.runtime
+        assert rt is not None
+        if rt.aio_on_loop:
+            ready = self._aio_ready
+
+            def done(err: OSError | None, data: Any = None) -> None:  # the loop thread
+                # completions delivered together (one aio_poll) leave in one sendmsg; and
+                # a request refused at once calls back inside the aio_* call: deferred
+                ready.append((ev, buf, mv, err, data))
+                if len(ready) == 1:
+                    loop.call_soon(self._aio_batch_done)
+        else:
+            def done(err: OSError | None, data: Any = None) -> None:  # any thread
+                loop.call_soon_threadsafe(lambda: self._aio_done(ev, buf, mv, err, data))
 
         try:
             if cmd is Cmd.READ:
@@ -76,6 +88,26 @@ class OffloadMixin(ConnState):
     def _aio_done_impl(self, ev: Command, buf: Buffer | None, mv: memoryview | None,
                        err: OSError | None, data: Any = None) -> None:
         out: list[OutItem] = []
+        self._aio_reply(ev, buf, mv, err, data, out)
+        self._completed_tail(out)
+
+    def _aio_batch_done(self) -> None:
+        self._guarded(self._aio_batch_impl)
+
+    def _aio_batch_impl(self) -> None:
+        """The completions collected on the loop since the last batch: every reply, then
+        one send."""
+        ready = self._aio_ready
+        batch = ready[:]
+        ready.clear()  # the list ``done`` closures append to: same object, emptied
+        out: list[OutItem] = []
+        for ev, buf, mv, err, data in batch:
+            self._aio_reply(ev, buf, mv, err, data, out)
+        self._completed_tail(out)
+
+    def _aio_reply(self, ev: Command, buf: Buffer | None, mv: memoryview | None,
+                   err: OSError | None, data: Any, out: list[OutItem]) -> None:
+        """Account for one finished aio request and append its reply to ``out``."""
         cmd = ev.cmd
         if err is not None:
             out.append(self._error(ev, err))
@@ -99,7 +131,7 @@ class OffloadMixin(ConnState):
             if cmd is Cmd.WRITE:
                 self.counters.bytes_written += ev.length
             out.append(self.proto.ok_reply(ev.cookie, ev.offset))
-        self._completed_impl(ev, buf, mv, out)
+        self._request_ended(ev, buf, mv)
 
     def _blocking_call(self, ev: Command, mv: memoryview | None) -> list[OutItem]:
         """Runs on a worker thread: the backend call and its reply bytes (always one
@@ -143,6 +175,11 @@ class OffloadMixin(ConnState):
     def _completed_impl(self, ev: Command, buf: Buffer | None, mv: memoryview | None,
                         out: list[OutItem]) -> None:
         """Back on the loop: send the reply of a request that ran on a thread."""
+        self._request_ended(ev, buf, mv)
+        self._completed_tail(out)
+
+    def _request_ended(self, ev: Command, buf: Buffer | None, mv: memoryview | None) -> None:
+        """A request off the loop finished: uncount it, give its buffer back."""
         rt = self.runtime
         assert rt is not None
         self.inflight -= 1
@@ -153,6 +190,11 @@ class OffloadMixin(ConnState):
             mv.release()
         if buf is not None:
             self.worker.buffers.put(buf)
+
+    def _completed_tail(self, out: list[OutItem]) -> None:
+        """After one or more requests ended: send their replies, go on reading."""
+        rt = self.runtime
+        assert rt is not None
         if rt.active == 0:
             rt.quiesced()
         if self.closed:

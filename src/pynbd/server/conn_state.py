@@ -118,6 +118,7 @@ class ConnState:
     _parked: deque[tuple[Command, Buffer | None, memoryview | None]]
     inflight: int
     busy: dict[int, float]
+    _aio_ready: list[tuple[Command, Buffer | None, memoryview | None, OSError | None, Any]]
     _wrote: bool
     _ending: Disconnect | SafeClose | None
     _eof: bool

@@ -114,6 +114,9 @@ class Connection(NegotiationMixin, RequestsMixin, OffloadMixin, OutputMixin, Err
         self.inflight = 0
         #: cookie -> monotonic start, for requests on worker threads (killswitch)
         self.busy: dict[int, float] = {}
+        #: aio completions delivered on the loop, answered together (conn_offload)
+        self._aio_ready: list[tuple[Command, Buffer | None, memoryview | None,
+                                    OSError | None, Any]] = []
         self._wrote = False
         self._ending: Disconnect | SafeClose | None = None
         self._eof = False

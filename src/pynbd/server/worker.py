@@ -35,7 +35,7 @@ from pynbd.server.buffers import Buffer, BufferPool
 from pynbd.server.connection import Connection, Counters
 from pynbd.server.limits import Limits
 from pynbd.server.logsafe import safe
-from pynbd.server.loop import Loop
+from pynbd.server.loop import EPOLLIN, Loop
 from pynbd.util.logs import fields
 
 log = logging.getLogger("pynbd.server")
@@ -118,6 +118,10 @@ class ExportRuntime:
         self.blocking = bool(top.blocking) or self.serial_lock is not None
         #: asynchronous interface (aio_*): requests are started and complete later
         self.aio = bool(getattr(top, "aio", False)) and self.serial_lock is None
+        #: the backend's completions are collected on the loop (aio_completion_fd):
+        #: ``done`` runs on the loop thread, no cross-thread hand-over needed
+        fd_of = getattr(top, "aio_completion_fd", None)
+        self.aio_on_loop = self.aio and fd_of is not None and fd_of() is not None
         #: requests of one connection in flight: one for the serializing models; for
         #: calls on threads, no more than a connection's share of the pool
         if self.thread_model is not ThreadModel.PARALLEL:
@@ -225,6 +229,10 @@ class Worker:
             if info is None:
                 raise ValueError(f"export {name!r} has no info")
             self.runtimes[name] = ExportRuntime(name, backend, info, limits)
+        #: descriptors of backends whose aio completions this loop collects
+        self._completion_fds: dict[int, Backend] = {}
+        for rt in self.runtimes.values():
+            self._watch_completions(rt.base)
         self.connections: dict[int, Connection] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._stopping = False
@@ -412,7 +420,23 @@ class Worker:
             add(info)
         rt = ExportRuntime(name, backend, info, self.limits)
         self.runtimes[name] = rt
+        self._watch_completions(backend)
         return rt
+
+    def _watch_completions(self, backend: Backend) -> None:
+        """A backend whose aio completions come through a descriptor: collect them on
+        this loop (``done`` then runs on the loop thread)."""
+        fd_of = getattr(backend, "aio_completion_fd", None)
+        fd = fd_of() if fd_of is not None and backend.aio else None
+        if fd is None or fd in self._completion_fds:
+            return
+        self._completion_fds[fd] = backend
+        poll = backend.aio_poll
+
+        def ready(_events: int) -> None:
+            poll()
+
+        self.loop.add(fd, EPOLLIN, ready)
 
     def remove_export(self, name: str, reason: str) -> ExportRuntime | None:
         """Stop serving ``name``: new clients cannot select it, its clients are dropped."""
@@ -511,6 +535,9 @@ class Worker:
     def close(self) -> None:
         for conn in list(self.connections.values()):
             conn.close()
+        for fd in self._completion_fds:
+            self.loop.remove(fd)
+        self._completion_fds.clear()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
