@@ -80,6 +80,10 @@ __all__ = [
     "TLSLayer",
 ]
 
+#: a WRITE payload at least this large makes the next read take one request header only
+#: (below it, copying the payload out of the receive buffer costs less than a recv call)
+HEADER_ONLY_AFTER = 128 * 1024
+
 log = logging.getLogger("pynbd.server")
 
 
@@ -106,6 +110,8 @@ class Connection(NegotiationMixin, RequestsMixin, OffloadMixin, OutputMixin, Err
         # size once transmission starts
         self._rbuf = bytearray(HANDSHAKE_RECV)
         self._rmv = memoryview(self._rbuf)
+        #: read just one request header next (see _on_readable)
+        self._header_only = False
         self._wq: deque[OutItem] = deque()
         self._wq_bytes = 0
         self._mask = 0
@@ -315,6 +321,10 @@ class Connection(NegotiationMixin, RequestsMixin, OffloadMixin, OutputMixin, Err
                 if p is not None:
                     want = len(p.mv) - p.got
                     n = self._recv_into(p.mv[p.got:])
+                elif self._header_only:
+                    rmv = self._rmv[:32 if self.proto.extended_headers else 28]
+                    want = len(rmv)
+                    n = self._recv_into(rmv)
                 else:
                     want = len(self._rmv)
                     n = self._recv_into(self._rmv)
@@ -332,9 +342,19 @@ class Connection(NegotiationMixin, RequestsMixin, OffloadMixin, OutputMixin, Err
                         break  # drained: wait for the next readable event
                     continue
                 self._payload = None
+                # after a large payload, read only the next request header: its payload
+                # then goes straight into its own buffer, not through _rmv and a copy
+                self._header_only = p.got >= HEADER_ONLY_AFTER
                 self._execute_write(p.cmd, p.buf, p.mv)
             else:
                 self.proto.receive_data(self._rmv[:n])
+                if self._header_only:
+                    self._process()
+                    # back to large reads unless that header began another payload
+                    self._header_only = self._payload is not None
+                    if self.closed:
+                        return
+                    continue
             self._process()
             if self.closed:
                 return
