@@ -615,6 +615,30 @@ def test_aio_close_with_requests_in_flight(ceph_cephx: CephCluster, image: str) 
         again.close()
 
 
+@pytest.mark.timeout(120)
+def test_aio_close_answers_requests_that_outlast_its_wait(ceph_cephx: CephCluster,
+                                                         image: str) -> None:
+    """OSDs that do not answer and a close() whose wait ends first: librbd's close
+    waits for the requests (they time out after osd_op_timeout) and every one of them
+    still gets exactly one answer, after close() returned."""
+    b = _open(ceph_cephx, f"rbd:rbd/{image}", osd_op_timeout=3)
+    _aio(b, lambda d: b.aio_pwrite(memoryview(b"a" * 4096), 0, True, d)).ok()
+    ceph_cephx.ceph("osd", "pause")
+    try:
+        time.sleep(1)  # let librbd see the OSD map with the pause
+        stuck = [Done(b) for _ in range(4)]
+        for i, d in enumerate(stuck):
+            b.aio_pwrite(memoryview(b"b" * 4096), (i + 1) * 4096, True, d)
+        b.close(timeout=0.5)
+    finally:
+        ceph_cephx.ceph("osd", "unpause")
+    for d in stuck:
+        assert len(d.calls) == 1, d.calls
+        err = d.calls[0][0]
+        assert err is None or err.errno == errno.ETIMEDOUT, err
+    assert b.aio_completion_fd() is None
+
+
 def test_aio_done_that_raises_is_contained(backend: RbdBackend,
                                            caplog: pytest.LogCaptureFixture) -> None:
     """A ``done`` that raises inside aio_poll is logged; the other completions of the

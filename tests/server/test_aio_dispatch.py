@@ -128,6 +128,8 @@ class PolledAioBackend(MemoryBackend):
     blocking = True
     aio = True
     refuse_offset = 5 * MiB
+    #: a read here is answered with something that is not an OSError (a plugin bug)
+    bug_offset = 6 * MiB
 
     def __init__(self, size: int) -> None:
         super().__init__(size)
@@ -176,6 +178,10 @@ class PolledAioBackend(MemoryBackend):
     def aio_pread(self, buf: memoryview, offset: int, done: AioReadDone) -> None:
         if offset == self.refuse_offset:
             done(OSError(errno.ENOSPC, "refused at once"))  # inside the call: deferred
+            return
+        if offset == self.bug_offset:
+            bogus: Any = RuntimeError("not an OSError")
+            threading.Thread(target=self._finish, args=(done, bogus), daemon=True).start()
             return
         self.pread_into(buf, offset)
         threading.Thread(target=self._finish, args=(done,), daemon=True).start()
@@ -234,5 +240,42 @@ def test_completions_polled_on_the_loop() -> None:
         # aio_poll ran on the server's loop thread only
         assert len(backend.poll_threads) == 1
         assert threading.get_ident() not in backend.poll_threads
+    finally:
+        srv.shutdown(timeout=10)
+
+
+def test_bug_in_the_middle_of_a_batch_ends_every_request() -> None:
+    """A completion the server cannot answer (the backend passed a bogus error) in a
+    batch with others: that connection is dropped, every request of the batch is still
+    accounted for (the export quiesces, buffers go back), other connections go on."""
+    backend = PolledAioBackend(8 * MiB)
+    srv = Server(ExportRegistry([Export("", backend)]), ServerOptions())
+    srv.listen_tcp("127.0.0.1", 0)
+    srv.start()
+    try:
+        other = _connect(srv)
+        h = _connect(srv)
+        bufs = [nbd.Buffer(4096) for _ in range(12)]
+        cookies = []
+        for i, buf in enumerate(bufs):
+            off = PolledAioBackend.bug_offset if i == 5 else i * 4096
+            cookies.append(h.aio_pread(buf, off))
+        try:
+            while h.aio_in_flight():
+                h.poll(-1)
+        except nbd.Error:
+            pass
+        assert h.aio_is_closed() or h.aio_is_dead()  # that connection was dropped
+        with pytest.raises(nbd.Error):
+            h.aio_command_completed(cookies[5])
+        rt = srv.workers[0].worker.runtimes[""]  # type: ignore[attr-defined]
+        for _ in range(200):
+            if rt.active == 0:
+                break
+            threading.Event().wait(0.05)
+        assert rt.active == 0
+        other.pwrite(b"z" * 4096, 0)
+        assert other.pread(4096, 0) == b"z" * 4096
+        other.shutdown()
     finally:
         srv.shutdown(timeout=10)

@@ -138,7 +138,7 @@ class RbdBackend(Backend):
             self.features = img.features()
             self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             img.notify_eventfd(self._efd)
-        except CephCallError as exc:
+        except OSError as exc:  # CephCallError, or no eventfd
             self._release()
             raise BackendError(errno_of(exc), f"{self.name}: {exc}") from None
         self.can_trim = not self.read_only
@@ -358,15 +358,17 @@ class RbdBackend(Backend):
         """Hand ``req`` to librbd: None, or the error when librbd refused it at once (no
         completion will come then)."""
         img = self._image
-        comp = _new_completion()
-        self._pending[comp] = req
+        comp = 0
         try:
             if img is None:
                 raise BackendError(errno.ESHUTDOWN, f"{self.name} is closed")
+            comp = _new_completion()
+            self._pending[comp] = req
             submit(img, comp)
         except Exception as exc:
-            del self._pending[comp]
-            _release(comp)
+            if comp:
+                self._pending.pop(comp, None)
+                _release(comp)
             return self._exc_error(req.what, req.offset, req.length, exc)
         return None
 
@@ -432,9 +434,9 @@ class RbdBackend(Backend):
             else:
                 _finish(done, None)
             return
+        keep, ptr = pointer_to(buf)  # the server's buffer itself, held until librbd is done
         if self._aio_begin(done) is None:
             return
-        keep, ptr = pointer_to(buf)  # the server's buffer itself, held until librbd is done
         req = _Request("write", offset, n, fua, done, keep)
         self._submit(req, lambda img, c: img.aio_write(offset, n, ptr, c))
 
@@ -483,12 +485,16 @@ class RbdBackend(Backend):
     def close(self, timeout: float = 30.0) -> None:
         """Wait (bounded) for the calls and aio requests in flight, collecting their
         completions here, flush, close the image and disconnect. New requests are refused
-        with ESHUTDOWN from the start."""
+        with ESHUTDOWN from the start. Every aio request still gets its ``done``: those
+        that outlast the wait are answered after librbd's close (which waits for them)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
         deadline = time.monotonic() + timeout
+        poller = select.poll()
+        if self._efd >= 0:
+            poller.register(self._efd, select.POLLIN)
         while True:
             with self._lock:
                 left = self._inflight
@@ -496,7 +502,7 @@ class RbdBackend(Backend):
             if not left or remaining <= 0:
                 break
             if self._pending:
-                select.select([self._efd], [], [], min(0.2, remaining))
+                poller.poll(min(200, max(1, int(remaining * 1000))))
                 self.aio_poll()
             else:  # synchronous calls on other threads
                 with self._lock:
@@ -504,20 +510,35 @@ class RbdBackend(Backend):
                         self._lock.wait(min(0.2, remaining))
         if left:
             # librbd's close waits for its requests in flight (each ends by
-            # rados_osd_op_timeout at the latest); their completions are dropped
+            # rados_osd_op_timeout at the latest); they are answered after it
             log.warning("%s: closing with %d request(s) still in flight after %.0f s",
                         self.name, left, timeout)
-        if self._image is not None and not self.read_only:
+        img = self._image
+        if img is not None and not self.read_only:
             try:
-                self._image.flush()
+                img.flush()
             except Exception as exc:
                 log.warning("%s: flush at close failed: %s", self.name, exc)
         self._release()
 
     def _release(self) -> None:
+        with self._poll_lock:  # no aio_poll after this: it sees no image
+            img, self._image = self._image, None
+        if img is not None:
+            self._handle.image = None
+            try:
+                img.close()  # waits for what librbd still has in flight
+            except Exception as exc:
+                log.warning("%s: closing the image failed: %s", self.name, exc)
+        # answer what was still in flight (librbd finished it while closing, or never will)
+        pending, self._pending = self._pending, {}
+        for comp, req in pending.items():
+            rv = _return_value(comp) if img is not None else -errno.ESHUTDOWN
+            _release(comp)
+            req.fua = False  # no flush to chain now
+            self._complete(req, rv)
+        self._handle.release()
         with self._poll_lock:
-            self._image = None
-            self._handle.release()
             if self._efd >= 0:
                 os.close(self._efd)
                 self._efd = -1

@@ -61,8 +61,11 @@ class CephCallError(OSError):
     """A librados/librbd call returned a negative errno."""
 
     def __init__(self, err: int, call: str) -> None:
-        super().__init__(err, f"{call}: [errno {err}] {os.strerror(err)}")
+        super().__init__(err, os.strerror(err))
         self.call = call
+
+    def __str__(self) -> str:
+        return f"{self.call}: [errno {self.errno}] {self.strerror}"
 
 
 class _ImageInfo(Structure):  # rbd_image_info_t
@@ -103,7 +106,7 @@ _RBD: dict[str, tuple[Any, list[Any]]] = {
     "rbd_write": (c_ssize_t, [_P, c_uint64, c_size_t, c_void_p]),
     "rbd_flush": (c_int, [_P]),
     "rbd_discard": (c_int, [_P, c_uint64, c_uint64]),
-    "rbd_write_zeroes": (c_int, [_P, c_uint64, c_size_t, c_int, c_int]),
+    "rbd_write_zeroes": (c_int, [_P, c_uint64, c_uint64, c_int, c_int]),
     "rbd_diff_iterate2": (c_int, [_P, c_char_p, c_uint64, c_uint64, c_uint8, c_uint8,
                                   _DIFF_CB, c_void_p]),
     "rbd_config_image_list": (c_int, [_P, POINTER(_ConfigOption), POINTER(c_int)]),
@@ -372,7 +375,7 @@ def pointer_to(data: Any) -> tuple[Any, Any]:
         arr = (c_char * mv.nbytes).from_buffer(mv)
         return arr, arr
     obj = mv.obj
-    if type(obj) is bytes and len(obj) == mv.nbytes:
-        return obj, obj
+    if type(obj) is bytes and len(obj) == mv.nbytes and mv.c_contiguous and mv.ndim == 1:
+        return obj, obj  # all of a bytes object, in order
     copy = bytes(mv)
     return copy, copy

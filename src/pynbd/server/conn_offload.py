@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import time
+from threading import get_ident
 from typing import Any
 
 from pynbd.protocol.constants import Cmd
@@ -50,8 +51,12 @@ class OffloadMixin(ConnState):
         assert rt is not None
         if rt.aio_on_loop:
             ready = self._aio_ready
+            loop_thread = loop.thread_id
 
             def done(err: OSError | None, data: Any = None) -> None:  # the loop thread
+                if get_ident() != loop_thread:  # e.g. the backend's close() collecting
+                    loop.call_soon_threadsafe(lambda: self._aio_done(ev, buf, mv, err, data))
+                    return
                 # completions delivered together (one aio_poll) leave in one sendmsg; and
                 # a request refused at once calls back inside the aio_* call: deferred
                 ready.append((ev, buf, mv, err, data))
@@ -88,7 +93,11 @@ class OffloadMixin(ConnState):
     def _aio_done_impl(self, ev: Command, buf: Buffer | None, mv: memoryview | None,
                        err: OSError | None, data: Any = None) -> None:
         out: list[OutItem] = []
-        self._aio_reply(ev, buf, mv, err, data, out)
+        try:
+            self._aio_reply(ev, buf, mv, err, data, out)
+        except BaseException:
+            self._request_ended(ev, buf, mv)  # counted out even so; _guarded drops us
+            raise
         self._completed_tail(out)
 
     def _aio_batch_done(self) -> None:
@@ -101,8 +110,18 @@ class OffloadMixin(ConnState):
         batch = ready[:]
         ready.clear()  # the list ``done`` closures append to: same object, emptied
         out: list[OutItem] = []
-        for ev, buf, mv, err, data in batch:
-            self._aio_reply(ev, buf, mv, err, data, out)
+        for i, (ev, buf, mv, err, data) in enumerate(batch):
+            try:
+                self._aio_reply(ev, buf, mv, err, data, out)
+            except BaseException:
+                # a bug answering one request: the rest still end (counts, buffers) so
+                # nothing waits for them forever; _guarded then drops the connection
+                for ev2, buf2, mv2, _, _ in batch[i:]:
+                    self._request_ended(ev2, buf2, mv2)
+                for item in out:
+                    if callable(item):
+                        item()  # give read buffers back
+                raise
         self._completed_tail(out)
 
     def _aio_reply(self, ev: Command, buf: Buffer | None, mv: memoryview | None,

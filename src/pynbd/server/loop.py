@@ -62,6 +62,8 @@ class Loop:
         self._ep.register(self._wake_fd, EPOLLIN)
         self._stopped = False
         self.thread: threading.Thread | None = None
+        #: threading.get_ident() of the thread running the loop (0 before it runs)
+        self.thread_id = 0
         #: callbacks run once per iteration, after I/O (e.g. flushing batched replies)
         self._after_io: list[Callable[[], None]] = []
 
@@ -124,6 +126,7 @@ class Loop:
 
     def run(self) -> None:  # noqa: C901 - the event loop: one frame, its locals hoisted for speed
         self.thread = threading.current_thread()
+        self.thread_id = threading.get_ident()
         poll = self._ep.poll
         handlers = self._handlers
         pending = self._pending

@@ -428,8 +428,13 @@ class Worker:
         this loop (``done`` then runs on the loop thread)."""
         fd_of = getattr(backend, "aio_completion_fd", None)
         fd = fd_of() if fd_of is not None and backend.aio else None
-        if fd is None or fd in self._completion_fds:
+        if fd is None:
             return
+        known = self._completion_fds.get(fd)
+        if known is backend:
+            return
+        if known is not None:  # a closed backend's number, reused
+            self.loop.remove(fd)
         self._completion_fds[fd] = backend
         poll = backend.aio_poll
 
@@ -444,7 +449,13 @@ class Worker:
         if remove is not None:
             remove(name)
         self.disconnect_export(name, reason)
-        return self.runtimes.pop(name, None)
+        rt = self.runtimes.pop(name, None)
+        if rt is not None:
+            for fd, b in list(self._completion_fds.items()):
+                if b is rt.base and not any(r.base is b for r in self.runtimes.values()):
+                    self.loop.remove(fd)
+                    del self._completion_fds[fd]
+        return rt
 
     def set_info(self, name: str, info: ExportInfo) -> None:
         """What the protocol advertises for ``name`` changed (e.g. its metadata contexts);
