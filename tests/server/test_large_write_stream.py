@@ -42,6 +42,14 @@ def _plan(seed: int) -> list[tuple[str, int, int]]:
     return plan
 
 
+def _change(model: bytearray, rnd: random.Random, kind: str, off: int, n: int) -> bytes:
+    """Apply a write (random bytes, returned) or a zero to the model."""
+    data = rnd.randbytes(n) if kind == "write" else bytes(n) if kind == "zero" else b""
+    if data:
+        model[off:off + n] = data
+    return data
+
+
 def test_compact_headers_pipelined(server: Server) -> None:
     h = nbd.NBD()
     h.connect_tcp("127.0.0.1", str(server.listeners[0].port))
@@ -56,12 +64,10 @@ def test_compact_headers_pipelined(server: Server) -> None:
             if any(off < e and s < off + n for s, e in spans):
                 continue
             spans.append((off, off + n))
+            data = _change(model, rnd, kind, off, n)
             if kind == "write":
-                data = rnd.randbytes(n)
-                model[off:off + n] = data
                 h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)), off)
             elif kind == "zero":
-                model[off:off + n] = bytes(n)
                 h.aio_zero(n, off)
             elif kind == "flush":
                 h.aio_flush()
@@ -84,12 +90,10 @@ def test_extended_headers_sequential(server: Server) -> None:
         model = bytearray(SIZE)
         rnd = random.Random(2)
         for kind, off, n in _plan(7):
+            data = _change(model, rnd, kind, off, n)
             if kind == "write":
-                data = rnd.randbytes(n)
-                model[off:off + n] = data
                 c.write(off, data)
             elif kind == "zero":
-                model[off:off + n] = bytes(n)
                 c.write_zeroes(off, n)
             elif kind == "flush":
                 c.flush()
