@@ -307,10 +307,11 @@ class RbdBackend(Backend):
                 n = img.poll(comps)
                 for i in range(n):
                     comp = comps[i]
-                    req = pending.pop(comp)
+                    req = pending.pop(comp, None)
                     rv = _return_value(comp)
                     _release(comp)
-                    self._complete(req, rv)
+                    if req is not None:  # always, unless librbd repeats itself
+                        self._complete(req, rv)
                 if n < _POLL_BATCH:
                     return
 
