@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ from pynbd.server.conn_state import MAX_IOV, ConnState, OutItem, Phase
 log = logging.getLogger("pynbd.server")
 
 _ZEROS = bytes(1024 * 1024)
+_MORE = socket.MSG_MORE
 
 
 class _FileSlice:
@@ -106,7 +108,9 @@ class OutputMixin(ConnState):
                 batch.append(b)
                 j += 1
             try:
-                sent = self.sock.sendmsg(batch)
+                # a header followed by its sendfile payload leaves in the same segments
+                sent = self.sock.sendmsg(batch, (), _MORE if j < n and type(bufs[j]) is
+                                         _FileSlice else 0)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:
@@ -192,12 +196,16 @@ class OutputMixin(ConnState):
                 wq.popleft()
                 continue
             batch: list[OutItem] = []
+            more = 0
             for b in wq:
-                if callable(b) or type(b) is _FileSlice or len(batch) >= MAX_IOV:
+                if callable(b) or len(batch) >= MAX_IOV:
+                    break
+                if type(b) is _FileSlice:
+                    more = _MORE
                     break
                 batch.append(b)
             try:
-                sent = self.sock.sendmsg(batch)
+                sent = self.sock.sendmsg(batch, (), more)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
