@@ -1,17 +1,23 @@
 #!/usr/bin/env python3
 """Benchmark ``pynbd serve rbd:...`` (fio's nbd engine over NBD) against ``rbd bench``
-(librbd directly, the ceiling) on the same Ceph cluster, in one run.
+(librbd directly, the ceiling) and ``qemu-nbd`` (qemu's rbd driver: the C NBD server in
+pynbd's place, same fio client) on the same Ceph cluster, in one run.
 
 Workloads: 4 MiB sequential write/read and 4 KiB random write/read at QD32 (the
 sequential ones at the same queue depth as well). By default it starts a throw-away
 single-node cluster (mon + memstore OSD, loopback, tests/support/ceph_cluster.py) and
 stops it at the end; ``--ceph-conf`` uses an existing cluster instead (it creates and
-removes two images in ``--pool``).
+removes three images in ``--pool``).
 
     cd /work/main && .venv/bin/python bench/bench_rbd.py [--size 1G] [--qd 32] \
-        [--repeat 3] [--workloads "4M seq read,4K rand read"] [--json]
+        [--repeat 3] [--workloads "4M seq read,4K rand read"] [--qemu-nbd trixie] [--json]
 
-Each workload runs ``--repeat`` times, ``rbd bench`` and pynbd interleaved. Per run it
+``--qemu-nbd host`` (default) runs Debian 12's qemu-nbd 7.2 (``apt-get install
+qemu-block-extra`` for its rbd driver), ``trixie`` Debian 13's qemu-nbd 10 from the
+interop tests' chroot tree (scripts/provision-trixie.sh; the bench installs
+qemu-block-extra inside it), ``none`` leaves it out.
+
+Each workload runs ``--repeat`` times, ``rbd bench``, pynbd and qemu-nbd interleaved. Per run it
 prints MiB/s, IOPS, the pynbd/rbd-bench ratio and the CPU each party spent per request
 (rbd bench; the pynbd server, fio and, on the cluster it started, the OSD), then the
 median ratio of the runs and the ratio of the best runs. Targets (issue 12): >= 0.9x
@@ -28,6 +34,7 @@ import os
 import re
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -125,7 +132,7 @@ def rbd_bench(env: dict[str, str], spec: str, w: Workload, qd: int, total: int,
 
 
 def fio_nbd(env: dict[str, str], uri: str, w: Workload, qd: int, total: int, conns: int,
-            size: int, server_pid: int, osd_pid: int | None) -> Result:
+            size: int, server_pid: int, osd_pid: int | None, server: str = "pynbd") -> Result:
     cmd = ["fio", "--name=pynbd", "--ioengine=nbd", f"--uri={uri}", f"--rw={w.rw}",
            f"--bs={w.bs}", f"--iodepth={max(1, qd // conns)}", f"--numjobs={conns}",
            f"--size={size}", f"--io_size={max(w.bs, total // conns)}", "--group_reporting",
@@ -139,12 +146,63 @@ def fio_nbd(env: dict[str, str], uri: str, w: Workload, qd: int, total: int, con
     job = data["jobs"][0]
     side = job["write"] if "write" in w.rw else job["read"]
     n = max(1, int(side["total_ios"]))
-    cpu = {"pynbd": (proc_cpu(server_pid) - s0) / n * 1e6,
+    cpu = {server: (proc_cpu(server_pid) - s0) / n * 1e6,
            "fio": (children_cpu() - c0) / n * 1e6}
     if osd_pid is not None:
         cpu["osd"] = (proc_cpu(osd_pid) - o0) / n * 1e6
-    return Result(w.name, f"pynbd+fio ({conns} conn)", side["bw_bytes"] / MiB, side["iops"],
-                  cpu)
+    return Result(w.name, f"{server}+fio ({conns} conn)", side["bw_bytes"] / MiB,
+                  side["iops"], cpu)
+
+
+class QemuNbd:
+    """``qemu-nbd`` serving an RBD image through qemu's rbd driver (librbd's aio with
+    callbacks, one main loop): the C NBD server in the same place as pynbd."""
+
+    def __init__(self, spec: str, conf: str, keyring: str | None, env: dict[str, str],
+                 where: str) -> None:
+        from tests.support.net import free_port
+        self.port = free_port()
+        target = f"rbd:{spec}:conf={conf}" + (f":keyring={keyring}" if keyring else "")
+        cmd = ["qemu-nbd", "-f", "raw", "-t", "-e", "16", "-b", "127.0.0.1", "-p",
+               str(self.port), "-x", "", "--cache=writeback", target]
+        if where == "trixie":  # Debian 13's qemu 10 from the interop tests' chroot tree
+            from tests.support import trixie
+            # the tree needs qemu's rbd module once (apt-get, inside the tree)
+            if not (trixie.root() / "usr/lib/x86_64-linux-gnu/qemu/block-rbd.so").exists():
+                trixie.run(["apt-get", "install", "-y", "-q", "--no-install-recommends",
+                            "qemu-block-extra"], env={"DEBIAN_FRONTEND": "noninteractive"},
+                           timeout=900)
+            cmd = trixie.argv(cmd)
+            env = {**env, **trixie._host_env()}
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read() if self.proc.stderr else ""
+                hint = (" (qemu's rbd driver is in Debian's qemu-block-extra: apt-get "
+                        "install qemu-block-extra)" if "rbd" in err else "")
+                raise SystemExit(f"qemu-nbd {target} exited {self.proc.returncode}: "
+                                 f"{err.strip()}{hint}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise SystemExit("qemu-nbd did not listen within 60 s") from None
+                time.sleep(0.1)
+        self.uri = f"nbd://127.0.0.1:{self.port}/"
+        self.pid = self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 def cpu_text(r: Result) -> str:
@@ -167,6 +225,10 @@ def main() -> int:  # noqa: C901 - a benchmark driver: options, then one table o
     ap.add_argument("--ceph-conf", help="use this existing cluster instead of starting one")
     ap.add_argument("--ceph-keyring", help="keyring for --ceph-conf")
     ap.add_argument("--pool", default="rbd")
+    ap.add_argument("--qemu-nbd", choices=("host", "trixie", "none"), default="host",
+                    help="qemu-nbd through qemu's rbd driver, the C NBD server in pynbd's "
+                         "place: the host's (Debian 12: qemu 7.2, needs qemu-block-extra), "
+                         "Debian 13's qemu 10 from the interop tests' chroot tree, or none")
     ap.add_argument("--json", action="store_true", help="print results as JSON too")
     args = ap.parse_args()
     for tool in ("fio", "rbd"):
@@ -201,20 +263,27 @@ def main() -> int:  # noqa: C901 - a benchmark driver: options, then one table o
         osd_pid = osd.pid if osd is not None else None
         rbd_img = f"{args.pool}/bench-librbd-{os.getpid()}"
         nbd_img = f"{args.pool}/bench-pynbd-{os.getpid()}"
-        for spec in (rbd_img, nbd_img):
+        qemu_img = f"{args.pool}/bench-qemu-{os.getpid()}"
+        images = [rbd_img, nbd_img] + ([] if args.qemu_nbd == "none" else [qemu_img])
+        for spec in images:
             run(["rbd", "create", "--size", str(size // MiB), spec], env)
         serve_args = ["--bind", "127.0.0.1", "--port", "0", "--quiet", "--ceph-conf", conf]
         if keyring:
             serve_args += ["--ceph-keyring", keyring]
         server = PynbdServer([*serve_args, f"rbd:{nbd_img}"])
-        results: list[tuple[str, list[tuple[Result, Result]]]] = []
+        qemu: QemuNbd | None = None
+        results: list[tuple[str, list[tuple[Result, Result, Result | None]]]] = []
         try:
+            if not args.qemu_nbd == "none":
+                qemu = QemuNbd(qemu_img, conf, keyring, env, args.qemu_nbd)
             uri = server.uri_for("nbd://")
             print(f"pynbd serving rbd:{nbd_img} at {uri}; image size {size // MiB} MiB, "
                   f"QD {args.qd}, fio over {args.conns} NBD connection(s), {args.repeat} "
                   f"runs each; load average {os.getloadavg()[0]:.1f} on "
                   f"{os.cpu_count()} CPUs", flush=True)
-            print("CPU per request in us: rbd bench / osd | pynbd server / fio / osd",
+            if qemu is not None:
+                print(f"qemu-nbd serving rbd:{qemu_img} at {qemu.uri}", flush=True)
+            print("CPU per request in us: rbd bench / osd | server / fio / osd",
                   flush=True)
             filled = False
             for w in WORKLOADS:
@@ -225,42 +294,69 @@ def main() -> int:  # noqa: C901 - a benchmark driver: options, then one table o
                     rbd_bench(env, rbd_img, fill, args.qd, size, None)
                     fio_nbd(env, uri, fill, args.qd, size, args.conns, size,
                             server.pid, None)
+                    if qemu is not None:
+                        fio_nbd(env, qemu.uri, fill, args.qd, size, args.conns, size,
+                                qemu.pid, None, "qemu-nbd")
                 filled = filled or (w.rbd_pattern == "seq" and w.rbd_type == "write")
                 total = size if w.bs >= MiB else rand_total
-                pairs: list[tuple[Result, Result]] = []
+                pairs: list[tuple[Result, Result, Result | None]] = []
                 for _ in range(args.repeat):  # interleaved
                     ra = rbd_bench(env, rbd_img, w, args.qd, total, osd_pid)
                     rb = fio_nbd(env, uri, w, args.qd, total, args.conns, size,
                                  server.pid, osd_pid)
-                    pairs.append((ra, rb))
-                    print(f"  {w.name:14s} rbd bench {ra.mib_s:8.1f} MiB/s {ra.iops:9.0f} IOPS "
-                          f"[{cpu_text(ra)}] | pynbd {rb.mib_s:8.1f} MiB/s {rb.iops:9.0f} IOPS "
-                          f"[{cpu_text(rb)}] | ratio {rb.iops / ra.iops if ra.iops else 0:5.2f}",
-                          flush=True)
+                    rq = None if qemu is None else fio_nbd(
+                        env, qemu.uri, w, args.qd, total, args.conns, size, qemu.pid,
+                        osd_pid, "qemu-nbd")
+                    pairs.append((ra, rb, rq))
+                    line = (f"  {w.name:14s} rbd bench {ra.iops:7.0f} IOPS [{cpu_text(ra)}] | "
+                            f"pynbd {rb.iops:7.0f} IOPS [{cpu_text(rb)}]")
+                    if rq is not None:
+                        line += f" | qemu-nbd {rq.iops:7.0f} IOPS [{cpu_text(rq)}]"
+                    line += f" | pynbd/rbd {rb.iops / ra.iops if ra.iops else 0:4.2f}"
+                    if rq is not None:
+                        line += (f" qemu-nbd/rbd {rq.iops / ra.iops if ra.iops else 0:4.2f} "
+                                 f"pynbd/qemu-nbd {rb.iops / rq.iops if rq.iops else 0:4.2f}")
+                    print(line, flush=True)
                 results.append((w.name, pairs))
             if not server.alive():
                 raise SystemExit(f"pynbd died:\n{server.stderr[-3000:]}")
+            if qemu is not None and qemu.proc.poll() is not None:
+                raise SystemExit(f"qemu-nbd died ({qemu.proc.returncode})")
         finally:
             server.stop()
-            for spec in (rbd_img, nbd_img):
+            if qemu is not None:
+                qemu.stop()
+            for spec in images:
                 subprocess.run(["rbd", "rm", "--no-progress", spec], env=env,
                                capture_output=True, timeout=120)
         print()
         print(f"{'workload':14s} {'rbd IOPS':>9s} {'pynbd IOPS':>11s} {'median':>7s} "
-              f"{'best/best':>9s} {'target':>7s}  (medians over {args.repeat} runs)")
+              f"{'best/best':>9s} {'target':>7s}  {'qemu-nbd IOPS':>13s} {'qemu/rbd':>8s} "
+              f"{'pynbd/qemu':>10s}  (medians over {args.repeat} runs)")
         summary = []
         for name, pairs in results:
-            ra_med = statistics.median(a.iops for a, _ in pairs)
-            rb_med = statistics.median(b.iops for _, b in pairs)
-            med = statistics.median(b.iops / a.iops for a, b in pairs if a.iops)
-            best = max(b.iops for _, b in pairs) / max(a.iops for a, _ in pairs)
+            ra_med = statistics.median(a.iops for a, _, _ in pairs)
+            rb_med = statistics.median(b.iops for _, b, _ in pairs)
+            med = statistics.median(b.iops / a.iops for a, b, _ in pairs if a.iops)
+            best = max(b.iops for _, b, _ in pairs) / max(a.iops for a, _, _ in pairs)
             target = TARGETS.get(name)
             verdict = "" if target is None else ("meets" if med >= target else "misses")
-            print(f"{name:14s} {ra_med:9.0f} {rb_med:11.0f} {med:7.2f} {best:9.2f} "
-                  f"{'' if target is None else f'{target:.1f}x':>7s}  {verdict}")
-            summary.append({"workload": name, "median_ratio": med, "best_ratio": best,
-                            "target": target,
-                            "runs": [{"rbd": asdict(a), "pynbd": asdict(b)} for a, b in pairs]})
+            line = (f"{name:14s} {ra_med:9.0f} {rb_med:11.0f} {med:7.2f} {best:9.2f} "
+                    f"{'' if target is None else f'{target:.1f}x':>7s}  {verdict:6s}")
+            entry: dict[str, object] = {"workload": name, "median_ratio": med,
+                                        "best_ratio": best, "target": target}
+            qs = [(a, b, q) for a, b, q in pairs if q is not None]
+            if qs:
+                q_med = statistics.median(q.iops for _, _, q in qs)
+                q_ratio = statistics.median(q.iops / a.iops for a, _, q in qs if a.iops)
+                pq = statistics.median(b.iops / q.iops for _, b, q in qs if q.iops)
+                line += f" {q_med:13.0f} {q_ratio:8.2f} {pq:10.2f}"
+                entry.update(qemu_median_ratio=q_ratio, pynbd_over_qemu=pq)
+            print(line)
+            entry["runs"] = [{"rbd": asdict(a), "pynbd": asdict(b),
+                              "qemu-nbd": asdict(q) if q is not None else None}
+                             for a, b, q in pairs]
+            summary.append(entry)
         print(f"load average at the end: {os.getloadavg()[0]:.1f}")
         if args.json:
             print(json.dumps(summary))
