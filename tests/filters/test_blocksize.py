@@ -183,7 +183,9 @@ def test_libnbd_unaligned_io_matches_model(serve: ServerFactory, tmp_path: Path,
     h = strict(srv.uri)
     assert h.get_block_size(nbd.SIZE_MINIMUM) == 1
     assert h.get_block_size(nbd.SIZE_PREFERRED) == 4096
-    assert h.get_block_size(nbd.SIZE_MAXIMUM) == 32 * MiB
+    # requests are split in the filter: the server's --max-request-size (default 64M)
+    # is all that bounds a client
+    assert h.get_block_size(nbd.SIZE_MAXIMUM) == 64 * MiB
     _random_ops(h, model, random.Random(22), 400)
     h.flush()
     assert read_all(h, size) == model
@@ -194,6 +196,30 @@ def test_libnbd_unaligned_io_matches_model(serve: ServerFactory, tmp_path: Path,
     assert h.pread(len(data) + 10, 0) == model[:len(data) + 10]
     h.shutdown()
     assert nbdcopy_to(srv.uri, tmp_path / "copy.img") == model
+    srv.stop()
+    assert disk.read_bytes() == model
+
+
+def test_max_request_size_reaches_clients(serve: ServerFactory, tmp_path: Path,
+                                          plugin: Path) -> None:
+    """The filter splits any request, so the maximum clients are told is the server's
+    --max-request-size (here above the classic 32M), and such a request
+    works, unaligned, through the plugin's 64K limit."""
+    size = 64 * MiB
+    disk = tmp_path / "disk.img"
+    model = bytearray(make_base(disk, size, seed=31))
+    srv = serve(f"python:{plugin}", f"path={disk}", "--workers", "1",
+                "--max-request-size", "48M", "--filter", "blocksize")
+    h = strict(srv.uri)
+    assert h.get_block_size(nbd.SIZE_MAXIMUM) == 48 * MiB
+    data = random.Random(32).randbytes(40 * MiB + 3)
+    h.pwrite(data, 4097)
+    model[4097:4097 + len(data)] = data
+    assert h.pread(45 * MiB, 1) == model[1:1 + 45 * MiB]
+    with pytest.raises(nbd.Error):  # past the maximum: libnbd (strict) refuses to send it
+        h.pread(48 * MiB + 1, 0)
+    h.flush()
+    h.shutdown()
     srv.stop()
     assert disk.read_bytes() == model
 

@@ -20,7 +20,6 @@ from typing import Any
 from pynbd.backends.base import Backend, BackendError, ConfigError, Extent, Param
 from pynbd.filters.base import Filter
 from pynbd.filters.blocklock import BlockLocks
-from pynbd.protocol.constants import MAX_PAYLOAD
 
 log = logging.getLogger("pynbd.filters.blocksize")
 
@@ -98,9 +97,11 @@ class BlocksizeFilter(Filter):
 
     @property
     def block_size(self) -> tuple[int, int, int]:  # type: ignore[override]
-        """Clients may send any alignment (min 1); aligned requests are cheapest."""
+        """Clients may send any alignment (min 1); aligned requests are cheapest. Any
+        length too: requests are split here, so the server's ``--max-request-size``
+        alone bounds what clients are told."""
         pref = max(self.minblock, 512)
-        return 1, pref, MAX_PAYLOAD
+        return 1, pref, 0xFFFFFFFF
 
     # --- reading ----------------------------------------------------------------------
 
