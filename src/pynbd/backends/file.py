@@ -77,6 +77,9 @@ class FileBackend(Backend):
         self._lock = threading.Lock()
         #: the server may send reads straight from this fd with os.sendfile (zero-copy)
         self.sendfile_fd: int | None = self.fd
+        #: ... and receive large WRITE payloads straight into it with splice (no filter
+        #: passes this on: only a connection whose stack is this backend alone uses it)
+        self.splice_fd: int | None = None if read_only else self.fd
         self._nowait_ok = bool(_RWF_NOWAIT) and not self.is_block
         self._probe = bytearray(1)
 

@@ -175,6 +175,9 @@ class NegotiationMixin(ConnState):
         self._sendfile_fd = fd if isinstance(fd, int) else -1
         self._sendfile_ok = self.tls is None and self._sendfile_fd >= 0
         self._serial = rt.serial_lock
+        self._splice_fd = self._splice_target()
+        if self._splice_fd < 0:
+            self._unsplice()  # a payload being spliced goes through the new stack
 
     def _close_own(self) -> None:
         """Tell the plugin the connection ended, once nothing of it runs any more."""

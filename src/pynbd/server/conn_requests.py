@@ -49,6 +49,11 @@ class RequestsMixin(ConnState):
         if cmd is Cmd.WRITE or cmd is Cmd.TRIM or cmd is Cmd.WRITE_ZEROES:
             self._wrote = True
         if ev.cmd is Cmd.WRITE and ev.length:
+            if self._splice_fd >= 0 and self._start_splice(ev, out):
+                if self._payload is not None and out:
+                    self._send(out)
+                    out.clear()
+                return
             buf = self.worker.buffers.get(ev.length)
             mv = memoryview(buf)[:ev.length]
             got = self.proto.payload_into(mv)

@@ -71,6 +71,20 @@ class _Payload:
         self.got = got
 
 
+class _Spliced:
+    """A WRITE whose payload is being spliced into file ``fd``."""
+
+    __slots__ = ("cmd", "err", "fd", "got")
+
+    def __init__(self, cmd: Command, fd: int, got: int) -> None:
+        self.cmd = cmd
+        self.fd = fd
+        #: payload bytes taken from the connection so far (written, or dropped after err)
+        self.got = got
+        #: the first write error; the rest of the payload is then dropped
+        self.err: OSError | None = None
+
+
 class Counters:
     __slots__ = ("bytes_read", "bytes_written", "errors", "requests")
 
@@ -114,7 +128,7 @@ class ConnState:
     _wq: deque[OutItem]
     _wq_bytes: int
     _mask: int
-    _payload: _Payload | None
+    _payload: _Payload | _Spliced | None
     _parked: deque[tuple[Command, Buffer | None, memoryview | None]]
     inflight: int
     busy: dict[int, float]
@@ -124,12 +138,14 @@ class ConnState:
     _eof: bool
     _timer: Any
     _sendfile_ok: bool
+    _header_only: bool
     _final_flushing: bool
     _final_flush_done: bool
     _own: Any
     own_open: bool
     backend: Any
     _sendfile_fd: int
+    _splice_fd: int
     _serial: Any
     waiting_turn: bool
     end_reason: str
@@ -166,3 +182,7 @@ class ConnState:
         def _bug(self, ev: Command, exc: BaseException) -> bytes: ...
         def _error(self, ev: Command, exc: OSError) -> bytes: ...
         def _log_bug(self, cmd: Cmd, exc: BaseException) -> None: ...
+        def _on_eof(self) -> None: ...
+        def _splice_target(self) -> int: ...
+        def _unsplice(self) -> None: ...
+        def _start_splice(self, ev: Command, out: list[OutItem]) -> bool: ...

@@ -48,6 +48,7 @@ from pynbd.server.conn_negotiation import NegotiationMixin, TLSLayer
 from pynbd.server.conn_offload import OffloadMixin
 from pynbd.server.conn_output import OutputMixin
 from pynbd.server.conn_requests import RequestsMixin
+from pynbd.server.conn_splice import SpliceMixin
 from pynbd.server.conn_state import (
     BIG_REPLY,
     HANDSHAKE_RECV,
@@ -59,6 +60,7 @@ from pynbd.server.conn_state import (
     OutItem,
     Phase,
     _Payload,
+    _Spliced,
 )
 from pynbd.server.logsafe import safe
 from pynbd.server.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
@@ -87,7 +89,8 @@ HEADER_ONLY_AFTER = 128 * 1024
 log = logging.getLogger("pynbd.server")
 
 
-class Connection(NegotiationMixin, RequestsMixin, OffloadMixin, OutputMixin, ErrorsMixin):
+class Connection(NegotiationMixin, RequestsMixin, OffloadMixin, OutputMixin, SpliceMixin,
+                 ErrorsMixin):
     def __init__(self, worker: Worker, sock: socket.socket, conn_id: int, peer: str,
                  host: str) -> None:
         self.worker = worker
@@ -115,7 +118,8 @@ class Connection(NegotiationMixin, RequestsMixin, OffloadMixin, OutputMixin, Err
         self._wq: deque[OutItem] = deque()
         self._wq_bytes = 0
         self._mask = 0
-        self._payload: _Payload | None = None
+        self._payload: _Payload | _Spliced | None = None
+        self._splice_fd = -1
         self._parked: deque[tuple[Command, Buffer | None, memoryview | None]] = deque()
         self.inflight = 0
         #: cookie -> monotonic start, for requests on worker threads (killswitch)
@@ -188,6 +192,9 @@ class Connection(NegotiationMixin, RequestsMixin, OffloadMixin, OutputMixin, Err
         if p is None:
             return
         self._payload = None
+        if isinstance(p, _Spliced):
+            self._drop_spliced(p, why)
+            return
         log.info("%s: %s (%d of %d bytes received)", self.peer, why, p.got, len(p.mv))
         p.mv.release()
         self.worker.buffers.put(p.buf)
@@ -214,8 +221,9 @@ class Connection(NegotiationMixin, RequestsMixin, OffloadMixin, OutputMixin, Err
             pass
         if self._payload is not None:
             p, self._payload = self._payload, None
-            p.mv.release()
-            self.worker.buffers.put(p.buf)
+            if isinstance(p, _Payload):
+                p.mv.release()
+                self.worker.buffers.put(p.buf)
         self._drop_parked()
         for item in self._wq:
             if callable(item):
@@ -310,13 +318,17 @@ class Connection(NegotiationMixin, RequestsMixin, OffloadMixin, OutputMixin, Err
                 return 0
             tls.incoming.write(raw)
 
-    def _on_readable(self) -> None:
+    def _on_readable(self) -> None:  # noqa: C901 - the receive loop: header, payload, spliced payload
         if self.phase is Phase.TLS_HANDSHAKE:
             self._continue_tls_handshake()
             return
         tls = self.tls
         while self._want_read():
             p = self._payload
+            if isinstance(p, _Spliced):
+                if self._splice_step(p):
+                    continue
+                break
             try:
                 if p is not None:
                     want = len(p.mv) - p.got

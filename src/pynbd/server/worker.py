@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -32,6 +33,7 @@ from pynbd.filters.track import TrackFilter
 from pynbd.protocol.constants import QEMU_ALLOCATION_DEPTH
 from pynbd.protocol.server import ExportInfo, ExportProvider, ServerConfig
 from pynbd.server.buffers import Buffer, BufferPool
+from pynbd.server.conn_splice import make_pipe
 from pynbd.server.connection import Connection, Counters
 from pynbd.server.limits import Limits
 from pynbd.server.logsafe import safe
@@ -223,6 +225,7 @@ class Worker:
         self.events = events
         self.index = index
         self.buffers = BufferPool()
+        self._splice_pipe: tuple[int, int, int] | None = None
         self.runtimes: dict[str, ExportRuntime] = {}
         for name, backend in backends.items():
             info = provider.lookup(name) if name else provider.lookup("")
@@ -543,9 +546,26 @@ class Worker:
         for cb in waiters:
             cb()
 
+    def splice_pipe(self) -> tuple[int, int, int]:
+        """The loop's pipe for splicing WRITE payloads into files (read end, write end,
+        capacity); empty between events (:mod:`.conn_splice`)."""
+        p = self._splice_pipe
+        if p is None:
+            p = self._splice_pipe = make_pipe()
+        return p
+
+    def drop_splice_pipe(self) -> None:
+        """Close the splice pipe (it may hold stray bytes after an error): the next
+        splice makes a new one."""
+        p, self._splice_pipe = self._splice_pipe, None
+        if p is not None:
+            os.close(p[0])
+            os.close(p[1])
+
     def close(self) -> None:
         for conn in list(self.connections.values()):
             conn.close()
+        self.drop_splice_pipe()
         for fd in self._completion_fds:
             self.loop.remove(fd)
         self._completion_fds.clear()
