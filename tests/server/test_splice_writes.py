@@ -7,6 +7,7 @@ one splice pipe never carries bytes from one WRITE into another."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import select
@@ -291,3 +292,88 @@ def test_two_transports_share_the_pipe_without_stale_bytes(server: Server, tmp_p
     b.disc()
     assert path.read_bytes() == model
     assert os.path.getsize(path) == SIZE
+
+
+def test_resume_rebinds_new_connections_work(disk: tuple[Path, bytearray]) -> None:
+    """After a pause and a resume (a failed migration handover, a view taken), a new
+    connection's requests run (its stack has no pause layer to admit them) and large
+    writes are spliced again."""
+    path, model = disk
+    srv = _start(path)
+    try:
+        assert srv.gate_pause("", 10)
+        srv.gate_resume("")
+        r = Raw(("127.0.0.1", _port(srv))).connect("", structured=False)
+        assert r.call(CMD_READ, 0, 4096) == (0, bytes(model[:4096]))
+        data = random.Random(13).randbytes(MiB)
+        assert r.call(CMD_WRITE, 3 * MiB, MiB, payload=data) == (0, b"")
+        assert _spliced(srv)
+        model[3 * MiB:4 * MiB] = data
+        r.disc()
+    finally:
+        srv.shutdown(timeout=10)
+    assert path.read_bytes() == model
+
+
+@pytest.mark.parametrize("side", ["file", "socket"])
+def test_splice_refused_falls_back(disk: tuple[Path, bytearray],
+                                   monkeypatch: pytest.MonkeyPatch, side: str) -> None:
+    """A file (or socket) that cannot be spliced (EINVAL): the payload goes through
+    memory instead, byte-exact, also when it arrives in pieces."""
+    path, model = disk
+    real = os.splice
+    refused = []
+
+    def fake(src: int, dst: int, count: int, offset_src: int | None = None,
+             offset_dst: int | None = None, flags: int = 0) -> int:
+        if (offset_dst is not None) == (side == "file"):
+            refused.append(count)
+            raise OSError(errno.EINVAL, "splice refused (test)")
+        return real(src, dst, count, offset_src, offset_dst, flags)
+
+    monkeypatch.setattr(os, "splice", fake)
+    srv = _start(path)
+    try:
+        r = Raw(("127.0.0.1", _port(srv))).connect("", structured=False)
+        rnd = random.Random(14)
+        for i in range(4):
+            n = rnd.choice([SPLICE_MIN, MiB + 3, 3 * MiB - 7])
+            off = rnd.randrange(0, SIZE - n)
+            data = rnd.randbytes(n)
+            r.request(CMD_WRITE, off, n, cookie=i, payload=data[:1000])
+            r.send(data[1000:])
+            assert r.response() == (i, 0, b"")
+            model[off:off + n] = data
+            assert r.call(CMD_READ, off, n) == (0, data)
+        r.disc()
+    finally:
+        srv.shutdown(timeout=10)
+    assert refused
+    assert path.read_bytes() == model
+
+
+def test_subclass_with_own_pwrite_sees_large_writes(disk: tuple[Path, bytearray]) -> None:
+    """A backend built on FileBackend with a pwrite of its own (a plugin adding a
+    checksum map, say) gets every WRITE: splice would go around it."""
+    path, model = disk
+    seen: list[tuple[int, int]] = []
+
+    class Audited(FileBackend):
+        def pwrite(self, buf: memoryview | bytes, offset: int, fua: bool = False) -> None:
+            seen.append((offset, len(buf)))
+            super().pwrite(buf, offset, fua)
+
+    srv = Server(ExportRegistry([Export("", Audited(str(path)))]), ServerOptions())
+    srv.listen_tcp("127.0.0.1", 0)
+    srv.start()
+    try:
+        h = nbd.NBD()
+        h.connect_tcp("127.0.0.1", str(_port(srv)))
+        data = random.Random(15).randbytes(2 * MiB)
+        h.pwrite(data, MiB)
+        model[MiB:3 * MiB] = data
+        h.shutdown()
+    finally:
+        srv.shutdown(timeout=10)
+    assert seen == [(MiB, 2 * MiB)]
+    assert path.read_bytes() == model

@@ -76,10 +76,16 @@ class FileBackend(Backend):
         self.can_fast_zero = not read_only
         self._lock = threading.Lock()
         #: the server may send reads straight from this fd with os.sendfile (zero-copy)
-        self.sendfile_fd: int | None = self.fd
+        #: (not for a subclass with reads of its own: sendfile would go around them)
+        cls = type(self)
+        own_reads = (cls.pread_into is FileBackend.pread_into
+                     and cls.pread_nowait is FileBackend.pread_nowait)
+        self.sendfile_fd: int | None = self.fd if own_reads else None
         #: ... and receive large WRITE payloads straight into it with splice (no filter
-        #: passes this on: only a connection whose stack is this backend alone uses it)
-        self.splice_fd: int | None = None if read_only else self.fd
+        #: passes this on: only a connection whose stack is this backend alone uses it;
+        #: not for a subclass with writes of its own)
+        self.splice_fd: int | None = (
+            self.fd if not read_only and cls.pwrite is FileBackend.pwrite else None)
         self._nowait_ok = bool(_RWF_NOWAIT) and not self.is_block
         self._probe = bytearray(1)
 

@@ -3,7 +3,8 @@
 The usual path receives a payload into a pooled buffer (one copy) and writes it with
 ``pwrite`` (a second copy). Here the kernel moves the received pages into a pipe and
 copies them once, into the file's page cache; Python never touches the bytes. Measured:
-a third to 40% less server CPU per 1 MiB WRITE (docs/benchmarks.md).
+15-25% less server CPU per 1 MiB WRITE on one connection, ~40% with four
+(docs/benchmarks.md).
 
 Only where nothing sits between the connection and the file (:meth:`SpliceMixin.
 _splice_target`): the connection's stack is the file backend itself (no filter, no
@@ -16,7 +17,10 @@ reads and drops the rest of the payload, then answers with the error.
 If the stack changes while a payload is being spliced (a migration attaches its write
 tracker, the export is paused), the rest of that payload is received into a buffer and
 the whole WRITE then runs through the new stack, its spliced head read back from the
-file first (:meth:`SpliceMixin._unsplice`): trackers see it, a pause holds it.
+file first (:meth:`SpliceMixin._unsplice`): trackers mark it, a pause holds its reply
+and the rest of its data. Its head is already in the file then: a point-in-time view
+taken during that pause sees a partly written, unacknowledged WRITE (as a crash would),
+which the buffered path never shows.
 
 One pipe serves a whole worker (:meth:`~pynbd.server.worker.Worker.splice_pipe`): it is
 empty whenever the loop is between events, because every byte spliced into it is
@@ -63,6 +67,9 @@ class SpliceMixin(ConnState):
         fd = self._splice_fd
         if fd < 0 or ev.length < SPLICE_MIN or ev.flags & _FUA:
             return False
+        if self._debug:
+            log.debug("%s: WRITE offset %d length %d flags 0x%x cookie %d (spliced)",
+                      self.peer, ev.offset, ev.length, ev.flags, ev.cookie)
         sp = _Spliced(ev, fd, 0)
         head = min(self.proto.buffered, ev.length)
         if head:  # payload bytes that came in with the header
@@ -83,10 +90,9 @@ class SpliceMixin(ConnState):
         readable again (the caller's loop also ends once the connection is closed or
         at its end)."""
         left = sp.cmd.length - sp.got
-        try:
-            n = self._splice_in(sp)
-        except (BlockingIOError, InterruptedError):
-            return False
+        n = self._splice_in(sp)
+        if n < 0:
+            return n == -1  # -2: nothing has arrived
         if n == 0:
             self._on_eof()
             return True
@@ -101,9 +107,21 @@ class SpliceMixin(ConnState):
 
     def _splice_in(self, sp: _Spliced) -> int:
         """Move what has arrived of the payload into the file: bytes taken, 0 at end of
-        stream; BlockingIOError when nothing has arrived."""
+        stream, -2 when nothing has arrived, -1 when the payload went back to the usual
+        path (a socket that cannot be spliced from)."""
         r, w, size = self.worker.splice_pipe()
-        n = os.splice(self.fd, w, min(sp.cmd.length - sp.got, size), flags=_IN_FLAGS)
+        try:
+            n = os.splice(self.fd, w, min(sp.cmd.length - sp.got, size), flags=_IN_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            return -2
+        except OSError as exc:
+            if exc.errno not in _UNSUPPORTED or sp.err is not None:
+                raise
+            log.info("%s: cannot splice from this socket (%s): payloads through memory",
+                     self.peer, exc)
+            self._splice_fd = -1
+            self._unsplice()
+            return -1
         if n:
             try:
                 self._pipe_out(sp, r, n)

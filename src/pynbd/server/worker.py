@@ -382,6 +382,10 @@ class Worker:
         if rt is None:
             return
         rt.pause.paused = False
+        if not rt.pause.engaged:
+            # drop the pause layer: a stack without it must not be asked to admit (a new
+            # connection's bare backend has no admit()), and splicing may resume
+            rt.rebind()
         rt.wake()
 
     def step_down(self, name: str, reason: str) -> None:
