@@ -26,6 +26,7 @@ from pynbd.server.exports import Export, ExportRegistry
 from pynbd.server.server import Server, ServerOptions
 from pynbd.server.server_workers import LocalWorker
 from tests.server.rawnbd import CMD_READ, CMD_WRITE, ENOSPC, Raw
+from tests.support.pynbd_server import ServerFactory
 
 MiB = 1024 * 1024
 SIZE = 32 * MiB
@@ -377,3 +378,68 @@ def test_subclass_with_own_pwrite_sees_large_writes(disk: tuple[Path, bytearray]
         srv.shutdown(timeout=10)
     assert seen == [(MiB, 2 * MiB)]
     assert path.read_bytes() == model
+
+
+def test_two_worker_processes_four_connections(serve: ServerFactory,
+                                               disk: tuple[Path, bytearray]) -> None:
+    """`pynbd serve --workers 2`: four connections (spread over both processes, each
+    with its own splice pipe) write large pieces in flight together; a FLUSH on one
+    covers them all and every connection reads back the same bytes."""
+    path, model = disk
+    srv = serve(str(path), "--workers", "2")
+    handles = [nbd.NBD() for _ in range(4)]
+    for h in handles:
+        h.connect_uri(srv.uri)
+    rnd = random.Random(16)
+    cookies: list[tuple[nbd.NBD, int]] = []
+    for i, h in enumerate(handles):
+        base = i * (SIZE // 4)
+        for j in range(3):  # disjoint: writes in flight together never overlap
+            n = rnd.choice([SPLICE_MIN, MiB + 5, 2 * MiB - 3])
+            off = base + j * (SIZE // 12) + rnd.randrange(4096)
+            data = rnd.randbytes(n)
+            model[off:off + n] = data
+            cookies.append((h, h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)),
+                                            off)))
+    for h in handles:
+        while h.aio_in_flight():
+            h.poll(-1)
+    for h, c in cookies:
+        assert h.aio_command_completed(c)
+    handles[0].flush()
+    for i, h in enumerate(handles):
+        off = ((i + 1) % 4) * (SIZE // 4)  # what another connection wrote
+        assert h.pread(SIZE // 4, off) == model[off:off + SIZE // 4]
+    for h in handles:
+        h.shutdown()
+    srv.stop()
+    assert path.read_bytes() == model
+
+
+def test_shutdown_mid_payload_is_not_held_up(disk: tuple[Path, bytearray]) -> None:
+    """The server stops while a client is half-way through a large payload: the stop
+    does not wait for the rest, the WRITE is never acknowledged, and nothing past what
+    was sent changed."""
+    path, model = disk
+    srv = _start(path)
+    r = Raw(("127.0.0.1", _port(srv))).connect("", structured=False)
+    off, n = 4 * MiB, 4 * MiB
+    head = random.Random(17).randbytes(MiB)
+    r.request(CMD_WRITE, off, n, cookie=1, payload=head)
+    _wait_bytes(path, off, head)
+    done = threading.Event()
+
+    def stop() -> None:
+        srv.shutdown(timeout=10)
+        done.set()
+
+    t = threading.Thread(target=stop, daemon=True)
+    t.start()
+    t.join(30)
+    assert done.is_set(), "shutdown waited for the rest of the payload"
+    r.sock.settimeout(10)
+    assert r.sock.recv(1) == b""  # closed, no reply
+    r.close()
+    now = path.read_bytes()
+    assert now[off + MiB:] == model[off + MiB:]
+    assert now[:off] == model[:off]
