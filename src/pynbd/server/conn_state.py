@@ -72,12 +72,14 @@ class _Payload:
 
 
 class _Spliced:
-    """A WRITE whose payload is being spliced into file ``fd``."""
+    """A WRITE whose payload is being spliced into ``file`` (a FileBackend, whose
+    descriptor ``fd`` is)."""
 
-    __slots__ = ("cmd", "err", "fd", "got")
+    __slots__ = ("cmd", "err", "fd", "file", "got")
 
-    def __init__(self, cmd: Command, fd: int, got: int) -> None:
+    def __init__(self, cmd: Command, file: Any, fd: int, got: int) -> None:
         self.cmd = cmd
+        self.file = file
         self.fd = fd
         #: payload bytes taken from the connection so far (written, or dropped after err)
         self.got = got
