@@ -646,20 +646,30 @@ def test_aio_done_that_raises_is_contained(backend: RbdBackend,
     same poll are still delivered and the request counts as finished (close does not
     wait for it)."""
     good = Done(backend)
-
-    def bad(err: OSError | None, data: bytes | None = None) -> None:
-        raise RuntimeError("handler bug")
+    bad = _Raising(backend)
 
     with caplog.at_level(logging.ERROR, logger="pynbd.backends.rbd"):
         backend.aio_pwrite(memoryview(b"r" * 4096), 0, False, bad)
         backend.aio_pwrite(memoryview(b"s" * 4096), 8192, False, good)
         good.ok()
+        # The two completions may arrive in different polls: wait for the bad one too
+        # (its exception must stay inside aio_poll, which wait() calls).
+        bad.wait()
+    assert len(bad.calls) == 1 and bad.calls[0][0] is None, bad.calls
     assert any("completion handler failed" in r.message for r in caplog.records)
     t = threading.Thread(target=backend.close, args=(30.0,))
     t.start()
     t.join(60)
     assert not t.is_alive()
     assert _read_closed_ok(backend)
+
+
+class _Raising(Done):
+    """A ``done`` with a bug: records the call, then raises."""
+
+    def __call__(self, err: OSError | None, data: bytes | None = None) -> None:
+        super().__call__(err, data)
+        raise RuntimeError("handler bug")
 
 
 def _read_closed_ok(backend: RbdBackend) -> bool:
