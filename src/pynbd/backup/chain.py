@@ -10,6 +10,12 @@
     DIR/0001.json         its ranges: the changed ranges only
     ...
 
+With ``--format qcow2`` a backup's image is ``NNNN.qcow2`` instead (backup/qcow2.py): a
+full one holds the whole disk, an incremental one holds the clusters that changed and
+names the previous backup as its backing file, so qemu reads any of them as the whole
+disk at that point. Its ``.json`` is the same. A chain with a qcow2 backup is written as
+manifest version 2 (an older pynbd refuses it instead of reading qcow2 as raw).
+
 Ranges are ``[offset, length, sha256]`` (data: the bytes at that offset of the ``.raw``
 file) or ``[offset, length, null]`` (the range reads as zeros); no range crosses a
 ``piece`` boundary (1 MiB), so each checksum covers at most one piece. The image as of
@@ -34,7 +40,10 @@ from typing import Any
 from pynbd.server.bitmaps import write_atomic
 
 FORMAT = "pynbd-backup"
-VERSION = 1
+VERSION = 2
+#: the manifest version a chain without qcow2 backups is written as (read by any pynbd)
+VERSION_RAW = 1
+IMAGE_FORMATS = ("raw", "qcow2")
 PIECE = 1 << 20
 MANIFEST = "manifest.json"
 
@@ -61,6 +70,11 @@ class Backup:
     data_bytes: int
     zero_bytes: int
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image_format(self) -> str:
+        """``raw`` or ``qcow2``: how the backup's data file is laid out."""
+        return str(self.extra.get("format", "raw"))
 
     def as_dict(self) -> dict[str, Any]:
         return {"index": self.index, "type": self.type, "file": self.file,
@@ -134,7 +148,8 @@ class Chain:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ChainError(f"{path}: damaged ({type(exc).__name__}: {exc})") from exc
         for i, b in enumerate(backups):
-            if b.index != i or b.type not in ("full", "incremental") or any(
+            if b.index != i or b.type not in ("full", "incremental") or (
+                    b.image_format not in IMAGE_FORMATS) or any(
                     os.sep in f or f in ("", ".", "..") for f in (b.file, b.ranges_file)):
                 raise ChainError(f"{path}: damaged (backup #{i} is not a backup of this "
                                  "chain)")
@@ -149,16 +164,16 @@ class Chain:
     def path(self, name: str) -> str:
         return os.path.join(self.dir, name)
 
-    def new_names(self) -> tuple[int, str, str]:
+    def new_names(self, image_format: str = "raw") -> tuple[int, str, str]:
         index = len(self.backups)
-        return index, f"{index:04d}.raw", f"{index:04d}.json"
+        return index, f"{index:04d}.{image_format}", f"{index:04d}.json"
 
     def clean_partial(self) -> None:
         """Remove files of backups that never joined the chain."""
         listed = {b.file for b in self.backups} | {b.ranges_file for b in self.backups}
         with contextlib.suppress(OSError):
             for fn in os.listdir(self.dir):
-                if (fn.endswith((".raw", ".json", ".tmp")) and fn != MANIFEST
+                if (fn.endswith((".raw", ".qcow2", ".json", ".tmp")) and fn != MANIFEST
                         and fn[:4].isdigit() and fn not in listed):
                     os.unlink(self.path(fn))
 
@@ -183,7 +198,9 @@ class Chain:
         self.write()
 
     def write(self) -> None:
-        d = {"format": FORMAT, "version": VERSION, "size": self.size, "piece": self.piece,
+        version = VERSION if any(b.image_format != "raw" for b in self.backups) \
+            else VERSION_RAW
+        d = {"format": FORMAT, "version": version, "size": self.size, "piece": self.piece,
              "backups": [b.as_dict() for b in self.backups]}
         write_atomic(self.path(MANIFEST), json.dumps(d, indent=1).encode() + b"\n")
 

@@ -11,6 +11,11 @@ is an error telling the user to take a full backup: never a silently incomplete 
 The copy runs on several connections (when the export allows: read-only or
 CAN_MULTI_CONN), each with many reads in flight; ranges the source reports as zeros
 (``base:allocation``) and all-zero data are recorded as zero ranges, not written.
+
+The data goes into a sparse raw file, or (``--format qcow2``) a qcow2 image whose
+backing file is the previous backup (backup/qcow2.py). A qcow2 image works in whole
+64 KiB clusters, so the ranges to copy are widened to cluster boundaries first (the
+source is a point-in-time view: reading a few unchanged bytes more is harmless).
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from pynbd.backup.chain import Backup, Chain, ChainError, Range, split
+from pynbd.backup.chain import IMAGE_FORMATS, Backup, Chain, ChainError, Range, split
+from pynbd.backup.qcow2 import CLUSTER, Qcow2Error, Qcow2Writer
 from pynbd.protocol.constants import BASE_ALLOCATION
 
 DIRTY_PREFIX = "qemu:dirty-bitmap:"
@@ -48,6 +55,8 @@ class BackupOptions:
     requests: int = DEFAULT_REQUESTS
     timeout: float | None = 60.0
     progress: Callable[[int, int], None] | None = None
+    #: "raw" or "qcow2"; None: the format of the chain's last backup (raw for a new one)
+    format: str | None = None
 
 
 @dataclass
@@ -170,6 +179,69 @@ def _plan(c, size: int, bitmap: str | None) -> tuple[list[tuple[int, int]],  # t
     return _coalesce(read), _coalesce(zero)
 
 
+def _cluster_plan(read: list[tuple[int, int]], zero: list[tuple[int, int]], cs: int,
+                  size: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The plan widened to whole clusters (the last may end at ``size``): a cluster all
+    of whose bytes are zero ranges stays zero, every other cluster touched is read."""
+    touched: list[list[int]] = []
+    for o, n in sorted(read + zero):
+        lo, hi = o // cs * cs, min(size, -(-(o + n) // cs) * cs)
+        if touched and lo <= touched[-1][1]:
+            touched[-1][1] = max(touched[-1][1], hi)
+        else:
+            touched.append([lo, hi])
+    inner: list[tuple[int, int]] = []
+    for o, n in zero:
+        lo = -(-o // cs) * cs
+        hi = size if o + n == size else (o + n) // cs * cs
+        if hi > lo:
+            inner.append((lo, hi))
+    out: list[tuple[int, int]] = []
+    j = 0
+    for lo, hi in touched:
+        pos = lo
+        while j < len(inner) and inner[j][1] <= pos:
+            j += 1
+        k = j
+        while k < len(inner) and inner[k][0] < hi:
+            if inner[k][0] > pos:
+                out.append((pos, inner[k][0] - pos))
+            pos = max(pos, inner[k][1])
+            k += 1
+        if pos < hi:
+            out.append((pos, hi - pos))
+    return _coalesce(out), [(lo, hi - lo) for lo, hi in inner]
+
+
+def _choose_format(chain: Chain, bitmap: str | None, opts: BackupOptions) -> str:
+    last = chain.last
+    fmt = opts.format or (last.image_format if last is not None else "raw")
+    if fmt not in IMAGE_FORMATS:
+        raise BackupError(f"unknown backup format {fmt!r} (raw or qcow2)")
+    if fmt == "qcow2" and bitmap is not None and last is not None and (
+            last.image_format == "raw" and last.type != "full"):
+        raise BackupError(
+            f"the last backup in {chain.dir} (#{last.index}, {last.file}) is a raw "
+            "incremental one, which qemu cannot use as a backing file: start a qcow2 "
+            "chain with a full backup (--full --format qcow2), or keep --format raw")
+    return fmt
+
+
+class _RawSink:
+    """A sparse raw file: data at its offset, zeros left as holes."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, off: int, view: memoryview) -> None:
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], off + done)
+
+    def zero(self, off: int, n: int) -> None:
+        pass
+
+
 def _coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
     for off, ln in ranges:
@@ -184,12 +256,12 @@ class _Copy:
     """Read pieces on several connections, many in flight each; hash and store them."""
 
     def __init__(self, uri: str, contexts: tuple[str, ...], first, pieces: list[tuple[int, int]],  # type: ignore[no-untyped-def]
-                 fd: int, piece: int, opts: BackupOptions) -> None:
+                 sink: _RawSink | Qcow2Writer, piece: int, opts: BackupOptions) -> None:
         self.uri = uri
         self.contexts = contexts
         self.first = first
         self.queue = deque(pieces)
-        self.fd = fd
+        self.sink = sink
         self.piece = piece
         self.opts = opts
         self.lock = threading.Lock()
@@ -209,11 +281,10 @@ class _Copy:
         n = len(view)
         if view == self.zero[:n]:
             rng: Range = (off, n, None)
+            self.sink.zero(off, n)
         else:
             digest = hashlib.sha256(view).hexdigest()
-            done = 0
-            while done < n:
-                done += os.pwrite(self.fd, view[done:], off + done)
+            self.sink.write(off, view)
             rng = (off, n, digest)
         with self.lock:
             self.results[off] = rng
@@ -274,6 +345,40 @@ class _Copy:
             raise BackupError(str(self.error)) from self.error
 
 
+def _write_image(c, uri: str, contexts: tuple[str, ...], chain: Chain, path: str,  # type: ignore[no-untyped-def]
+                 size: int, read: list[tuple[int, int]], zero: list[tuple[int, int]],
+                 backing: Backup | None, fmt: str, opts: BackupOptions) -> _Copy:
+    """Copy ``read`` into a new image file at ``path`` (fsynced; removed on failure)."""
+    pieces = [p for off, ln in read for p in split(off, ln, chain.piece)]
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        sink: _RawSink | Qcow2Writer
+        if fmt == "qcow2":
+            try:
+                sink = Qcow2Writer(fd, size, backing.file if backing else None,
+                                   backing.image_format if backing else None)
+            except Qcow2Error as exc:
+                raise BackupError(f"{exc}: use --format raw") from exc
+        else:
+            os.ftruncate(fd, size)
+            sink = _RawSink(fd)
+        for off, ln in zero:
+            sink.zero(off, ln)
+        nconn = opts.connections if (c.is_read_only() or c.can_multi_conn()) else 1
+        cp = _Copy(uri, contexts, c, pieces, sink, chain.piece, opts)
+        cp.run(nconn)
+        if isinstance(sink, Qcow2Writer):
+            sink.finish()
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
+    return cp
+
+
 def backup(uri: str, directory: str, opts: BackupOptions | None = None) -> BackupResult:
     """Take one backup of ``uri`` into the chain in ``directory``."""
     from pynbd.client import parse_uri
@@ -294,6 +399,7 @@ def backup(uri: str, directory: str, opts: BackupOptions | None = None) -> Backu
     if checkpoint is None and "@" in export:
         checkpoint = export.rsplit("@", 1)[1] or None
     bitmap = choose_bitmap(uri, chain, opts)
+    fmt = _choose_format(chain, bitmap, opts)
     contexts: tuple[str, ...] = (BASE_ALLOCATION,)
     if bitmap is not None:
         contexts += (DIRTY_PREFIX + bitmap,)
@@ -308,22 +414,16 @@ def backup(uri: str, directory: str, opts: BackupOptions | None = None) -> Backu
             raise BackupError(f"the source is {size} bytes but the chain in {directory} is "
                               f"of a {chain.size}-byte image")
         read, zero = _plan(c, size, bitmap)
-        pieces = [p for off, ln in read for p in split(off, ln, chain.piece)]
-        index, fname, rname = chain.new_names()
-        path = chain.path(fname)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            nconn = opts.connections if (c.is_read_only() or c.can_multi_conn()) else 1
-            cp = _Copy(uri, contexts, c, pieces, fd, chain.piece, opts)
-            cp.run(nconn)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            raise
-        os.close(fd)
+        backing = chain.last if fmt == "qcow2" and bitmap is not None else None
+        if fmt == "qcow2":
+            if chain.piece % CLUSTER:
+                raise BackupError(f"the chain in {directory} cuts ranges at {chain.piece} "
+                                  "bytes, not a multiple of qcow2's 64 KiB clusters: use "
+                                  "--format raw")
+            read, zero = _cluster_plan(read, zero, CLUSTER, size)
+        index, fname, rname = chain.new_names(fmt)
+        cp = _write_image(c, uri, contexts, chain, chain.path(fname), size, read, zero,
+                          backing, fmt, opts)
     finally:
         with contextlib.suppress(Exception):
             c.close()
@@ -332,9 +432,12 @@ def backup(uri: str, directory: str, opts: BackupOptions | None = None) -> Backu
                ((o, n, None) for o, n in split(off, ln, chain.piece))]
     ranges.sort()
     data = sum(n for _, n, h in ranges if h is not None)
+    extra: dict[str, Any] = {}
+    if fmt != "raw":
+        extra = {"format": fmt, "backing": backing.file if backing else None}
     b = Backup(index, "incremental" if bitmap is not None else "full", fname, rname, uri,
                export, checkpoint, bitmap, started, time.time(), data,
-               sum(n for _, n, h in ranges if h is None))
+               sum(n for _, n, h in ranges if h is None), extra)
     try:
         chain.add(b, ranges)
     except OSError as exc:

@@ -6,6 +6,8 @@ URI. The last full backup at or before the chosen one is written first, then eac
 later backup's ranges in order; zero ranges become holes (a fresh file), punched or
 zeroed ranges (a device or an existing image's region) or WRITE_ZEROES (NBD). A range
 whose bytes do not match their checksum stops the restore with an error naming it.
+A qcow2 backup's ranges are read through its own cluster tables (backup/qcow2.py);
+its backing file is not needed, the earlier backups of the plan supply the rest.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pynbd.backup.chain import Backup, Chain, ChainError
+from pynbd.backup.qcow2 import Qcow2Error, Qcow2Reader
 
 
 class RestoreError(Exception):
@@ -145,6 +148,31 @@ class _NBDTarget:
             self.c.hard_close()
 
 
+def _reader(fd: int, b: Backup, size: int) -> Callable[[int, int], bytearray]:
+    """How to read ``b``'s image: ``read(offset, length)``."""
+    if b.image_format == "qcow2":
+        try:
+            q = Qcow2Reader(fd, b.file)
+        except Qcow2Error as exc:
+            raise RestoreError(f"backup {b.index}: {exc}: the backup is damaged") from exc
+        if q.size != size:
+            raise RestoreError(f"backup {b.index}: {b.file} is a {q.size}-byte image; the "
+                               f"chain's is {size}: the backup is damaged")
+
+        def read_qcow2(off: int, ln: int) -> bytearray:
+            try:
+                return q.pread(off, ln)
+            except Qcow2Error as exc:
+                raise RestoreError(f"backup {b.index}: {exc}: the backup is damaged") from exc
+        return read_qcow2
+
+    def read_raw(off: int, ln: int) -> bytearray:
+        buf = bytearray(ln)
+        got = os.preadv(fd, [buf], off)
+        return buf if got == ln else buf[:got]
+    return read_raw
+
+
 def restore(directory: str, target: str, at: int | None = None,
             progress: Callable[[int, int], None] | None = None,
             timeout: float | None = 60.0) -> RestoreResult:
@@ -171,6 +199,7 @@ def restore(directory: str, target: str, at: int | None = None,
             except OSError as exc:
                 raise RestoreError(f"backup {b.index}: {src}: {exc.strerror}") from exc
             try:
+                read = _reader(fd, b, size)
                 for off, ln, digest in ranges:
                     if off < 0 or ln <= 0 or off + ln > size:
                         raise RestoreError(f"backup {b.index}: range {off}+{ln} is outside "
@@ -180,9 +209,8 @@ def restore(directory: str, target: str, at: int | None = None,
                             tgt.zero(off, ln)
                         zero_bytes += ln
                     else:
-                        buf = bytearray(ln)
-                        got = os.preadv(fd, [buf], off)
-                        if got != ln or hashlib.sha256(buf).hexdigest() != digest:
+                        buf = read(off, ln)
+                        if len(buf) != ln or hashlib.sha256(buf).hexdigest() != digest:
                             raise RestoreError(
                                 f"backup {b.index} ({b.file}): the {ln} bytes at offset {off} "
                                 "do not match the checksum recorded when they were backed "

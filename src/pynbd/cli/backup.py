@@ -46,6 +46,7 @@ def run_backup(args: argparse.Namespace) -> int:
     show = _show(args)
     opts = BackupOptions(full=args.full, bitmap=args.bitmap, checkpoint=args.checkpoint,
                          connections=args.connections, requests=args.requests,
+                         format=args.format,
                          progress=_bar(sys.stderr, "backup") if show else None)
     try:
         res = backup(args.uri, args.dir, opts)
@@ -137,6 +138,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help=f"connections (default {DEFAULT_CONNECTIONS})")
     p.add_argument("--requests", "-R", type=int, default=DEFAULT_REQUESTS,
                    help=f"reads in flight per connection (default {DEFAULT_REQUESTS})")
+    p.add_argument("--format", "-f", choices=("raw", "qcow2"),
+                   help="the backup's image: raw (a sparse file) or qcow2 (an incremental "
+                        "backup's image has the previous one as its backing file, so qemu "
+                        "reads it as the whole disk); default: the chain's last backup's, "
+                        "raw for a new chain")
     p.add_argument("--json", action="store_true", help="print the backup's record as JSON")
     _progress_args(p)
     p.set_defaults(func=run_backup)
