@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Benchmark incremental backup: ``pynbd backup`` of a point-in-time view with 5% of a
-4 GiB image changed, against a full ``nbdcopy`` of the same view; and the live export's
+4 GiB image changed, against a full ``nbdcopy`` of the same view (and, for qcow2 backups,
+a full ``qemu-img convert -O qcow2`` of it); and the live export's
 4 KiB random-write rate (fio, nbd engine) without bitmaps, with the checkpoint bitmap,
 and with a fresh view open (copy-before-write), side by side in one run.
 
     .venv/bin/python bench/bench_backup.py [--size 4G] [--changed 0.05] [--runtime 10]
                                            [--workers 2] [--markdown FILE]
 
-Needs: fio (nbd engine), nbdcopy (libnbd-bin). A script, not a test: numbers depend on
+Needs: fio (nbd engine), nbdcopy (libnbd-bin), qemu-img. A script, not a test: numbers depend on
 the machine (compare the rows of one run).
 """
 
@@ -69,7 +70,7 @@ def main() -> int:
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
     ap.add_argument("--markdown", metavar="FILE")
     args = ap.parse_args()
-    for prog in ("fio", "nbdcopy"):
+    for prog in ("fio", "nbdcopy", "qemu-img"):
         if shutil.which(prog) is None:
             print(f"bench_backup: {prog} is missing", file=sys.stderr)
             return 1
@@ -103,6 +104,14 @@ def main() -> int:
         print("pynbd backup (full) ...", flush=True)
         t_full, _ = timed(pynbd_argv("backup", "--no-progress", f"{base}/disk@c1", str(chain),
                                      python=sys.executable))
+        chain_q = work / "chain-qcow2"
+        print("pynbd backup --format qcow2 (full) ...", flush=True)
+        t_full_q, _ = timed(pynbd_argv("backup", "--no-progress", "--format", "qcow2",
+                                       f"{base}/disk@c1", str(chain_q), python=sys.executable))
+        print("qemu-img convert -O qcow2 (full) ...", flush=True)
+        t_qemu_img, _ = timed(["qemu-img", "convert", "-f", "raw", "-O", "qcow2",
+                               f"{base}/disk@c1", str(work / "qemu-img.qcow2")])
+        (work / "qemu-img.qcow2").unlink()
         print("nbdcopy (full) ...", flush=True)
         t_nbdcopy, _ = timed(["nbdcopy", f"{base}/disk@c1", str(work / "nbdcopy.img")])
         (work / "nbdcopy.img").unlink()
@@ -126,6 +135,9 @@ def main() -> int:
         t_inc, out = timed(pynbd_argv("backup", "--no-progress", "--json", f"{base}/disk@c2",
                                       str(chain), python=sys.executable))
         inc = json.loads(out)
+        print("pynbd backup (incremental, qcow2) ...", flush=True)
+        t_inc_q, _ = timed(pynbd_argv("backup", "--no-progress", f"{base}/disk@c2",
+                                      str(chain_q), python=sys.executable))
         ctl_req({"cmd": "checkpoint", "name": "c2", "release": True})
         # 4. write rate with one view open (fresh: every first write to a block copies it)
         ctl_req({"cmd": "checkpoint", "name": "c3"})
@@ -158,6 +170,13 @@ def main() -> int:
          f"({changed_bytes / MiB:.0f} MiB in {len(changed)} blocks)",
          f"{t_inc:.2f} s ({inc['data_bytes'] / MiB:.0f} MiB copied; "
          f"{t_nbdcopy / t_inc:.1f}x faster than the full nbdcopy)"),
+        (f"full `qemu-img convert -O qcow2` of the view ({gib:g} GiB)",
+         f"{t_qemu_img:.2f} s ({size / MiB / t_qemu_img:.0f} MiB/s)"),
+        (f"full `pynbd backup --format qcow2` of the view ({gib:g} GiB, sha256, fsync)",
+         f"{t_full_q:.2f} s ({size / MiB / t_full_q:.0f} MiB/s; "
+         f"{t_qemu_img / t_full_q:.2f}x qemu-img's rate)"),
+        (f"incremental `pynbd backup`, qcow2, {args.changed:.0%} changed",
+         f"{t_inc_q:.2f} s ({t_inc_q / t_inc:.2f}x the raw incremental's time)"),
         ("live 4 KiB random writes (fio QD32), no bitmap, no view", f"{iops_plain:.0f} IOPS"),
         ("live 4 KiB random writes, checkpoint bitmap, no view",
          f"{iops_bitmap:.0f} IOPS ({iops_bitmap / iops_plain:.2f}x)"),

@@ -382,3 +382,53 @@ def test_qcow2_after_raw_and_the_refusals(tmp_path: Path) -> None:
         s.stop()
     assert p.returncode == 1 and b"multiple of 512" in p.stderr and b"--format raw" in p.stderr
     assert sorted(os.listdir(tmp_path / "oddchain")) == []
+
+
+def test_reader_on_damaged_images_errors_clearly(tmp_path: Path) -> None:
+    """Random damage to the header and tables of a backup image: the reader either
+    reads (the sha256 of restore catches wrong data) or raises Qcow2Error; never another
+    exception, never a huge allocation (the L1 table must lie inside the file)."""
+    size = 8 * MiB
+    good = tmp_path / "good.qcow2"
+    rnd = random.Random(5)
+    _write(good, size, "base.qcow2", "qcow2",
+           [("write", 0, rnd.randbytes(3 * CLUSTER)), ("zero", 5 * CLUSTER, CLUSTER),
+            ("write", 100 * CLUSTER, rnd.randbytes(CLUSTER))])
+    raw = bytearray(good.read_bytes())
+    # where damage matters: the header, the L1 table, the L2 entries in use
+    fd = os.open(good, os.O_RDONLY)
+    try:
+        ok = Qcow2Reader(fd, "good.qcow2", size)
+        l1_at = int.from_bytes(raw[40:48], "big")
+        l2_at = ok.l1[0] & 0x00FFFFFFFFFFFE00
+        table = ok._table(0)
+        assert table is not None
+        used = [i for i, e in enumerate(table) if e]
+    finally:
+        os.close(fd)
+    meta = [*range(0, 104), *range(l1_at, l1_at + 8),
+            *(l2_at + 8 * i + k for i in used for k in range(8))]
+    outcomes = {"read": 0, "refused": 0}
+    for trial in range(400):
+        bad = bytearray(raw)
+        for _ in range(rnd.choice((1, 2, 8))):
+            pos = rnd.choice(meta)
+            bad[pos] = rnd.randrange(256) if trial % 2 else bad[pos] ^ (1 << rnd.randrange(8))
+        path = tmp_path / "bad.qcow2"
+        path.write_bytes(bad)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            r = Qcow2Reader(fd, "bad.qcow2", size)
+            r.pread(0, size)
+            outcomes["read"] += 1
+        except Qcow2Error:
+            outcomes["refused"] += 1
+        finally:
+            os.close(fd)
+    assert outcomes["refused"] > 20 and outcomes["read"] > 20, outcomes  # both paths ran
+    fd = os.open(good, os.O_RDONLY)
+    try:
+        with pytest.raises(Qcow2Error, match="not 1048576 bytes"):
+            Qcow2Reader(fd, "good.qcow2", MiB)
+    finally:
+        os.close(fd)

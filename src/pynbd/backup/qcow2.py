@@ -236,7 +236,9 @@ class Qcow2Reader:
     image does not hold read as zeros (``pynbd restore`` reads only the ranges a backup
     recorded, which its image holds)."""
 
-    def __init__(self, fd: int, name: str = "image") -> None:
+    def __init__(self, fd: int, name: str = "image", size: int | None = None) -> None:
+        """``size``: the virtual size the image must have (checked before any table
+        is read, so a damaged header cannot make the reader allocate much)."""
         self.fd = fd
         self.name = name
         raw = os.pread(fd, HEADER.size, 0)
@@ -247,7 +249,7 @@ class Qcow2Reader:
             raise Qcow2Error(f"{name}: qcow2 version {version} is not supported")
         if version == 2:
             raw = raw[:72] + bytes(HEADER.size - 72)
-        (_m, _v, backing_off, backing_len, cluster_bits, size, crypt, l1_size, l1_off,
+        (_m, _v, backing_off, backing_len, cluster_bits, vsize, crypt, l1_size, l1_off,
          _rt_off, _rt_clusters, _snaps, _snap_off, incompat, _compat, _auto, _order,
          _hlen) = HEADER.unpack(raw)
         if not 9 <= cluster_bits <= 21:
@@ -260,12 +262,18 @@ class Qcow2Reader:
         if bad:
             raise Qcow2Error(f"{name}: incompatible features 0x{bad:x} are not supported "
                              "(external data file, compression type or extended L2)")
+        if size is not None and vsize != size:
+            raise Qcow2Error(f"{name} is a {vsize}-byte image, not {size} bytes")
         self.cs = 1 << cluster_bits
         self.l2_entries = self.cs // 8
-        self.size = size
-        if l1_size < _ceil(size, self.cs * self.l2_entries) or l1_size > 1 << 25:
+        self.size = vsize
+        file_size = os.fstat(fd).st_size
+        if l1_size < _ceil(vsize, self.cs * self.l2_entries):
             raise Qcow2Error(f"{name}: its L1 table ({l1_size} entries) does not cover "
-                             f"its {size} bytes")
+                             f"its {vsize} bytes")
+        if l1_size > 1 << 25 or l1_off + 8 * l1_size > file_size:
+            raise Qcow2Error(f"{name}: its L1 table ({l1_size} entries at {l1_off}) lies "
+                             f"outside the {file_size}-byte file")
         if l1_size and l1_off % self.cs:
             raise Qcow2Error(f"{name}: its L1 table is not cluster-aligned")
         self.backing = None
