@@ -13,8 +13,9 @@
 With ``--format qcow2`` a backup's image is ``NNNN.qcow2`` instead (backup/qcow2.py): a
 full one holds the whole disk, an incremental one holds the clusters that changed and
 names the previous backup as its backing file, so qemu reads any of them as the whole
-disk at that point. Its ``.json`` is the same. A chain with a qcow2 backup is written as
-manifest version 2 (an older pynbd refuses it instead of reading qcow2 as raw).
+disk at that point. Its ``.json`` is the same. A chain with a qcow2 backup, or whose oldest
+backups were pruned (backup/prune.py: indices then start above 0), is written as
+manifest version 2 (an older pynbd refuses it instead of misreading it).
 
 Ranges are ``[offset, length, sha256]`` (data: the bytes at that offset of the ``.raw``
 file) or ``[offset, length, null]`` (the range reads as zeros); no range crosses a
@@ -147,8 +148,10 @@ class Chain:
             size, piece = int(d["size"]), int(d.get("piece", PIECE))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ChainError(f"{path}: damaged ({type(exc).__name__}: {exc})") from exc
+        first = backups[0].index if backups else 0
         for i, b in enumerate(backups):
-            if b.index != i or b.type not in ("full", "incremental") or (
+            if b.index != first + i or b.type not in ("full", "incremental") or (
+                    i == 0 and b.type != "full") or (
                     b.image_format not in IMAGE_FORMATS) or any(
                     os.sep in f or f in ("", ".", "..") for f in (b.file, b.ranges_file)):
                 raise ChainError(f"{path}: damaged (backup #{i} is not a backup of this "
@@ -165,8 +168,17 @@ class Chain:
         return os.path.join(self.dir, name)
 
     def new_names(self, image_format: str = "raw") -> tuple[int, str, str]:
-        index = len(self.backups)
+        index = self.backups[-1].index + 1 if self.backups else 0
         return index, f"{index:04d}.{image_format}", f"{index:04d}.json"
+
+    def find(self, index: int) -> int:
+        """The position in :attr:`backups` of backup ``index`` (ChainError if none)."""
+        first = self.backups[0].index if self.backups else 0
+        pos = index - first
+        if not self.backups or not 0 <= pos < len(self.backups):
+            have = (f"{first} to {self.backups[-1].index}" if self.backups else "none")
+            raise ChainError(f"no backup {index} in {self.dir} ({have})")
+        return pos
 
     def clean_partial(self) -> None:
         """Remove files of backups that never joined the chain."""
@@ -198,8 +210,8 @@ class Chain:
         self.write()
 
     def write(self) -> None:
-        version = VERSION if any(b.image_format != "raw" for b in self.backups) \
-            else VERSION_RAW
+        version = VERSION if any(b.image_format != "raw" for b in self.backups) or (
+            self.backups and self.backups[0].index) else VERSION_RAW
         d = {"format": FORMAT, "version": version, "size": self.size, "piece": self.piece,
              "backups": [b.as_dict() for b in self.backups]}
         write_atomic(self.path(MANIFEST), json.dumps(d, indent=1).encode() + b"\n")
@@ -208,9 +220,7 @@ class Chain:
         """The backups that rebuild the image as of backup ``at`` (default: the last)."""
         if not self.backups:
             raise ChainError(f"{self.dir} holds no backup yet")
-        n = len(self.backups) - 1 if at is None else at
-        if not 0 <= n < len(self.backups):
-            raise ChainError(f"no backup {n} in {self.dir} (0 to {len(self.backups) - 1})")
+        n = len(self.backups) - 1 if at is None else self.find(at)
         start = max(i for i in range(n + 1) if self.backups[i].type == "full")
         return self.backups[start:n + 1]
 

@@ -18,10 +18,10 @@ import hashlib
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from pynbd.backup.chain import Backup, Chain, ChainError
+from pynbd.backup.chain import Backup, Chain, ChainError, Range
 from pynbd.backup.qcow2 import Qcow2Error, Qcow2Reader
 
 
@@ -170,6 +170,69 @@ def _reader(fd: int, b: Backup, size: int) -> Callable[[int, int], bytearray]:
     return read_raw
 
 
+def _checked(chain: Chain, b: Backup, ranges: list[Range], then: str
+             ) -> Iterator[tuple[int, int, bytearray | None]]:
+    """Backup ``b``'s ranges in order: (offset, length, its bytes checked against their
+    sha256, or None for a zero range). A mismatch is a RestoreError ending with
+    ``then`` (what the failure leaves behind)."""
+    size = chain.size
+    assert size is not None
+    src = chain.path(b.file)
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise RestoreError(f"backup {b.index}: {src}: {exc.strerror}") from exc
+    try:
+        read = _reader(fd, b, size)
+        for off, ln, digest in ranges:
+            if off < 0 or ln <= 0 or off + ln > size:
+                raise RestoreError(f"backup {b.index}: range {off}+{ln} is outside "
+                                   f"the {size}-byte image")
+            if digest is None:
+                yield off, ln, None
+                continue
+            buf = read(off, ln)
+            if len(buf) != ln or hashlib.sha256(buf).hexdigest() != digest:
+                raise RestoreError(
+                    f"backup {b.index} ({b.file}): the {ln} bytes at offset {off} do not "
+                    "match the checksum recorded when they were backed up: the backup is "
+                    f"damaged; {then}")
+            yield off, ln, buf
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class VerifyResult:
+    backups: list[Backup]
+    data_bytes: int
+    zero_bytes: int
+    seconds: float
+
+
+def verify(directory: str, at: int | None = None,
+           progress: Callable[[int, int], None] | None = None) -> VerifyResult:
+    """Read every data range of every backup (or of those that rebuild backup ``at``)
+    and check it against its sha256; a RestoreError names the first damaged one."""
+    t0 = time.monotonic()
+    chain = Chain.open(directory)
+    if not chain.backups:
+        raise ChainError(f"{directory} holds no backup yet")
+    plan = chain.backups if at is None else chain.restore_plan(at)
+    work = [(b, chain.ranges(b)) for b in plan]
+    total = sum(n for _, rs in work for _, n, h in rs if h is not None)
+    data_bytes = zero_bytes = 0
+    for b, ranges in work:
+        for _off, ln, buf in _checked(chain, b, ranges, "later points need it"):
+            if buf is None:
+                zero_bytes += ln
+                continue
+            data_bytes += ln
+            if progress is not None:
+                progress(data_bytes, total)
+    return VerifyResult(plan, data_bytes, zero_bytes, time.monotonic() - t0)
+
+
 def restore(directory: str, target: str, at: int | None = None,
             progress: Callable[[int, int], None] | None = None,
             timeout: float | None = 60.0) -> RestoreResult:
@@ -190,35 +253,17 @@ def restore(directory: str, target: str, at: int | None = None,
     data_bytes = zero_bytes = done = 0
     try:
         for k, (b, ranges) in enumerate(work):
-            src = chain.path(b.file)
-            try:
-                fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as exc:
-                raise RestoreError(f"backup {b.index}: {src}: {exc.strerror}") from exc
-            try:
-                read = _reader(fd, b, size)
-                for off, ln, digest in ranges:
-                    if off < 0 or ln <= 0 or off + ln > size:
-                        raise RestoreError(f"backup {b.index}: range {off}+{ln} is outside "
-                                           f"the {size}-byte image")
-                    if digest is None:
-                        if not (tgt.fresh and k == 0):
-                            tgt.zero(off, ln)
-                        zero_bytes += ln
-                    else:
-                        buf = read(off, ln)
-                        if len(buf) != ln or hashlib.sha256(buf).hexdigest() != digest:
-                            raise RestoreError(
-                                f"backup {b.index} ({b.file}): the {ln} bytes at offset {off} "
-                                "do not match the checksum recorded when they were backed "
-                                f"up: the backup is damaged; {target} is incomplete")
-                        tgt.write(off, memoryview(buf))
-                        data_bytes += ln
-                    done += ln
-                    if progress is not None:
-                        progress(done, total)
-            finally:
-                os.close(fd)
+            for off, ln, buf in _checked(chain, b, ranges, f"{target} is incomplete"):
+                if buf is None:
+                    if not (tgt.fresh and k == 0):
+                        tgt.zero(off, ln)
+                    zero_bytes += ln
+                else:
+                    tgt.write(off, memoryview(buf))
+                    data_bytes += ln
+                done += ln
+                if progress is not None:
+                    progress(done, total)
         tgt.finish()
     except OSError as exc:
         tgt.abort()
@@ -231,4 +276,4 @@ def restore(directory: str, target: str, at: int | None = None,
     return RestoreResult(plan[-1].index, plan, data_bytes, zero_bytes, time.monotonic() - t0)
 
 
-__all__ = ["ChainError", "RestoreError", "RestoreResult", "restore"]
+__all__ = ["ChainError", "RestoreError", "RestoreResult", "VerifyResult", "restore", "verify"]

@@ -1,6 +1,6 @@
-"""``pynbd backup URI DIR`` and ``pynbd restore DIR TARGET``: backup chains of NBD exports
-(full, then incremental from dirty bitmaps) and rebuilding any point of one
-(docs/backup.md)."""
+"""``pynbd backup URI DIR``, ``pynbd restore DIR TARGET`` and ``pynbd prune DIR``: backup
+chains of NBD exports (full, then incremental from dirty bitmaps), rebuilding or
+verifying any point of one, and deleting its oldest points (docs/backup.md)."""
 
 from __future__ import annotations
 
@@ -86,9 +86,11 @@ def run_restore(args: argparse.Namespace) -> int:
         json.dump(out, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
+    if args.verify:
+        return _verify(args)
     if not args.target:
-        print("pynbd restore: give TARGET (a file, block device or NBD URI), or --list",
-              file=sys.stderr)
+        print("pynbd restore: give TARGET (a file, block device or NBD URI), --verify or "
+              "--list", file=sys.stderr)
         return 2
     show = _show(args)
     try:
@@ -105,6 +107,63 @@ def run_restore(args: argparse.Namespace) -> int:
     print(f"restored backup {res.at} (from backups {used}) to {args.target}: "
           f"{_mib(res.data_bytes)} data, {_mib(res.zero_bytes)} zero, every range verified, "
           f"in {res.seconds:.2f} s")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from pynbd.backup.chain import ChainError
+    from pynbd.backup.restore import RestoreError, verify
+
+    if args.target:
+        print("pynbd restore: --verify takes no TARGET", file=sys.stderr)
+        return 2
+    show = _show(args)
+    try:
+        res = verify(args.dir, args.at, progress=_bar(sys.stderr, "verify") if show else None)
+    except (RestoreError, ChainError, OSError) as exc:
+        if show:
+            sys.stderr.write("\n")
+        print(f"pynbd restore: {exc}", file=sys.stderr)
+        return 1
+    if show:
+        sys.stderr.write("\n")
+    used = ", ".join(str(b.index) for b in res.backups)
+    print(f"verified backups {used}: {_mib(res.data_bytes)} data match their checksums "
+          f"({_mib(res.zero_bytes)} zero) in {res.seconds:.2f} s")
+    return 0
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    from pynbd.backup.chain import ChainError
+    from pynbd.backup.prune import PruneError, prune
+
+    show = _show(args)
+    try:
+        res = prune(args.dir, args.keep, dry_run=args.dry_run,
+                    progress=_bar(sys.stderr, "rebuild") if show else None)
+    except (PruneError, ChainError, OSError) as exc:
+        if show:
+            sys.stderr.write("\n")
+        print(f"pynbd prune: {exc}", file=sys.stderr)
+        return 1
+    if show and res.synthesized is not None and not args.dry_run:
+        sys.stderr.write("\n")
+    if args.json:
+        json.dump({"dry_run": args.dry_run, "kept": [b.index for b in res.kept],
+                   "removed": [b.index for b in res.removed],
+                   "synthesized": None if res.synthesized is None else res.synthesized.index},
+                  sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    verb = "would remove" if args.dry_run else "removed"
+    if not res.removed:
+        print(f"nothing to prune: {len(res.kept)} backup(s), --keep {args.keep}")
+        return 0
+    print(f"{verb} backups {', '.join(str(b.index) for b in res.removed)}; kept "
+          f"{', '.join(str(b.index) for b in res.kept)}"
+          + (f"; backup {res.synthesized.index} "
+             + ("would become" if args.dry_run else "is now")
+             + " a full backup (rebuilt and verified)" if res.synthesized else ""))
     return 0
 
 
@@ -155,7 +214,26 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                     "time.")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("target", nargs="?", metavar="TARGET")
-    p.add_argument("--at", type=int, metavar="N", help="the backup to restore (0 = first)")
+    p.add_argument("--at", type=int, metavar="N",
+                   help="the backup to restore (its index; default: the last)")
     p.add_argument("--list", action="store_true", help="print the chain as JSON")
+    p.add_argument("--verify", action="store_true",
+                   help="write nothing: check every backup's data against its checksums "
+                        "(with --at N: the backups that rebuild N)")
     _progress_args(p)
     p.set_defaults(func=run_restore)
+
+    p = sub.add_parser(
+        "prune", help="delete the oldest backups of a chain, keeping the newest N",
+        description="Keep the newest N backups of the chain in DIR restorable and delete "
+                    "the older ones. When the oldest kept backup is incremental, it is "
+                    "first rebuilt as a full backup (every range verified) under its own "
+                    "index and file names, so later qcow2 backups keep their backing "
+                    "file. Each step leaves a usable chain if interrupted.")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--keep", type=int, required=True, metavar="N",
+                   help="how many of the newest backups to keep (at least 1)")
+    p.add_argument("--dry-run", "-n", action="store_true", help="say what would happen")
+    p.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    _progress_args(p)
+    p.set_defaults(func=run_prune)

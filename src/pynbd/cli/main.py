@@ -37,6 +37,7 @@ COMMANDS = {
     "break": "mirror", "listen": "listen", "read": "rw", "write": "rw", "proxy": "proxy",
     "proxy-upstream": "proxy", "fuse": "fuse", "filter": "filterctl",
     "bitmap": "bitmap", "checkpoint": "bitmap", "backup": "backup", "restore": "backup",
+    "prune": "backup",
 }
 
 
