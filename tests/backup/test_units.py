@@ -336,7 +336,10 @@ def test_damaged_manifests_are_refused(tmp_path: Path) -> None:
     entry = {"index": 0, "type": "full", "file": "0000.raw", "ranges": "0000.json"}
     for bad in ({**base, "backups": [{"index": 0}]},
                 {**base, "backups": [{**entry, "file": "../../etc/passwd"}]},
-                {**base, "backups": [{**entry, "index": 3}]},
+                {**base, "backups": [entry, {**entry, "index": 2, "type": "incremental"}]},
+                {**base, "backups": [{**entry, "index": 3, "type": "incremental"}]},
+                {**base, "backups": [{**entry, "index": -1}]},
+                {**base, "backups": [{**entry, "format": "vmdk"}]},
                 {**base, "backups": [{**entry, "type": "weekly"}]},
                 {**base, "size": "big"},
                 {**base, "backups": "x"},
@@ -344,6 +347,10 @@ def test_damaged_manifests_are_refused(tmp_path: Path) -> None:
         (d / "manifest.json").write_text(json.dumps(bad))
         with pytest.raises(ChainError):
             Chain.open(str(d))
+    # a pruned chain starts above 0 with a full backup: fine
+    (d / "manifest.json").write_text(json.dumps(
+        {**base, "version": 2, "backups": [{**entry, "index": 3}]}))
+    assert [b.index for b in Chain.open(str(d)).backups] == [3]
 
 
 def test_control_verbs_refuse_bad_requests(tmp_path: Path) -> None:

@@ -150,7 +150,7 @@ class Chain:
             raise ChainError(f"{path}: damaged ({type(exc).__name__}: {exc})") from exc
         first = backups[0].index if backups else 0
         for i, b in enumerate(backups):
-            if b.index != first + i or b.type not in ("full", "incremental") or (
+            if b.index != first + i or first < 0 or b.type not in ("full", "incremental") or (
                     i == 0 and b.type != "full") or (
                     b.image_format not in IMAGE_FORMATS) or any(
                     os.sep in f or f in ("", ".", "..") for f in (b.file, b.ranges_file)):
