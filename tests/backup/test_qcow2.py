@@ -136,10 +136,56 @@ def test_written_images_pass_qemu_img_check_and_hold_the_data(tmp_path: Path,
             assert got == (what if isinstance(what, bytes) else bytes(n)), (kind, off)
     finally:
         os.close(fd)
+    # compressed: random data stays as it is; text shrinks, and qemu reads it back
+    fd = os.open(tmp_path / "0z.qcow2", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        w = Qcow2Writer(fd, size, compress=6)
+        for kind, off, what in first:
+            if kind == "write":
+                assert isinstance(what, bytes)
+                w.write(off, what)
+        w.finish()
+        # random data does not shrink; only the short last cluster (padded with zeros) does
+        assert w.compressed_clusters == 1 and w.data_clusters > 100
+    finally:
+        os.close(fd)
+    texty: list[tuple[str, int, bytes | int]] = [
+        ("write", off, ((b"pynbd %08d " % off) * CLUSTER)[:CLUSTER])
+        for off in range(0, 300 * CLUSTER, 3 * CLUSTER)]
+    texty.append(("write", size - 1536, b"end!" * 384))  # the short last cluster
+    fd = os.open(tmp_path / "0y.qcow2", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        w = Qcow2Writer(fd, size, compress=6)
+        for _kind, off, what in texty:
+            assert isinstance(what, bytes)
+            w.write(off, what)
+        w.finish()
+        assert w.compressed_clusters == len(texty) and w.data_clusters == 0
+    finally:
+        os.close(fd)
+    assert (tmp_path / "0y.qcow2").stat().st_size < MiB  # 6.3 MiB of data
+    text_model = bytearray(size)
+    _apply(text_model, texty)
+    (tmp_path / "text.raw").write_bytes(text_model)
+    for name, raw_file in (("0z.qcow2", None), ("0y.qcow2", tmp_path / "text.raw")):
+        rep = json.loads(_qemu_out(peer, "qemu-img", "check", "--output=json",
+                                   str(tmp_path / name)))
+        assert rep.get("check-errors", 0) == 0 and rep.get("corruptions", 0) == 0, rep
+        assert rep.get("leaks", 0) == 0, rep
+        if raw_file is not None:
+            assert rep["compressed-clusters"] == len(texty)
+            q("qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(tmp_path / name),
+              str(raw_file))
+    fd = os.open(tmp_path / "0y.qcow2", os.O_RDONLY)
+    try:
+        assert Qcow2Reader(fd, "0y.qcow2", size).pread(0, size) == text_model
+    finally:
+        os.close(fd)
     # a qcow2 incremental on a raw full image
     with open(tmp_path / "base.raw", "wb") as f:
         f.write(model)
-    top = [("write", 5 * CLUSTER, b"\x5a" * CLUSTER), ("zero", 0, 2 * CLUSTER)]
+    top: list[tuple[str, int, bytes | int]] = [("write", 5 * CLUSTER, b"\x5a" * CLUSTER),
+                                               ("zero", 0, 2 * CLUSTER)]
     _write(tmp_path / "2.qcow2", size, "base.raw", "raw", top)
     _apply(model, top)
     with open(expect, "wb") as f:
@@ -166,13 +212,27 @@ def test_reader_reads_images_qemu_made_and_refuses_what_it_cannot(tmp_path: Path
             r.pread(8 * MiB - 10, 11)
     finally:
         os.close(fd)
-    # compressed clusters: refused by name
+    # compressed by qemu-img -c: inflated; a damaged stream is an error naming it
     comp = tmp_path / "c.qcow2"
     run("qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(tmp_path / "q.raw"),
         str(comp))
     fd = os.open(comp, os.O_RDONLY)
     try:
-        with pytest.raises(Qcow2Error, match="compressed cluster"):
+        r = Qcow2Reader(fd, "c.qcow2")
+        assert r.pread(0, 8 * MiB) == want
+        table = r._table(0)
+        assert table is not None
+        entry = table[100 * KiB // CLUSTER]
+        assert entry & (1 << 62)  # qemu compressed it
+        at = entry & ((1 << 54) - 1)
+    finally:
+        os.close(fd)
+    with open(comp, "r+b") as f:
+        f.seek(at)
+        f.write(b"\xff" * 16)
+    fd = os.open(comp, os.O_RDONLY)
+    try:
+        with pytest.raises(Qcow2Error, match="compressed cluster at offset 65536 is damaged"):
             Qcow2Reader(fd, "c.qcow2").pread(100 * KiB, 10)
     finally:
         os.close(fd)
@@ -205,6 +265,8 @@ def test_writer_refuses_what_qemu_could_not_read(tmp_path: Path) -> None:
             Qcow2Writer(fd, MiB + 100)
         with pytest.raises(Qcow2Error, match="backing format"):
             Qcow2Writer(fd, MiB, "0000.vmdk", "vmdk")
+        with pytest.raises(Qcow2Error, match="L1 table larger than qemu's 32 MiB"):
+            Qcow2Writer(fd, 4 << 50)  # 4 PiB
         w = Qcow2Writer(fd, 4 * CLUSTER, "b.qcow2", "qcow2")
         with pytest.raises(Qcow2Error, match="not cluster-aligned"):
             w.write(512, b"x" * 512)
@@ -220,6 +282,16 @@ def test_writer_refuses_what_qemu_could_not_read(tmp_path: Path) -> None:
         os.close(fd)
     run("qemu-img", "create", "-f", "qcow2", str(tmp_path / "b.qcow2"), str(4 * CLUSTER))
     run("qemu-img", "check", str(tmp_path / "w.qcow2"))
+    # an empty image (no L1 table at all), with and without a backing file
+    _write(tmp_path / "e0.qcow2", 0, None, None, [])
+    _write(tmp_path / "e1.qcow2", 0, "e0.qcow2", "qcow2", [])
+    run("qemu-img", "check", str(tmp_path / "e1.qcow2"))
+    run("qemu-img", "check", str(tmp_path / "e0.qcow2"))
+    fd = os.open(tmp_path / "e1.qcow2", os.O_RDONLY)
+    try:
+        assert Qcow2Reader(fd, "e1", 0).pread(0, 0) == b""
+    finally:
+        os.close(fd)
 
 
 def test_cluster_plan_widens_reads_and_keeps_whole_zero_clusters() -> None:
@@ -432,3 +504,71 @@ def test_reader_on_damaged_images_errors_clearly(tmp_path: Path) -> None:
             Qcow2Reader(fd, "good.qcow2", MiB)
     finally:
         os.close(fd)
+    # fields that would make the reader seek past 2^63 or allocate a lot
+    big = tmp_path / "big.qcow2"
+    for field, value, msg in ((8, 1 << 63, "backing file name"),  # backing_file_offset
+                              (16, 4000, "backing file name"),  # backing_file_size
+                              (36, 1 << 24, "L1 table"),  # l1_size: 128 MiB
+                              (40, (1 << 63) + CLUSTER, "L1 table")):  # l1_table_offset
+        bad = bytearray(raw)
+        width = 4 if field in (16, 36) else 8
+        bad[field:field + width] = value.to_bytes(width, "big")
+        big.write_bytes(bad)
+        os.truncate(big, 200 * MiB)  # room for a large table: it still must not be read
+        fd = os.open(big, os.O_RDONLY)
+        try:
+            with pytest.raises(Qcow2Error, match=msg):
+                Qcow2Reader(fd, "big.qcow2", size)
+        finally:
+            os.close(fd)
+
+
+def test_compressed_chain_restores_reads_in_qemu_and_prunes_compressed(tmp_path: Path) -> None:
+    """--compress on the first qcow2 backup; the next ones follow the chain. The images
+    pass qemu-img check with compressed clusters, hold each point for qemu and for
+    pynbd restore, are smaller than the data; a synthetic full made by prune is
+    compressed too; --compress with raw is refused."""
+    img = make_image(tmp_path / "disk.img", SIZE)  # sparse: patterns written below
+    chain = tmp_path / "chain"
+    snaps: list[bytes] = []
+    steps = [["write -P 0x11 0 6M", "write -P 0x12 10M 3M"],
+             ["write -P 0x13 1M 100k", "write -z 11M 1M"],
+             ["write -P 0x14 20M 2M"]]
+    s = Served(tmp_path, img, workers=1)
+    try:
+        p = pynbd("backup", "--compress", s.uri, str(tmp_path / "rawchain"), ok=False)
+        assert p.returncode == 1 and b"--compress needs --format qcow2" in p.stderr
+        for i, cmds in enumerate(steps):
+            run("qemu-io", "-f", "raw", *[c for cmd in cmds for c in ("-c", cmd)], s.uri)
+            s.checkpoint(f"c{i}")
+            snaps.append(img.read_bytes())
+            extra = ["--format", "qcow2", "--compress"] if i == 0 else []
+            rec = json.loads(pynbd("backup", "--json", *extra, s.view_uri(f"c{i}"),
+                                   str(chain)).stdout)
+            assert rec["compressed"] is True and rec["format"] == "qcow2"
+            if i:
+                s.checkpoint("--release", f"c{i - 1}")
+    finally:
+        s.stop()
+    for i, want in enumerate(snaps):
+        f = chain / f"{i:04d}.qcow2"
+        rep = json.loads(run("qemu-img", "check", "--output=json", str(f)).stdout)
+        assert rep.get("check-errors", 0) == 0 and rep.get("leaks", 0) == 0, rep
+        assert rep["compressed-clusters"] > 0
+        (tmp_path / "want.raw").write_bytes(want)
+        run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(f), str(tmp_path / "want.raw"))
+    assert (chain / "0000.qcow2").stat().st_size < MiB  # 9 MiB of patterns
+    _restore_each(tmp_path, chain, snaps)
+    pynbd("prune", "--keep", "1", str(chain))
+    rep = json.loads(run("qemu-img", "check", "--output=json", str(chain / "0002.qcow2")).stdout)
+    assert rep.get("check-errors", 0) == 0 and rep["compressed-clusters"] > 0
+    assert (chain / "0002.qcow2").stat().st_size < MiB
+    _restore_each(tmp_path, chain, {2: snaps[2]})
+
+
+def _restore_each(tmp: Path, chain: Path, snaps: list[bytes] | dict[int, bytes]) -> None:
+    for i, want in (snaps.items() if isinstance(snaps, dict) else enumerate(snaps)):
+        out = tmp / f"r{i}.img"
+        pynbd("restore", str(chain), str(out), "--at", str(i))
+        assert out.read_bytes() == want, i
+        out.unlink()

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from pynbd.backup.chain import Backup, Chain, ChainError, Range, split
+from pynbd.backup.engine import COMPRESS_LEVEL
 from pynbd.backup.qcow2 import Qcow2Writer
 from pynbd.backup.restore import RestoreError, restore
 from pynbd.server.bitmaps import write_atomic
@@ -87,7 +88,8 @@ def _synthesize(chain: Chain, b: Backup,
         writer = None
         if b.image_format == "qcow2":
             qfd = os.open(qtmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            writer = Qcow2Writer(qfd, size)
+            level = COMPRESS_LEVEL if b.extra.get("compressed") else None
+            writer = Qcow2Writer(qfd, size, compress=level)
         for off, n, maybe in _pieces(fd, size, chain.piece):
             if maybe:
                 buf = os.pread(fd, n, off)

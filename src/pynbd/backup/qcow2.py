@@ -11,17 +11,21 @@ threads deliver cluster-aligned pieces in any order:
   space: left unallocated in an image without a backing file (it reads as zeros), or
   given the v3 "reads as zeros" flag in an incremental one (so it hides the backing
   file's data);
+- with ``compress`` each data cluster is deflated (qcow2's default zlib type: raw
+  deflate, 4 KiB window) and the streams are packed one after another into host
+  clusters (a stream never crosses into the next host cluster); a cluster that does
+  not shrink is stored as it is;
 - at the end come the L2 tables, the L1 table, the refcount blocks and the refcount
-  table (every cluster of the file is used exactly once: all refcounts are 1), then
-  the header with the backing file's name and format.
+  table (every cluster of the file is used once, a host cluster of compressed streams
+  once per stream in it), then the header with the backing file's name and format.
 
 An incremental backup's image names the previous backup as its backing file, so qemu
 sees each backup as the whole disk at that point: ``qemu-img convert``, ``qemu-img
 compare``, ``qemu-nbd`` and a VM's ``-drive ...,snapshot=on`` use it without pynbd.
 
-The reader understands uncompressed, unencrypted images with standard L2 entries
-(what the writer makes, and what qemu-img makes by default); anything else is refused
-with a :class:`Qcow2Error` that says what.
+The reader understands unencrypted images with standard L2 entries and zlib
+compression (what the writer makes, and what qemu-img makes by default or with
+``-c``); anything else is refused with a :class:`Qcow2Error` that says what.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import os
 import struct
 import sys
 import threading
+import zlib
 from array import array
 
 MAGIC = b"QFI\xfb"
@@ -40,6 +45,7 @@ EXT = struct.Struct(">II")
 EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_END = 0
 REFCOUNT_ORDER = 4  # 16-bit refcounts
+MAX_L1_BYTES = 32 << 20  # qemu refuses larger L1 tables (QCOW_MAX_L1_SIZE)
 
 OFLAG_COPIED = 1 << 63  # refcount is exactly 1
 OFLAG_COMPRESSED = 1 << 62
@@ -88,7 +94,9 @@ class Qcow2Writer:
     """
 
     def __init__(self, fd: int, size: int, backing: str | None = None,
-                 backing_format: str | None = None) -> None:
+                 backing_format: str | None = None, compress: int | None = None) -> None:
+        """``compress``: a zlib level (1 fastest to 9 smallest) to deflate each data
+        cluster with; None stores them as they are."""
         if size < 0 or size % 512:
             raise Qcow2Error(f"a qcow2 image's size must be a multiple of 512 bytes, "
                              f"not {size}")
@@ -104,6 +112,9 @@ class Qcow2Writer:
         self.cs = CLUSTER
         self.l2_entries = CLUSTER // 8
         self.l1_size = _ceil(size, CLUSTER * self.l2_entries)
+        if 8 * self.l1_size > MAX_L1_BYTES:
+            raise Qcow2Error(f"a {size}-byte image needs an L1 table larger than qemu's "
+                             f"{MAX_L1_BYTES >> 20} MiB limit (2 PiB with 64 KiB clusters)")
         self._l2: dict[int, array] = {}  # type: ignore[type-arg]
         self._next = 1  # the next free host cluster; 0 is the header's
         self._lock = threading.Lock()
@@ -111,6 +122,14 @@ class Qcow2Writer:
         self._finished = False
         self.data_clusters = 0
         self.zero_clusters = 0
+        if compress is not None and not 0 <= compress <= 9:
+            raise Qcow2Error(f"compression level {compress} is not 0 to 9")
+        self.compress = compress
+        self.compressed_clusters = 0
+        self._streams: dict[int, int] = {}  # host cluster -> compressed streams in it
+        self._cpos = self._cend = 0  # where the next stream goes, and its host cluster's end
+        # bits of a compressed L2 entry below its sector count
+        self._cbits = 62 - (CLUSTER_BITS - 8)
         _pwrite_all(fd, self._zero, 0)  # not an image until finish() writes the header
 
     def _check(self, offset: int, length: int) -> None:
@@ -141,11 +160,16 @@ class Qcow2Writer:
         while pos < n:
             # one run of data clusters, or one zero cluster
             stop = pos
-            while stop < n and view[stop:stop + cs] != self._zero[:min(cs, n - stop)]:
-                stop += cs
+            while stop < n and bytes(view[stop:stop + cs]) != self._zero[:min(cs, n - stop)]:
+                stop += cs  # bytes(): memoryview == bytes compares a byte at a time
             if stop == pos:
                 self.zero(offset + pos, min(cs, n - pos))
                 pos += cs
+                continue
+            if self.compress is not None:
+                for p in range(pos, min(stop, n), cs):
+                    self._write_compressed(offset + p, view[p:min(p + cs, n)])
+                pos = stop
                 continue
             k = _ceil(min(stop, n) - pos, cs)
             with self._lock:
@@ -157,16 +181,54 @@ class Qcow2Writer:
             _pwrite_all(self.fd, view[pos:min(stop, n)], host * cs)
             pos = stop
 
+    def _write_compressed(self, offset: int, chunk: memoryview) -> None:
+        cs = self.cs
+        z = zlib.compressobj(self.compress or 0, zlib.DEFLATED, -12)
+        data = z.compress(chunk)
+        if len(chunk) < cs:  # the image's last cluster: qemu inflates whole clusters
+            data += z.compress(bytes(cs - len(chunk)))
+        data += z.flush()
+        if len(data) >= cs:  # did not shrink: store it as it is
+            with self._lock:
+                host = self._next
+                self._next += 1
+                self._set(offset // cs, (host * cs) | OFLAG_COPIED)
+                self.data_clusters += 1
+            _pwrite_all(self.fd, chunk, host * cs)
+            return
+        with self._lock:
+            if self._cpos + len(data) > self._cend:
+                self._cpos = self._next * cs
+                self._cend = self._cpos + cs
+                self._next += 1
+            at = self._cpos
+            self._cpos += len(data)
+            host = at // cs
+            self._streams[host] = self._streams.get(host, 0) + 1
+            sectors = (at + len(data) - 1) // 512 - at // 512
+            self._set(offset // cs, OFLAG_COMPRESSED | (sectors << self._cbits) | at)
+            self.compressed_clusters += 1
+        _pwrite_all(self.fd, data, at)
+
     def zero(self, offset: int, length: int) -> None:
         """The range reads as zeros (hiding the backing file where there is one)."""
         self._check(offset, length)
         if self.backing is None:
             return  # unallocated clusters of an image without a backing file are zeros
         with self._lock:
-            first = offset // self.cs
-            for c in range(first, first + _ceil(length, self.cs)):
-                self._set(c, OFLAG_ZERO)
-                self.zero_clusters += 1
+            c = offset // self.cs
+            end = c + _ceil(length, self.cs)
+            while c < end:
+                l1i, l2i = divmod(c, self.l2_entries)
+                k = min(end - c, self.l2_entries - l2i)
+                table = self._l2.get(l1i)
+                if table is None:
+                    table = self._l2[l1i] = array("Q", bytes(self.cs))
+                if any(table[l2i:l2i + k]):
+                    raise Qcow2Error(f"a cluster of {offset}+{length} was given twice")
+                table[l2i:l2i + k] = array("Q", [OFLAG_ZERO]) * k
+                self.zero_clusters += k
+                c += k
 
     def _alloc(self, clusters: int) -> int:
         host = self._next
@@ -185,9 +247,10 @@ class Qcow2Writer:
                 off = self._alloc(1)
                 _pwrite_all(self.fd, _be(self._l2[l1i]), off)
                 l1[l1i] = off | OFLAG_COPIED
-            l1_clusters = max(1, _ceil(8 * self.l1_size, cs))
-            l1_off = self._alloc(l1_clusters)
-            _pwrite_all(self.fd, _be(l1).ljust(l1_clusters * cs, b"\0"), l1_off)
+            l1_clusters = _ceil(8 * self.l1_size, cs)
+            l1_off = self._alloc(l1_clusters) if l1_clusters else 0
+            if l1_clusters:
+                _pwrite_all(self.fd, _be(l1).ljust(l1_clusters * cs, b"\0"), l1_off)
             # refcount blocks and table covering every cluster, themselves included
             per_block = cs * 8 // (1 << REFCOUNT_ORDER)
             used = self._next
@@ -203,10 +266,15 @@ class Qcow2Writer:
             table_off = self._alloc(table)
             total = self._next
             refs = array("H", [1]) * per_block
+            shared: dict[int, list[tuple[int, int]]] = {}  # block -> (index, streams)
+            for host, streams in self._streams.items():
+                shared.setdefault(host // per_block, []).append((host % per_block, streams))
             for b in range(blocks):
-                lo = b * per_block
-                count = min(per_block, total - lo)
-                block = refs if count == per_block else array("H", [1]) * count
+                count = min(per_block, total - b * per_block)
+                block = refs if count == per_block and b not in shared else \
+                    array("H", [1]) * count
+                for i, streams in shared.get(b, ()):
+                    block[i] = streams
                 _pwrite_all(self.fd, _be(block).ljust(cs, b"\0"), first_block + b * cs)
             entries = array("Q", (first_block + b * cs for b in range(blocks)))
             _pwrite_all(self.fd, _be(entries).ljust(table * cs, b"\0"), table_off)
@@ -271,20 +339,29 @@ class Qcow2Reader:
         if l1_size < _ceil(vsize, self.cs * self.l2_entries):
             raise Qcow2Error(f"{name}: its L1 table ({l1_size} entries) does not cover "
                              f"its {vsize} bytes")
-        if l1_size > 1 << 25 or l1_off + 8 * l1_size > file_size:
+        if 8 * l1_size > MAX_L1_BYTES or l1_off + 8 * l1_size > file_size:
             raise Qcow2Error(f"{name}: its L1 table ({l1_size} entries at {l1_off}) lies "
                              f"outside the {file_size}-byte file")
         if l1_size and l1_off % self.cs:
             raise Qcow2Error(f"{name}: its L1 table is not cluster-aligned")
-        self.backing = None
-        if backing_off:
-            b = os.pread(fd, min(backing_len, 1023), backing_off)
-            self.backing = b.decode(errors="replace")
-        table = os.pread(fd, 8 * l1_size, l1_off) if l1_size else b""
-        if len(table) != 8 * l1_size:
+        self.backing = self._backing_name(backing_off, backing_len)
+        # only the entries that cover the image are ever used: read just those
+        need = _ceil(vsize, self.cs * self.l2_entries)
+        table = os.pread(fd, 8 * need, l1_off) if need else b""
+        if len(table) != 8 * need:
             raise Qcow2Error(f"{name}: its L1 table is cut short")
-        self.l1 = struct.unpack(f">{l1_size}Q", table)
+        self.l1 = array("Q", table)
+        if not _BIG:
+            self.l1.byteswap()
         self._l2: dict[int, tuple[int, ...]] = {}
+
+    def _backing_name(self, offset: int, length: int) -> str | None:
+        if not offset:
+            return None
+        if length > 1023 or offset + length > self.cs:
+            raise Qcow2Error(f"{self.name}: its backing file name ({length} bytes at "
+                             f"{offset}) lies outside its header cluster")
+        return os.pread(self.fd, length, offset).decode(errors="replace")
 
     def _table(self, l1i: int) -> tuple[int, ...] | None:
         entry = self.l1[l1i] & L1_OFFSET_MASK
@@ -299,6 +376,24 @@ class Qcow2Reader:
                 self._l2.pop(next(iter(self._l2)))
             t = self._l2[l1i] = struct.unpack(f">{self.l2_entries}Q", raw)
         return t
+
+    def _inflate(self, cluster: int, entry: int) -> bytes:
+        """A compressed cluster's bytes (zlib: raw deflate)."""
+        bits = 62 - (self.cs.bit_length() - 1 - 8)
+        at = entry & ((1 << bits) - 1)
+        sectors = (entry >> bits) & ((1 << (62 - bits)) - 1)
+        length = (sectors + 1) * 512 - (at & 511)
+        raw = os.pread(self.fd, length, at)
+        try:
+            out = zlib.decompressobj(-15).decompress(raw, self.cs)
+        except zlib.error as exc:
+            raise Qcow2Error(f"{self.name}: the compressed cluster at offset "
+                             f"{cluster * self.cs} is damaged ({exc})") from None
+        if len(out) != self.cs:
+            raise Qcow2Error(f"{self.name}: the compressed cluster at offset "
+                             f"{cluster * self.cs} is damaged (it inflates to {len(out)} "
+                             "bytes)")
+        return out
 
     def pread(self, offset: int, length: int) -> bytearray:
         """``length`` bytes of the image at ``offset``."""
@@ -316,8 +411,9 @@ class Qcow2Reader:
             table = self._table(l1i)
             entry = table[l2i] if table is not None else 0
             if entry & OFLAG_COMPRESSED:
-                raise Qcow2Error(f"{self.name}: compressed cluster at offset "
-                                 f"{cluster * self.cs} is not supported")
+                view[pos:pos + n] = self._inflate(cluster, entry)[within:within + n]
+                pos += n
+                continue
             host = entry & L2_OFFSET_MASK
             if host and not entry & OFLAG_ZERO:
                 got = os.preadv(self.fd, [view[pos:pos + n]], host + within)

@@ -46,7 +46,7 @@ def run_backup(args: argparse.Namespace) -> int:
     show = _show(args)
     opts = BackupOptions(full=args.full, bitmap=args.bitmap, checkpoint=args.checkpoint,
                          connections=args.connections, requests=args.requests,
-                         format=args.format,
+                         format=args.format, compress=args.compress,
                          progress=_bar(sys.stderr, "backup") if show else None)
     try:
         res = backup(args.uri, args.dir, opts)
@@ -202,6 +202,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         "backup's image has the previous one as its backing file, so qemu "
                         "reads it as the whole disk); default: the chain's last backup's, "
                         "raw for a new chain")
+    p.add_argument("--compress", "-c", action=argparse.BooleanOptionalAction, default=None,
+                   help="qcow2 only: deflate each 64 KiB cluster (zlib, as qemu-img "
+                        "convert -c; qemu reads it as it is); default: as the chain's last "
+                        "backup")
     p.add_argument("--json", action="store_true", help="print the backup's record as JSON")
     _progress_args(p)
     p.set_defaults(func=run_backup)
