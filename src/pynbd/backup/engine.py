@@ -34,6 +34,7 @@ from typing import Any
 from pynbd.backup.chain import IMAGE_FORMATS, Backup, Chain, ChainError, Range, split
 from pynbd.backup.qcow2 import CLUSTER, Qcow2Error, Qcow2Writer
 from pynbd.protocol.constants import BASE_ALLOCATION
+from pynbd.util.zeros import is_zero
 
 DIRTY_PREFIX = "qemu:dirty-bitmap:"
 DEFAULT_CONNECTIONS = 4
@@ -291,7 +292,7 @@ class _Copy:
 
     def _store(self, off: int, view: memoryview) -> None:
         n = len(view)
-        if bytes(view) == self.zero[:n]:  # memoryview == bytes: a byte at a time (40x)
+        if is_zero(view):
             rng: Range = (off, n, None)
             self.sink.zero(off, n)
         else:

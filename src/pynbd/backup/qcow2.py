@@ -37,6 +37,8 @@ import threading
 import zlib
 from array import array
 
+from pynbd.util.zeros import is_zero
+
 MAGIC = b"QFI\xfb"
 CLUSTER_BITS = 16
 CLUSTER = 1 << CLUSTER_BITS
@@ -160,8 +162,8 @@ class Qcow2Writer:
         while pos < n:
             # one run of data clusters, or one zero cluster
             stop = pos
-            while stop < n and bytes(view[stop:stop + cs]) != self._zero[:min(cs, n - stop)]:
-                stop += cs  # bytes(): memoryview == bytes compares a byte at a time
+            while stop < n and not is_zero(view[stop:stop + cs]):
+                stop += cs
             if stop == pos:
                 self.zero(offset + pos, min(cs, n - pos))
                 pos += cs

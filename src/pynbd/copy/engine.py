@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING
 
 from pynbd.client import Request, connect
 from pynbd.client.uri import is_uri
-from pynbd.copy.endpoints import ZEROES, Endpoint, Handle, Token, open_endpoint
+from pynbd.copy.endpoints import Endpoint, Handle, Token, open_endpoint
 from pynbd.copy.errors import CopyError
 from pynbd.copy.hasher import OrderedHasher
 from pynbd.copy.worker import Progress, Worker
 from pynbd.copy.workqueue import WorkQueue
+from pynbd.util.zeros import is_zero
 
 if TYPE_CHECKING:
     import hashlib
@@ -70,7 +71,6 @@ def _copy_sequential(src: Endpoint, dst: Endpoint, dh: Handle, opts: Options,
     pending: collections.deque[tuple[Token, memoryview]] = collections.deque()
     free: list[memoryview] = []
     allocated = 0
-    zeroes = memoryview(ZEROES)
     while True:  # each round consumes input, or ends
         if not free:
             if allocated < opts.requests:
@@ -89,7 +89,7 @@ def _copy_sequential(src: Endpoint, dst: Endpoint, dh: Handle, opts: Options,
         view = buf[:n]
         if hasher is not None:
             hasher.update(view)
-        if n <= len(zeroes) and view == zeroes[:n]:
+        if is_zero(view):
             t = None if skip_zero else dh.submit_zero(total, n, opts.allocated)
         else:
             t = dh.submit_write(total, view)

@@ -46,6 +46,7 @@ from typing import Any
 
 from pynbd.backends.base import STATE_HOLE, STATE_ZERO, Backend, BackendError, Extent
 from pynbd.filters.base import Filter
+from pynbd.util.zeros import is_zero
 
 log = logging.getLogger("pynbd.backup")
 
@@ -57,7 +58,6 @@ HEADER = 64
 NOT_SAVED, IN_SCRATCH, ZEROS = 0, 1, 2
 _FAILED = 0
 _ZERO_BLOCK = bytes(BLOCK)
-_ZERO_VIEW = memoryview(_ZERO_BLOCK)
 
 
 def _flock(kind: int, start: int, length: int) -> bytes:
@@ -231,7 +231,7 @@ class ViewState:
                 continue
             off = (blk - first) << self.shift
             piece = view[off:off + self.block]
-            if piece == _ZERO_VIEW[:len(piece)]:
+            if is_zero(piece):
                 mm[HEADER + blk] = ZEROS
                 continue
             try:

@@ -15,7 +15,6 @@ from collections.abc import Callable
 DIGEST = hashlib.sha256
 DIGEST_SIZE = 32
 _ZERO_DIGESTS: dict[int, bytes] = {}
-_ZEROS = bytes(1024 * 1024)
 
 
 def chunk_digest(data: bytes | bytearray | memoryview) -> bytes:
@@ -38,11 +37,6 @@ def image_digest(chunk_digests: bytes | bytearray | memoryview, size: int, chunk
     return h.hexdigest()
 
 
-def is_zero(mv: memoryview) -> bool:
-    n = len(mv)
-    if n <= len(_ZEROS):
-        return mv == memoryview(_ZEROS)[:n]
-    return bytes(mv).count(0) == n
 
 
 class ChunkDigests:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pynbd.backends.base import STATE_ZERO
-from pynbd.migration.digests import ChunkDigests, is_zero
+from pynbd.migration.digests import ChunkDigests
 from pynbd.migration.dirty import DEFAULT_CHUNK, DirtyMap, DirtyTracker
 from pynbd.migration.handover_run import hand_over, step_down_export
 from pynbd.migration.states import MirrorResult, MirrorState
@@ -32,6 +32,7 @@ from pynbd.migration.transport import (
     TransportError,
 )
 from pynbd.server.exports import Export, IOGate
+from pynbd.util.zeros import is_zero
 
 __all__ = ["Broken", "Failed", "Mirror", "MirrorOptions", "step_down_export"]
 
