@@ -190,3 +190,37 @@ def test_prune_interrupted_after_the_new_full_image_leaves_a_good_chain(
     pynbd("prune", "--keep", "2", str(chain))
     _restores(tmp_path, chain, {2: snaps[2], 3: snaps[3]})
     assert not any(n.endswith(".tmp") for n in os.listdir(chain))
+
+
+def test_one_writer_or_many_readers_per_chain(tmp_path: Path) -> None:
+    """While a process changes a chain (another pynbd backup or prune), backup, prune,
+    restore and verify are refused at once with a clear error; while one reads it
+    (a restore), restores and verifies go on and changes are refused. Without the lock
+    a second backup's clean-up deleted the first one's image in progress."""
+    import fcntl
+
+    chain, snaps = _chain(tmp_path, "raw", STEPS[:2])
+    nowhere = "nbd://127.0.0.1:9/x"  # never reached: the chain is checked first
+    fd = os.open(chain, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a running backup holds it
+        for args in (["backup", nowhere, str(chain)], ["prune", "--keep", "1", str(chain)],
+                     ["restore", str(chain), str(tmp_path / "r.img")],
+                     ["restore", "--verify", str(chain)]):
+            p = pynbd(*args, ok=False)
+            assert p.returncode == 1, args
+            assert b"is in use" in p.stderr and b"try again" in p.stderr, p.stderr
+        assert not (tmp_path / "r.img").exists()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # as a running restore holds it
+        _restores(tmp_path, chain, {1: snaps[1]})
+        assert b"verified backups 0, 1" in pynbd("restore", "--verify", str(chain)).stdout
+        assert b"would remove backups 0" in pynbd("prune", "-n", "--keep", "1",
+                                                  str(chain)).stdout
+        for args in (["backup", nowhere, str(chain)], ["prune", "--keep", "1", str(chain)]):
+            p = pynbd(*args, ok=False)
+            assert p.returncode == 1 and b"is in use" in p.stderr, args
+    finally:
+        os.close(fd)
+    pynbd("prune", "--keep", "1", str(chain))  # free again
+    _restores(tmp_path, chain, {1: snaps[1]})

@@ -27,14 +27,20 @@ up to N applied in order. Any ``.raw`` file is an ordinary raw image (``qemu-img
 A backup joins the chain only when its files are complete and fsynced: ``manifest.json``
 is replaced last (write, fsync, rename). Files of a backup that did not finish are not
 listed and are removed by the next run.
+
+Who may use a chain at once (:func:`locked`, an ``flock`` on the directory): one
+``pynbd backup`` or ``pynbd prune`` (they change it), or any number of ``pynbd
+restore`` (they read it); anything else is refused at once with an error saying so.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -223,6 +229,34 @@ class Chain:
         n = len(self.backups) - 1 if at is None else self.find(at)
         start = max(i for i in range(n + 1) if self.backups[i].type == "full")
         return self.backups[start:n + 1]
+
+
+@contextlib.contextmanager
+def locked(directory: str, exclusive: bool, create: bool = False) -> Iterator[None]:
+    """Hold the chain in ``directory`` for a change (``exclusive``) or for reading; a
+    ChainError at once if another process holds it the other way."""
+    if create:
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            raise ChainError(f"{directory}: {exc.strerror or exc}") from exc
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ChainError(f"{directory} is not a directory") from None
+    except OSError as exc:
+        raise ChainError(f"{directory}: {exc.strerror or exc}") from exc
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            what = ("a pynbd backup or prune is changing it, or a restore is reading it"
+                    if exclusive else "a pynbd backup or prune is changing it")
+            raise ChainError(f"{directory} is in use: {what}; try again when it has "
+                             "finished") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def split(offset: int, length: int, piece: int = PIECE) -> list[tuple[int, int]]:

@@ -31,7 +31,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pynbd.backup.chain import IMAGE_FORMATS, Backup, Chain, ChainError, Range, split
+from pynbd.backup.chain import (
+    IMAGE_FORMATS,
+    Backup,
+    Chain,
+    ChainError,
+    Range,
+    locked,
+    split,
+)
 from pynbd.backup.qcow2 import CLUSTER, Qcow2Error, Qcow2Writer
 from pynbd.protocol.constants import BASE_ALLOCATION
 from pynbd.util.zeros import is_zero
@@ -394,10 +402,15 @@ def _write_image(c, uri: str, contexts: tuple[str, ...], chain: Chain, path: str
 
 
 def backup(uri: str, directory: str, opts: BackupOptions | None = None) -> BackupResult:
-    """Take one backup of ``uri`` into the chain in ``directory``."""
+    """Take one backup of ``uri`` into the chain in ``directory`` (holding the chain:
+    another backup or prune of it at the same time is refused)."""
+    with locked(directory, exclusive=True, create=True):
+        return _backup(uri, directory, opts or BackupOptions())
+
+
+def _backup(uri: str, directory: str, opts: BackupOptions) -> BackupResult:
     from pynbd.client import parse_uri
 
-    opts = opts or BackupOptions()
     if opts.connections < 1 or opts.requests < 1:
         raise BackupError("--connections and --requests must be at least 1")
     try:

@@ -30,7 +30,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from pynbd.backup.chain import Backup, Chain, ChainError, Range, split
+from pynbd.backup.chain import Backup, Chain, ChainError, Range, locked, split
 from pynbd.backup.engine import COMPRESS_LEVEL
 from pynbd.backup.qcow2 import Qcow2Writer
 from pynbd.backup.restore import RestoreError, restore
@@ -74,7 +74,7 @@ def _synthesize(chain: Chain, b: Backup,
     with contextlib.suppress(FileNotFoundError):
         os.unlink(raw_tmp)
     try:
-        restore(chain.dir, raw_tmp, b.index, progress=progress)
+        restore(chain.dir, raw_tmp, b.index, progress=progress, lock=False)
     except RestoreError as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(raw_tmp)
@@ -139,6 +139,12 @@ def prune(directory: str, keep: int, dry_run: bool = False,
     the older ones."""
     if keep < 1:
         raise PruneError("--keep must be at least 1")
+    with locked(directory, exclusive=not dry_run):
+        return _prune(directory, keep, dry_run, progress)
+
+
+def _prune(directory: str, keep: int, dry_run: bool,
+           progress: Callable[[int, int], None] | None) -> PruneResult:
     chain = Chain.open(directory)
     if not dry_run:
         chain.clean_partial()

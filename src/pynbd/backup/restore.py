@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from pynbd.backup.chain import Backup, Chain, ChainError, Range
+from pynbd.backup.chain import Backup, Chain, ChainError, Range, locked
 from pynbd.backup.qcow2 import Qcow2Error, Qcow2Reader
 
 
@@ -214,6 +214,12 @@ def verify(directory: str, at: int | None = None,
            progress: Callable[[int, int], None] | None = None) -> VerifyResult:
     """Read every data range of every backup (or of those that rebuild backup ``at``)
     and check it against its sha256; a RestoreError names the first damaged one."""
+    with locked(directory, exclusive=False):
+        return _verify(directory, at, progress)
+
+
+def _verify(directory: str, at: int | None,
+            progress: Callable[[int, int], None] | None) -> VerifyResult:
     t0 = time.monotonic()
     chain = Chain.open(directory)
     if not chain.backups:
@@ -235,7 +241,18 @@ def verify(directory: str, at: int | None = None,
 
 def restore(directory: str, target: str, at: int | None = None,
             progress: Callable[[int, int], None] | None = None,
-            timeout: float | None = 60.0) -> RestoreResult:
+            timeout: float | None = 60.0, lock: bool = True) -> RestoreResult:
+    """Rebuild backup ``at`` (default: the last) into ``target``; ``lock``: hold the
+    chain for reading (False: the caller holds it)."""
+    if not lock:
+        return _restore(directory, target, at, progress, timeout)
+    with locked(directory, exclusive=False):
+        return _restore(directory, target, at, progress, timeout)
+
+
+def _restore(directory: str, target: str, at: int | None,
+             progress: Callable[[int, int], None] | None,
+             timeout: float | None) -> RestoreResult:
     from pynbd.client.uri import is_uri
 
     t0 = time.monotonic()
