@@ -302,10 +302,12 @@ def test_restore_detects_a_damaged_backup(tmp_path: Path) -> None:
 @pytest.mark.parametrize("peer", ["debian12", "debian13"])
 def test_backup_from_qemu_nbd_bitmap(tmp_path: Path, peer: str) -> None:
     """pynbd's client reads qemu-nbd's qemu:dirty-bitmap like any tool, so pynbd backup
-    takes incrementals from a qcow2 persistent bitmap served with qemu-nbd -B."""
+    takes incrementals from a qcow2 persistent bitmap served with qemu-nbd -B (with
+    Debian 13's qemu, into a qcow2 chain that its qemu-img then reads)."""
     from tests.support import nbd_servers
 
     use_trixie = peer == "debian13"
+    fmt = ["--format", "qcow2"] if use_trixie else []
 
     def q(*cmd: str) -> None:
         if use_trixie:
@@ -328,7 +330,7 @@ def test_backup_from_qemu_nbd_bitmap(tmp_path: Path, peer: str) -> None:
     chain = tmp_path / "chain"
     srv = serve()
     try:
-        pynbd("backup", srv.uri(), str(chain))
+        pynbd("backup", *fmt, srv.uri(), str(chain))
     finally:
         srv.stop()
     # a persistent bitmap from now on; qemu-io writes (data, zeroes, discard) mark it
@@ -348,12 +350,17 @@ def test_backup_from_qemu_nbd_bitmap(tmp_path: Path, peer: str) -> None:
         assert out["type"] == "incremental" and out["bitmap"] == "b0"
         assert out["data_bytes"] + out["zero_bytes"] == sum(
             n for _, n in expected_dirty(writes, 64 * KiB, SIZE))
+        assert out.get("format", "raw") == ("qcow2" if use_trixie else "raw")
     finally:
         srv.stop()
     raw = tmp_path / "q.raw"
     q("qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(img), str(raw))
     pynbd("restore", str(chain), str(tmp_path / "r.img"))
     assert (tmp_path / "r.img").read_bytes() == raw.read_bytes()
+    if use_trixie:  # the chain's last image is the disk for qemu 10, without pynbd
+        q("qemu-img", "check", str(chain / "0001.qcow2"))
+        q("qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(chain / "0001.qcow2"),
+          str(raw))
     pynbd("restore", str(chain), str(tmp_path / "r0.img"), "--at", "0")
     r0 = (tmp_path / "r0.img").read_bytes()
     assert r0[:3 * MiB] == b"\x01" * 3 * MiB and r0[30 * MiB:31 * MiB] == bytes(MiB)
