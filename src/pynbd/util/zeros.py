@@ -10,12 +10,16 @@ from __future__ import annotations
 
 _CHUNK = 1 << 20
 _ZEROS = bytes(_CHUNK)
+_PEEK = 4096
 
 
 def is_zero(buf: memoryview | bytes | bytearray) -> bool:
     """True when every byte of ``buf`` is 0 (an empty buffer is)."""
     view = memoryview(buf).cast("B") if not isinstance(buf, bytes) else buf
     n = len(view)
+    # data usually shows in its first bytes: look there before copying a whole chunk
+    if n > _PEEK and bytes(view[:_PEEK]) != _ZEROS[:_PEEK]:
+        return False
     for pos in range(0, n, _CHUNK):
         part = view[pos:pos + _CHUNK]
         if bytes(part) != _ZEROS[:len(part)]:
