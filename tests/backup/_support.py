@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pynbd.server.control import control_request
+from tests.support.images import make_image
 from tests.support.processes import run_pynbd
 from tests.support.pynbd_server import PynbdServer, free_unix_path
 
@@ -236,3 +237,37 @@ def sha(data: bytes) -> str:
     import hashlib
 
     return hashlib.sha256(data).hexdigest()
+
+
+# --- a small chain of backups of checkpoint views -----------------------------------
+
+SIZE16 = 16 * MiB
+STEPS = [
+    [],
+    ["write -P 0x31 1M 200k", "write -z 8M 1M"],
+    ["write -P 0x32 1100k 4k", "discard 2M 64k", "write -P 0x33 15M 1M"],
+    ["write -P 0x34 0 16M"],
+    ["write -z 4M 8M", "write -P 0x35 5M 4k"],
+]
+
+
+def make_chain(tmp: Path, fmt: str, steps: list[list[str]] = STEPS) -> tuple[Path, list[bytes]]:
+    """A chain of one full and len(steps)-1 incremental backups of checkpoint views of
+    an image changed by qemu-io between them; the image at each checkpoint."""
+    img = make_image(tmp / "disk.img", SIZE16, {off: 700 * 1024 for off in
+                                              range(0, SIZE16, 2 * MiB)}, seed=21)
+    chain = tmp / "chain"
+    snaps: list[bytes] = []
+    s = Served(tmp, img, workers=1)
+    try:
+        for i, cmds in enumerate(steps):
+            if cmds:
+                run("qemu-io", "-f", "raw", *[c for cmd in cmds for c in ("-c", cmd)], s.uri)
+            s.checkpoint(f"c{i}")
+            snaps.append(img.read_bytes())
+            pynbd("backup", "--format", fmt, s.view_uri(f"c{i}"), str(chain))
+            if i:
+                s.checkpoint("--release", f"c{i - 1}")
+    finally:
+        s.stop()
+    return chain, snaps

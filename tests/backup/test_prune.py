@@ -10,39 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.backup._support import MiB, Served, pynbd, run
-from tests.support.images import make_image
-
-SIZE = 16 * MiB
-STEPS = [
-    [],
-    ["write -P 0x31 1M 200k", "write -z 8M 1M"],
-    ["write -P 0x32 1100k 4k", "discard 2M 64k", "write -P 0x33 15M 1M"],
-    ["write -P 0x34 0 16M"],
-    ["write -z 4M 8M", "write -P 0x35 5M 4k"],
-]
-
-
-def _chain(tmp: Path, fmt: str, steps: list[list[str]] = STEPS) -> tuple[Path, list[bytes]]:
-    """A chain of one full and len(steps)-1 incremental backups of checkpoint views of
-    an image changed by qemu-io between them; the image at each checkpoint."""
-    img = make_image(tmp / "disk.img", SIZE, {off: 700 * 1024 for off in
-                                              range(0, SIZE, 2 * MiB)}, seed=21)
-    chain = tmp / "chain"
-    snaps: list[bytes] = []
-    s = Served(tmp, img, workers=1)
-    try:
-        for i, cmds in enumerate(steps):
-            if cmds:
-                run("qemu-io", "-f", "raw", *[c for cmd in cmds for c in ("-c", cmd)], s.uri)
-            s.checkpoint(f"c{i}")
-            snaps.append(img.read_bytes())
-            pynbd("backup", "--format", fmt, s.view_uri(f"c{i}"), str(chain))
-            if i:
-                s.checkpoint("--release", f"c{i - 1}")
-    finally:
-        s.stop()
-    return chain, snaps
+from tests.backup._support import SIZE16 as SIZE
+from tests.backup._support import STEPS, Served, make_chain, pynbd, run
 
 
 def _restores(tmp: Path, chain: Path, snaps: dict[int, bytes]) -> None:
@@ -56,7 +25,7 @@ def _restores(tmp: Path, chain: Path, snaps: dict[int, bytes]) -> None:
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 def test_prune_keeps_the_newest_points_and_the_chain_goes_on(tmp_path: Path,
                                                              fmt: str) -> None:
-    chain, snaps = _chain(tmp_path, fmt)
+    chain, snaps = make_chain(tmp_path, fmt)
     ext = fmt
     out = json.loads(pynbd("prune", "--dry-run", "--json", "--keep", "3", str(chain)).stdout)
     assert out == {"dry_run": True, "kept": [2, 3, 4], "removed": [0, 1], "synthesized": 2}
@@ -108,7 +77,7 @@ def test_prune_keeps_the_newest_points_and_the_chain_goes_on(tmp_path: Path,
 
 
 def test_prune_after_a_full_backup_only_deletes(tmp_path: Path) -> None:
-    chain, snaps = _chain(tmp_path, "raw", STEPS[:3])
+    chain, snaps = make_chain(tmp_path, "raw", STEPS[:3])
     # backup 3: a full one
     img = tmp_path / "disk.img"
     s = Served(tmp_path, img, workers=1, tag="2")
@@ -131,7 +100,7 @@ def test_prune_after_a_full_backup_only_deletes(tmp_path: Path) -> None:
 
 
 def test_verify_finds_the_damaged_backup(tmp_path: Path) -> None:
-    chain, _ = _chain(tmp_path, "raw", STEPS[:3])
+    chain, _ = make_chain(tmp_path, "raw", STEPS[:3])
     assert b"verified backups 0, 1, 2" in pynbd("restore", str(chain), "--verify").stdout
     ranges = json.loads((chain / "0001.json").read_text())["ranges"]
     off = next(r[0] for r in ranges if r[2] is not None) + 77
@@ -163,7 +132,7 @@ def test_prune_interrupted_after_the_new_full_image_leaves_a_good_chain(
     import pynbd.backup.prune as prune_mod
     from pynbd.backup.chain import ChainError
 
-    chain, snaps = _chain(tmp_path, fmt, STEPS[:4])
+    chain, snaps = make_chain(tmp_path, fmt, STEPS[:4])
 
     def fail(path: str, data: bytes) -> None:
         raise OSError(28, "No space left on device")
@@ -199,7 +168,7 @@ def test_one_writer_or_many_readers_per_chain(tmp_path: Path) -> None:
     a second backup's clean-up deleted the first one's image in progress."""
     import fcntl
 
-    chain, snaps = _chain(tmp_path, "raw", STEPS[:2])
+    chain, snaps = make_chain(tmp_path, "raw", STEPS[:2])
     nowhere = "nbd://127.0.0.1:9/x"  # never reached: the chain is checked first
     fd = os.open(chain, os.O_RDONLY | os.O_DIRECTORY)
     try:

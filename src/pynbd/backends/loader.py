@@ -42,6 +42,7 @@ BUILTIN_BACKENDS = {
     "file": "pynbd.backends.file:FileBackend",
     "memory": "pynbd.backends.memory:MemoryBackend",
     "rbd": "pynbd.backends.loader:open_rbd",
+    "backup": "pynbd.backends.backup_chain:BackupChainBackend",
 }
 BUILTIN_FILTERS = {
     "blocksize": "pynbd.filters.blocksize:BlocksizeFilter",
