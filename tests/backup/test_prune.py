@@ -193,3 +193,44 @@ def test_one_writer_or_many_readers_per_chain(tmp_path: Path) -> None:
         os.close(fd)
     pynbd("prune", "--keep", "1", str(chain))  # free again
     _restores(tmp_path, chain, {1: snaps[1]})
+
+
+def test_chain_files_are_never_clobbered(tmp_path: Path) -> None:
+    """From review: a backup into a directory whose manifest is gone deleted every
+    backup file; a restore target inside the chain's directory overwrote a backup; a
+    synthetic full was world-readable; a user's own files that start with digits were
+    deleted; a damaged range length made restore allocate its whole length."""
+    import stat
+
+    chain, snaps = make_chain(tmp_path, "raw", STEPS[:3])
+    mine = [chain / "2024-05-retention.json", chain / "1234-host.raw"]
+    for f in mine:
+        f.write_text("the operator's own file\n")
+    # restore into the chain's directory: refused, nothing touched
+    before = {n: (chain / n).read_bytes() for n in os.listdir(chain)}
+    for target in (chain / "0001.raw", chain / "manifest.json", chain / "new.img"):
+        p = pynbd("restore", str(chain), str(target), "--at", "1", ok=False)
+        assert p.returncode == 1 and b"inside the chain's directory" in p.stderr, target
+    assert {n: (chain / n).read_bytes() for n in os.listdir(chain)} == before
+    # prune: the synthetic full is 0600 like the rest; the operator's files stay
+    pynbd("prune", "--keep", "2", str(chain))
+    for n in os.listdir(chain):
+        if n.startswith("000"):
+            assert stat.S_IMODE((chain / n).stat().st_mode) == 0o600, n
+    assert all(f.exists() for f in mine)
+    _restores(tmp_path, chain, {1: snaps[1], 2: snaps[2]})
+    # the manifest goes missing: a backup refuses to start a new chain over the files
+    (chain / "manifest.json").rename(tmp_path / "manifest.json")
+    p = pynbd("backup", "nbd://127.0.0.1:9/x", str(chain), ok=False)
+    assert p.returncode == 1 and b"holds backup files" in p.stderr and b"manifest" in p.stderr
+    assert (chain / "0001.raw").exists() and (chain / "0002.raw").exists()
+    (tmp_path / "manifest.json").rename(chain / "manifest.json")
+    _restores(tmp_path, chain, {2: snaps[2]})
+    # a range longer than a piece (a damaged ranges file): an error, no huge buffer
+    doc = json.loads((chain / "0002.json").read_text())
+    doc["ranges"][0][1] = 8 << 30
+    (chain / "0002.json").write_text(json.dumps(doc))
+    for args in (["restore", "--verify", str(chain)],
+                 ["restore", str(chain), str(tmp_path / "x.img")]):
+        p = pynbd(*args, ok=False)
+        assert p.returncode == 1 and b"damaged" in p.stderr and b"Traceback" not in p.stderr

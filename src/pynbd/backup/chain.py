@@ -39,6 +39,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,6 +47,10 @@ from typing import Any
 
 from pynbd.server.bitmaps import write_atomic
 
+#: the names pynbd gives a chain's files (and their temporary forms)
+_BACKUP_FILE = re.compile(r"\d{4,}\.(raw|qcow2|json)(\.full\.tmp|\.qcow2\.tmp|\.tmp)?")
+MIN_PIECE = 64 << 10
+MAX_PIECE = 64 << 20
 FORMAT = "pynbd-backup"
 VERSION = 2
 #: the manifest version a chain without qcow2 backups is written as (read by any pynbd)
@@ -141,13 +146,24 @@ class Chain:
             elif not create:
                 raise ChainError(f"{directory} holds no backup chain ({MANIFEST} is "
                                  "missing)") from None
+            else:
+                strays = sorted(fn for fn in os.listdir(directory) if _BACKUP_FILE.fullmatch(fn)
+                                and not fn.startswith("0000."))
+                if strays:  # a chain whose manifest is gone: never "clean" it away
+                    raise ChainError(
+                        f"{directory} holds backup files ({', '.join(strays[:3])}"
+                        f"{', ...' if len(strays) > 3 else ''}) but no {MANIFEST}: put the "
+                        "manifest back, or back up into an empty directory") from None
             return cls(directory)
         except (OSError, ValueError) as exc:
             raise ChainError(f"{path}: unreadable: {exc}") from exc
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ChainError(f"{path} is not a pynbd backup manifest")
-        if int(d.get("version", 0)) > VERSION:
-            raise ChainError(f"{path}: version {d.get('version')} is newer than this pynbd "
+        version = d.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ChainError(f"{path}: damaged (version {version!r})")
+        if version > VERSION:
+            raise ChainError(f"{path}: version {version} is newer than this pynbd "
                              f"({VERSION})")
         try:
             backups = [Backup.from_dict(b) for b in d.get("backups", [])]
@@ -159,10 +175,14 @@ class Chain:
             if b.index != first + i or first < 0 or b.type not in ("full", "incremental") or (
                     i == 0 and b.type != "full") or (
                     b.image_format not in IMAGE_FORMATS) or any(
-                    os.sep in f or f in ("", ".", "..") for f in (b.file, b.ranges_file)):
+                    not _BACKUP_FILE.fullmatch(f) or f.endswith(".tmp")
+                    for f in (b.file, b.ranges_file)) or b.file == b.ranges_file:
                 raise ChainError(f"{path}: damaged (backup #{i} is not a backup of this "
                                  "chain)")
-        if size < 0 or piece <= 0:
+        names = [f for b in backups for f in (b.file, b.ranges_file)]
+        if len(set(names)) != len(names):
+            raise ChainError(f"{path}: damaged (two backups share a file)")
+        if size < 0 or not MIN_PIECE <= piece <= MAX_PIECE or piece % MIN_PIECE:
             raise ChainError(f"{path}: damaged (size {size}, piece {piece})")
         return cls(directory, size, backups, piece)
 
@@ -191,8 +211,7 @@ class Chain:
         listed = {b.file for b in self.backups} | {b.ranges_file for b in self.backups}
         with contextlib.suppress(OSError):
             for fn in os.listdir(self.dir):
-                if (fn.endswith((".raw", ".qcow2", ".json", ".tmp")) and fn != MANIFEST
-                        and fn[:4].isdigit() and fn not in listed):
+                if fn not in listed and (_BACKUP_FILE.fullmatch(fn) or fn == f"{MANIFEST}.tmp"):
                     os.unlink(self.path(fn))
 
     def ranges(self, b: Backup) -> list[Range]:
@@ -204,6 +223,12 @@ class Chain:
                    for r in d["ranges"]]
         except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
             raise ChainError(f"backup {b.index}: {path}: unreadable: {exc}") from exc
+        size, piece = self.size or 0, self.piece
+        for off, ln, _h in out:  # bounds every later read to one piece
+            if off < 0 or ln <= 0 or off + ln > size or off // piece != (off + ln - 1) // piece:
+                raise ChainError(f"backup {b.index}: {path}: damaged (range {off}+{ln} is "
+                                 f"not inside one {piece}-byte piece of the {size}-byte "
+                                 "image)")
         return out
 
     def add(self, b: Backup, ranges: list[Range]) -> None:
@@ -249,7 +274,10 @@ def locked(directory: str, exclusive: bool, create: bool = False) -> Iterator[No
     try:
         try:
             fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as exc:
+            if not isinstance(exc, BlockingIOError):
+                raise ChainError(f"{directory}: cannot lock it: {exc.strerror or exc}"
+                                 ) from exc
             what = ("a pynbd backup or prune is changing it, or a restore is reading it"
                     if exclusive else "a pynbd backup or prune is changing it")
             raise ChainError(f"{directory} is in use: {what}; try again when it has "

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from pynbd.backup.chain import Backup, Chain, ChainError, Range, locked, split
 from pynbd.backup.engine import COMPRESS_LEVEL
-from pynbd.backup.qcow2 import Qcow2Writer
+from pynbd.backup.qcow2 import Qcow2Error, Qcow2Writer
 from pynbd.backup.restore import RestoreError, restore
 from pynbd.server.bitmaps import write_atomic
 
@@ -74,11 +74,14 @@ def _synthesize(chain: Chain, b: Backup,
     with contextlib.suppress(FileNotFoundError):
         os.unlink(raw_tmp)
     try:
+        # private from the start: it becomes the backup (backups are 0600)
+        os.close(os.open(raw_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         restore(chain.dir, raw_tmp, b.index, progress=progress, lock=False)
-    except RestoreError as exc:
+    except (RestoreError, OSError) as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(raw_tmp)
-        raise PruneError(f"cannot rebuild backup {b.index}: {exc}") from exc
+        why = exc if isinstance(exc, RestoreError) else exc.strerror or exc
+        raise PruneError(f"cannot rebuild backup {b.index} in {chain.dir}: {why}") from exc
     ranges: list[Range] = []
     zero = bytes(chain.piece)
     qtmp = chain.path(f"{b.file}.qcow2.tmp")
@@ -106,10 +109,14 @@ def _synthesize(chain: Chain, b: Backup,
             os.fsync(qfd)
         else:
             os.fsync(fd)
-    except BaseException:
+    except BaseException as exc:
         for p in (raw_tmp, qtmp):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
+        if isinstance(exc, (OSError, Qcow2Error)):
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise PruneError(f"cannot write the full image of backup {b.index} in "
+                             f"{chain.dir}: {detail}") from exc
         raise
     finally:
         os.close(fd)

@@ -315,8 +315,10 @@ class Qcow2Reader:
         if len(raw) < 72 or raw[:4] != MAGIC:
             raise Qcow2Error(f"{name} is not a qcow2 image")
         version = struct.unpack(">I", raw[4:8])[0]
-        if version not in (2, 3) or (version == 3 and len(raw) < HEADER.size):
+        if version not in (2, 3):
             raise Qcow2Error(f"{name}: qcow2 version {version} is not supported")
+        if version == 3 and len(raw) < HEADER.size:
+            raise Qcow2Error(f"{name}: its header is cut short")
         if version == 2:
             raw = raw[:72] + bytes(HEADER.size - 72)
         (_m, _v, backing_off, backing_len, cluster_bits, vsize, crypt, l1_size, l1_off,

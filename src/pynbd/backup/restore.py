@@ -243,11 +243,30 @@ def restore(directory: str, target: str, at: int | None = None,
             progress: Callable[[int, int], None] | None = None,
             timeout: float | None = 60.0, lock: bool = True) -> RestoreResult:
     """Rebuild backup ``at`` (default: the last) into ``target``; ``lock``: hold the
-    chain for reading (False: the caller holds it)."""
+    chain for reading (False: the caller, prune, holds it and writes its own temporary
+    file in the directory). A target inside the chain's directory is refused."""
     if not lock:
         return _restore(directory, target, at, progress, timeout)
+    if not _is_uri(target) and _inside(target, directory):
+        raise RestoreError(f"{target} is inside the chain's directory {directory}: "
+                           "restoring there could overwrite the backups; choose a target "
+                           "outside it")
     with locked(directory, exclusive=False):
         return _restore(directory, target, at, progress, timeout)
+
+
+def _is_uri(target: str) -> bool:
+    from pynbd.client.uri import is_uri
+
+    return is_uri(target)
+
+
+def _inside(target: str, directory: str) -> bool:
+    parent = os.path.dirname(os.path.abspath(target))
+    try:
+        return os.path.samefile(parent, directory)
+    except OSError:
+        return False
 
 
 def _restore(directory: str, target: str, at: int | None,
