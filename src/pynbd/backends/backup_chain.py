@@ -20,12 +20,15 @@ files under the server.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import fcntl
 import hashlib
+import itertools
 import logging
 import os
 import threading
+from array import array
 
 from pynbd.backends.base import (
     STATE_HOLE,
@@ -43,9 +46,11 @@ from pynbd.backup.qcow2 import Qcow2Error, Qcow2Reader
 
 log = logging.getLogger("pynbd.backends.backup")
 
-#: one painted segment of a piece: [start, end) of the image, the source backup's
-#: position in the plan (-1: zeros), and the range it came from (offset, length, sha256)
-_Seg = tuple[int, int, int, int, int, str | None]
+#: a piece of the image served by one source: [start, end) and the source's position in
+#: the plan (-1: no backup wrote it, zeros)
+_Seg = tuple[int, int, int]
+_NOBODY = -1
+_MIXED = -2  # more than one source: see the piece's entry in ``_mixed``
 
 
 class _Source:
@@ -67,6 +72,33 @@ class _Source:
             except Qcow2Error as exc:
                 os.close(self.fd)
                 raise BackendError(errno.EIO, f"backup {b.index}: {exc}") from exc
+
+    def load_ranges(self, ranges: list[tuple[int, int, str | None]]) -> None:
+        """The backup's ranges, compactly: offsets, lengths (negative: a zero range),
+        32-byte digests, and a byte per range once it has been checked."""
+        ranges = sorted(ranges)
+        self.offs = array("q", (r[0] for r in ranges))
+        self.lens = array("q", (r[1] if r[2] is not None else -r[1] for r in ranges))
+        try:
+            self.digests = b"".join(bytes.fromhex(r[2]) if r[2] is not None else bytes(32)
+                                    for r in ranges)
+        except ValueError:
+            self.digests = b""
+        if len(self.digests) != 32 * len(ranges):
+            raise ChainError(f"backup {self.backup.index}: a sha256 is not 64 hex digits")
+        self.checked = bytearray(len(ranges))
+
+    def ranges_over(self, lo: int, hi: int) -> list[tuple[int, int, int, bool]]:
+        """(range index, offset, length, zero?) of the ranges overlapping [lo, hi)."""
+        offs, lens = self.offs, self.lens
+        i = max(0, bisect.bisect_right(offs, lo) - 1)
+        out: list[tuple[int, int, int, bool]] = []
+        while i < len(offs) and offs[i] < hi:
+            n = lens[i]
+            if offs[i] + abs(n) > lo:
+                out.append((i, offs[i], abs(n), n < 0))
+            i += 1
+        return out
 
     def read_into(self, view: memoryview, offset: int) -> None:
         if self.qcow2 is not None:
@@ -117,15 +149,13 @@ class BackupChainBackend(Backend):
             self.point = plan[-1]
             self.name = f"backup:{directory}@{self.point.index}"
             self._sources = [_Source(chain, b) for b in plan]
-            self._map = self._paint(chain, plan)
+            self._paint(chain, plan)
         except ChainError as exc:
             self.close()
             raise ConfigError(f"backup:{directory}: {exc}") from exc
         except BaseException:
             self.close()
             raise
-        self._checked: set[tuple[int, int]] = set()
-        self._checked_lock = threading.Lock()
         self.block_size = (1, 4096, 0xFFFFFFFF)
 
     @classmethod
@@ -136,103 +166,109 @@ class BackupChainBackend(Backend):
             raise ConfigError("backup backend: no chain directory given (backup:DIR)")
         return cls(target, **values)
 
-    def _paint(self, chain: Chain, plan: list[Backup]) -> dict[int, list[_Seg]]:
-        pieces: dict[int, list[_Seg]] = {}
+    def _paint(self, chain: Chain, plan: list[Backup]) -> None:
+        """Which backup serves each piece: ``_owner[piece]`` is the source that covers
+        all of it, or _NOBODY, or _MIXED with the piece's segments in ``_mixed``."""
         piece = self.piece
+        npieces = -(-self.size // piece)
+        self._owner = array("h", [_NOBODY]) * npieces
+        self._mixed: dict[int, list[_Seg]] = {}
         for src, b in enumerate(plan):
-            for off, ln, digest in chain.ranges(b):
-                end = off + ln
-                if off < 0 or ln <= 0 or end > self.size or off // piece != (end - 1) // piece:
-                    raise ChainError(f"backup {b.index}: range {off}+{ln} is not inside one "
-                                     f"{piece}-byte piece of the {self.size}-byte image")
-                new: _Seg = (off, end, src if digest is not None else -1, off, ln, digest)
-                segs = pieces.setdefault(off // piece, [])
-                kept: list[_Seg] = []
-                for s in segs:  # cut what the new range covers out of what is there
-                    if s[1] <= off or s[0] >= end:
-                        kept.append(s)
-                        continue
-                    if s[0] < off:
-                        kept.append((s[0], off, *s[2:]))
-                    if s[1] > end:
-                        kept.append((end, s[1], *s[2:]))
-                kept.append(new)
-                kept.sort()
-                pieces[off // piece] = kept
-        return pieces
+            ranges = chain.ranges(b)  # checked: each inside one piece of the image
+            self._sources[src].load_ranges(ranges)
+            by_piece: dict[int, list[tuple[int, int]]] = {}
+            for off, ln, _h in ranges:
+                by_piece.setdefault(off // piece, []).append((off, off + ln))
+            for p, spans in by_piece.items():
+                lo, hi = p * piece, min(self.size, (p + 1) * piece)
+                spans.sort()
+                if spans[0][0] == lo and spans[-1][1] == hi and all(
+                        a[1] == b[0] for a, b in itertools.pairwise(spans)):
+                    self._owner[p] = src  # covers the whole piece
+                    self._mixed.pop(p, None)
+                    continue
+                segs = self._piece_segments(p)
+                for s_lo, s_hi in spans:
+                    segs = [part for seg in segs for part in _cut(seg, s_lo, s_hi)]
+                    segs.append((s_lo, s_hi, src))
+                segs.sort()
+                self._owner[p] = _MIXED
+                self._mixed[p] = segs
+
+    def _piece_segments(self, p: int) -> list[_Seg]:
+        owner = self._owner[p]
+        if owner == _MIXED:
+            return list(self._mixed[p])
+        return [(p * self.piece, min(self.size, (p + 1) * self.piece), owner)]
 
     def _segments(self, offset: int, length: int) -> list[_Seg]:
-        """The painted segments over [offset, offset+length), clipped, in order; gaps
-        (never written by any backup of the plan: only possible in a chain whose full
-        backup is missing ranges) read as zeros."""
+        """The segments over [offset, offset+length), clipped, in order."""
         out: list[_Seg] = []
         end = offset + length
         pos = offset
         while pos < end:
             p = pos // self.piece
             stop = min(end, (p + 1) * self.piece)
-            for s in self._map.get(p, ()):
-                if s[1] <= pos or s[0] >= stop:
-                    continue
-                lo, hi = max(s[0], pos), min(s[1], stop)
-                out.append((lo, hi, *s[2:]))
+            for lo, hi, src in self._piece_segments(p):
+                if hi > pos and lo < stop:
+                    out.append((max(lo, pos), min(hi, stop), src))
             pos = stop
         return out
 
-    def _check(self, src: int, roff: int, rlen: int, digest: str) -> bytearray:
-        s = self._sources[src]
+    def _check(self, s: _Source, i: int, roff: int, rlen: int) -> bytearray:
         data = bytearray(rlen)
         s.read_into(memoryview(data), roff)
-        if hashlib.sha256(data).hexdigest() != digest:
+        if hashlib.sha256(data).digest() != s.digests[32 * i:32 * i + 32]:
             b = s.backup
             msg = (f"backup {b.index} ({b.file}): the {rlen} bytes at offset {roff} do not "
                    "match the checksum recorded when they were backed up")
             log.error("%s: %s", self.name, msg)
             raise BackendError(errno.EIO, msg)
-        with self._checked_lock:
-            self._checked.add((src, roff))
+        s.checked[i] = 1
         return data
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
         if offset < 0 or offset + len(buf) > self.size:
             raise BackendError(errno.EINVAL, f"{offset}+{len(buf)} is outside the image")
-        filled = offset
-        for lo, hi, src, roff, rlen, digest in self._segments(offset, len(buf)):
-            if lo > filled:  # a gap: zeros
-                buf[filled - offset:lo - offset] = bytes(lo - filled)
-            part = buf[lo - offset:hi - offset]
+        buf[:] = bytes(len(buf)) if len(buf) <= 1 << 20 else b"\0" * len(buf)
+        for lo, hi, src in self._segments(offset, len(buf)):
             if src < 0:
-                part[:] = bytes(hi - lo)
-            elif self.verify and digest is not None and (src, roff) not in self._checked:
-                data = self._check(src, roff, rlen, digest)
-                part[:] = data[lo - roff:hi - roff]
-            else:
-                self._sources[src].read_into(part, lo)
-            filled = hi
-        end = offset + len(buf)
-        if filled < end:
-            buf[filled - offset:] = bytes(end - filled)
-
-    def pwrite(self, buf: memoryview | bytes, offset: int, fua: bool = False) -> None:
-        raise BackendError(errno.EROFS, f"{self.name} is a backup: read-only")
+                continue  # zeros already
+            s = self._sources[src]
+            for i, roff, rlen, zero in s.ranges_over(lo, hi):
+                a, z = max(lo, roff), min(hi, roff + rlen)
+                if zero or z <= a:
+                    continue
+                part = buf[a - offset:z - offset]
+                if self.verify and not s.checked[i]:
+                    part[:] = self._check(s, i, roff, rlen)[a - roff:z - roff]
+                else:
+                    s.read_into(part, a)
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         out: list[Extent] = []
-        pos = offset
-        for lo, hi, src, *_ in self._segments(offset, length):
-            if lo > pos:
-                out.append(Extent(lo - pos, STATE_HOLE | STATE_ZERO))
-            out.append(Extent(hi - lo, STATE_HOLE | STATE_ZERO if src < 0 else 0))
-            pos = hi
-        if pos < offset + length:
-            out.append(Extent(offset + length - pos, STATE_HOLE | STATE_ZERO))
+        for lo, hi, src in self._segments(offset, length):
+            spans = [(lo, hi, True)] if src < 0 else [
+                (max(lo, roff), min(hi, roff + rlen), zero)
+                for _i, roff, rlen, zero in self._sources[src].ranges_over(lo, hi)]
+            pos = lo
+            for a, z, zero in spans:
+                if a > pos:  # inside the source's piece but in none of its ranges
+                    out.append(Extent(a - pos, STATE_HOLE | STATE_ZERO))
+                out.append(Extent(z - a, STATE_HOLE | STATE_ZERO if zero else 0))
+                pos = z
+            if pos < hi:
+                out.append(Extent(hi - pos, STATE_HOLE | STATE_ZERO))
         merged: list[Extent] = []
         for e in out:
             if merged and merged[-1].flags == e.flags:
                 merged[-1] = Extent(merged[-1].length + e.length, e.flags)
-            else:
+            elif e.length:
                 merged.append(e)
         return merged
+
+    def pwrite(self, buf: memoryview | bytes, offset: int, fua: bool = False) -> None:
+        raise BackendError(errno.EROFS, f"{self.name} is a backup: read-only")
 
     def close(self) -> None:
         for s in self._sources:
@@ -241,6 +277,14 @@ class BackupChainBackend(Backend):
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def _cut(seg: _Seg, lo: int, hi: int) -> list[_Seg]:
+    """What is left of ``seg`` outside [lo, hi)."""
+    a, z, src = seg
+    if z <= lo or a >= hi:
+        return [seg]
+    return ([(a, lo, src)] if a < lo else []) + ([(hi, z, src)] if z > hi else [])
 
 
 def _hold_for_reading(directory: str) -> int:
