@@ -295,3 +295,118 @@ def test_concurrent_mixed_load(connections: int, pynbd: PynbdServer) -> None:
     assert failures == []
     assert f.gone is None
     f.close()
+
+
+# --- reconnect ------------------------------------------------------------------------
+
+def _file_server(tmp: Path, sock: str, image: Path) -> PynbdServer:
+    # one process: SIGKILL of the supervisor would leave worker processes serving
+    return PynbdServer(["--workers", "1", "--socket", sock, str(image)], cwd=tmp)
+
+
+@pytest.mark.parametrize("connections", [1, 3])
+def test_reconnect_after_the_server_restarts(tmp_path: Path, connections: int) -> None:
+    """The server is killed with a read waiting: the read waits while the export is
+    dialled again, completes with the right bytes once a new server listens on the same
+    socket, and the export goes on (writes, flushes) on the new connections."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(4 * MiB))
+    sock = free_unix_path(tmp_path, "r.sock")
+    srv = _file_server(tmp_path, sock, image)
+    calls: list[str] = []
+    f = open_export(srv.uri, connections=connections, timeout=TIMEOUT, reconnect=60,
+                    on_gone=calls.append)
+    try:
+        assert isinstance(f.conns, Pipeline if connections == 1 else Connections)
+        f.write(MiB, memoryview(b"\x5a" * 65536))
+        f.fsync()
+        os.kill(srv.pid, signal.SIGKILL)
+        srv.proc.wait(TIMEOUT)
+        got = bytearray(65536)
+        errors: list[BaseException] = []
+
+        def reader() -> None:
+            try:
+                f.read_into(MiB, memoryview(got))
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=reader)
+        t.start()
+        t.join(0.5)
+        assert t.is_alive(), errors  # waiting for a server, not failed
+        srv2 = _file_server(tmp_path, sock, image)
+        try:
+            t.join(TIMEOUT)
+            assert not t.is_alive() and errors == [], errors
+            assert got == b"\x5a" * 65536
+            assert f.reconnects == 1 and f.gone is None and calls == []
+            f.write(2 * MiB, memoryview(b"\x33" * 4096))
+            f.fsync()
+            assert image.read_bytes()[2 * MiB:2 * MiB + 4096] == b"\x33" * 4096
+            assert len(f.conns) == connections
+        finally:
+            f.close()
+            srv2.stop()
+    finally:
+        srv.stop()
+
+
+def test_reconnect_gives_up_after_its_time(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(MiB))
+    sock = free_unix_path(tmp_path, "g.sock")
+    srv = _file_server(tmp_path, sock, image)
+    calls: list[str] = []
+    f = open_export(srv.uri, connections=2, timeout=TIMEOUT, reconnect=1.0,
+                    on_gone=calls.append)
+    os.kill(srv.pid, signal.SIGKILL)
+    srv.proc.wait(TIMEOUT)
+    buf = memoryview(bytearray(4096))
+    assert _errno(f.read_into, 0, buf) == errno.EIO
+    assert len(calls) == 1 and "no new connection within 1 s" in calls[0], calls
+    assert f.gone == calls[0]
+    assert _errno(f.read_into, 0, buf) == errno.EIO  # at once, no second attempt
+    assert len(calls) == 1
+    f.close()
+    srv.stop()
+
+
+def test_reconnect_refuses_an_export_that_changed(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(MiB))
+    sock = free_unix_path(tmp_path, "c.sock")
+    srv = _file_server(tmp_path, sock, image)
+    calls: list[str] = []
+    f = open_export(srv.uri, connections=1, timeout=TIMEOUT, reconnect=60,
+                    on_gone=calls.append)
+    srv.stop()
+    other = tmp_path / "bigger.img"
+    other.write_bytes(bytes(2 * MiB))
+    srv2 = _file_server(tmp_path, sock, other)
+    try:
+        assert _errno(f.read_into, 0, memoryview(bytearray(512))) == errno.EIO
+        assert len(calls) == 1 and "its size changed" in calls[0], calls
+    finally:
+        f.close()
+        srv2.stop()
+
+
+@pytest.mark.parametrize("connections", [1, 2])
+def test_request_sent_to_a_dead_server_is_eio_not_zeros(tmp_path: Path,
+                                                        connections: int) -> None:
+    """Found while testing reconnect: with one connection, a read whose send failed
+    (the server had died between requests) returned success with its buffer untouched
+    (zeros), and a write was reported done without reaching anything."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\x77" * MiB)
+    srv = _file_server(tmp_path, free_unix_path(tmp_path, "d.sock"), image)
+    f = open_export(srv.uri, connections=connections, timeout=TIMEOUT)
+    os.kill(srv.pid, signal.SIGKILL)
+    srv.proc.wait(TIMEOUT)
+    buf = bytearray(4096)
+    assert _errno(f.read_into, 0, memoryview(buf)) == errno.EIO
+    assert _errno(f.write, 0, memoryview(b"x" * 4096)) == errno.EIO
+    assert f.gone is not None
+    f.close()
+    srv.stop()

@@ -690,3 +690,58 @@ def test_single_threaded_mode(tmp_path: Path, exports: Exports, mount: Mounter) 
     run("cmp", m.path, str(src))
     e.stop()  # idle: noticed by the watch thread, which wakes libfuse's loop
     _assert_lost_and_unmounted(m)
+
+
+def test_reconnect_keeps_the_mount_across_a_server_restart(tmp_path: Path,
+                                                           mount: Mounter) -> None:
+    """--reconnect: the server is killed with a reader blocked in the mount; a new
+    server on the same socket answers it with the right bytes, the mount stays, and
+    writes after it reach the image. Without a server for longer than --reconnect the
+    mount ends as usual."""
+    image = tmp_path / "disk.img"
+    data = make_source(image)
+    sock = free_unix_path(tmp_path, "re.sock")
+
+    def start() -> PynbdServer:  # one process: SIGKILL takes every connection down
+        return PynbdServer(["--workers", "1", "--socket", sock, str(image)], cwd=tmp_path)
+
+    srv = start()
+    try:
+        m = mount(srv.uri, "--reconnect", "120", "--connections", "2")
+        first = _dd_read(m.path, 0)
+        assert first.wait(TIMEOUT) == 0
+        os.kill(srv.pid, signal.SIGKILL)
+        srv.proc.wait(TIMEOUT)
+        reader = subprocess.Popen(["dd", f"if={m.path}", "of=/dev/stdout", "bs=1M",
+                                   "count=1", "skip=7", "iflag=direct", "status=none"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert wait_until(lambda: _blocked_in_fuse(reader.pid), TIMEOUT)
+    finally:
+        srv.stop()
+    srv = start()
+    try:
+        out, err = reader.communicate(timeout=TIMEOUT * 3)
+        assert reader.returncode == 0, err
+        assert out == data[7 * MiB:8 * MiB]
+        assert is_mounted(m.mountpoint)
+        with open(m.path, "r+b") as f:
+            f.seek(3 * MiB)
+            f.write(b"\x42" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        assert image.read_bytes()[3 * MiB:3 * MiB + 4096] == b"\x42" * 4096
+        assert "reconnected to the NBD server" in m.stderr, m.stderr
+    finally:
+        srv.stop()
+    # gone for good: after --reconnect seconds the mount ends (here: 120 s would be
+    # long; a second mount with a short window shows it)
+    m.signal(signal.SIGTERM)
+    srv = start()
+    m2 = mount(srv.uri, "--reconnect", "1")
+    os.kill(srv.pid, signal.SIGKILL)
+    srv.proc.wait(TIMEOUT)
+    try:
+        _assert_lost_and_unmounted(m2)
+        assert "no new connection within 1 s" in m2.stderr, m2.stderr
+    finally:
+        srv.stop()

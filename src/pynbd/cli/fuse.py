@@ -50,6 +50,10 @@ def register(subparsers: Any) -> None:
                    help="give up on a server that does not answer within SECONDS "
                         "(then readers get EIO and the mount ends; 0 = wait forever; "
                         "default 60)")
+    p.add_argument("--reconnect", type=float, default=0.0, metavar="SECONDS",
+                   help="when the connections break, keep the mount and try to reconnect "
+                        "for up to SECONDS, then send the waiting requests again "
+                        "(default 0: the mount ends at once)")
     p.add_argument("--verbose", "-v", action="count", default=0,
                    help="log to stderr (-vv: every FUSE request, from libfuse)")
     p.set_defaults(func=handler)
@@ -62,6 +66,9 @@ def handler(args: argparse.Namespace) -> int:
         logging.getLogger("pynbd").setLevel(logging.DEBUG)
     if args.connections < 1:
         print("pynbd fuse: --connections must be at least 1", file=sys.stderr)
+        return 2
+    if args.reconnect < 0:
+        print("pynbd fuse: --reconnect must not be negative", file=sys.stderr)
         return 2
     try:
         uri = parse_uri(args.uri)
@@ -87,7 +94,7 @@ def handler(args: argparse.Namespace) -> int:
         return 1
     try:
         export = open_export(uri, connections=args.connections, read_only=args.readonly,
-                             timeout=args.timeout or None)
+                             timeout=args.timeout or None, reconnect=args.reconnect)
     except Exception as exc:
         print(f"pynbd fuse: cannot connect to {args.uri}: {exc}", file=sys.stderr)
         return 1

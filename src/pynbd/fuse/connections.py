@@ -242,6 +242,8 @@ class Pipeline:
         for op in ops:
             if op.error is not None:
                 raise op.error
+            if not op.done:  # never: every path completes its ops, or fails them
+                raise ConnectionError("an NBD request was lost by the connection pipeline")
 
     def _ops(self, kind: int, offset: int, view: memoryview) -> list[_Op]:
         step = self._client.max_request
@@ -300,6 +302,10 @@ class Pipeline:
             with self._cond:
                 self._finish(op, exc)
             return
+        except BaseException as exc:  # the connection broke while sending it
+            with self._cond:
+                self._finish(op, exc)  # it is in no list the driver fails: fail it here
+            raise
         self._inflight[req.cookie] = op
         if k == _READ:
             self._reads += 1

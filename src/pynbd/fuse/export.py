@@ -18,12 +18,23 @@ only one (:class:`Pipeline`) when the server does not allow multi-conn (both in
 breaks (server gone, protocol violation, timeout) makes the whole export *gone*: the
 failing request and every later one get EIO and ``on_gone`` is called once, so that the
 mount can be torn down.
+
+With ``reconnect`` (seconds, ``pynbd fuse --reconnect``) a broken connection is not the
+end: the old connections are dropped, requests wait while new ones are dialled (with
+back-off) for up to that long, and every request that failed or waited meanwhile is
+sent again on the new connections (reads, writes, trims and zeroings are idempotent on
+a block device). The export must come back with the same size and the same read-only
+state. Writes the old server acknowledged but had not flushed are the server's to keep:
+a server that crashed may have lost them (as with any disk's volatile cache; fsync
+before relying on data). Only when no connection can be made in time is the export gone.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,9 +67,18 @@ class ExportFile:
     """One NBD export with a file's operations (thread-safe)."""
 
     def __init__(self, conns: Connections | Pipeline, *, read_only: bool = False,
-                 on_gone: Callable[[str], None] | None = None) -> None:
+                 on_gone: Callable[[str], None] | None = None,
+                 redial: Callable[[], Connections | Pipeline] | None = None,
+                 reconnect: float = 0.0) -> None:
         first = conns.clients[0]
         self.conns = conns
+        self._redial = redial
+        self.reconnect = reconnect if redial is not None else 0.0
+        self.reconnects = 0
+        self._gen = 0  # bumped by every successful reconnect
+        self._recover_lock = threading.Lock()
+        self._gone: str | None = None
+        self._gone_lock = threading.Lock()
         self.size = first.size
         self.read_only = read_only or first.is_read_only()
         self.can_flush = first.can_flush()
@@ -70,19 +90,113 @@ class ExportFile:
 
     @property
     def gone(self) -> str | None:
-        return self.conns.gone
+        return self._gone
 
     # --- error handling -------------------------------------------------------------
 
-    def _lost(self, exc: BaseException) -> OSError:
+    @staticmethod
+    def _reason(exc: BaseException) -> str:
         reason = str(exc) or type(exc).__name__
         if isinstance(exc, TimeoutError):
             reason = f"no reply from the server in time ({reason})"
-        if self.conns.mark_gone(reason):
+        return reason
+
+    def _lost(self, exc: BaseException) -> OSError:
+        reason = self._reason(exc)
+        self.conns.mark_gone(reason)
+        with self._gone_lock:
+            first = self._gone is None
+            if first:
+                self._gone = reason
+        if first:
             log.error("lost the NBD server: %s", reason)
             if self.on_gone is not None:
                 self.on_gone(reason)
-        return OSError(errno.EIO, f"NBD server lost: {reason}")
+        return OSError(errno.EIO, f"NBD server lost: {self._gone}")
+
+    @staticmethod
+    def _broken(exc: BaseException) -> bool:
+        """Whether ``exc`` means the connection is unusable (not a refused request)."""
+        if isinstance(exc, ExportGone):
+            return True
+        if isinstance(exc, NBDRequestError):
+            return exc.errno == errno.ESHUTDOWN
+        if isinstance(exc, LocalProtocolError):
+            return False
+        return isinstance(exc, (ProtocolError, OSError))
+
+    def _io(self, op: Callable[[Connections | Pipeline], object]) -> None:
+        """Run ``op`` on the current connections; with ``reconnect``, again on new ones
+        after a broken connection."""
+        while True:
+            if self._gone is not None:
+                raise OSError(errno.EIO, f"NBD server lost: {self._gone}")
+            conns, gen = self.conns, self._gen
+            try:
+                op(conns)
+                return
+            except Exception as exc:
+                if self.reconnect <= 0 or not self._broken(exc):
+                    raise self._failed(exc) from None
+                self._recover(gen, exc)
+
+    def _recover(self, gen: int, exc: BaseException) -> None:
+        """Replace the connections of generation ``gen`` (unless someone already did);
+        OSError(EIO) once the server cannot be reached within ``reconnect`` seconds."""
+        with self._recover_lock:
+            if self._gone is not None:
+                raise OSError(errno.EIO, f"NBD server lost: {self._gone}")
+            if self._gen != gen:
+                return  # another caller reconnected meanwhile: just retry
+            assert self._redial is not None
+            reason = self._reason(exc)
+            log.warning("lost the NBD server (%s); reconnecting for up to %g s", reason,
+                        self.reconnect)
+            old = self.conns
+            old.mark_gone(reason)  # callers waiting on it fail now and retry after us
+            for c in old.clients:
+                c.hard_close()
+            deadline = time.monotonic() + self.reconnect
+            delay, last = 0.05, reason
+            while True:
+                try:
+                    new = self._redial()
+                except (OSError, ProtocolError) as e:
+                    last = self._reason(e)
+                else:
+                    first = new.clients[0]
+                    changed = ("its size changed" if first.size != self.size else
+                               "it became read-only" if first.is_read_only() and
+                               not self.read_only else "")
+                    if not changed:
+                        self.conns = new
+                        self._gen += 1
+                        self.reconnects += 1
+                        log.warning("reconnected to the NBD server (%d connection(s))",
+                                    len(new))
+                        return
+                    for c in new.clients:
+                        c.hard_close()
+                    raise self._lost(ConnectionError(f"{reason}; the export came back but "
+                                                     f"{changed}")) from None
+                if time.monotonic() + delay > deadline:
+                    raise self._lost(ConnectionError(
+                        f"{reason}; no new connection within {self.reconnect:g} s "
+                        f"({last})")) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def idle_lost(self, reason: str) -> None:
+        """The idle check found the connections closed: reconnect, or give up."""
+        if self._gone is not None:
+            return
+        if self.reconnect <= 0:
+            self._lost(ConnectionError(reason))
+            return
+        try:
+            self._recover(self._gen, ConnectionError(reason))
+        except OSError:
+            pass  # gone: on_gone has been called
 
     def _failed(self, exc: BaseException) -> BaseException:
         """The errno the caller sees for a request that raised ``exc``."""
@@ -113,10 +227,8 @@ class ExportFile:
         n = min(len(view), self.size - offset)
         if n <= 0:
             return 0
-        try:
-            self.conns.read_into(offset, view[:n] if n < len(view) else view)
-        except Exception as exc:
-            raise self._failed(exc) from None
+        part = view[:n] if n < len(view) else view
+        self._io(lambda c: c.read_into(offset, part))
         return n
 
     def write(self, offset: int, data: memoryview) -> int:
@@ -127,20 +239,15 @@ class ExportFile:
         n = min(len(data), self.size - offset)
         if n <= 0:
             return 0
-        try:
-            self.conns.write(offset, data[:n] if n < len(data) else data)
-        except Exception as exc:
-            raise self._failed(exc) from None
+        part = data[:n] if n < len(data) else data
+        self._io(lambda c: c.write(offset, part))
         return n
 
     def fsync(self) -> None:
         """NBD_CMD_FLUSH (with CAN_MULTI_CONN it covers writes on every connection)."""
         if self.read_only or not self.can_flush:
             return
-        try:
-            self.conns.flush()
-        except Exception as exc:
-            raise self._failed(exc) from None
+        self._io(lambda c: c.flush())
 
     def truncate(self, length: int) -> None:
         if length != self.size:
@@ -175,21 +282,19 @@ class ExportFile:
             length = self.size - offset
         if punch and not self.can_zero:
             raise OSError(errno.EOPNOTSUPP, "the server has no WRITE_ZEROES")
-        conns = self.conns
-        try:
-            if punch:
-                if self.can_trim:
-                    _ranges(conns.trim, offset, length, ZERO_CHUNK)
-                _ranges(conns.write_zeroes, offset, length, ZERO_CHUNK)
-            elif self.can_zero:
-                _ranges(lambda o, n: conns.write_zeroes(o, n, CmdFlag.NO_HOLE),
-                        offset, length, ZERO_CHUNK)
-            else:
-                zeroes = memoryview(_ZEROES)
-                _ranges(lambda o, n: conns.write(o, zeroes[:n]), offset, length,
-                        len(zeroes))
-        except Exception as exc:
-            raise self._failed(exc) from None
+        if punch:
+            if self.can_trim:
+                _ranges(lambda o, n: self._io(lambda c: c.trim(o, n)), offset, length,
+                        ZERO_CHUNK)
+            _ranges(lambda o, n: self._io(lambda c: c.write_zeroes(o, n)), offset, length,
+                    ZERO_CHUNK)
+        elif self.can_zero:
+            _ranges(lambda o, n: self._io(lambda c: c.write_zeroes(o, n, CmdFlag.NO_HOLE)),
+                    offset, length, ZERO_CHUNK)
+        else:
+            zeroes = memoryview(_ZEROES)
+            _ranges(lambda o, n: self._io(lambda c: c.write(o, zeroes[:n])), offset, length,
+                    len(zeroes))
 
     def close(self) -> list[CloseResult]:
         return self.conns.close()
@@ -201,13 +306,8 @@ def _ranges(fn: Callable[[int, int], None], offset: int, length: int, step: int)
         fn(pos, min(step, end - pos))
 
 
-def open_export(uri: str | NBDURI, *, connections: int = 4, read_only: bool = False,
-                timeout: float | None = 60.0,
-                on_gone: Callable[[str], None] | None = None) -> ExportFile:
-    """Connect to ``uri``: ``connections`` connections when the server advertises
-    CAN_MULTI_CONN, otherwise one."""
-    if connections < 1:
-        raise ValueError("connections must be at least 1")
+def _dial(uri: str | NBDURI, connections: int, timeout: float | None
+          ) -> Connections | Pipeline:
     # no meta context: the file's operations never ask for block status
     first = connect(uri, timeout=timeout, meta_contexts=())
     clients = [first]
@@ -219,8 +319,23 @@ def open_export(uri: str | NBDURI, *, connections: int = 4, read_only: bool = Fa
         for c in clients:
             c.hard_close()
         raise
-    conns = Connections(clients) if len(clients) > 1 else Pipeline(first)
-    return ExportFile(conns, read_only=read_only, on_gone=on_gone)
+    return Connections(clients) if len(clients) > 1 else Pipeline(first)
+
+
+def open_export(uri: str | NBDURI, *, connections: int = 4, read_only: bool = False,
+                timeout: float | None = 60.0,
+                on_gone: Callable[[str], None] | None = None,
+                reconnect: float = 0.0) -> ExportFile:
+    """Connect to ``uri``: ``connections`` connections when the server advertises
+    CAN_MULTI_CONN, otherwise one. ``reconnect``: seconds to keep trying to reconnect
+    after the connections break (0: the export is gone at once)."""
+    if connections < 1:
+        raise ValueError("connections must be at least 1")
+    if reconnect < 0:
+        raise ValueError("reconnect must not be negative")
+    conns = _dial(uri, connections, timeout)
+    return ExportFile(conns, read_only=read_only, on_gone=on_gone,
+                      redial=lambda: _dial(uri, connections, timeout), reconnect=reconnect)
 
 
 __all__ = ["FALLOC_FL_KEEP_SIZE", "FALLOC_FL_PUNCH_HOLE", "FALLOC_FL_ZERO_RANGE", "ZERO_CHUNK",

@@ -418,6 +418,6 @@ class _MountRun:
                 return
             reason = export.conns.check_idle()
             if reason is not None:
-                export._lost(ConnectionError(reason))
+                export.idle_lost(reason)
                 continue
             self.wake.wait(WATCH_INTERVAL)
