@@ -93,7 +93,7 @@ def test_damage_fails_only_its_reads_and_the_chain_is_held(tmp_path: Path) -> No
 def test_bad_targets_are_clear_errors(tmp_path: Path) -> None:
     chain, _ = make_chain(tmp_path, "raw", STEPS[:2])
     (tmp_path / "empty").mkdir()
-    cases = [([f"backup:{tmp_path / 'none'}"], "No such file or directory"),
+    cases = [([f"backup:{tmp_path / 'none'}"], "is not a directory"),
              ([f"backup:{tmp_path / 'empty'}"], "holds no backup chain"),
              ([f"backup:{chain}", "at=7"], "no backup 7"),
              ([f"backup:{chain}", "at=x"], "at"),

@@ -21,8 +21,8 @@ files under the server.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
-import fcntl
 import hashlib
 import itertools
 import logging
@@ -41,7 +41,7 @@ from pynbd.backends.base import (
     parse_bool,
     parse_params,
 )
-from pynbd.backup.chain import Backup, Chain, ChainError
+from pynbd.backup.chain import Backup, Chain, ChainError, locked
 from pynbd.backup.qcow2 import Qcow2Error, Qcow2Reader
 
 log = logging.getLogger("pynbd.backends.backup")
@@ -139,9 +139,11 @@ class BackupChainBackend(Backend):
     def __init__(self, directory: str, at: int | None = None, verify: bool = True) -> None:
         self.dir = directory
         self.verify = verify
-        self._lock_fd = _hold_for_reading(directory)
         self._sources: list[_Source] = []
+        # held until close(): backup and prune of the chain wait (see chain.locked)
+        self._held = contextlib.ExitStack()
         try:
+            self._held.enter_context(locked(directory, exclusive=False))
             chain = Chain.open(directory)
             plan = chain.restore_plan(at)
             self.size = chain.size or 0
@@ -274,9 +276,7 @@ class BackupChainBackend(Backend):
         for s in self._sources:
             s.close()
         self._sources = []
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        self._held.close()
 
 
 def _cut(seg: _Seg, lo: int, hi: int) -> list[_Seg]:
@@ -285,18 +285,3 @@ def _cut(seg: _Seg, lo: int, hi: int) -> list[_Seg]:
     if z <= lo or a >= hi:
         return [seg]
     return ([(a, lo, src)] if a < lo else []) + ([(hi, z, src)] if z > hi else [])
-
-
-def _hold_for_reading(directory: str) -> int:
-    """The chain's shared lock (see backup/chain.locked), held until close()."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ConfigError(f"backup:{directory}: {exc.strerror or exc}") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ConfigError(f"backup:{directory} is in use: a pynbd backup or prune is "
-                          "changing it; try again when it has finished") from None
-    return fd

@@ -9,7 +9,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 
 def _bar(stream: TextIO, label: str) -> Callable[[int, int], None]:
@@ -38,6 +38,24 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
+T = TypeVar("T")
+
+
+def _attempt(cmd: str, show: bool, fn: Callable[[], T],
+             errors: tuple[type[BaseException], ...]) -> T | None:
+    """``fn()``, ending the progress line; None after printing one of ``errors``."""
+    try:
+        res = fn()
+    except errors as exc:
+        if show:
+            sys.stderr.write("\n")
+        print(f"pynbd {cmd}: {exc}", file=sys.stderr)
+        return None
+    if show:
+        sys.stderr.write("\n")
+    return res
+
+
 def run_backup(args: argparse.Namespace) -> int:
     from pynbd.backup.chain import ChainError
     from pynbd.backup.engine import BackupError, BackupOptions, backup
@@ -48,15 +66,10 @@ def run_backup(args: argparse.Namespace) -> int:
                          connections=args.connections, requests=args.requests,
                          format=args.format, compress=args.compress,
                          progress=_bar(sys.stderr, "backup") if show else None)
-    try:
-        res = backup(args.uri, args.dir, opts)
-    except (BackupError, ChainError, ProtocolError, OSError) as exc:
-        if show:
-            sys.stderr.write("\n")
-        print(f"pynbd backup: {exc}", file=sys.stderr)
+    res = _attempt("backup", show, lambda: backup(args.uri, args.dir, opts),
+                   (BackupError, ChainError, ProtocolError, OSError))
+    if res is None:
         return 1
-    if show:
-        sys.stderr.write("\n")
     b = res.backup
     if args.json:
         json.dump(b.as_dict(), sys.stdout, indent=2)
@@ -93,16 +106,12 @@ def run_restore(args: argparse.Namespace) -> int:
               "--list", file=sys.stderr)
         return 2
     show = _show(args)
-    try:
-        res = restore(args.dir, args.target, args.at,
-                      progress=_bar(sys.stderr, "restore") if show else None)
-    except (RestoreError, ChainError, ProtocolError, OSError, ValueError) as exc:
-        if show:
-            sys.stderr.write("\n")
-        print(f"pynbd restore: {exc}", file=sys.stderr)
+    bar = _bar(sys.stderr, "restore") if show else None
+    res = _attempt("restore", show,
+                   lambda: restore(args.dir, args.target, args.at, progress=bar),
+                   (RestoreError, ChainError, ProtocolError, OSError, ValueError))
+    if res is None:
         return 1
-    if show:
-        sys.stderr.write("\n")
     used = ", ".join(str(b.index) for b in res.backups)
     print(f"restored backup {res.at} (from backups {used}) to {args.target}: "
           f"{_mib(res.data_bytes)} data, {_mib(res.zero_bytes)} zero, every range verified, "
@@ -118,15 +127,11 @@ def _verify(args: argparse.Namespace) -> int:
         print("pynbd restore: --verify takes no TARGET", file=sys.stderr)
         return 2
     show = _show(args)
-    try:
-        res = verify(args.dir, args.at, progress=_bar(sys.stderr, "verify") if show else None)
-    except (RestoreError, ChainError, OSError) as exc:
-        if show:
-            sys.stderr.write("\n")
-        print(f"pynbd restore: {exc}", file=sys.stderr)
+    bar = _bar(sys.stderr, "verify") if show else None
+    res = _attempt("restore", show, lambda: verify(args.dir, args.at, progress=bar),
+                   (RestoreError, ChainError, OSError))
+    if res is None:
         return 1
-    if show:
-        sys.stderr.write("\n")
     used = ", ".join(str(b.index) for b in res.backups)
     print(f"verified backups {used}: {_mib(res.data_bytes)} data match their checksums "
           f"({_mib(res.zero_bytes)} zero) in {res.seconds:.2f} s")
@@ -137,17 +142,13 @@ def run_prune(args: argparse.Namespace) -> int:
     from pynbd.backup.chain import ChainError
     from pynbd.backup.prune import PruneError, prune
 
-    show = _show(args)
-    try:
-        res = prune(args.dir, args.keep, dry_run=args.dry_run,
-                    progress=_bar(sys.stderr, "rebuild") if show else None)
-    except (PruneError, ChainError, OSError) as exc:
-        if show:
-            sys.stderr.write("\n")
-        print(f"pynbd prune: {exc}", file=sys.stderr)
+    show = _show(args) and not args.dry_run
+    bar = _bar(sys.stderr, "rebuild") if show else None
+    res = _attempt("prune", show,
+                   lambda: prune(args.dir, args.keep, dry_run=args.dry_run, progress=bar),
+                   (PruneError, ChainError, OSError))
+    if res is None:
         return 1
-    if show and res.synthesized is not None and not args.dry_run:
-        sys.stderr.write("\n")
     if args.json:
         json.dump({"dry_run": args.dry_run, "kept": [b.index for b in res.kept],
                    "removed": [b.index for b in res.removed],
