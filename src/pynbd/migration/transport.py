@@ -112,8 +112,20 @@ class Transport:
         a destination that keeps an owner may keep it for us."""
 
 
+#: an NBD destination is asked to FLUSH at least this often (bytes acknowledged), so a
+#: reconnect re-sends at most this much that the destination may have lost
+FLUSH_EVERY = 256 << 20
+
+
 class NBDTransport(Transport):
-    """Plain NBD to any server (qemu-nbd, nbdkit, pynbd serve), many requests in flight."""
+    """Plain NBD to any server (qemu-nbd, nbdkit, pynbd serve), many requests in flight.
+
+    A write the destination acknowledged is not safe until a FLUSH succeeds after it: a
+    destination that dies may lose it (its page cache, a writeback cache). Such writes
+    are kept (offset, length) until a FLUSH covers them and are handed back with the
+    unanswered ones by :meth:`take_unconfirmed`, so the next attempt sends them again.
+    A FLUSH goes out every :data:`FLUSH_EVERY` bytes to bound what a reconnect re-sends.
+    """
 
     description = "nbd"
 
@@ -128,6 +140,9 @@ class NBDTransport(Transport):
         self.reply_timeout = reply_timeout or env or REPLY_TIMEOUT
         self.client: Client | None = None
         self._inflight: deque[tuple[Request | None, int, int]] = deque()
+        #: acknowledged, not yet covered by a successful FLUSH
+        self._unflushed: list[tuple[int, int]] = []
+        self._unflushed_bytes = 0
         self._max = 32 * 1024 * 1024
         self._zero_buf = b""
 
@@ -153,6 +168,8 @@ class NBDTransport(Transport):
         self.client = c
         self._max = min(c.max_request, 32 * 1024 * 1024)
         self._inflight.clear()
+        self._unflushed.clear()
+        self._unflushed_bytes = 0
 
     def _reap(self, limit: int) -> None:
         c = self.client
@@ -167,15 +184,19 @@ class NBDTransport(Transport):
                 raise TransportError(f"destination connection failed: {exc}") from exc
             if req.error is not None:
                 raise TransportError(f"destination refused a request: {req.error}")
-            for i, (r, _o, _n) in enumerate(self._inflight):
+            for i, (r, o, n) in enumerate(self._inflight):
                 if r is req:
                     del self._inflight[i]
+                    self._unflushed.append((o, n))
+                    self._unflushed_bytes += n
                     break
 
     def _submit(self, kind: str, offset: int, length: int, data: memoryview | None) -> None:
         c = self.client
         if c is None:
             raise TransportError("not connected")
+        if self._unflushed_bytes >= FLUSH_EVERY:
+            self.flush()
         self._reap(self.window - 1)
         try:
             if kind == "w":
@@ -229,10 +250,16 @@ class NBDTransport(Transport):
                                      f"{self.reply_timeout:g} s (timed out)") from exc
             except (OSError, ProtocolError) as exc:
                 raise TransportError(f"destination connection failed: {exc}") from exc
+        # without FLUSH support the server promises nothing more: acknowledged it is
+        self._unflushed.clear()
+        self._unflushed_bytes = 0
 
     def take_unconfirmed(self) -> list[tuple[int, int]]:
-        out = [(o, n) for _r, o, n in self._inflight]
+        """Unanswered writes and answered ones no FLUSH has covered yet."""
+        out = [(o, n) for _r, o, n in self._inflight] + self._unflushed
         self._inflight.clear()
+        self._unflushed = []
+        self._unflushed_bytes = 0
         return out
 
     def abort(self) -> None:
