@@ -6,7 +6,7 @@ import errno
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -410,3 +410,48 @@ def test_request_sent_to_a_dead_server_is_eio_not_zeros(tmp_path: Path,
     assert f.gone is not None
     f.close()
     srv.stop()
+
+
+def test_write_queued_behind_reads_fails_with_the_connection(tmp_path: Path) -> None:
+    """Found by an audit: on one connection a WRITE waits for the READs in flight; it
+    used to be taken off the queue first, so when the connection broke while those
+    reads were collected it was in no list, and its caller waited for ever."""
+    srv = start_nbdkit(tmp_path / "k", "memory", ["4M", "delay-read=2"],
+                       transport="unix", filters=("delay",))
+    p = Pipeline(connect_for_test(srv.uri()))
+    outcome: dict[str, str] = {}
+
+    def run(name: str, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+            outcome[name] = "ok"
+        except BaseException as exc:
+            outcome[name] = type(exc).__name__
+
+    threads = [
+        threading.Thread(target=run, args=("read0", lambda: p.read_into(
+            0, memoryview(bytearray(4096))))),
+        threading.Thread(target=run, args=("read1", lambda: p.read_into(
+            4096, memoryview(bytearray(4096))))),
+        threading.Thread(target=run, args=("write", lambda: p.write(
+            8192, memoryview(b"x" * 4096))), daemon=True),
+    ]
+    try:
+        for t in threads:  # a read leads, a read follows, the write queues behind them
+            t.start()
+            t.join(0.3)
+        # kill while the second read is collected and the write waits for it
+        assert wait_until(lambda: outcome.get("read0") is not None, TIMEOUT)
+        os.kill(srv.proc.pid, signal.SIGKILL)
+        for t in threads:
+            t.join(TIMEOUT)  # a hang guard
+        assert not any(t.is_alive() for t in threads), outcome
+        assert outcome["write"] != "ok" and outcome["read1"] != "ok", outcome
+    finally:
+        srv.stop()
+
+
+def connect_for_test(uri: str):  # type: ignore[no-untyped-def]
+    from pynbd.client import connect
+
+    return connect(uri, timeout=TIMEOUT, meta_contexts=())

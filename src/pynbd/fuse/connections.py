@@ -327,12 +327,17 @@ class Pipeline:
                 if not self._queue or len(self._inflight) >= self.MAX_IN_FLIGHT:
                     return
                 op = self._queue[0]
-                if op.kind == _WRITE and self._reads and not wait:
+                settle = op.kind == _WRITE and self._reads > 0
+                if settle and not wait:
                     return
-                self._queue.popleft()
-            if op.kind == _WRITE:
-                while self._reads:
-                    self._collect()
+                if not settle:
+                    self._queue.popleft()
+            if settle:
+                # the WRITE stays queued while the reads finish: if the connection
+                # breaks meanwhile, failing the queue fails it too (taken off first, it
+                # was in no list and its caller waited for ever)
+                self._collect()
+                continue
             if self._client.server_shutting_down:
                 with self._cond:
                     self._queue.appendleft(op)
