@@ -455,3 +455,48 @@ def connect_for_test(uri: str):  # type: ignore[no-untyped-def]
     from pynbd.client import connect
 
     return connect(uri, timeout=TIMEOUT, meta_contexts=())
+
+
+def test_fsync_after_a_reconnect_reports_writes_the_server_lost(tmp_path: Path) -> None:
+    """nbdkit with a writeback cache loses acknowledged, unflushed writes when killed.
+    After the reconnect the next fsync fails once with EIO (it used to succeed while the
+    data was gone); written again, the data is flushed and kept."""
+    import shutil
+    import subprocess
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(MiB))
+    sock = str(tmp_path / "wb.sock")
+    argv = [shutil.which("nbdkit") or "nbdkit", "-f", "-U", sock, "--filter", "cache",
+            "file", f"file={image}", "cache=writeback"]
+
+    def start() -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+        assert wait_until(lambda: os.path.exists(sock), TIMEOUT)
+        return p
+
+    srv = start()
+    f = open_export(f"nbd+unix:///?socket={sock}", connections=1, timeout=TIMEOUT,
+                    reconnect=60)
+    srv2 = None
+    try:
+        f.write(0, memoryview(b"A" * 4096))  # acknowledged, in nbdkit's cache only
+        srv.kill()
+        srv.wait(TIMEOUT)
+        os.unlink(sock)
+        srv2 = start()
+        assert _errno(f.fsync) == errno.EIO
+        f.fsync()  # reported once
+        got = bytearray(4096)
+        f.read_into(0, memoryview(got))
+        assert got == bytes(4096)  # it really was lost
+        f.write(0, memoryview(b"A" * 4096))
+        f.fsync()
+        assert image.read_bytes()[:4096] == b"A" * 4096
+        assert f.reconnects == 1 and f.gone is None
+    finally:
+        f.close()
+        for p in (srv, srv2):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(TIMEOUT)

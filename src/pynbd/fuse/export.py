@@ -24,9 +24,10 @@ end: the old connections are dropped, requests wait while new ones are dialled (
 back-off) for up to that long, and every request that failed or waited meanwhile is
 sent again on the new connections (reads, writes, trims and zeroings are idempotent on
 a block device). The export must come back with the same size and the same read-only
-state. Writes the old server acknowledged but had not flushed are the server's to keep:
-a server that crashed may have lost them (as with any disk's volatile cache; fsync
-before relying on data). Only when no connection can be made in time is the export gone.
+state. Writes the old server acknowledged but no FLUSH had covered may be lost with it
+(a crash, a writeback cache): then the next fsync fails once with EIO, as the kernel
+reports a writeback error, so a program that checks fsync knows to write again. Only
+when no connection can be made in time is the export gone.
 """
 
 from __future__ import annotations
@@ -79,6 +80,12 @@ class ExportFile:
         self._recover_lock = threading.Lock()
         self._gone: str | None = None
         self._gone_lock = threading.Lock()
+        # writes (and trims, zeroings) started, and how many of them a FLUSH covered;
+        # a reconnect with some not covered makes the next fsync fail once
+        self._writes = 0
+        self._flushed = 0
+        self._writes_lock = threading.Lock()
+        self._maybe_lost = False
         self.size = first.size
         self.read_only = read_only or first.is_read_only()
         self.can_flush = first.can_flush()
@@ -153,6 +160,9 @@ class ExportFile:
             log.warning("lost the NBD server (%s); reconnecting for up to %g s", reason,
                         self.reconnect)
             old = self.conns
+            with self._writes_lock:
+                if self._writes > self._flushed and self.can_flush:
+                    self._maybe_lost = True
             old.mark_gone(reason)  # callers waiting on it fail now and retry after us
             for c in old.clients:
                 c.hard_close()
@@ -219,6 +229,8 @@ class ExportFile:
     def _check_write(self) -> None:
         if self.read_only:
             raise OSError(errno.EROFS, "read-only")
+        with self._writes_lock:
+            self._writes += 1
 
     # --- file operations ------------------------------------------------------------
 
@@ -245,9 +257,19 @@ class ExportFile:
 
     def fsync(self) -> None:
         """NBD_CMD_FLUSH (with CAN_MULTI_CONN it covers writes on every connection)."""
-        if self.read_only or not self.can_flush:
+        if self.read_only:
             return
-        self._io(lambda c: c.flush())
+        with self._writes_lock:
+            covered = self._writes
+        if self.can_flush:
+            self._io(lambda c: c.flush())
+        with self._writes_lock:
+            self._flushed = max(self._flushed, covered)
+            lost, self._maybe_lost = self._maybe_lost, False
+        if lost:
+            log.error("fsync: writes acknowledged before the reconnect may be lost")
+            raise OSError(errno.EIO, "writes acknowledged by the NBD server before it went "
+                                     "away may be lost (reconnected since): write them again")
 
     def truncate(self, length: int) -> None:
         if length != self.size:
