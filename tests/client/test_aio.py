@@ -177,3 +177,4 @@ def test_aio_large_requests_are_split(servers: Servers) -> None:
             assert buf == blob
             assert await c.read(0, 0) == b""
     run(main)
+

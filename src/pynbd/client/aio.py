@@ -85,6 +85,7 @@ class _Protocol(asyncio.BufferedProtocol):
         if not c._lost.done():
             c._lost.set_result(None)
         err: BaseException = exc or PeerProtocolError("connection closed")
+        c._can_write.set()  # nothing will drain any more: writers must not wait
         if c._ops or c._waiter is not None:
             if exc is None:
                 try:
@@ -146,6 +147,7 @@ class AsyncClient(ClientSession):
     # --- transport --------------------------------------------------------------------
 
     def _on_broken(self, exc: BaseException) -> None:
+        self._can_write.set()  # a writer waiting for the transport to drain: wake it
         ops, self._ops = self._ops, {}
         for req in ops.values():
             fut = req.waiter
@@ -265,7 +267,12 @@ class AsyncClient(ClientSession):
                            step.payload, step.zeroed, step.chunks, step.contexts)
         req.want = step.want
         if step.payload is not None:
-            await self._drain_writes()
+            try:
+                await self._drain_writes()
+            except BaseException:
+                if req.waiter is not None:
+                    _retrieved(req.waiter)
+                raise
         return req
 
     async def _do_wait(self, step: plans.Wait) -> Request:
@@ -390,8 +397,17 @@ class AsyncClient(ClientSession):
         return req
 
     async def _drain_writes(self) -> None:
+        """Wait until the transport takes more (bounded by the timeout); a connection
+        that broke meanwhile raises."""
         if not self._can_write.is_set():
-            await self._can_write.wait()
+            if self.timeout is None:
+                await self._can_write.wait()
+            else:
+                try:
+                    await asyncio.wait_for(self._can_write.wait(), self.timeout)
+                except TimeoutError:
+                    raise self._timed_out() from None
+            self._check_usable()
 
     async def read(self, offset: int, length: int, flags: int = 0) -> bytearray:
         buf = bytearray(length)
@@ -422,7 +438,11 @@ class AsyncClient(ClientSession):
             await self._run(self._split_plan(_WRITE, offset, view, flags, False))
         elif view:
             fut = self._submit(_WRITE, offset, len(view), flags, None, view).waiter
-            await self._drain_writes()
+            try:
+                await self._drain_writes()
+            except BaseException:
+                _retrieved(fut)  # it holds the same error: not "never retrieved"
+                raise
             await self._wait(fut)
 
     async def flush(self, flags: int = 0) -> None:
@@ -504,3 +524,14 @@ async def connect(uri: str | NBDURI, *, export: str | None = None, structured: b
         c.hard_close()
         raise
     return c
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    """Mark ``fut``'s exception as seen (now or when it comes): its error has been
+    raised to the caller another way. An unretrieved one is logged from the garbage
+    collector, at any moment, e.g. in the middle of a compile() of another module."""
+    if fut.done():
+        if not fut.cancelled():
+            fut.exception()
+    else:
+        fut.add_done_callback(lambda f: None if f.cancelled() else f.exception())
