@@ -196,6 +196,10 @@ class Worker:
         wt.join(STALL_LIMIT)
         if h.error:
             raise h.error[0]
+        if wt.is_alive():  # never report success while the writer may still write
+            h.failed.set()
+            raise CopyError(f"the destination made no progress for {STALL_LIMIT:g} s "
+                            "(the writer is still waiting on it)")
 
     def _fill_reads(self, reads: collections.deque[_Read], h: _Handoff) -> bool:
         """Submit reads until ``depth`` are in flight; True once the queue is empty."""
