@@ -389,3 +389,18 @@ def test_bitmaps_have_bounded_memory() -> None:
         BitmapMap(MAX_GRANULES * 512 + 1, 512)
     least = int(str(ei.value).rsplit("use ", 1)[1].split()[0])
     BitmapMap(MAX_GRANULES * 512 + 1, least).close()  # what it suggests fits
+
+
+def test_overlapping_ranges_are_damage(tmp_path: Path) -> None:
+    """From review: restore applied overlapping ranges of one backup in file order while
+    the backup: backend assumed none; such a ranges file is refused as damaged."""
+    from pynbd.backup.chain import Backup
+
+    c = Chain.open(str(tmp_path / "c"), create=True)
+    c.size = MiB
+    _idx, f, r = c.new_names()
+    Path(c.path(f)).write_bytes(b"")
+    b = Backup(0, "full", f, r, "", "", None, None, 0.0, 0.0, 0, 0)
+    c.add(b, [(0, 65536, "ab" * 32), (4096, 4096, None)])
+    with pytest.raises(ChainError, match="overlaps"):
+        Chain.open(c.dir).ranges(b)

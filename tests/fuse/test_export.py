@@ -500,3 +500,88 @@ def test_fsync_after_a_reconnect_reports_writes_the_server_lost(tmp_path: Path) 
             if p is not None and p.poll() is None:
                 p.kill()
                 p.wait(TIMEOUT)
+
+
+def test_reconnect_is_not_for_a_slow_server(tmp_path: Path) -> None:
+    """From review: a request that timed out may still be carried out by a server that
+    is slow rather than dead; sending its write again elsewhere could let the old copy
+    land over newer data. A timeout ends the export even with --reconnect."""
+    srv = start_nbdkit(tmp_path / "k", "memory", ["4M", "delay-read=5"],
+                       transport="unix", filters=("delay",))
+    calls: list[str] = []
+    f = open_export(srv.uri(), connections=1, timeout=1.0, reconnect=30,
+                    on_gone=calls.append)
+    try:
+        assert _errno(f.read_into, 0, memoryview(bytearray(512))) == errno.EIO
+        assert f.reconnects == 0 and len(calls) == 1 and "no reply" in calls[0], calls
+    finally:
+        f.close()
+        srv.stop()
+
+
+def test_reconnect_refuses_a_server_that_lost_a_feature(tmp_path: Path) -> None:
+    """From review: a server back without WRITE_ZEROES would turn ZERO_RANGE into
+    EINVAL and leave a punched hole half done; it ends the export instead."""
+    import shutil
+    import subprocess
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(MiB))
+    sock = str(tmp_path / "z.sock")
+
+    def start(*filters: str) -> subprocess.Popen[bytes]:
+        argv = [shutil.which("nbdkit") or "nbdkit", "-f", "-U", sock]
+        for flt in filters:
+            argv += ["--filter", flt]
+        p = subprocess.Popen([*argv, "file", f"file={image}"], stderr=subprocess.DEVNULL)
+        assert wait_until(lambda: os.path.exists(sock), TIMEOUT)
+        return p
+
+    first = start()
+    calls: list[str] = []
+    f = open_export(f"nbd+unix:///?socket={sock}", connections=1, timeout=TIMEOUT,
+                    reconnect=30, on_gone=calls.append)
+    assert f.can_zero
+    first.kill()
+    first.wait(TIMEOUT)
+    os.unlink(sock)
+    second = start("nozero")
+    try:
+        assert _errno(f.read_into, 0, memoryview(bytearray(512))) == errno.EIO
+        assert len(calls) == 1 and "lost FLUSH, TRIM or WRITE_ZEROES" in calls[0], calls
+    finally:
+        f.close()
+        second.kill()
+        second.wait(TIMEOUT)
+
+
+def test_reconnect_window_bounds_a_mute_listener(tmp_path: Path) -> None:
+    """From review: with no request timeout, a listener that accepts but never speaks
+    NBD held the reconnect (and every request) for ever; the window bounds each dial."""
+    import socket
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(MiB))
+    sock = free_unix_path(tmp_path, "m.sock")
+    srv = _file_server(tmp_path, sock, image)
+    calls: list[str] = []
+    f = open_export(srv.uri, connections=1, timeout=None, reconnect=2,
+                    on_gone=calls.append)
+    os.kill(srv.pid, signal.SIGKILL)
+    srv.proc.wait(TIMEOUT)
+    os.unlink(sock)
+    mute = socket.socket(socket.AF_UNIX)
+    mute.bind(sock)
+    mute.listen(16)
+    done: list[int] = []
+    t = threading.Thread(target=lambda: done.append(
+        _errno(f.read_into, 0, memoryview(bytearray(512)))), daemon=True)
+    try:
+        t.start()
+        t.join(60)  # a hang guard: the window is 2 s
+        assert not t.is_alive() and done == [errno.EIO], calls
+        assert len(calls) == 1
+    finally:
+        mute.close()
+        f.close()
+        srv.stop()

@@ -224,11 +224,16 @@ class Chain:
         except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
             raise ChainError(f"backup {b.index}: {path}: unreadable: {exc}") from exc
         size, piece = self.size or 0, self.piece
-        for off, ln, _h in out:  # bounds every later read to one piece
+        end = 0
+        for off, ln, _h in sorted(out):  # bounds every later read to one piece
             if off < 0 or ln <= 0 or off + ln > size or off // piece != (off + ln - 1) // piece:
                 raise ChainError(f"backup {b.index}: {path}: damaged (range {off}+{ln} is "
                                  f"not inside one {piece}-byte piece of the {size}-byte "
                                  "image)")
+            if off < end:
+                raise ChainError(f"backup {b.index}: {path}: damaged (range {off}+{ln} "
+                                 "overlaps another)")
+            end = off + ln
         return out
 
     def add(self, b: Backup, ranges: list[Range]) -> None:

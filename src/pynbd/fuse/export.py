@@ -69,7 +69,7 @@ class ExportFile:
 
     def __init__(self, conns: Connections | Pipeline, *, read_only: bool = False,
                  on_gone: Callable[[str], None] | None = None,
-                 redial: Callable[[], Connections | Pipeline] | None = None,
+                 redial: Callable[[float | None], Connections | Pipeline] | None = None,
                  reconnect: float = 0.0) -> None:
         first = conns.clients[0]
         self.conns = conns
@@ -123,7 +123,12 @@ class ExportFile:
 
     @staticmethod
     def _broken(exc: BaseException) -> bool:
-        """Whether ``exc`` means the connection is unusable (not a refused request)."""
+        """Whether ``exc`` means the connection is gone and a new one may take over (not
+        a refused request, and not a timeout: a server that is slow rather than dead may
+        still carry out a write after its copy was sent again, over newer data)."""
+        if isinstance(exc, TimeoutError) or (
+                isinstance(exc, ExportGone) and str(exc).startswith("no reply from")):
+            return False
         if isinstance(exc, ExportGone):
             return True
         if isinstance(exc, NBDRequestError):
@@ -170,14 +175,18 @@ class ExportFile:
             delay, last = 0.05, reason
             while True:
                 try:
-                    new = self._redial()
+                    new = self._redial(max(0.1, deadline - time.monotonic()))
                 except (OSError, ProtocolError) as e:
                     last = self._reason(e)
                 else:
                     first = new.clients[0]
                     changed = ("its size changed" if first.size != self.size else
                                "it became read-only" if first.is_read_only() and
-                               not self.read_only else "")
+                               not self.read_only else
+                               "it lost FLUSH, TRIM or WRITE_ZEROES" if (
+                                   (self.can_flush and not first.can_flush()) or
+                                   (self.can_trim and not first.can_trim()) or
+                                   (self.can_zero and not first.can_zero())) else "")
                     if not changed:
                         self.conns = new
                         self._gen += 1
@@ -196,15 +205,17 @@ class ExportFile:
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    def idle_lost(self, reason: str) -> None:
-        """The idle check found the connections closed: reconnect, or give up."""
-        if self._gone is not None:
+    def idle_lost(self, reason: str, conns: Connections | Pipeline | None = None) -> None:
+        """The idle check found ``conns`` (the current ones if None) closed: reconnect,
+        or give up. Nothing happens if they have been replaced meanwhile."""
+        gen = self._gen
+        if self._gone is not None or (conns is not None and conns is not self.conns):
             return
         if self.reconnect <= 0:
             self._lost(ConnectionError(reason))
             return
         try:
-            self._recover(self._gen, ConnectionError(reason))
+            self._recover(gen, ConnectionError(reason))
         except OSError:
             pass  # gone: on_gone has been called
 
@@ -356,8 +367,14 @@ def open_export(uri: str | NBDURI, *, connections: int = 4, read_only: bool = Fa
     if reconnect < 0:
         raise ValueError("reconnect must not be negative")
     conns = _dial(uri, connections, timeout)
-    return ExportFile(conns, read_only=read_only, on_gone=on_gone,
-                      redial=lambda: _dial(uri, connections, timeout), reconnect=reconnect)
+
+    def redial(window: float | None) -> Connections | Pipeline:
+        # never wait past the reconnect window, whatever --timeout says
+        t = window if timeout is None else min(timeout, window or timeout)
+        return _dial(uri, connections, t)
+
+    return ExportFile(conns, read_only=read_only, on_gone=on_gone, redial=redial,
+                      reconnect=reconnect)
 
 
 __all__ = ["FALLOC_FL_KEEP_SIZE", "FALLOC_FL_PUNCH_HOLE", "FALLOC_FL_ZERO_RANGE", "ZERO_CHUNK",

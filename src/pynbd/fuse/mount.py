@@ -416,8 +416,9 @@ class _MountRun:
             if export.gone is not None:
                 self.end_loop()
                 return
-            reason = export.conns.check_idle()
+            conns = export.conns
+            reason = conns.check_idle()
             if reason is not None:
-                export.idle_lost(reason)
+                export.idle_lost(reason, conns)
                 continue
             self.wake.wait(WATCH_INTERVAL)
