@@ -299,6 +299,14 @@ def test_concurrent_mixed_load(connections: int, pynbd: PynbdServer) -> None:
 
 # --- reconnect ------------------------------------------------------------------------
 
+def _image_server(tmp: Path, name: str) -> tuple[Path, str, PynbdServer]:
+    """A 1 MiB zeroed image served on its own socket: (image, socket, server)."""
+    image = tmp / f"{name}.img"
+    image.write_bytes(bytes(MiB))
+    sock = free_unix_path(tmp, f"{name}.sock")
+    return image, sock, _file_server(tmp, sock, image)
+
+
 def _file_server(tmp: Path, sock: str, image: Path) -> PynbdServer:
     # one process: SIGKILL of the supervisor would leave worker processes serving
     return PynbdServer(["--workers", "1", "--socket", sock, str(image)], cwd=tmp)
@@ -353,10 +361,7 @@ def test_reconnect_after_the_server_restarts(tmp_path: Path, connections: int) -
 
 
 def test_reconnect_gives_up_after_its_time(tmp_path: Path) -> None:
-    image = tmp_path / "disk.img"
-    image.write_bytes(bytes(MiB))
-    sock = free_unix_path(tmp_path, "g.sock")
-    srv = _file_server(tmp_path, sock, image)
+    _image, _sock, srv = _image_server(tmp_path, "g")
     calls: list[str] = []
     f = open_export(srv.uri, connections=2, timeout=TIMEOUT, reconnect=1.0,
                     on_gone=calls.append)
@@ -373,10 +378,7 @@ def test_reconnect_gives_up_after_its_time(tmp_path: Path) -> None:
 
 
 def test_reconnect_refuses_an_export_that_changed(tmp_path: Path) -> None:
-    image = tmp_path / "disk.img"
-    image.write_bytes(bytes(MiB))
-    sock = free_unix_path(tmp_path, "c.sock")
-    srv = _file_server(tmp_path, sock, image)
+    _image, sock, srv = _image_server(tmp_path, "c")
     calls: list[str] = []
     f = open_export(srv.uri, connections=1, timeout=TIMEOUT, reconnect=60,
                     on_gone=calls.append)
@@ -560,10 +562,7 @@ def test_reconnect_window_bounds_a_mute_listener(tmp_path: Path) -> None:
     NBD held the reconnect (and every request) for ever; the window bounds each dial."""
     import socket
 
-    image = tmp_path / "disk.img"
-    image.write_bytes(bytes(MiB))
-    sock = free_unix_path(tmp_path, "m.sock")
-    srv = _file_server(tmp_path, sock, image)
+    _image, sock, srv = _image_server(tmp_path, "m")
     calls: list[str] = []
     f = open_export(srv.uri, connections=1, timeout=None, reconnect=2,
                     on_gone=calls.append)
